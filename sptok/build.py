@@ -1,0 +1,319 @@
+"""`sptok build`: plan, run the units (in worker processes), finalize.
+
+The output is a function of (manifest, options, tokenizer, seed) only: units are planned without regard
+to the worker count, every SP decision is keyed by the document, and finalize reads committed units in
+plan order. So 1 or 8 workers, a resumed run, and a partitioned run merged afterwards give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .errors import SptokError
+from .finalize import MARKER, WORK, finalize, fingerprint_of
+from .manifest import Manifest, Unit, input_fingerprint, load_manifest, plan_units
+from .options import BuildOptions
+from .pack import Layout
+from .progress import Progress
+from .sp import SPEntry, sp_strings
+from .tokenizer import (HFEncoder, default_roles, extend, find_eos, find_pad, is_special_delimiter,
+                        load_tokenizer, save_tokenizer_dir, text_encoder)
+from .unit import UnitContext, is_committed, process_unit, unit_dir
+from .writers import ids_dtype
+
+
+@dataclass
+class BuildResult:
+    out: str
+    info: dict | None          # sptok.json, when the build is complete
+    committed: int
+    total_units: int
+    seconds: float
+    encoder: str
+    skipped: bool = False      # the directory already held this exact build
+
+
+def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
+              partition: tuple[int, int] | None = None, log=print) -> BuildResult:
+    t0 = time.time()
+    manifest = load_manifest(manifest_path)
+    defaults = dict(manifest.build)
+    if defaults.get("tokenizer"):
+        defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])
+    opts = BuildOptions.resolve(defaults, flags)
+    if not opts.tokenizer:
+        raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
+                         "directory), set build.tokenizer in the manifest, or train one with "
+                         "`sptok tokenizer train`")
+    work = os.path.join(out, WORK)
+    plan, tok, units = make_plan(manifest, opts)
+    state = _prepare_out(out, plan, overwrite)
+    if state == "complete":
+        with open(os.path.join(out, MARKER)) as f:
+            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), time.time() - t0,
+                               "-", skipped=True)
+    if state == "fresh":
+        os.makedirs(work, exist_ok=True)
+        save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
+                           plan["tokenizer"]["added_specials"], model_max_length=opts.seq_len)
+        _write_plan(work, plan)
+    shutil.rmtree(os.path.join(work, "tmp"), ignore_errors=True)
+
+    mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
+    todo = [u for u in mine if not is_committed(work, u)]
+    if len(todo) < len(mine) and not opts.quiet:
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
+    encoder_name = _run_units(work, todo, opts, log)
+    committed = sum(is_committed(work, u) for u in units)
+    if partition is not None and partition[1] > 1:
+        return BuildResult(out, None, committed, len(units), time.time() - t0, encoder_name)
+    info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
+    _check_sources(info, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return BuildResult(out, info, committed, len(units), time.time() - t0, encoder_name)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def make_plan(manifest: Manifest, opts: BuildOptions):
+    """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs."""
+    names = [s.name for s in manifest.sources]
+    sps = sp_strings(names, opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    if opts.policy != "custom" and any(s.sp for s in manifest.sources):
+        print(f"note: `sp:` values in the manifest are used only with --policy custom (now {opts.policy})",
+              file=sys.stderr)
+    lt = load_tokenizer(opts.tokenizer)
+    with open(lt.path, "rb") as f:
+        base_sha = hashlib.sha256(f.read()).hexdigest()
+    special_delim = bool(opts.delimiter) and is_special_delimiter(opts.delimiter)
+    if opts.delimiter in sps:
+        raise SptokError(f"SP token clash: --delimiter {opts.delimiter} is also the SP of a source")
+    ids = extend(lt, sps, opts.delimiter if special_delim else None)
+    tok = lt.tok
+    if special_delim:
+        delim_ids = [ids[opts.delimiter]]
+    elif opts.delimiter:
+        delim_ids = text_encoder(tok).encode(opts.delimiter, add_special_tokens=False).ids
+    else:
+        delim_ids = []
+    eos = find_eos(lt, opts.eos)
+    pad = find_pad(lt)
+    if opts.tail == "pad" and pad is None:
+        raise SptokError("--tail pad: the tokenizer has no padding token ([PAD], <pad>); use --tail keep or drop")
+    roles = {**default_roles(tok), **lt.roles}
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    tok_json = tok.to_str()
+    units = plan_units(manifest, opts.unit_size)
+    _probe_fields(manifest, units)
+    sources = [{"name": s.name, "source_id": s.source_id, "format": s.format, "paths": list(s.paths),
+                "files": [manifest.relpath(f) for f in s.files], "text_field": s.text_field,
+                "id_field": s.id_field, "sp": s.sp, "weight": s.weight} for s in manifest.sources]
+    identity = {
+        "sptok_version": __version__,
+        "manifest": {"path": os.path.basename(manifest.path), "sources": sources},
+        "options": opts.identity(),
+        "tokenizer": {"sha256": hashlib.sha256(tok_json.encode()).hexdigest(), "base": os.path.abspath(lt.path),
+                      "base_sha256": base_sha, "vocab_size": vocab, "roles": roles,
+                      "added_specials": sps + ([opts.delimiter] if special_delim else [])},
+        "inputs": input_fingerprint(manifest),
+        "units": [u.to_json() for u in units],
+    }
+    plan = dict(identity)
+    plan["fingerprint"] = fingerprint_of({k: v for k, v in identity.items() if k != "tokenizer"} |
+                                         {"tokenizer": {k: v for k, v in identity["tokenizer"].items() if k != "base"}})
+    plan["sp_table"] = [SPEntry(s.name, s.source_id, sp, ids[sp]).to_json() for s, sp in zip(manifest.sources, sps)]
+    plan["delimiter"] = {"text": opts.delimiter, "special": special_delim, "ids": list(delim_ids)}
+    plan["eos"] = {"token": eos, "id": tok.token_to_id(eos)}
+    plan["pad"] = {"token": pad, "id": tok.token_to_id(pad) if pad else None}
+    plan["input_ids_dtype"] = ids_dtype(vocab)
+    return plan, tok, units
+
+
+def _probe_fields(manifest: Manifest, units: list[Unit]) -> None:
+    """Fail fast when no record of a JSONL source's first unit has text_field: a wrong field name is a
+    manifest error, not a million skipped records."""
+    from .readers import Rejects, read_unit
+
+    for src in manifest.sources:
+        first = next((u for u in units if u.source == src.name), None)
+        if first is None or src.format != "jsonl":
+            continue
+        probe = Rejects(source=src.name)
+        batch = next(read_unit(first, src.text_field, src.id_field, probe, batch_bytes=1), None)
+        if batch is None and "missing_field" in probe.counts:
+            raise SptokError(f"manifest {manifest.path}: source {src.name!r}: {probe.examples['missing_field']}; "
+                             f"set text_field (and id_field) to fields the records have")
+
+
+def _write_plan(work: str, plan: dict) -> None:
+    tmp = os.path.join(work, "plan.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(work, "plan.json"))
+
+
+def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:
+    """'fresh', 'resume' or 'complete'; refuses a foreign directory or a changed resume."""
+    work = os.path.join(out, WORK)
+    marker = os.path.join(out, MARKER)
+    if not os.path.exists(out) or not os.listdir(out):
+        return "fresh"
+    if not os.path.isdir(out):
+        raise SptokError(f"--out {out}: exists and is not a directory")
+    if not os.path.exists(marker) and not os.path.isdir(work):
+        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
+                         f"or new directory (sptok never deletes files it did not write)")
+    if overwrite:
+        for name in os.listdir(out):
+            p = os.path.join(out, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        return "fresh"
+    if os.path.exists(marker):
+        try:
+            with open(marker) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") == plan["fingerprint"]:
+            return "complete"
+        raise SptokError(f"--out {out}: already holds a complete build of different inputs or options "
+                         f"({describe_changes(old, plan) or 'fingerprint differs'}); pass --overwrite to replace it")
+    try:
+        with open(os.path.join(work, "plan.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        shutil.rmtree(work)
+        return "fresh"
+    if old.get("fingerprint") != plan["fingerprint"]:
+        raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
+                         f"the interrupted build started; run the original command to finish it, or pass "
+                         f"--overwrite to start over")
+    # a resumed build removes anything an interrupted finalize wrote, so nothing looks complete
+    for p in ("index.json",):
+        if os.path.exists(os.path.join(out, p)):
+            os.remove(os.path.join(out, p))
+    return "resume"
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """Name what differs between two plans, the way a person would look for it."""
+    changes = []
+    oo, no = old.get("options", {}), new.get("options", {})
+    for k in sorted(set(oo) | set(no)):
+        if oo.get(k) != no.get(k):
+            changes.append(f"option {k}: {oo.get(k)!r} -> {no.get(k)!r}")
+    om, nm = old.get("manifest", {}).get("sources"), new.get("manifest", {}).get("sources")
+    if om != nm:
+        changes.append("the manifest's sources changed")
+    if old.get("tokenizer", {}).get("sha256") != new.get("tokenizer", {}).get("sha256"):
+        changes.append("the tokenizer changed")
+    oi = {r[0]: r[1:] for r in old.get("inputs", [])}
+    ni = {r[0]: r[1:] for r in new.get("inputs", [])}
+    changed = sorted(p for p in set(oi) | set(ni) if oi.get(p) != ni.get(p))
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        changes.append(f"input files changed: {', '.join(changed[:3])}{more}")
+    if old.get("sptok_version") != new.get("sptok_version"):
+        changes.append(f"sptok version {old.get('sptok_version')} -> {new.get('sptok_version')}")
+    return "; ".join(changes)
+
+
+def _check_sources(info: dict, out: str) -> None:
+    empty = [n for n, c in info["counts"].items() if c["docs"] == 0]
+    if empty:
+        with open(os.path.join(out, "stats.json")) as f:
+            stats = json.load(f)
+        os.remove(os.path.join(out, MARKER))   # never leave an unusable build marked complete
+        s = stats["sources"][empty[0]]
+        why = "; ".join(f"{k} x{v} (first: {s['reject_examples'].get(k, '?')})" for k, v in s["rejected"].items())
+        raise SptokError(f"source {empty[0]!r} produced no documents" + (f": every record was skipped: {why}"
+                                                                           if why else ": its files hold no records"))
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+_CTX: UnitContext | None = None
+
+
+def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
+    """Rebuild a worker's context from the plan on disk, so every process uses identical inputs."""
+    from tokenizers import Tokenizer
+
+    with open(os.path.join(work, "plan.json")) as f:
+        plan = json.load(f)
+    tok = Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json"))
+    o = plan["options"]
+    sp_ids = np.zeros(len(plan["sp_table"]), np.uint32)
+    for e in plan["sp_table"]:
+        sp_ids[e["source_id"]] = e["token_id"]
+    layout = Layout(sp_ids=sp_ids, delim_ids=np.array(plan["delimiter"]["ids"], np.uint32),
+                    eos_id=plan["eos"]["id"], prefix=o["position"] in ("prefix", "both"),
+                    post=o["position"] in ("post", "both"))
+    literals = [e["sp"] for e in plan["sp_table"]] + ([plan["delimiter"]["text"]] if plan["delimiter"]["special"] else [])
+    return UnitContext(
+        work=work, fmt=o["format"], dtype=plan["input_ids_dtype"], seq_len=o["seq_len"], shard_size=o["shard_size"],
+        seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"], layout=layout,
+        sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
+                 for s in plan["manifest"]["sources"]},
+        literals=literals, strict=strict, encoder=make_encoder(tok, encoder))
+
+
+def make_encoder(tok, kind: str):
+    if kind == "fast":
+        raise SptokError("--encoder fast: not available yet; use --encoder hf")
+    return HFEncoder(tok)
+
+
+def _init_worker(work: str, strict: bool, encoder: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core; no thread pool inside
+    global _CTX
+    _CTX = load_context(work, strict, encoder)
+
+
+def _run_one(unit: Unit) -> dict:
+    return process_unit(_CTX, unit)
+
+
+def _run_units(work: str, todo: list[Unit], opts: BuildOptions, log) -> str:
+    progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
+    if not todo:
+        return "-"
+    workers = min(opts.workers, len(todo))
+    try:
+        if workers <= 1:
+            ctx = load_context(work, opts.strict, opts.encoder)
+            for u in todo:
+                process_unit(ctx, u, progress=progress.update)
+                progress.unit_done(u.size)
+            return ctx.encoder.name
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        order = sorted(todo, key=lambda u: -u.size)   # big units first: shorter tail of the schedule
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(work, opts.strict, opts.encoder)) as pool:
+            futures = {pool.submit(_run_one, u): u for u in order}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                    for fut in done:
+                        c = fut.result()["counts"]   # re-raises a worker's SptokError
+                        progress.unit_done(futures[fut].size, docs=c.get("docs", 0),
+                                           tokens=c.get("text_tokens", 0))
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        return "hf"
+    finally:
+        progress.close()

@@ -1,0 +1,217 @@
+"""The `sptok` command. Heavy libraries (torch, streaming, datasets, transformers) are imported only
+inside the commands that need them, so `sptok --help` starts in a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import SptokError
+
+
+class _Group(click.Group):
+    """Turns user errors into one readable paragraph and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SptokError as e:
+            click.echo(f"error: {e.message}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
+            sys.exit(130)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                click.echo(f"error: disk full ({e.filename or ''}): free some space and run the same command "
+                           f"again; committed work is kept", err=True)
+                sys.exit(2)
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sptok")
+def main():
+    """Source-prompt tokenization of multi-source corpora (arXiv 2311.09732)."""
+
+
+def _partition(value: str | None) -> tuple[int, int] | None:
+    """--partition i/N, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else the whole build."""
+    env = os.environ
+    if value:
+        try:
+            i, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise SptokError(f"--partition: expected i/N such as 0/4, got {value!r}") from None
+        src = "--partition"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+        src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        src = "RANK/WORLD_SIZE"
+    else:
+        return None
+    if not (n >= 1 and 0 <= i < n):
+        raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
+    return (i, n) if n > 1 else None
+
+
+@main.command()
+@click.argument("manifest", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output directory.")
+@click.option("--tokenizer", help="tokenizer.json or a Hugging Face tokenizer directory (local).")
+@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]),
+              help="SP naming policy [abbreviation].")
+@click.option("--position", type=click.Choice(["prefix", "post", "both"]), help="Where the SP goes [prefix].")
+@click.option("--delimiter", help="Between SP and text: a special token like <SPSEP> [default], or plain text "
+                                  "like ': '; '' for none.")
+@click.option("--insert-prob", type=float, help="Probability that a document gets its SP [1.0].")
+@click.option("--msp-prob", type=float, help="Probability that an inserted SP is masked for MSP [0.0].")
+@click.option("--seq-len", type=int, help="Tokens per sample [2048].")
+@click.option("--seed", type=int, help="Seed of every random decision [0].")
+@click.option("--tail", type=click.Choice(["keep", "pad", "drop"]), help="Last short sample of a source [keep].")
+@click.option("--format", "fmt", type=click.Choice(["mds", "parquet", "arrow"]), help="Shard format [mds].")
+@click.option("--eos", help="End-of-document token [the tokenizer's eos, e.g. <|endoftext|>].")
+@click.option("--unit-size", help="Input bytes per work unit [64MB].")
+@click.option("--shard-size", help="Uncompressed bytes per MDS shard [64MiB].")
+@click.option("--workers", type=int, help="Worker processes [one per CPU].")
+@click.option("--encoder", type=click.Choice(["auto", "hf", "fast"]), help="Tokenizer implementation [auto].")
+@click.option("--partition", help="Build only slice i/N of the work units (then `sptok merge`).")
+@click.option("--strict", is_flag=True, default=None, help="Stop at the first bad record instead of skipping it.")
+@click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
+def build(manifest, out, fmt, overwrite, partition, **flags):
+    """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
+    from .build import run_build
+    from .stats import format_table, load_stats
+
+    flags["format"] = fmt
+    part = _partition(partition)
+    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part,
+                    log=lambda m: click.echo(m, err=True))
+    if res.skipped:
+        click.echo(f"{out} already holds this exact build (fingerprint {res.info['fingerprint'][:12]}); nothing to "
+                   f"do. Pass --overwrite to rebuild.", err=True)
+    if res.info is None:
+        click.echo(f"partition {part[0]}/{part[1]}: {res.committed} of {res.total_units} units of the build are "
+                   f"committed in {out}; join the partitions with `sptok merge`", err=True)
+        return
+    info, stats = load_stats(out)
+    click.echo(format_table(info, stats))
+    if not res.skipped:
+        t = stats["totals"]
+        click.echo(f"\nbuilt {out} in {res.seconds:.1f}s ({t['sample_tokens'] / max(res.seconds, 1e-9):,.0f} "
+                   f"tokens/s, encoder: {res.encoder})", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def stats(out, as_json):
+    """Per-source statistics of the build in OUT."""
+    from .stats import format_table, load_stats, table_rows
+
+    info, st = load_stats(out)
+    if as_json:
+        click.echo(json.dumps({"sources": table_rows(info, st), "stats": st}, indent=1, sort_keys=True))
+    else:
+        click.echo(format_table(info, st))
+
+
+@main.group()
+def tokenizer():
+    """Train or extend tokenizers with SP tokens."""
+
+
+def _sp_and_delim(manifest_path, policy, delimiter, seed):
+    from .manifest import load_manifest
+    from .sp import sp_strings
+    from .tokenizer import DEFAULT_DELIMITER, is_special_delimiter
+
+    m = load_manifest(manifest_path)
+    policy = policy or m.build.get("policy", "abbreviation")
+    delimiter = m.build.get("delimiter", DEFAULT_DELIMITER) if delimiter is None else delimiter
+    sps = sp_strings([s.name for s in m.sources], policy, seed or m.build.get("seed", 0), [s.sp for s in m.sources])
+    return m, sps, (delimiter if delimiter and is_special_delimiter(delimiter) else None)
+
+
+@tokenizer.command("train")
+@click.argument("manifest", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Directory for tokenizer.json and configs.")
+@click.option("--vocab-size", type=int, default=32000, show_default=True)
+@click.option("--model", type=click.Choice(["bpe", "wordpiece", "unigram"]), default="bpe", show_default=True,
+              help="bpe: byte-level BPE (decoders); wordpiece: BERT-style; unigram: T5-style.")
+@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]),
+              help="SP naming policy whose SP tokens to add [manifest's, else abbreviation].")
+@click.option("--delimiter", help="Delimiter to add when it is a special token [<SPSEP>].")
+@click.option("--seed", type=int, default=None)
+@click.option("--max-bytes", default="200MB", show_default=True, help="Train on at most this much text.")
+def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, max_bytes):
+    """Train a tokenizer on MANIFEST's text, with SP, delimiter and the usual special tokens."""
+    from .manifest import plan_units
+    from .options import parse_size
+    from .readers import iter_texts
+    from .tokenizer import DEFAULT_SPECIALS, default_roles, save_tokenizer_dir, train
+
+    m, sps, delim = _sp_and_delim(manifest, policy, delimiter, seed)
+    budget = parse_size(max_bytes, "--max-bytes")
+    if vocab_size < 64:
+        raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
+    units = plan_units(m, 64 << 20)
+    srcs = {s.name: s for s in m.sources}
+
+    def texts():
+        # round-robin over sources so every source is represented even under a small budget
+        per_source = budget // max(1, len(m.sources))
+        for src in m.sources:
+            used = 0
+            for u in (u for u in units if u.source == src.name):
+                for t in iter_texts(u, srcs[u.source].text_field):
+                    yield t
+                    used += len(t)
+                    if used >= per_source:
+                        break
+                if used >= per_source:
+                    break
+
+    specials = DEFAULT_SPECIALS + sps + ([delim] if delim else [])
+    tok = train(texts(), model, vocab_size, specials)
+    save_tokenizer_dir(tok, out, default_roles(tok), sps + ([delim] if delim else []))
+    click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {tok.get_vocab_size()}, "
+               f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))
+
+
+@tokenizer.command("extend")
+@click.argument("tokenizer_path", type=click.Path())
+@click.option("--manifest", type=click.Path(), help="Add the SPs of this manifest's sources.")
+@click.option("--sp", "extra", multiple=True, help="An SP string to add (repeatable).")
+@click.option("--out", "-o", required=True, type=click.Path())
+@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]))
+@click.option("--delimiter", help="Delimiter to add when it is a special token [<SPSEP>].")
+@click.option("--seed", type=int, default=None)
+def tokenizer_extend(tokenizer_path, manifest, extra, out, policy, delimiter, seed):
+    """Add SP tokens (and a special delimiter) to an existing tokenizer as special tokens."""
+    from .tokenizer import DEFAULT_DELIMITER, default_roles, extend, is_special_delimiter, load_tokenizer, \
+        save_tokenizer_dir
+
+    sps, delim = list(extra), None
+    if manifest:
+        _, msps, delim = _sp_and_delim(manifest, policy, delimiter, seed)
+        sps = msps + [s for s in sps if s not in msps]
+    elif delimiter is None or is_special_delimiter(delimiter or ""):
+        delim = delimiter if delimiter is not None else DEFAULT_DELIMITER
+    if not sps:
+        raise SptokError("nothing to add: give --manifest or --sp")
+    lt = load_tokenizer(tokenizer_path)
+    ids = extend(lt, sps, delim)
+    save_tokenizer_dir(lt.tok, out, {**default_roles(lt.tok), **lt.roles}, sps + ([delim] if delim else []))
+    click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: " + ", ".join(f"{k}={v}" for k, v in ids.items()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

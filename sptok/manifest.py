@@ -1,0 +1,321 @@
+"""Load and validate a source manifest, expand its paths, and plan work units.
+
+A manifest (YAML or JSON, schema in ``schemas/manifest.schema.json``) lists the sources of a corpus and
+optional build defaults. Planning turns it into an ordered list of ``Unit``s: the order, and where one
+unit ends, depend only on the input files and ``unit_size``, never on the number of workers, so the
+output of a build is the same for any worker count.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SptokError
+
+FORMATS = ("jsonl", "parquet", "text", "hf")
+# `jsonl.gz` / `jsonl.zst` are accepted for readability; compression is detected from magic bytes.
+FORMAT_ALIASES = {"jsonl.gz": "jsonl", "jsonl.zst": "jsonl"}
+_EXT_FORMAT = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+}
+_COMPRESSED_EXT = (".gz", ".zst", ".zstd")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    source_id: int          # position in the manifest: the id written to every sample
+    paths: tuple[str, ...]  # as written in the manifest
+    files: tuple[str, ...]  # expanded, absolute, sorted
+    format: str
+    text_field: str = "text"
+    id_field: str | None = None
+    sp: str | None = None
+    weight: float = 1.0
+
+
+@dataclass
+class Manifest:
+    path: str                 # the manifest file
+    root: str                 # directory relative paths are resolved against
+    sources: list[Source]
+    build: dict = field(default_factory=dict)   # build defaults (CLI flags override)
+    raw: dict = field(default_factory=dict)     # the document as loaded
+
+    def relpath(self, path: str) -> str:
+        """A file's name relative to the manifest: stable across machines, used in doc keys and messages."""
+        return os.path.relpath(path, self.root)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of input work, processed by one worker and committed atomically."""
+    index: int              # position in the plan, which is also the output order
+    source: str
+    source_id: int
+    format: str
+    path: str               # absolute path of the file (text format: first file of the group)
+    relpath: str
+    start: int = 0          # jsonl: first byte; parquet: first row group
+    stop: int = -1          # exclusive; -1 means to the end
+    files: tuple[tuple[str, str], ...] = ()   # text format: (path, relpath) of each file
+    size: int = 0           # input bytes, for scheduling and progress
+
+    @property
+    def uid(self) -> str:
+        return f"u{self.index:06d}"
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "source": self.source, "format": self.format, "file": self.relpath,
+                "start": self.start, "stop": self.stop, "files": [r for _, r in self.files], "size": self.size}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read, validate and expand a manifest; every problem is a SptokError naming the key."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise SptokError(f"manifest not found: {path}")
+    if os.path.isdir(path):
+        raise SptokError(f"manifest {path} is a directory; expected a .yaml or .json file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SptokError(f"cannot read manifest {path}: {e.strerror}") from None
+    doc = _parse(path, data)
+    validate_document(doc, "manifest.schema.json", what=f"manifest {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    names: dict[str, int] = {}
+    sources = []
+    for i, s in enumerate(doc["sources"]):
+        if s["name"] in names:
+            raise SptokError(f"manifest {path}: sources[{i}].name: duplicate source name {s['name']!r} "
+                             f"(also sources[{names[s['name']]}]); every source needs a unique name")
+        names[s["name"]] = i
+        sources.append(_expand_source(path, root, i, s))
+    return Manifest(path=path, root=root, sources=sources, build=dict(doc.get("build") or {}), raw=doc)
+
+
+def _parse(path: str, data: bytes) -> dict:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SptokError(f"manifest {path}: not valid UTF-8 (byte {e.start})") from None
+    if path.endswith(".json"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SptokError(f"manifest {path} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+    else:
+        import yaml
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise SptokError(f"manifest {path}{where}: invalid YAML: {problem}") from None
+    if not isinstance(doc, dict):
+        raise SptokError(f"manifest {path}: expected a mapping with a `sources:` list at the top, "
+                         f"got {type(doc).__name__}")
+    return doc
+
+
+def schema_path(name: str) -> Path:
+    return Path(__file__).resolve().parent / "schemas" / name
+
+
+def validate_document(doc, schema_name: str, what: str) -> None:
+    """Validate against one of ``schemas/``; the first error names the key path and what was expected."""
+    import jsonschema
+
+    schema = json.loads(schema_path(schema_name).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    key = _key_path(err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        msg = f"{err.message}; allowed keys: {', '.join(allowed)}"
+    elif err.validator == "enum":
+        msg = f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+    else:
+        msg = err.message
+    more = f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    raise SptokError(f"{what}: {key}: {msg}{more}")
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
+    key = f"manifest {mpath}: sources[{i}] ({s['name']})"
+    paths = [s["paths"]] if isinstance(s["paths"], str) else list(s["paths"])
+    fmt = s.get("format")
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    files: list[str] = []
+    for p in paths:
+        full = os.path.join(root, os.path.expanduser(p))
+        if glob.has_magic(full):
+            matches = sorted(m for m in glob.glob(full, recursive=True) if os.path.isfile(m) or _is_hf_dir(m))
+            if not matches:
+                raise SptokError(f"{key}: paths: no files match {p!r} (resolved to {full})")
+        elif os.path.isdir(full):
+            if fmt == "hf" or (fmt is None and _is_hf_dir(full)):
+                matches = [full]
+            else:
+                matches = sorted(os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs
+                                 if not f.startswith("."))
+                if fmt is None:
+                    matches = [m for m in matches if _infer_format(m) is not None]
+                if not matches:
+                    raise SptokError(f"{key}: paths: directory {p!r} holds no input files")
+        elif os.path.exists(full):
+            matches = [full]
+        else:
+            raise SptokError(f"{key}: paths: file not found: {p!r} (resolved to {full})")
+        files.extend(os.path.abspath(m) for m in matches)
+    files = sorted(dict.fromkeys(files))
+    if fmt is None:
+        inferred = {f: _infer_format(f) for f in files}
+        unknown = [f for f, v in inferred.items() if v is None]
+        if unknown:
+            raise SptokError(f"{key}: cannot infer the format of {os.path.relpath(unknown[0], root)}; "
+                             f"set format: to one of jsonl, jsonl.gz, jsonl.zst, parquet, text, hf")
+        kinds = set(inferred.values())
+        if len(kinds) > 1:
+            raise SptokError(f"{key}: files of several formats ({', '.join(sorted(kinds))}); "
+                             f"split them into sources or set format:")
+        fmt = kinds.pop()
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise SptokError(f"{key}: cannot read {os.path.relpath(f, root)} (permission denied)")
+        if fmt == "hf" and not _is_hf_dir(f):
+            raise SptokError(f"{key}: {os.path.relpath(f, root)} is not a `datasets` directory "
+                             f"saved with save_to_disk (no state.json)")
+    return Source(name=s["name"], source_id=i, paths=tuple(paths), files=tuple(files), format=fmt,
+                  text_field=s.get("text_field", "text"), id_field=s.get("id_field"), sp=s.get("sp"),
+                  weight=float(s.get("weight", 1.0)))
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json"))
+
+
+def _infer_format(path: str) -> str | None:
+    if _is_hf_dir(path):
+        return "hf"
+    name = path.lower()
+    for ext in _COMPRESSED_EXT:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return _EXT_FORMAT.get(os.path.splitext(name)[1])
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+def plan_units(manifest: Manifest, unit_size: int) -> list[Unit]:
+    """Split every source into units of about ``unit_size`` input bytes, in manifest then file order."""
+    units: list[Unit] = []
+
+    def add(**kw):
+        units.append(Unit(index=len(units), **kw))
+
+    for src in manifest.sources:
+        common = dict(source=src.name, source_id=src.source_id, format=src.format)
+        if src.format == "text":
+            group: list[tuple[str, str]] = []
+            size = 0
+            for f in src.files:
+                group.append((f, manifest.relpath(f)))
+                size += os.path.getsize(f)
+                if size >= unit_size:
+                    add(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size, **common)
+                    group, size = [], 0
+            if group:
+                add(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size, **common)
+            continue
+        for f in src.files:
+            rel = manifest.relpath(f)
+            if src.format == "jsonl":
+                size = os.path.getsize(f)
+                if _is_compressed(f) or size <= unit_size:
+                    add(path=f, relpath=rel, start=0, stop=-1, size=size, **common)
+                else:
+                    for a in range(0, size, unit_size):
+                        add(path=f, relpath=rel, start=a, stop=min(a + unit_size, size),
+                            size=min(unit_size, size - a), **common)
+            elif src.format == "parquet":
+                for a, b, size in _parquet_groups(f, rel, unit_size):
+                    add(path=f, relpath=rel, start=a, stop=b, size=size, **common)
+            elif src.format == "hf":
+                for arrow_file in _hf_arrow_files(f):
+                    add(path=arrow_file, relpath=manifest.relpath(arrow_file), size=os.path.getsize(arrow_file),
+                        **common)
+            else:  # pragma: no cover - the schema admits no other value
+                raise AssertionError(f"unknown format {src.format}")
+    return units
+
+
+def _is_compressed(path: str) -> bool:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd"
+
+
+def _parquet_groups(path: str, rel: str, unit_size: int):
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise SptokError(f"{rel}: not a readable Parquet file ({e})") from None
+    start, size = 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        if size >= unit_size:
+            yield start, g + 1, size
+            start, size = g + 1, 0
+    if start < meta.num_row_groups or meta.num_row_groups == 0:
+        yield start, meta.num_row_groups, size
+
+
+def _hf_arrow_files(path: str) -> list[str]:
+    try:
+        state = json.loads(Path(path, "state.json").read_text())
+        names = [d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SptokError(f"{path}/state.json: not a `datasets` save_to_disk state file ({e})") from None
+    files = [os.path.join(path, n) for n in names]
+    for f in files:
+        if not os.path.exists(f):
+            raise SptokError(f"{path}: state.json lists {os.path.basename(f)}, which is missing")
+    return files
+
+
+def input_fingerprint(manifest: Manifest) -> list[list]:
+    """(relative path, size, mtime_ns) of every input file: what a resume must find unchanged."""
+    out = []
+    for src in manifest.sources:
+        for f in src.files:
+            paths = [f] if not os.path.isdir(f) else sorted(
+                os.path.join(d, n) for d, _, ns in os.walk(f) for n in ns)
+            for p in paths:
+                st = os.stat(p)
+                out.append([manifest.relpath(p), st.st_size, st.st_mtime_ns])
+    return out

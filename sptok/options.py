@@ -1,0 +1,95 @@
+"""Build options: defaults, manifest `build:` values, then command-line flags, checked up front."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+from .errors import SptokError
+from .sp import POLICIES, POSITIONS
+from .tokenizer import DEFAULT_DELIMITER
+
+TAILS = ("keep", "pad", "drop")
+FORMATS = ("mds", "parquet", "arrow")
+ENCODERS = ("auto", "hf", "fast")
+
+
+def parse_size(value, flag: str) -> int:
+    """`64MB`, `256KiB`, `1048576` -> bytes."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(value), re.I)
+        if not m:
+            raise SptokError(f"{flag}: {value!r} is not a size (examples: 1048576, 64MB, 256KiB)")
+        unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+        n = int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
+    if n <= 0:
+        raise SptokError(f"{flag}: must be positive, got {value!r}")
+    return n
+
+
+@dataclass(kw_only=True)
+class BuildOptions:
+    """Every option that shapes the output bytes (``identity()``), plus how to run (workers, ...)."""
+    tokenizer: str | None = None
+    policy: str = "abbreviation"
+    position: str = "prefix"
+    delimiter: str = DEFAULT_DELIMITER
+    insert_prob: float = 1.0
+    msp_prob: float = 0.0
+    seq_len: int = 2048
+    seed: int = 0
+    tail: str = "keep"
+    format: str = "mds"
+    eos: str | None = None
+    unit_size: int | str = 64 << 20
+    shard_size: int | str = 1 << 26
+    # how to run; never changes the output
+    workers: int = 0
+    encoder: str = "auto"
+    strict: bool = False
+    quiet: bool = False
+
+    RUN_ONLY = ("workers", "encoder", "strict", "quiet", "tokenizer")
+
+    def __post_init__(self):
+        def choice(flag, value, allowed):
+            if value not in allowed:
+                raise SptokError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
+
+        choice("policy", self.policy, POLICIES)
+        choice("position", self.position, POSITIONS)
+        choice("tail", self.tail, TAILS)
+        choice("format", self.format, FORMATS)
+        choice("encoder", self.encoder, ENCODERS)
+        for flag in ("insert_prob", "msp_prob"):
+            v = getattr(self, flag)
+            if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise SptokError(f"--{flag.replace('_', '-')}: must be a probability in [0, 1], got {v!r}")
+            setattr(self, flag, float(v))
+        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+            raise SptokError(f"--seq-len: must be an integer >= 8, got {self.seq_len!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise SptokError(f"--seed: must be a non-negative integer, got {self.seed!r}")
+        self.unit_size = parse_size(self.unit_size, "--unit-size")
+        self.shard_size = parse_size(self.shard_size, "--shard-size")
+        if self.shard_size >= 1 << 32:
+            raise SptokError("--shard-size: must be below 4 GiB because MDS sample offsets are uint32")
+        if self.workers < 0:
+            raise SptokError(f"--workers: must be >= 0 (0 = one per CPU), got {self.workers}")
+        if self.workers == 0:
+            self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def identity(self) -> dict:
+        """The options that determine the output bytes (recorded in sptok.json, compared on resume)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUN_ONLY}
+
+    @classmethod
+    def resolve(cls, manifest_defaults: dict, flags: dict) -> "BuildOptions":
+        """Defaults < manifest `build:` < flags given on the command line (None = not given)."""
+        names = {f.name for f in fields(cls)}
+        merged = {k: v for k, v in manifest_defaults.items() if k in names}
+        merged.update({k: v for k, v in flags.items() if v is not None and k in names})
+        return cls(**merged)

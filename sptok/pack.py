@@ -1,0 +1,147 @@
+"""Assemble documents with their SPs and delimiters into one token stream, and cut it into samples.
+
+Pure numpy. A *segment* is the part of one document inside one stream or sample; every sample starts a
+segment at position 0 (a document continued from the previous sample starts one there too), so
+``doc_offsets[0] == 0`` always and ``doc_keys`` runs parallel to ``doc_offsets``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .sp import Decisions
+
+
+@dataclass
+class Stream:
+    """A run of tokens with the metadata of what lies where. Positions are relative to ``ids[0]``."""
+    ids: np.ndarray          # uint32 token ids
+    seg_starts: np.ndarray   # int64, sorted, starts of segments (first is 0 when ids is non-empty)
+    seg_keys: np.ndarray     # uint64, document hash of each segment
+    sp_pos: np.ndarray       # int64, sorted, positions of SP tokens
+    sp_masked: np.ndarray    # uint8, 1 = SP marked for MSP, parallel to sp_pos
+
+    @staticmethod
+    def empty() -> "Stream":
+        return Stream(np.empty(0, np.uint32), np.empty(0, np.int64), np.empty(0, np.uint64),
+                      np.empty(0, np.int64), np.empty(0, np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_npz(self) -> dict:
+        return {k: getattr(self, k) for k in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked")}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where SPs, delimiters and EOS go around each document's text."""
+    sp_ids: np.ndarray        # SP token id per source id
+    delim_ids: np.ndarray     # delimiter token ids (one special token, or the ids of plain text; may be empty)
+    eos_id: int
+    prefix: bool              # SP before the text (prefix or both)
+    post: bool                # SP after the text (post or both)
+
+
+def assemble(flat: np.ndarray, text_len: np.ndarray, source_id: int, hashes: np.ndarray, dec: Decisions,
+             layout: Layout) -> tuple[Stream, dict]:
+    """Lay out documents as [SP delim] text [delim SP] EOS, SPs only where inserted.
+
+    ``flat`` holds the text token ids of all documents back to back, ``text_len`` how many each has.
+    Returns the stream and counts (text tokens, SPs inserted / masked, delimiter tokens, EOS tokens).
+    """
+    n = len(text_len)
+    text_len = text_len.astype(np.int64)
+    total_text = int(text_len.sum())
+    d = len(layout.delim_ids)
+    ins = dec.inserted
+    pre_len = np.where(ins & layout.prefix, 1 + d, 0).astype(np.int64)
+    post_len = np.where(ins & layout.post, 1 + d, 0).astype(np.int64)
+    doc_len = pre_len + text_len + post_len + 1
+    doc_start = np.zeros(n, np.int64)
+    np.cumsum(doc_len[:-1], out=doc_start[1:])
+    out = np.empty(int(doc_len.sum()), np.uint32)
+    # text tokens: shift each document's run by its layout offset
+    text_src = np.zeros(n, np.int64)
+    np.cumsum(text_len[:-1], out=text_src[1:])
+    out[np.arange(total_text) + np.repeat(doc_start + pre_len - text_src, text_len)] = flat
+    sp_id = np.uint32(layout.sp_ids[source_id])
+    sp_pos, sp_masked = [], []
+    if layout.prefix:
+        p = doc_start[ins]
+        out[p] = sp_id
+        for j in range(d):
+            out[p + 1 + j] = layout.delim_ids[j]
+        sp_pos.append(p)
+        sp_masked.append(dec.masked_prefix[ins])
+    if layout.post:
+        q = (doc_start + pre_len + text_len)[ins]
+        for j in range(d):
+            out[q + j] = layout.delim_ids[j]
+        out[q + d] = sp_id
+        sp_pos.append(q + d)
+        sp_masked.append(dec.masked_post[ins])
+    out[doc_start + doc_len - 1] = layout.eos_id
+    pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
+    msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
+    order = np.argsort(pos, kind="stable")
+    stream = Stream(out, doc_start, hashes.astype(np.uint64), pos[order].astype(np.int64), msk[order])
+    n_ins = int(ins.sum())
+    sites = int(layout.prefix) + int(layout.post)
+    counts = {"text_tokens": total_text, "sp_inserted": n_ins * sites, "sp_masked": int(msk.sum()),
+              "delimiter_tokens": n_ins * sites * d, "eos_tokens": n}
+    return stream, counts
+
+
+def concat(a: Stream, b: Stream) -> Stream:
+    off = len(a.ids)
+    return Stream(np.concatenate([a.ids, b.ids]),
+                  np.concatenate([a.seg_starts, b.seg_starts + off]),
+                  np.concatenate([a.seg_keys, b.seg_keys]),
+                  np.concatenate([a.sp_pos, b.sp_pos + off]),
+                  np.concatenate([a.sp_masked, b.sp_masked]))
+
+
+def cut(s: Stream, lo: int, hi: int) -> Stream:
+    """The part [lo, hi) of a stream, positions re-based to lo; starts a segment at 0."""
+    i0 = int(np.searchsorted(s.seg_starts, lo, side="right")) - 1   # segment holding lo
+    i1 = int(np.searchsorted(s.seg_starts, hi, side="left"))
+    starts = s.seg_starts[i0:i1] - lo
+    starts[0] = 0
+    j0, j1 = np.searchsorted(s.sp_pos, [lo, hi], side="left")
+    return Stream(s.ids[lo:hi], starts, s.seg_keys[i0:i1], s.sp_pos[j0:j1] - lo, s.sp_masked[j0:j1])
+
+
+class Packer:
+    """Cuts a stream into ``seq_len`` samples as it arrives; keeps the remainder (< seq_len) as the tail."""
+
+    def __init__(self, seq_len: int, emit: Callable[[Stream], None]):
+        self.seq_len = seq_len
+        self.emit = emit
+        self.pending = Stream.empty()
+        self.samples = 0
+
+    def add(self, s: Stream) -> None:
+        if not len(s):
+            return
+        buf = concat(self.pending, s) if len(self.pending) else s
+        full = len(buf) // self.seq_len
+        for k in range(full):
+            self.emit(cut(buf, k * self.seq_len, (k + 1) * self.seq_len))
+        self.samples += full
+        rest = full * self.seq_len
+        self.pending = cut(buf, rest, len(buf)) if rest < len(buf) else Stream.empty()
+
+    def take_tail(self) -> Stream:
+        tail, self.pending = self.pending, Stream.empty()
+        return tail
+
+
+def pad(s: Stream, seq_len: int, pad_id: int) -> Stream:
+    """Pad a short final sample to ``seq_len`` with ``pad_id`` (no segment starts in the padding)."""
+    ids = np.full(seq_len, pad_id, np.uint32)
+    ids[: len(s.ids)] = s.ids
+    return Stream(ids, s.seg_starts, s.seg_keys, s.sp_pos, s.sp_masked)

@@ -1,0 +1,396 @@
+"""One reader per input format: a unit in, batches of (document key, text) out.
+
+Readers never tokenize. Every record they cannot use goes to ``Rejects`` with a reason and its location
+(file, line or row, byte), so nothing disappears silently; a truncated archive keeps every record before
+the break and records the break itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .errors import SptokError
+from .manifest import Unit
+
+BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
+READ_CHUNK = 4 << 20        # bytes read from a file at once
+REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_field", "non_string_text",
+           "empty_text", "truncated_archive")
+
+
+@dataclass
+class Batch:
+    keys: list[str]      # document keys: the id field, or "file:byte" / "file:row" / "file"
+    texts: list[str]
+    nbytes: int          # input bytes consumed so far in the unit (for progress)
+
+
+@dataclass
+class Rejects:
+    """Counts skipped records by reason and hands each one, as found, to ``sink`` (the quarantine)."""
+    source: str
+    strict: bool = False
+    sink: Callable[[dict], None] | None = None
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)   # reason -> first location, for the end-of-build report
+
+    def add(self, reason: str, where: str, detail: str, raw: bytes | None = None, **loc) -> None:
+        assert reason in REASONS, reason
+        if self.strict:
+            raise SptokError(f"{where}: {detail} (--strict stops at the first bad record; drop --strict to "
+                             f"skip and count bad records instead)")
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, f"{where}: {detail}")
+        if self.sink is not None:
+            rec = {"source": self.source, "reason": reason, "where": where, "detail": detail, **loc}
+            if raw is not None:
+                try:
+                    rec["raw"] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    rec["raw_b64"] = base64.b64encode(raw).decode("ascii")
+            self.sink(rec)
+
+
+def read_unit(unit: Unit, text_field: str, id_field: str | None, rejects: Rejects,
+              batch_bytes: int = BATCH_BYTES) -> Iterator[Batch]:
+    """Yield batches of documents of one unit, in file order."""
+    readers = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
+    yield from readers[unit.format](unit, text_field, id_field, rejects, batch_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ JSONL
+
+def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
+    keys, texts, size = [], [], 0
+    lines = _JsonlLines(unit, rejects)
+    for offset, local_line, raw in lines:
+        if not raw.strip():
+            continue  # a blank line is not a record
+
+        def reject(reason, detail):
+            line = lines.line_number(local_line)
+            rejects.add(reason, f"{unit.relpath} line {line}", detail, raw, file=unit.relpath, line=line,
+                        byte=offset)
+
+        try:
+            rec = json.loads(raw)
+        except UnicodeDecodeError as e:
+            reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
+            continue
+        except ValueError as e:
+            col = f" (column {e.colno})" if hasattr(e, "colno") else ""
+            reject("malformed_json", f"malformed JSON: {getattr(e, 'msg', e)}{col}")
+            continue
+        got = check_record(rec, text_field, id_field)
+        if isinstance(got, Problem):
+            reject(got.reason, got.detail)
+            continue
+        key, text = got
+        keys.append(key if key is not None else f"{unit.relpath}:{offset}")
+        texts.append(text)
+        size += len(raw)
+        if size >= batch_bytes:
+            yield Batch(keys, texts, lines.consumed)
+            keys, texts, size = [], [], 0
+    if keys:
+        yield Batch(keys, texts, lines.consumed)
+
+
+class _JsonlLines:
+    """(byte offset, line index in the unit, raw line) of every line whose first byte lies in the unit.
+
+    A byte-range unit [start, stop) skips the line that began before ``start`` (the previous unit owns
+    it) and reads past ``stop`` to finish its own last line. Compressed files are one unit each.
+    """
+
+    def __init__(self, unit: Unit, rejects: Rejects):
+        self.unit = unit
+        self.rejects = rejects
+        self.consumed = 0               # bytes read so far, for progress
+        self._base: int | None = 0 if unit.start == 0 else None
+
+    def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
+        unit = self.unit
+        with open(unit.path, "rb") as f:
+            magic = f.read(4)
+            f.seek(0)
+            skip_first, stop, pos = False, None, 0
+            if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
+                chunks = _decompressed_chunks(f, magic, unit, self.rejects)
+            else:
+                if unit.start > 0:   # start one byte early: if that byte is a newline, nothing is skipped
+                    f.seek(unit.start - 1)
+                    pos, skip_first = unit.start - 1, True
+                stop = unit.stop if unit.stop >= 0 else None
+                chunks = iter(lambda: f.read(READ_CHUNK), b"")
+            buf, idx = b"", 0
+            for chunk in chunks:
+                self.consumed += len(chunk)
+                buf += chunk
+                if skip_first:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        continue
+                    pos, buf, skip_first = pos + nl + 1, buf[nl + 1:], False
+                if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):
+                    pos, buf = 3, buf[3:]
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                for line in lines:
+                    if stop is not None and pos >= stop:
+                        return
+                    yield pos, idx, line
+                    pos += len(line) + 1
+                    idx += 1
+                if stop is not None and pos >= stop:
+                    return
+            if buf and not skip_first and (stop is None or pos < stop):
+                yield pos, idx, buf
+
+    def line_number(self, local_line: int) -> int:
+        """1-based line number in the file; lines before the unit are counted only when a message needs it."""
+        if self._base is None:
+            n, left = 0, self.unit.start
+            with open(self.unit.path, "rb") as f:
+                while left > 0:
+                    chunk = f.read(min(READ_CHUNK, left))
+                    if not chunk:
+                        break
+                    n += chunk.count(b"\n")
+                    left -= len(chunk)
+            self._base = n
+        return self._base + local_line + 1
+
+
+def _decompressed_chunks(f, magic: bytes, unit: Unit, rejects: Rejects) -> Iterator[bytes]:
+    """Decompress gzip or zstd (several members / frames) in chunks. A truncated or corrupt archive
+    yields what came before the break and records the break as a reject."""
+    import zstandard
+
+    gz = magic[:2] == b"\x1f\x8b"
+    zctx = None if gz else zstandard.ZstdDecompressor()
+    new = (lambda: zlib.decompressobj(wbits=47)) if gz else zctx.decompressobj
+    errors = (zlib.error,) if gz else (zstandard.ZstdError,)
+    kind = "gzip" if gz else "zstd"
+    d, out, fed = new(), 0, False
+    while True:
+        comp = f.read(READ_CHUNK)
+        if not comp:
+            break
+        try:
+            data = d.decompress(comp)
+            fed = True
+            while d.eof and d.unused_data:   # the next gzip member / zstd frame
+                rest = d.unused_data
+                d = new()
+                data += d.decompress(rest)
+        except errors as e:
+            _record_break(rejects, unit, out, f"corrupt {kind} data ({e})")
+            return
+        out += len(data)
+        yield data
+    if fed and not d.eof:
+        _record_break(rejects, unit, out, f"{kind} archive ends in the middle of a frame (truncated)")
+
+
+def _record_break(rejects: Rejects, unit: Unit, offset: int, detail: str) -> None:
+    rejects.add("truncated_archive", f"{unit.relpath} (decompressed byte {offset})",
+                f"{detail}; every complete line before the break was kept", None, file=unit.relpath, byte=offset)
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    detail: str
+
+
+def check_record(rec, text_field: str, id_field: str | None):
+    """(key or None, text) of a parsed JSON record, or the Problem that makes it unusable."""
+    if not isinstance(rec, dict):
+        return Problem("not_an_object", f"expected a JSON object, got {type(rec).__name__}")
+    if text_field not in rec:
+        return Problem("missing_field", f"no field {text_field!r} (text_field); the record has: "
+                                        f"{', '.join(list(rec)[:8]) or 'no fields'}")
+    text = rec[text_field]
+    if not isinstance(text, str):
+        return Problem("non_string_text", f"field {text_field!r} holds {type(text).__name__}, expected a string")
+    if not text:
+        return Problem("empty_text", f"field {text_field!r} is empty")
+    if not _valid_unicode(text):
+        return Problem("invalid_utf8", f"field {text_field!r} holds a lone surrogate escape (not valid UTF-8)")
+    if id_field is None:
+        return None, text
+    if rec.get(id_field) is None:
+        return Problem("missing_field", f"no field {id_field!r} (id_field)")
+    return str(rec[id_field]), text
+
+
+def _valid_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+# ------------------------------------------------------------------------------- Parquet and HF (Arrow)
+
+def _read_table(unit, text_field, id_field, rejects, batch_bytes):
+    import pyarrow as pa
+
+    columns = [text_field] + ([id_field] if id_field else [])
+    if unit.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(unit.path)
+        except Exception as e:
+            raise SptokError(f"{unit.relpath}: not a readable Parquet file ({e})") from None
+        schema = pf.schema_arrow
+        groups = list(range(unit.start, unit.stop if unit.stop >= 0 else pf.metadata.num_row_groups))
+        row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
+        _check_columns(unit, schema, columns, text_field)
+        batches = pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096) if groups else iter(())
+    else:
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(unit.path))
+        except Exception as e:
+            raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
+        _check_columns(unit, reader.schema, columns, text_field)
+        row0 = 0
+        batches = (b.select(columns) for b in reader)
+    keys, texts, size, row = [], [], 0, row0
+    try:
+        for rb in batches:
+            col_text = _strings(rb.column(0), unit, text_field, row, rejects)
+            col_id = rb.column(1).to_pylist() if id_field else None
+            for i, text in enumerate(col_text):
+                r = row + i
+                where = f"{unit.relpath} row {r}"
+                if text is None:
+                    continue  # already recorded by _strings (invalid UTF-8) or null below
+                if text is _NULL:
+                    rejects.add("missing_field", where, f"field {text_field!r} is null", None,
+                                file=unit.relpath, row=r)
+                    continue
+                if not text:
+                    rejects.add("empty_text", where, f"field {text_field!r} is empty", None,
+                                file=unit.relpath, row=r)
+                    continue
+                if id_field:
+                    if col_id[i] is None:
+                        rejects.add("missing_field", where, f"field {id_field!r} (id_field) is null", None,
+                                    file=unit.relpath, row=r)
+                        continue
+                    keys.append(str(col_id[i]))
+                else:
+                    keys.append(f"{unit.relpath}:{r}")
+                texts.append(text)
+                size += len(text)
+                if size >= batch_bytes:
+                    yield Batch(keys, texts, 0)
+                    keys, texts, size = [], [], 0
+            row += rb.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise SptokError(f"{unit.relpath} near row {row}: cannot read ({e})") from None
+    if keys:
+        yield Batch(keys, texts, unit.size)
+
+
+_NULL = object()
+
+
+def _check_columns(unit: Unit, schema, columns: list[str], text_field: str) -> None:
+    import pyarrow as pa
+
+    names = schema.names
+    for c in columns:
+        if c not in names:
+            what = "text_field" if c == text_field else "id_field"
+            raise SptokError(f"{unit.relpath}: no column {c!r} ({what}); columns are: {', '.join(names)}")
+    t = schema.field(text_field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)):
+        raise SptokError(f"{unit.relpath}: column {text_field!r} (text_field) has type {t}, expected a string "
+                         f"column")
+
+
+def _strings(arr, unit: Unit, field_name: str, row0: int, rejects: Rejects) -> list:
+    """Python strings of an Arrow column; nulls become _NULL, invalid UTF-8 is rejected (None)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            return [_NULL if v is None else v for v in arr.to_pylist()]
+        except UnicodeDecodeError:
+            arr = arr.cast(pa.large_binary())
+    out = []
+    for i, v in enumerate(arr.to_pylist()):
+        if v is None:
+            out.append(_NULL)
+            continue
+        try:
+            out.append(v.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            rejects.add("invalid_utf8", f"{unit.relpath} row {row0 + i}",
+                        f"field {field_name!r}: invalid UTF-8 at byte {e.start}", v, file=unit.relpath, row=row0 + i)
+            out.append(None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ plain text
+
+def _read_text(unit, text_field, id_field, rejects, batch_bytes):
+    keys, texts, size, done = [], [], 0, 0
+    for path, rel in unit.files:
+        with open(path, "rb") as f:
+            data = f.read()
+        done += len(data)
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (EOFError, OSError, zlib.error) as e:
+                rejects.add("truncated_archive", rel, f"gzip file is truncated or corrupt ({e}); file skipped",
+                            None, file=rel)
+                continue
+        elif data[:4] == b"\x28\xb5\x2f\xfd":
+            import zstandard
+
+            try:
+                data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            except zstandard.ZstdError as e:
+                rejects.add("truncated_archive", rel, f"zstd file is corrupt ({e}); file skipped", None, file=rel)
+                continue
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            rejects.add("invalid_utf8", rel, f"invalid UTF-8 at byte {e.start}; file skipped", None, file=rel)
+            continue
+        if not text:
+            rejects.add("empty_text", rel, "empty file", None, file=rel)
+            continue
+        keys.append(rel)
+        texts.append(text)
+        size += len(data)
+        if size >= batch_bytes:
+            yield Batch(keys, texts, done)
+            keys, texts, size = [], [], 0
+    if keys:
+        yield Batch(keys, texts, unit.size)
+
+
+def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iterator[str]:
+    """Just the texts of a unit, skipping bad records (used to train tokenizers)."""
+    rejects = Rejects(source=unit.source)
+    for batch in read_unit(unit, text_field, id_field, rejects):
+        yield from batch.texts
+
+

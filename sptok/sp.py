@@ -1,0 +1,137 @@
+"""Source prompts: naming policies, the SP table, and per-document decisions.
+
+Pure functions of (names, options, seed) with numpy arrays in and out. Every random decision about a
+document comes from a counter-based RNG keyed by (seed, source, document key): a document gets the same
+SP decisions whichever worker reads it, in whatever order, on a resumed or partitioned run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SptokError
+
+POLICIES = ("abbreviation", "alphabet", "misplaced", "custom")
+POSITIONS = ("prefix", "post", "both")
+
+# Decision slots: each draws an independent uniform for the same document.
+SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------ naming
+
+def abbreviation(name: str) -> str:
+    """`pydocs` -> `<PYDOCS>`, `web-en` -> `<WEB_EN>`."""
+    core = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
+    return f"<{core or 'SRC'}>"
+
+
+def alphabet(i: int) -> str:
+    """0 -> `<A>`, 25 -> `<Z>`, 26 -> `<AA>` (bijective base 26)."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr(65 + r) + s
+    return f"<{s}>"
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n) with no fixed point (the paper's misplaced control)."""
+    if n < 2:
+        raise SptokError("--policy misplaced needs at least two sources: with one, no source can take "
+                         "another's name")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm.tolist()
+
+
+def sp_strings(names: list[str], policy: str, seed: int, custom: list[str | None] | None = None) -> list[str]:
+    """The SP string of every source, in manifest order; two sources never share one."""
+    if policy == "abbreviation":
+        sps = [abbreviation(n) for n in names]
+    elif policy == "alphabet":
+        sps = [alphabet(i) for i in range(len(names))]
+    elif policy == "misplaced":
+        own = [abbreviation(n) for n in names]
+        sps = [own[j] for j in derangement(len(names), seed)]
+    elif policy == "custom":
+        custom = custom or [None] * len(names)
+        missing = [n for n, c in zip(names, custom) if not c]
+        if missing:
+            raise SptokError(f"--policy custom: source {missing[0]!r} has no `sp:` in the manifest; give every "
+                             f"source one (e.g. sp: \"<NEWS>\") or choose another --policy")
+        sps = list(custom)
+    else:
+        raise SptokError(f"--policy: unknown naming policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    seen: dict[str, str] = {}
+    for n, s in zip(names, sps):
+        if s in seen:
+            raise SptokError(f"SP token clash: sources {seen[s]!r} and {n!r} would both use {s}; give them "
+                             f"distinct `sp:` values or use --policy alphabet")
+        seen[s] = n
+    return sps
+
+
+@dataclass(frozen=True)
+class SPEntry:
+    source: str
+    source_id: int
+    sp: str
+    token_id: int
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "source_id": self.source_id, "sp": self.sp, "token_id": self.token_id}
+
+
+# ----------------------------------------------------------------------------------------------- decisions
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def doc_hashes(source: str, keys: list[str]) -> np.ndarray:
+    """Stable 64-bit hash of each document key within its source (also written as `doc_keys`)."""
+    prefix = source.encode("utf-8") + b"\x00"
+    out = np.empty(len(keys), dtype=np.uint64)
+    for i, k in enumerate(keys):
+        out[i] = int.from_bytes(hashlib.blake2b(prefix + k.encode("utf-8", "surrogatepass"),
+                                                digest_size=8).digest(), "little")
+    return out
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixed map of uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(hashes: np.ndarray, seed: int, slot: int) -> np.ndarray:
+    """One uniform float in [0, 1) per document for decision ``slot``: a pure function of its inputs."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(slot + 1))
+        bits = _mix64(hashes.astype(np.uint64) ^ key)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class Decisions:
+    inserted: np.ndarray      # bool[n]: the document carries its SP
+    masked_prefix: np.ndarray  # bool[n]: its prefix SP is marked for MSP (only where inserted)
+    masked_post: np.ndarray    # bool[n]: its post SP is marked for MSP (only where inserted)
+
+
+def decide(hashes: np.ndarray, seed: int, insert_prob: float, msp_prob: float) -> Decisions:
+    inserted = uniforms(hashes, seed, SLOT_INSERT) < insert_prob
+    return Decisions(
+        inserted=inserted,
+        masked_prefix=inserted & (uniforms(hashes, seed, SLOT_MSP_PREFIX) < msp_prob),
+        masked_post=inserted & (uniforms(hashes, seed, SLOT_MSP_POST) < msp_prob),
+    )

@@ -1,0 +1,112 @@
+"""Per-source statistics of a build: gathered from unit results, saved as stats.json, shown as a table."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from .errors import SptokError
+
+# counts summed over a source's units (see unit.py / pack.assemble / finalize)
+COUNT_KEYS = ("docs", "text_bytes", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
+              "sp_literals", "samples", "sample_tokens", "padding_tokens", "dropped_tokens")
+
+
+def source_stats(results: list[dict], extra: dict) -> dict:
+    """Sum the unit results of one source, plus what finalizing its tails added (``extra``)."""
+    counts: Counter = Counter()
+    rejected: Counter = Counter()
+    hist = None
+    examples: dict = {}
+    for r in results:
+        counts.update(r["counts"])
+        rejected.update(r["rejected"])
+        for k, v in r["examples"].items():
+            examples.setdefault(k, v)
+        hist = r["hist"] if hist is None else [a + b for a, b in zip(hist, r["hist"])]
+    # the tails' tokens were not counted as samples by the units; the stitcher reports them
+    counts["samples"] += extra.get("samples", 0)
+    counts["sample_tokens"] += extra.get("sample_tokens", 0)
+    counts["padding_tokens"] += extra.get("padding_tokens", 0)
+    counts["dropped_tokens"] += extra.get("dropped_tokens", 0)
+    out = {k: int(counts.get(k, 0)) for k in COUNT_KEYS}
+    out["rejected"] = dict(sorted(rejected.items()))
+    out["records"] = out["docs"] + sum(v for k, v in rejected.items() if k != "truncated_archive")
+    out["reject_examples"] = dict(sorted(examples.items()))
+    out["doc_length_hist"] = {"bin_edges": "bin b counts documents of [2**(b-1), 2**b) text tokens; bin 0 is empty",
+                              "counts": hist or []}
+    return out
+
+
+def totals(per_source: dict) -> dict:
+    tot: Counter = Counter()
+    rej: Counter = Counter()
+    for s in per_source.values():
+        tot.update({k: s[k] for k in COUNT_KEYS + ("records",)})
+        rej.update(s["rejected"])
+    out = {k: int(v) for k, v in tot.items()}
+    out["rejected"] = dict(sorted(rej.items()))
+    return out
+
+
+def load_stats(out: str) -> tuple[dict, dict]:
+    """(sptok.json, stats.json) of a complete build, or a clear error."""
+    from .finalize import load_build
+
+    info = load_build(out)
+    path = os.path.join(out, "stats.json")
+    try:
+        with open(path) as f:
+            return info, json.load(f)
+    except (OSError, ValueError) as e:
+        raise SptokError(f"{path}: cannot read the build's statistics ({e})") from None
+
+
+def table_rows(info: dict, stats: dict) -> list[dict]:
+    total_tokens = max(1, stats["totals"]["sample_tokens"])
+    sps = {e["source"]: e["sp"] for e in info["sp_table"]}
+    rows = []
+    for name in (e["source"] for e in info["sp_table"]):   # manifest order
+        s = stats["sources"][name]
+        rows.append({
+            "source": name, "sp": sps.get(name, ""), "docs": s["docs"],
+            "skipped": sum(v for k, v in s["rejected"].items()),
+            "tokens": s["sample_tokens"], "share": s["sample_tokens"] / total_tokens,
+            "samples": s["samples"], "sp_inserted": s["sp_inserted"], "sp_masked": s["sp_masked"],
+            "skip_reasons": s["rejected"],
+        })
+    return rows
+
+
+def format_table(info: dict, stats: dict) -> str:
+    rows = table_rows(info, stats)
+    head = ["source", "SP", "docs", "skipped", "tokens", "share", "samples", "SPs inserted", "SPs masked"]
+    body = [[r["source"], r["sp"], f"{r['docs']:,}", f"{r['skipped']:,}", f"{r['tokens']:,}",
+             f"{100 * r['share']:.1f}%", f"{r['samples']:,}", f"{r['sp_inserted']:,}", f"{r['sp_masked']:,}"]
+            for r in rows]
+    t = stats["totals"]
+    body.append(["total", "", f"{t['docs']:,}", f"{sum(t['rejected'].values()):,}", f"{t['sample_tokens']:,}",
+                 "100.0%", f"{t['samples']:,}", f"{t['sp_inserted']:,}", f"{t['sp_masked']:,}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    right = {2, 3, 4, 5, 6, 7, 8}
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(head), line(["-" * w for w in widths])] + [line(b) for b in body[:-1]]
+    lines += [line(["-" * w for w in widths]), line(body[-1])]
+    skipped = [(r["source"], r["skip_reasons"]) for r in rows if r["skip_reasons"]]
+    if skipped:
+        lines.append("")
+        lines.append("skipped records (see rejects/<source>.jsonl.zst):")
+        for name, reasons in skipped:
+            lines.append(f"  {name}: " + ", ".join(f"{k} {v:,}" for k, v in reasons.items()))
+            for k, ex in stats["sources"][name]["reject_examples"].items():
+                lines.append(f"    first {k}: {ex}")
+    if t.get("sp_literals"):
+        lines.append("")
+        lines.append(f"note: {t['sp_literals']:,} literal SP/delimiter strings found in document text were "
+                     f"tokenized as ordinary text (never as SP ids)")
+    return "\n".join(lines)

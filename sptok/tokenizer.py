@@ -1,0 +1,221 @@
+"""Load, train and extend tokenizers; encode text with SP strings kept ordinary.
+
+Only Hugging Face ``tokenizers`` is used here (no ``transformers`` import: it costs seconds). SP tokens
+and a special delimiter are added as *special* tokens, and text is encoded with
+``encode_special_tokens = True``, so a literal ``<WIKI>`` inside a document is tokenized as ordinary text
+and never becomes an SP id: SPs are only ever inserted by sptok.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .errors import SptokError
+
+PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
+DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
+DEFAULT_DELIMITER = "<SPSEP>"
+EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
+MODELS = ("bpe", "wordpiece", "unigram")
+_ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
+
+
+def is_special_delimiter(delimiter: str) -> bool:
+    """`<SPSEP>` or `[SEP]`-shaped delimiters are special tokens; anything else is plain text."""
+    return bool(re.fullmatch(r"<[^<>\s]+>|\[[^\[\]\s]+\]", delimiter))
+
+
+@dataclass
+class LoadedTokenizer:
+    tok: "object"            # tokenizers.Tokenizer
+    path: str                # the tokenizer.json read
+    roles: dict              # e.g. {"eos_token": "</s>", ...} from tokenizer_config.json / special_tokens_map.json
+
+
+def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
+    """A local `tokenizer.json`, or a Hugging Face tokenizer directory holding one. Never a hub name."""
+    from tokenizers import Tokenizer
+
+    path = str(path)
+    roles: dict = {}
+    if os.path.isdir(path):
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise SptokError(f"--tokenizer {path}: the directory has no tokenizer.json; sptok needs a fast "
+                             f"tokenizer (save one with transformers: AutoTokenizer.from_pretrained(dir)"
+                             f".save_pretrained(dir), or train one with `sptok tokenizer train`)")
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(path, name)
+            if os.path.exists(p):
+                try:
+                    cfg = json.loads(Path(p).read_text())
+                except ValueError as e:
+                    raise SptokError(f"{p}: invalid JSON ({e})") from None
+                for k in _ROLE_KEYS:
+                    v = cfg.get(k)
+                    if isinstance(v, dict):
+                        v = v.get("content")
+                    if isinstance(v, str):
+                        roles.setdefault(k, v)
+    elif os.path.exists(path):
+        file = path
+    else:
+        raise SptokError(f"--tokenizer {path}: no such file or directory (sptok never downloads tokenizers; "
+                         f"give a local tokenizer.json or train one with `sptok tokenizer train`)")
+    try:
+        tok = Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception for a bad file
+        raise SptokError(f"--tokenizer {file}: not a Hugging Face tokenizer.json ({e})") from None
+    return LoadedTokenizer(tok=tok, path=file, roles=roles)
+
+
+def find_eos(lt: LoadedTokenizer, explicit: str | None = None) -> str:
+    """The token that ends each document: --eos, the tokenizer's eos_token, or a well-known one."""
+    tok = lt.tok
+    for cand in ([explicit] if explicit else []) + [lt.roles.get("eos_token")] + list(EOS_CANDIDATES):
+        if cand and tok.token_to_id(cand) is not None:
+            return cand
+        if explicit and cand == explicit:
+            raise SptokError(f"--eos {explicit!r}: not a token of the tokenizer")
+    raise SptokError("the tokenizer has no end-of-document token (tried eos_token, "
+                     f"{', '.join(EOS_CANDIDATES)}); pass --eos TOKEN")
+
+
+def find_pad(lt: LoadedTokenizer) -> str | None:
+    tok = lt.tok
+    for cand in (lt.roles.get("pad_token"), PAD, "<pad>", "<|padding|>"):
+        if cand and tok.token_to_id(cand) is not None:
+            return cand
+    return None
+
+
+def reserved_tokens(lt: LoadedTokenizer) -> set[str]:
+    """Special tokens with a role (pad, eos, mask, ...): an SP may never be one of them."""
+    named = {v for v in lt.roles.values() if v}
+    return named | {t for t in DEFAULT_SPECIALS + list(EOS_CANDIDATES) if lt.tok.token_to_id(t) is not None}
+
+
+def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[str, int]:
+    """Add SP strings (and a special delimiter) as special tokens; return their ids.
+
+    Refuses an SP that the tokenizer already produces from ordinary text (a vocabulary entry or a
+    non-special added token): it could then arise from a document's text, and SPs must only ever be
+    inserted by sptok.
+    """
+    from tokenizers import AddedToken
+
+    tok = lt.tok
+    base_vocab = tok.get_vocab(with_added_tokens=False)
+    added = {t.content: t for t in tok.get_added_tokens_decoder().values()}
+    reserved = reserved_tokens(lt)
+    wanted = list(sps) + ([delimiter] if delimiter else [])
+    for s in wanted:
+        what = "delimiter" if s == delimiter and s not in sps else "SP"
+        if s in reserved:
+            raise SptokError(f"SP token clash: {what} {s} is the tokenizer's own special token; choose another "
+                             f"name (--policy alphabet, a custom `sp:`, or --delimiter)")
+        if s in added and not added[s].special:
+            raise SptokError(f"SP token clash: {what} {s} is a non-special added token of the tokenizer; "
+                             f"choose another name")
+        if s in base_vocab and s not in added:
+            raise SptokError(f"SP token clash: {what} {s} is an ordinary token of the tokenizer (id "
+                             f"{base_vocab[s]}), so it could arise from text; choose another name")
+    new = [AddedToken(s, special=True, normalized=False) for s in wanted if s not in added]
+    if new:
+        tok.add_special_tokens(new)
+    ids = {s: tok.token_to_id(s) for s in wanted}
+    enc = text_encoder(tok)
+    for s in wanted:   # the property that matters: the literal string, as text, never yields the SP id
+        if ids[s] in enc.encode(f"{s} x{s}", add_special_tokens=False).ids:
+            raise SptokError(f"SP token clash: the tokenizer turns the text {s!r} into the SP's own id "
+                             f"{ids[s]}; choose another name")
+    return ids
+
+
+def train(texts: Iterable[str], model: str, vocab_size: int, specials: list[str]):
+    """Train a tokenizer: byte-level BPE (decoders), WordPiece (BERT-style) or Unigram (T5-style)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = list(dict.fromkeys(specials))
+    if model == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    elif model == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    elif model == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
+                                          show_progress=False)
+    else:
+        raise SptokError(f"--model: unknown tokenizer model {model!r}; expected one of {', '.join(MODELS)}")
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Mark specials as non-normalized special tokens so they survive normalizers intact.
+    return tok
+
+
+def save_tokenizer_dir(tok, out_dir: str | os.PathLike, roles: dict, extra_specials: list[str],
+                       model_max_length: int | None = None) -> None:
+    """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    special_map = {k: v for k, v in roles.items() if v}
+    if extra_specials:
+        special_map["additional_special_tokens"] = list(extra_specials)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special_map}
+    if model_max_length:
+        cfg["model_max_length"] = model_max_length
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, sort_keys=True) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def default_roles(tok) -> dict:
+    """Role -> token for the specials sptok's trained tokenizers carry."""
+    pairs = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS, "sep_token": SEP, "mask_token": MASK,
+             "eos_token": EOS}
+    return {k: v for k, v in pairs.items() if tok.token_to_id(v) is not None}
+
+
+def text_encoder(tok):
+    """A copy of ``tok`` that encodes special-token strings found in text as ordinary text."""
+    from tokenizers import Tokenizer
+
+    enc = Tokenizer.from_str(tok.to_str())
+    enc.encode_special_tokens = True
+    enc.no_padding()
+    enc.no_truncation()
+    return enc
+
+
+class HFEncoder:
+    """Text -> (flat uint32 ids, per-document lengths) with the Hugging Face tokenizer."""
+
+    name = "hf"
+
+    def __init__(self, tok):
+        self.tok = text_encoder(tok)
+        self._encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+
+    def encode(self, texts: list[str]):
+        import numpy as np
+
+        ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
+        lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        flat = np.fromiter((i for x in ids for i in x), np.uint32, count=int(lens.sum())) if ids else \
+            np.empty(0, np.uint32)
+        return flat, lens
