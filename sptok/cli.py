@@ -156,7 +156,7 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
     from .manifest import plan_units
     from .options import parse_size
     from .readers import iter_texts
-    from .tokenizer import DEFAULT_SPECIALS, default_roles, save_tokenizer_dir, train
+    from .tokenizer import default_roles, save_tokenizer_dir, train
 
     m, sps, delim = _sp_and_delim(manifest, policy, delimiter, seed)
     budget = parse_size(max_bytes, "--max-bytes")
@@ -179,8 +179,7 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
                 if used >= per_source:
                     break
 
-    specials = DEFAULT_SPECIALS + sps + ([delim] if delim else [])
-    tok = train(texts(), model, vocab_size, specials)
+    tok = train(texts(), model, vocab_size, sps + ([delim] if delim else []))
     save_tokenizer_dir(tok, out, default_roles(tok), sps + ([delim] if delim else []))
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {tok.get_vocab_size()}, "
                f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))

@@ -25,6 +25,7 @@ _EXT_FORMAT = {
     ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
 }
 _COMPRESSED_EXT = (".gz", ".zst", ".zstd")
+RESERVED_NAMES = {"tokenizer", "rejects", "index.json", "stats.json", "sptok.json"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         if s["name"] in names:
             raise SptokError(f"manifest {path}: sources[{i}].name: duplicate source name {s['name']!r} "
                              f"(also sources[{names[s['name']]}]); every source needs a unique name")
+        if s["name"] in RESERVED_NAMES:
+            raise SptokError(f"manifest {path}: sources[{i}].name: {s['name']!r} is reserved (the output directory "
+                             f"has a file or folder of that name); choose another name")
         names[s["name"]] = i
         sources.append(_expand_source(path, root, i, s))
     return Manifest(path=path, root=root, sources=sources, build=dict(doc.get("build") or {}), raw=doc)

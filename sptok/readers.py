@@ -114,6 +114,8 @@ class _JsonlLines:
         self.rejects = rejects
         self.consumed = 0               # bytes read so far, for progress
         self._base: int | None = 0 if unit.start == 0 else None
+        self.broken: tuple[int, str] | None = None   # (decompressed offset, why) of a truncated archive
+        self._first = unit.start     # file offset of the unit's first line
 
     def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
         unit = self.unit
@@ -122,7 +124,7 @@ class _JsonlLines:
             f.seek(0)
             skip_first, stop, pos = False, None, 0
             if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
-                chunks = _decompressed_chunks(f, magic, unit, self.rejects)
+                chunks = self._decompressed(f, magic)
             else:
                 if unit.start > 0:   # start one byte early: if that byte is a newline, nothing is skipped
                     f.seek(unit.start - 1)
@@ -138,6 +140,7 @@ class _JsonlLines:
                     if nl < 0:
                         continue
                     pos, buf, skip_first = pos + nl + 1, buf[nl + 1:], False
+                    self._first = pos
                 if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):
                     pos, buf = 3, buf[3:]
                 lines = buf.split(b"\n")
@@ -150,13 +153,18 @@ class _JsonlLines:
                     idx += 1
                 if stop is not None and pos >= stop:
                     return
-            if buf and not skip_first and (stop is None or pos < stop):
+            if self.broken is not None:   # the partial line before the break belongs to the break
+                offset, detail = self.broken
+                self.rejects.add("truncated_archive", f"{unit.relpath} (decompressed byte {offset})",
+                                 f"{detail}; every complete line before the break was kept", buf or None,
+                                 file=unit.relpath, byte=offset)
+            elif buf and not skip_first and (stop is None or pos < stop):
                 yield pos, idx, buf
 
     def line_number(self, local_line: int) -> int:
         """1-based line number in the file; lines before the unit are counted only when a message needs it."""
         if self._base is None:
-            n, left = 0, self.unit.start
+            n, left = 0, self._first
             with open(self.unit.path, "rb") as f:
                 while left > 0:
                     chunk = f.read(min(READ_CHUNK, left))
@@ -168,40 +176,35 @@ class _JsonlLines:
         return self._base + local_line + 1
 
 
-def _decompressed_chunks(f, magic: bytes, unit: Unit, rejects: Rejects) -> Iterator[bytes]:
-    """Decompress gzip or zstd (several members / frames) in chunks. A truncated or corrupt archive
-    yields what came before the break and records the break as a reject."""
-    import zstandard
+    def _decompressed(self, f, magic: bytes) -> Iterator[bytes]:
+        """Decompress gzip or zstd (several members / frames) in chunks. A truncated or corrupt archive
+        yields what came before the break and sets ``self.broken``."""
+        import zstandard
 
-    gz = magic[:2] == b"\x1f\x8b"
-    zctx = None if gz else zstandard.ZstdDecompressor()
-    new = (lambda: zlib.decompressobj(wbits=47)) if gz else zctx.decompressobj
-    errors = (zlib.error,) if gz else (zstandard.ZstdError,)
-    kind = "gzip" if gz else "zstd"
-    d, out, fed = new(), 0, False
-    while True:
-        comp = f.read(READ_CHUNK)
-        if not comp:
-            break
-        try:
-            data = d.decompress(comp)
-            fed = True
-            while d.eof and d.unused_data:   # the next gzip member / zstd frame
-                rest = d.unused_data
-                d = new()
-                data += d.decompress(rest)
-        except errors as e:
-            _record_break(rejects, unit, out, f"corrupt {kind} data ({e})")
-            return
-        out += len(data)
-        yield data
-    if fed and not d.eof:
-        _record_break(rejects, unit, out, f"{kind} archive ends in the middle of a frame (truncated)")
-
-
-def _record_break(rejects: Rejects, unit: Unit, offset: int, detail: str) -> None:
-    rejects.add("truncated_archive", f"{unit.relpath} (decompressed byte {offset})",
-                f"{detail}; every complete line before the break was kept", None, file=unit.relpath, byte=offset)
+        gz = magic[:2] == b"\x1f\x8b"
+        zctx = None if gz else zstandard.ZstdDecompressor()
+        new = (lambda: zlib.decompressobj(wbits=47)) if gz else zctx.decompressobj
+        errors = (zlib.error,) if gz else (zstandard.ZstdError,)
+        kind = "gzip" if gz else "zstd"
+        d, out, fed = new(), 0, False
+        while True:
+            comp = f.read(READ_CHUNK)
+            if not comp:
+                break
+            try:
+                data = d.decompress(comp)
+                fed = True
+                while d.eof and d.unused_data:   # the next gzip member / zstd frame
+                    rest = d.unused_data
+                    d = new()
+                    data += d.decompress(rest)
+            except errors as e:
+                self.broken = (out, f"corrupt {kind} data ({e})")
+                return
+            out += len(data)
+            yield data
+        if fed and not d.eof:
+            self.broken = (out, f"{kind} archive ends in the middle of a frame (truncated)")
 
 
 @dataclass(frozen=True)

@@ -137,34 +137,40 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     return ids
 
 
-def train(texts: Iterable[str], model: str, vocab_size: int, specials: list[str]):
-    """Train a tokenizer: byte-level BPE (decoders), WordPiece (BERT-style) or Unigram (T5-style)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def train(texts: Iterable[str], model: str, vocab_size: int, extra_specials: list[str]):
+    """Train a tokenizer: byte-level BPE (decoders), WordPiece (BERT-style) or Unigram (T5-style).
 
-    specials = list(dict.fromkeys(specials))
+    SP and delimiter tokens (``extra_specials``) are added after training as special added tokens, never
+    given to the trainer: a trainer puts its specials into the model's vocabulary, and a Unigram model
+    would then segment a literal ``<WIKI>`` in text into that very piece.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    trained = [UNK] if model == "unigram" else DEFAULT_SPECIALS
     if model == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=trained, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
     elif model == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=UNK))
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=trained, show_progress=False)
     elif model == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=UNK,
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=trained, unk_token=UNK,
                                           show_progress=False)
     else:
         raise SptokError(f"--model: unknown tokenizer model {model!r}; expected one of {', '.join(MODELS)}")
     tok.train_from_iterator(texts, trainer=trainer)
-    # Mark specials as non-normalized special tokens so they survive normalizers intact.
+    later = [t for t in DEFAULT_SPECIALS if t not in trained] + list(dict.fromkeys(extra_specials))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in later])
     return tok
 
 
@@ -173,7 +179,12 @@ def save_tokenizer_dir(tok, out_dir: str | os.PathLike, roles: dict, extra_speci
     """Write tokenizer.json plus the config files `transformers.AutoTokenizer` reads offline."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    try:
+        tok.save(str(out / "tokenizer.json"))
+    except Exception as e:  # the Rust side raises a bare Exception carrying the OS error
+        if "os error 28" in str(e):
+            raise OSError(28, "No space left on device", str(out / "tokenizer.json")) from None
+        raise SptokError(f"cannot write {out / 'tokenizer.json'}: {e}") from None
     special_map = {k: v for k, v in roles.items() if v}
     if extra_specials:
         special_map["additional_special_tokens"] = list(extra_specials)

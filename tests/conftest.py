@@ -1,0 +1,91 @@
+"""Shared fixtures: the bundled demo corpus (real text), its tokenizer, manifests and builds in tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+import zstandard
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "pipelines" / "demo"
+TOKENIZER = DEMO / "tokenizer"
+SOURCES = ("pydocs", "code", "fortunes", "chinese")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def demo_records(name: str, limit: int | None = None) -> list[dict]:
+    """The records of one demo source, as stored."""
+    data = zstandard.ZstdDecompressor().stream_reader(open(DEMO / f"{name}.jsonl.zst", "rb")).read()
+    recs = [json.loads(line) for line in data.splitlines() if line.strip()]
+    return recs[:limit] if limit else recs
+
+
+def write_jsonl(path: Path, records, compress: str | None = None) -> Path:
+    data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+    if compress == "zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    elif compress == "gz":
+        import gzip
+
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """manifest(sources, **build) -> path of a YAML manifest in tmp_path."""
+    def make(sources: list[dict], name: str = "manifest.yaml", **build) -> Path:
+        doc = {"sources": sources}
+        if build:
+            doc["build"] = build
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return p
+    return make
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """A few real documents of each demo source, as JSONL files in tmp_path; returns {name: records}."""
+    out = {}
+    for name, n in zip(SOURCES, (12, 4, 120, 10)):
+        recs = demo_records(name, n)
+        write_jsonl(tmp_path / f"{name}.jsonl", recs)
+        out[name] = recs
+    return out
+
+
+def small_sources(tmp_path) -> list[dict]:
+    return [{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES]
+
+
+@pytest.fixture
+def build(tmp_path):
+    """build(manifest, out=None, **flags) -> (out dir, sptok.json), quiet, via the real pipeline."""
+    from sptok.build import run_build
+
+    def run(manifest_path, out=None, overwrite=False, partition=None, **flags):
+        out = str(out or tmp_path / "out")
+        flags.setdefault("tokenizer", str(TOKENIZER))
+        flags.setdefault("quiet", True)
+        flags.setdefault("workers", 1)
+        res = run_build(str(manifest_path), out, flags, overwrite=overwrite, partition=partition, log=lambda m: None)
+        return out, res.info
+    return run
+
+
+def tree_bytes(root: str) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes), for byte-identity checks."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = Path(p).read_bytes()
+    return out

@@ -1,0 +1,280 @@
+"""End-to-end builds on real text, read back by the real StreamingDataset and `datasets`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import SOURCES, TOKENIZER, small_sources, tree_bytes
+from shards import documents, mds_samples, table_samples
+
+from sptok.errors import SptokError
+from sptok.manifest import validate_document
+from sptok.sp import decide, doc_hashes
+
+
+def _tok():
+    from tokenizers import Tokenizer
+
+    from sptok.tokenizer import text_encoder
+
+    return text_encoder(Tokenizer.from_file(str(TOKENIZER / "tokenizer.json")))
+
+
+def _expected(info, recs_by_source, position):
+    """Each document's tokens as the contract says they must be, computed independently of sptok.pack."""
+    enc = _tok()
+    sp_of = {e["source"]: e["token_id"] for e in info["sp_table"]}
+    delim = info["delimiter"]["ids"]
+    eos = info["eos"]["id"]
+    o = info["options"]
+    out = {}
+    for name, recs in recs_by_source.items():
+        keys = [str(r["id"]) for r in recs]
+        h = doc_hashes(name, keys)
+        dec = decide(h, o["seed"], o["insert_prob"], o["msp_prob"])
+        for r, key, ins in zip(recs, h, dec.inserted):
+            text = enc.encode(r["text"], add_special_tokens=False).ids
+            pre = [sp_of[name]] + delim if ins and position in ("prefix", "both") else []
+            post = delim + [sp_of[name]] if ins and position in ("post", "both") else []
+            out[int(key)] = (pre + text + post + [eos], r["text"], len(pre), len(text))
+    return out
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+def test_roundtrip_through_streaming_dataset(tmp_path, small_corpus, manifest, build, position):
+    """Decoding the samples gives every document's exact text, with SP + delimiter where recorded."""
+    m = manifest(small_sources(tmp_path))
+    out, info = build(m, position=position, seq_len=128, insert_prob=0.7, msp_prob=0.3, seed=3)
+    samples = mds_samples(out)
+    assert len(samples) == sum(c["samples"] for c in info["counts"].values())
+    got = documents(samples)
+    want = _expected(info, small_corpus, position)
+    assert got.keys() == want.keys()
+    enc = _tok()
+    for key, (tokens, text, npre, ntext) in want.items():
+        assert got[key] == tokens
+        assert enc.decode(tokens[npre:npre + ntext], skip_special_tokens=False) == text   # exact for byte-level BPE
+    sp_ids = {e["token_id"]: e["source_id"] for e in info["sp_table"]}
+    for s in samples:
+        ids = s["input_ids"]
+        # every recorded SP position holds the SP of the sample's source, and no SP id sits anywhere else
+        assert all(sp_ids[int(ids[p])] == s["source_id"] for p in s["sp_positions"])
+        assert set(np.flatnonzero(np.isin(ids, list(sp_ids)))) == set(s["sp_positions"].tolist())
+        assert len(s["msp_mask"]) == len(s["sp_positions"])
+        assert s["doc_offsets"][0] == 0 and np.all(np.diff(s["doc_offsets"]) > 0)
+    # only the last sample of each source may be short (--tail keep)
+    by_source = {}
+    for s in samples:
+        by_source.setdefault(s["source_id"], []).append(len(s["input_ids"]))
+    for lens in by_source.values():
+        assert all(n == 128 for n in lens[:-1])
+
+
+def test_each_source_is_a_stream(tmp_path, small_corpus, manifest, build):
+    from streaming import Stream, StreamingDataset
+
+    out, info = build(manifest(small_sources(tmp_path)), seq_len=64)
+    for e in info["sp_table"]:
+        samples = mds_samples(os.path.join(out, e["source"]))
+        assert len(samples) == info["counts"][e["source"]]["samples"]
+        assert {s["source_id"] for s in samples} == {e["source_id"]}
+    streams = [Stream(local=os.path.join(out, n), proportion=0.25) for n in SOURCES]
+    ds = StreamingDataset(streams=streams, shuffle=False, batch_size=1, epoch_size=40)
+    assert len({ds[i]["source_id"] for i in range(len(ds))}) >= 1
+    del ds
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_table_formats_read_by_datasets_and_pyarrow(tmp_path, small_corpus, manifest, build, fmt):
+    import pyarrow.dataset as pads
+
+    m = manifest(small_sources(tmp_path))
+    out, info = build(m, out=tmp_path / "t", format=fmt, seq_len=96, msp_prob=0.5)
+    ref, _ = build(m, out=tmp_path / "m", format="mds", seq_len=96, msp_prob=0.5)
+    rows = table_samples(out, fmt)
+    mds = mds_samples(ref)
+    assert len(rows) == len(mds)
+    for a, b in zip(rows, mds):   # same samples, same order, whatever the format
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k
+    table = pads.dataset(os.path.join(out, "code"), format="ipc" if fmt == "arrow" else "parquet").to_table()
+    assert table.num_rows == info["counts"]["code"]["samples"]
+    assert set(table.column_names) == {"input_ids", "source_id", "doc_offsets", "doc_keys", "sp_positions", "msp_mask"}
+
+
+def test_outputs_match_schemas_and_stats_add_up(tmp_path, small_corpus, manifest, build):
+    out, info = build(manifest(small_sources(tmp_path)), seq_len=100)
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    validate_document(info, "sptok.schema.json", "sptok.json")
+    validate_document(stats, "stats.schema.json", "stats.json")
+    for name, recs in small_corpus.items():
+        s = stats["sources"][name]
+        assert s["docs"] == len(recs) == s["records"]
+        tokens = s["text_tokens"] + s["sp_inserted"] + s["delimiter_tokens"] + s["eos_tokens"]
+        assert s["sample_tokens"] == tokens   # nothing lost, nothing invented
+        assert sum(s["doc_length_hist"]["counts"]) == len(recs)
+    assert info["input_ids_dtype"] == "uint16"
+
+
+def test_same_seed_same_bytes_other_seed_other_decisions(tmp_path, small_corpus, manifest, build):
+    m = manifest(small_sources(tmp_path))
+    a, _ = build(m, out=tmp_path / "a", insert_prob=0.5, msp_prob=0.5, seq_len=64)
+    b, _ = build(m, out=tmp_path / "b", insert_prob=0.5, msp_prob=0.5, seq_len=64)
+    c, _ = build(m, out=tmp_path / "c", insert_prob=0.5, msp_prob=0.5, seq_len=64, seed=1)
+    ta, tb = tree_bytes(a), tree_bytes(b)
+    assert ta == tb
+    assert tree_bytes(c)["pydocs/shard.00000.mds.zstd"] != ta["pydocs/shard.00000.mds.zstd"]
+
+
+def test_policies_name_sps(tmp_path, small_corpus, manifest, build):
+    srcs = small_sources(tmp_path)
+    for s, sp in zip(srcs, ["<DOC>", "<PY>", "<FUN>", "<ZH>"]):
+        s["sp"] = sp
+    m = manifest(srcs)
+    table = {}
+    for policy in ("abbreviation", "alphabet", "misplaced", "custom"):
+        _, info = build(m, out=tmp_path / policy, policy=policy, seq_len=64)
+        table[policy] = [e["sp"] for e in info["sp_table"]]
+    assert table["abbreviation"] == ["<PYDOCS>", "<CODE>", "<FORTUNES>", "<CHINESE>"]
+    assert table["alphabet"] == ["<A>", "<B>", "<C>", "<D>"]
+    assert sorted(table["misplaced"]) == sorted(table["abbreviation"])
+    assert all(a != b for a, b in zip(table["misplaced"], table["abbreviation"]))
+    assert table["custom"] == ["<DOC>", "<PY>", "<FUN>", "<ZH>"]
+
+
+def test_plain_text_delimiter_and_no_delimiter(tmp_path, small_corpus, manifest, build):
+    m = manifest(small_sources(tmp_path))
+    enc = _tok()
+    for delim in (": ", ""):
+        out, info = build(m, out=tmp_path / f"d{len(delim)}", delimiter=delim, seq_len=4096)
+        assert info["delimiter"]["special"] is False
+        assert info["delimiter"]["ids"] == (enc.encode(delim, add_special_tokens=False).ids if delim else [])
+        s = mds_samples(os.path.join(out, "fortunes"))[0]
+        first = s["input_ids"][: 1 + len(info["delimiter"]["ids"])].tolist()
+        sp = next(e["token_id"] for e in info["sp_table"] if e["source"] == "fortunes")
+        assert first == [sp] + info["delimiter"]["ids"]
+
+
+def test_measured_rates_match_requested(tmp_path, manifest, build):
+    """Insert and MSP rates over ~2,000 real documents fall within 4 standard deviations."""
+    from conftest import demo_records, write_jsonl
+
+    recs = demo_records("fortunes")
+    write_jsonl(tmp_path / "f.jsonl", recs)
+    m = manifest([{"name": "fortunes", "paths": "f.jsonl", "id_field": "id"}])
+    q, p = 0.6, 0.3
+    out, info = build(m, insert_prob=q, msp_prob=p, position="both", seq_len=512)
+    stats = json.load(open(os.path.join(out, "stats.json")))["sources"]["fortunes"]
+    n = len(recs)
+    inserted_docs = stats["sp_inserted"] / 2
+    assert abs(inserted_docs - n * q) < 4 * np.sqrt(n * q * (1 - q))
+    k = stats["sp_inserted"]
+    assert abs(stats["sp_masked"] - k * p) < 4 * np.sqrt(k * p * (1 - p))
+    samples = mds_samples(out)
+    assert sum(int(s["msp_mask"].sum()) for s in samples) == stats["sp_masked"]
+    assert sum(len(s["sp_positions"]) for s in samples) == k
+
+
+def test_literal_sp_in_text_is_ordinary_text(tmp_path, manifest, build):
+    from conftest import write_jsonl
+
+    recs = [{"id": i, "text": f"the tag <PYDOCS> and <SPSEP> and <CODE> appear as text {i}"} for i in range(20)]
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    write_jsonl(tmp_path / "b.jsonl", recs)
+    m = manifest([{"name": "pydocs", "paths": "a.jsonl", "id_field": "id"},
+                  {"name": "code", "paths": "b.jsonl", "id_field": "id"}])
+    out, info = build(m, seq_len=64, insert_prob=0.0)
+    sp_ids = {e["token_id"] for e in info["sp_table"]} | set(info["delimiter"]["ids"])
+    samples = mds_samples(out)
+    assert not any(np.isin(s["input_ids"], list(sp_ids)).any() for s in samples)
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    assert stats["totals"]["sp_literals"] == 2 * 20 * 3
+
+
+@pytest.mark.parametrize("tail", ["keep", "pad", "drop"])
+def test_tail_policies(tmp_path, small_corpus, manifest, build, tail):
+    out, info = build(manifest(small_sources(tmp_path)), tail=tail, seq_len=256)
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    for e in info["sp_table"]:
+        lens = [len(s["input_ids"]) for s in mds_samples(os.path.join(out, e["source"]))]
+        s = stats["sources"][e["source"]]
+        if tail == "keep":
+            assert all(n == 256 for n in lens[:-1]) and lens[-1] <= 256
+        else:
+            assert all(n == 256 for n in lens)
+        if tail == "pad":
+            assert s["sample_tokens"] == 256 * len(lens)
+        if tail == "drop":
+            assert s["dropped_tokens"] < 256 and s["sample_tokens"] == 256 * len(lens)
+
+
+def test_complete_build_is_kept_unless_overwrite(tmp_path, small_corpus, manifest, build):
+    m = manifest(small_sources(tmp_path))
+    out, info = build(m, seq_len=64)
+    again, same = build(m, out=out, seq_len=64)              # the same build: nothing to do
+    assert same["fingerprint"] == info["fingerprint"]
+    with pytest.raises(SptokError, match="already holds a complete build.*seq_len: 64 -> 128.*--overwrite"):
+        build(m, out=out, seq_len=128)
+    _, new = build(m, out=out, seq_len=128, overwrite=True)
+    assert new["options"]["seq_len"] == 128
+
+
+def test_foreign_directory_is_never_touched(tmp_path, small_corpus, manifest, build):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(SptokError, match="not empty and holds no sptok build"):
+        build(manifest(small_sources(tmp_path)), out=foreign, overwrite=True)
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_other_input_formats(tmp_path, manifest, build):
+    """Parquet, plain text files, JSONL.gz/.zst and a `datasets` save_to_disk directory give the same docs."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import demo_records, write_jsonl
+
+    recs = demo_records("fortunes", 30)
+    pq.write_table(pa.table({"id": [r["id"] for r in recs], "text": [r["text"] for r in recs]}),
+                   tmp_path / "f.parquet", row_group_size=7)
+    (tmp_path / "txt").mkdir()
+    for r in recs:
+        (tmp_path / "txt" / f"{r['id']}.txt").write_text(r["text"])
+    write_jsonl(tmp_path / "f.jsonl.gz", recs, compress="gz")
+    write_jsonl(tmp_path / "f.jsonl.zst", recs, compress="zst")
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "hf"))
+    m = manifest([{"name": "parquet", "paths": "f.parquet", "id_field": "id"},
+                  {"name": "text", "paths": "txt"},
+                  {"name": "gz", "paths": "f.jsonl.gz", "id_field": "id"},
+                  {"name": "zst", "paths": "f.jsonl.zst", "format": "jsonl.zst", "id_field": "id"},
+                  {"name": "hf", "paths": "hf", "id_field": "id"}])
+    out, info = build(m, seq_len=4096, unit_size=2000)
+    formats = [s["format"] for s in info["manifest"]["sources"]]
+    assert formats == ["parquet", "text", "jsonl", "jsonl", "hf"]
+    enc = _tok()
+    want = sorted(r["text"] for r in recs)
+    for e in info["sp_table"]:
+        docs = documents(mds_samples(os.path.join(out, e["source"])))
+        texts = sorted(enc.decode(t[2:-1], skip_special_tokens=False) for t in docs.values())
+        assert texts == want, e["source"]
+
+
+def test_wordpiece_tokenizer_and_uint32_ids(tmp_path, small_corpus, manifest, build):
+    """A non-BPE tokenizer works, and a vocabulary over 65,535 switches input_ids to uint32."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(70000)}
+    vocab.update({"[UNK]": 70000, "<|endoftext|>": 70001})
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "big.json"))
+    out, info = build(manifest(small_sources(tmp_path)), tokenizer=str(tmp_path / "big.json"), seq_len=64)
+    assert info["input_ids_dtype"] == "uint32"
+    s = mds_samples(os.path.join(out, "code"))[0]
+    assert s["input_ids"][0] == info["sp_table"][1]["token_id"] >= 70000

@@ -1,0 +1,245 @@
+"""Every error a user can cause ends in one readable message naming the file / line / key, exit code 2,
+and no traceback; bad records inside good files are skipped, counted, quarantined and reported."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import zstandard
+from click.testing import CliRunner
+from conftest import TOKENIZER, demo_records, small_sources, write_jsonl
+
+from sptok.cli import main
+
+
+def sptok(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def fails(*args, match: str):
+    code, out = sptok(*args)
+    assert code == 2, out
+    assert "Traceback" not in out
+    assert out.startswith("error: "), out
+    assert match in out, out
+    return out
+
+
+def build_args(m, out, *extra):
+    return ["build", m, "--out", out, "--tokenizer", TOKENIZER, "--quiet", "--workers", "1", *extra]
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+def test_missing_manifest(tmp_path):
+    fails(*build_args(tmp_path / "nope.yaml", tmp_path / "o"), match="manifest not found: ")
+
+
+def test_unreadable_manifest(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("sources: []")
+    p.chmod(0)
+    if os.access(p, os.R_OK):   # root reads anything: use a directory instead, also unreadable as a manifest
+        p = tmp_path
+        fails(*build_args(p, tmp_path / "o"), match="is a directory")
+    else:
+        fails(*build_args(p, tmp_path / "o"), match="cannot read manifest")
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("sources:\n  - name: a\n    paths: [x\n")
+    fails(*build_args(p, tmp_path / "o"), match="line 4")
+
+
+def test_schema_violation_names_key(tmp_path, manifest):
+    m = manifest([{"name": "a", "paths": "a.jsonl", "fromat": "jsonl"}])
+    out = fails(*build_args(m, tmp_path / "o"), match="sources[0]")
+    assert "fromat" in out and "allowed keys" in out
+    m = manifest([{"name": "a", "paths": "a.jsonl", "weight": -1}], name="w.yaml")
+    fails(*build_args(m, tmp_path / "o"), match="sources[0].weight")
+    m = manifest([{"name": "a", "paths": "a.jsonl", "format": "csv"}], name="f.yaml")
+    fails(*build_args(m, tmp_path / "o"), match="'csv' is not one of")
+    m = manifest([{"name": "a", "paths": "a.jsonl"}], name="b.yaml", seq_len="long")
+    fails(*build_args(m, tmp_path / "o"), match="build.seq_len")
+
+
+def test_unknown_format(tmp_path, manifest):
+    (tmp_path / "a.csv").write_text("text\nhello\n")
+    m = manifest([{"name": "a", "paths": "a.csv"}])
+    fails(*build_args(m, tmp_path / "o"), match="cannot infer the format of a.csv")
+
+
+def test_glob_matches_nothing(tmp_path, manifest):
+    m = manifest([{"name": "a", "paths": "data/*.jsonl"}])
+    fails(*build_args(m, tmp_path / "o"), match="no files match 'data/*.jsonl'")
+
+
+def test_missing_file(tmp_path, manifest):
+    m = manifest([{"name": "a", "paths": ["gone.jsonl"]}])
+    fails(*build_args(m, tmp_path / "o"), match="file not found: 'gone.jsonl'")
+
+
+def test_duplicate_source_names(tmp_path, manifest, small_corpus):
+    m = manifest([{"name": "a", "paths": "code.jsonl"}, {"name": "a", "paths": "pydocs.jsonl"}])
+    fails(*build_args(m, tmp_path / "o"), match="duplicate source name 'a'")
+
+
+def test_reserved_source_name(tmp_path, manifest, small_corpus):
+    m = manifest([{"name": "tokenizer", "paths": "code.jsonl"}])
+    fails(*build_args(m, tmp_path / "o"), match="reserved")
+
+
+def test_text_field_missing_everywhere(tmp_path, manifest, small_corpus):
+    m = manifest([{"name": "a", "paths": "code.jsonl", "text_field": "body"}])
+    out = fails(*build_args(m, tmp_path / "o"), match="no field 'body' (text_field)")
+    assert "code.jsonl line 1" in out and "id, text" in out
+
+
+def test_sp_clashes(tmp_path, manifest, small_corpus):
+    m = manifest([{"name": "web-en", "paths": "code.jsonl"}, {"name": "web_en", "paths": "pydocs.jsonl"}])
+    fails(*build_args(m, tmp_path / "o"), match="SP token clash: sources 'web-en' and 'web_en' would both use <WEB_EN>")
+    m = manifest([{"name": "a", "paths": "code.jsonl", "sp": "[MASK]"}, {"name": "b", "paths": "pydocs.jsonl",
+                                                                          "sp": "<B>"}], name="c.yaml")
+    fails(*build_args(m, tmp_path / "o", "--policy", "custom"), match="SP token clash: SP [MASK] is the tokenizer's own")
+    m = manifest([{"name": "a", "paths": "code.jsonl", "sp": "the"}, {"name": "b", "paths": "pydocs.jsonl",
+                                                                       "sp": "<B>"}], name="d.yaml")
+    fails(*build_args(m, tmp_path / "o", "--policy", "custom"), match="is an ordinary token of the tokenizer")
+    m = manifest([{"name": "a", "paths": "code.jsonl"}], name="e.yaml")
+    fails(*build_args(m, tmp_path / "o", "--policy", "custom"), match="has no `sp:`")
+    fails(*build_args(m, tmp_path / "o", "--policy", "misplaced"), match="needs at least two sources")
+
+
+def test_bad_flags(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--msp-prob", "1.5"), match="--msp-prob: must be a probability")
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "2"), match="--seq-len")
+    fails(*build_args(m, tmp_path / "o", "--unit-size", "lots"), match="--unit-size: 'lots' is not a size")
+    fails(*build_args(m, tmp_path / "o", "--partition", "3/2"), match="--partition: partition 3/2 is out of range")
+    fails("build", m, "--out", tmp_path / "o", "--tokenizer", tmp_path / "none.json", match="no such file")
+    code, out = sptok(*build_args(m, tmp_path / "o", "--policy", "bogus"))
+    assert code == 2 and "Traceback" not in out
+
+
+def test_empty_source(tmp_path, manifest, small_corpus):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    m = manifest([{"name": "code", "paths": "code.jsonl"}, {"name": "nothing", "paths": "empty.jsonl"}])
+    fails(*build_args(m, tmp_path / "o"), match="source 'nothing' produced no documents")
+    assert not (tmp_path / "o" / "sptok.json").exists()
+
+
+def test_complete_build_refused_without_overwrite(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "32"), match="already holds a complete build")
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
+
+
+def test_commands_on_a_non_build(tmp_path):
+    fails("stats", tmp_path / "nothing", match="no such build directory")
+    fails("stats", tmp_path, match="not an sptok build")
+
+
+# ------------------------------------------------------------------------------ bad records, counted
+
+def _bad_corpus(tmp_path):
+    good = demo_records("fortunes", 10)
+    lines = [json.dumps(r).encode() for r in good[:3]]
+    lines.append(b'{"id": "broken", "text": "no closing brace"')          # malformed JSON, line 4
+    lines.append(b'{"id": "latin1", "text": "caf\xe9"}')                  # invalid UTF-8, line 5
+    lines.append(b'{"id": "nofield", "body": "x"}')                       # missing field, line 6
+    lines.append(b'{"id": "num", "text": 42}')                            # non-string text, line 7
+    lines.append(b'["not", "an", "object"]')                              # line 8
+    lines.append(b'{"id": "empty", "text": ""}')                          # line 9
+    lines.append(b'{"id": "surrogate", "text": "\\ud800 lone"}')          # line 10
+    lines += [json.dumps(r).encode() for r in good[3:]]
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return good
+
+
+def test_bad_records_are_skipped_counted_and_quarantined(tmp_path, manifest):
+    good = _bad_corpus(tmp_path)
+    m = manifest([{"name": "f", "paths": "bad.jsonl", "id_field": "id"}])
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))
+    assert code == 0, out
+    stats = json.load(open(tmp_path / "o" / "stats.json"))["sources"]["f"]
+    assert stats["docs"] == len(good)
+    assert stats["rejected"] == {"malformed_json": 1, "invalid_utf8": 2, "missing_field": 1, "non_string_text": 1,
+                                 "not_an_object": 1, "empty_text": 1}
+    assert stats["records"] == len(good) + 7
+    assert "bad.jsonl line 4: malformed JSON" in stats["reject_examples"]["malformed_json"]
+    assert "skipped records" in out and "malformed_json 1" in out
+    raw = zstandard.ZstdDecompressor().stream_reader(open(tmp_path / "o" / "rejects" / "f.jsonl.zst", "rb")).read()
+    rejects = [json.loads(x) for x in raw.splitlines()]
+    assert [r["line"] for r in rejects] == [4, 5, 6, 7, 8, 9, 10]
+    assert rejects[0]["raw"] == '{"id": "broken", "text": "no closing brace"'
+    assert "raw_b64" in rejects[1]    # the invalid bytes are kept exactly
+
+
+def test_strict_stops_at_first_bad_record(tmp_path, manifest):
+    _bad_corpus(tmp_path)
+    m = manifest([{"name": "f", "paths": "bad.jsonl", "id_field": "id"}])
+    fails(*build_args(m, tmp_path / "o", "--strict"), match="bad.jsonl line 4: malformed JSON")
+    assert not (tmp_path / "o" / "sptok.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["zst", "gz"])
+def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
+    recs = demo_records("fortunes")   # several zstd blocks, so half the file decodes to many lines
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in recs)
+    comp = zstandard.ZstdCompressor().compress(data) if kind == "zst" else gzip.compress(data)
+    (tmp_path / f"t.jsonl.{kind}").write_bytes(comp[: len(comp) // 2])
+    m = manifest([{"name": "t", "paths": f"t.jsonl.{kind}", "id_field": "id"}])
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))
+    assert code == 0, out
+    stats = json.load(open(tmp_path / "o" / "stats.json"))["sources"]["t"]
+    assert stats["rejected"] == {"truncated_archive": 1}
+    # every complete line before the break is kept
+    prefix = comp[: len(comp) // 2]
+    d = zstandard.ZstdDecompressor().decompressobj() if kind == "zst" else zlib.decompressobj(wbits=47)
+    got = d.decompress(prefix)
+    assert stats["docs"] == got.count(b"\n") > 0
+    assert "truncated" in out
+    fails(*build_args(m, tmp_path / "o2", "--strict"), match="truncated")
+
+
+def test_disk_full_is_a_clear_error_and_resumable(tmp_path, manifest, small_corpus):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real ({r.stderr.decode().strip()})")
+    try:
+        filler = mnt / "filler"
+        with open(filler, "wb") as f:
+            try:
+                f.write(b"x" * (3900 << 10))   # leaves ~200 KB: the build needs more
+            except OSError:
+                pass
+        m = manifest(small_sources(tmp_path))
+        fails(*build_args(m, mnt / "o", "--seq-len", "64"), match="disk full")
+        assert not (mnt / "o" / "sptok.json").exists()
+        filler.unlink()
+        code, out = sptok(*build_args(m, mnt / "o", "--seq-len", "64"))
+        assert code == 0, out
+        assert (mnt / "o" / "sptok.json").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_no_traceback_from_real_process(tmp_path):
+    """The installed entry point, in a real process: a bad manifest gives one line and exit 2."""
+    p = tmp_path / "m.json"
+    p.write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "sptok", "build", str(p), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: manifest {p} line 1 column 2: invalid JSON")

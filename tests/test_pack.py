@@ -1,0 +1,78 @@
+"""Assembly and packing: SPs, delimiters and EOS where the layout says; cuts keep the metadata aligned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sptok.pack import Layout, Packer, Stream, assemble, concat, cut
+from sptok.sp import Decisions
+
+
+def _layout(position, delim=(90, 91)):
+    return Layout(sp_ids=np.array([100, 101], np.uint32), delim_ids=np.array(delim, np.uint32), eos_id=99,
+                  prefix=position in ("prefix", "both"), post=position in ("post", "both"))
+
+
+def _docs():
+    texts = [[1, 2, 3], [4], [5, 6]]
+    flat = np.array([t for x in texts for t in x], np.uint32)
+    lens = np.array([len(x) for x in texts])
+    dec = Decisions(np.array([True, False, True]), np.array([True, False, False]), np.array([False, False, True]))
+    return flat, lens, dec
+
+
+@pytest.mark.parametrize("position,ids,sp_pos,masked", [
+    ("prefix", [101, 90, 91, 1, 2, 3, 99, 4, 99, 101, 90, 91, 5, 6, 99], [0, 9], [1, 0]),
+    ("post", [1, 2, 3, 90, 91, 101, 99, 4, 99, 5, 6, 90, 91, 101, 99], [5, 13], [0, 1]),
+    ("both", [101, 90, 91, 1, 2, 3, 90, 91, 101, 99, 4, 99, 101, 90, 91, 5, 6, 90, 91, 101, 99],
+     [0, 8, 12, 19], [1, 0, 0, 1]),
+])
+def test_assemble_layout(position, ids, sp_pos, masked):
+    flat, lens, dec = _docs()
+    s, counts = assemble(flat, lens, 1, np.array([7, 8, 9], np.uint64), dec, _layout(position))
+    assert s.ids.tolist() == ids
+    assert s.sp_pos.tolist() == sp_pos and s.sp_masked.tolist() == masked
+    assert s.seg_keys.tolist() == [7, 8, 9]
+    sites = 2 if position == "both" else 1
+    assert counts == {"text_tokens": 6, "sp_inserted": 2 * sites, "sp_masked": sum(masked),
+                      "delimiter_tokens": 2 * 2 * sites, "eos_tokens": 3}
+
+
+def test_packer_cuts_keep_everything():
+    rng = np.random.default_rng(1)
+    pieces, emitted = [], []
+    for _ in range(30):
+        n = int(rng.integers(1, 20))
+        lens = rng.integers(1, 40, size=n)
+        flat = rng.integers(0, 80, size=int(lens.sum())).astype(np.uint32)
+        ins = rng.random(n) < 0.7
+        dec = Decisions(ins, ins & (rng.random(n) < 0.5), np.zeros(n, bool))
+        s, _ = assemble(flat, lens, 0, rng.integers(0, 2**62, size=n).astype(np.uint64), dec, _layout("prefix"))
+        pieces.append(s)
+    p = Packer(64, emitted.append)
+    for s in pieces:
+        p.add(s)
+    tail = p.take_tail()
+    whole = pieces[0]
+    for s in pieces[1:]:
+        whole = concat(whole, s)
+    assert all(len(e) == 64 for e in emitted) and len(tail) < 64
+    assert np.array_equal(np.concatenate([e.ids for e in emitted] + [tail.ids]), whole.ids)
+    # SP positions and masks survive the cuts exactly
+    glob_sp = np.concatenate([e.sp_pos + 64 * k for k, e in enumerate(emitted)] + [tail.sp_pos + 64 * len(emitted)])
+    assert np.array_equal(glob_sp, whole.sp_pos)
+    assert np.array_equal(np.concatenate([e.sp_masked for e in emitted] + [tail.sp_masked]), whole.sp_masked)
+    for e in emitted:
+        assert e.seg_starts[0] == 0 and len(e.seg_starts) == len(e.seg_keys)
+        assert np.all(e.ids[e.sp_pos] == 100)
+
+
+def test_cut_continues_segment_at_zero():
+    s = Stream(np.arange(10, dtype=np.uint32), np.array([0, 4, 7]), np.array([1, 2, 3], np.uint64),
+               np.array([4]), np.array([1], np.uint8))
+    c = cut(s, 5, 10)
+    assert c.seg_starts.tolist() == [0, 2] and c.seg_keys.tolist() == [2, 3]
+    assert c.sp_pos.tolist() == [] and c.ids.tolist() == [5, 6, 7, 8, 9]
+    c = cut(s, 4, 8)
+    assert c.seg_starts.tolist() == [0, 3] and c.sp_pos.tolist() == [0]

@@ -1,0 +1,95 @@
+"""Readers: byte-range units own every line exactly once; each format yields the same documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import demo_records, write_jsonl
+
+from sptok.manifest import load_manifest, plan_units
+from sptok.readers import Rejects, read_unit
+
+
+def _docs(units, text_field="text", id_field="id"):
+    keys, texts, rejects = [], [], Rejects(source="s")
+    for u in units:
+        for b in read_unit(u, text_field, id_field, rejects, batch_bytes=4096):
+            keys += b.keys
+            texts += b.texts
+    return keys, texts, rejects
+
+
+@pytest.mark.parametrize("unit_size", [13, 97, 1000, 4096, 1 << 20])
+def test_byte_range_units_partition_lines(tmp_path, manifest, unit_size):
+    recs = demo_records("fortunes", 300)
+    write_jsonl(tmp_path / "f.jsonl", recs)
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))
+    units = plan_units(m, unit_size)
+    size = (tmp_path / "f.jsonl").stat().st_size
+    assert len(units) == -(-size // unit_size)
+    keys, texts, rejects = _docs(units)
+    assert keys == [r["id"] for r in recs]          # every line exactly once, in order
+    assert texts == [r["text"] for r in recs]
+    assert not rejects.counts
+
+
+def test_line_numbers_are_file_lines_in_later_units(tmp_path, manifest):
+    recs = demo_records("fortunes", 200)
+    lines = [json.dumps(r) for r in recs]
+    lines[150] = '{"id": "bad" "text": 1}'
+    (tmp_path / "f.jsonl").write_text("\n".join(lines) + "\n")
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))
+    _, _, rejects = _docs(plan_units(m, 2000))
+    assert rejects.counts == {"malformed_json": 1}
+    assert rejects.examples["malformed_json"].startswith("f.jsonl line 151: malformed JSON")
+
+
+def test_bom_crlf_and_blank_lines(tmp_path, manifest):
+    recs = demo_records("fortunes", 5)
+    data = "\ufeff" + "\r\n".join(json.dumps(r) for r in recs) + "\r\n\r\n"
+    (tmp_path / "f.jsonl").write_bytes(data.encode())
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))
+    keys, texts, rejects = _docs(plan_units(m, 1 << 20))
+    assert texts == [r["text"] for r in recs] and not rejects.counts
+
+
+def test_key_without_id_field_is_file_and_byte(tmp_path, manifest):
+    recs = demo_records("fortunes", 3)
+    write_jsonl(tmp_path / "f.jsonl", recs)
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl"}]))
+    keys, _, _ = _docs(plan_units(m, 1 << 20), id_field=None)
+    offsets = np.cumsum([0] + [len(json.dumps(r).encode()) + 1 for r in recs[:-1]])
+    assert keys == [f"f.jsonl:{o}" for o in offsets]
+
+
+def test_parquet_row_groups_become_units(tmp_path, manifest):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = demo_records("fortunes", 100)
+    pq.write_table(pa.table({"id": [r["id"] for r in recs], "text": [r["text"] for r in recs]}),
+                   tmp_path / "f.parquet", row_group_size=10)
+    m = load_manifest(manifest([{"name": "s", "paths": "f.parquet", "id_field": "id"}]))
+    units = plan_units(m, 1500)
+    assert len(units) > 3
+    keys, texts, _ = _docs(units)
+    assert keys == [r["id"] for r in recs]
+
+
+def test_parquet_bad_values_and_columns(tmp_path, manifest):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sptok.errors import SptokError
+
+    pq.write_table(pa.table({"text": ["ok", None, ""], "n": [1, 2, 3]}), tmp_path / "a.parquet")
+    m = load_manifest(manifest([{"name": "s", "paths": "a.parquet"}]))
+    keys, texts, rejects = _docs(plan_units(m, 1 << 20), id_field=None)
+    assert texts == ["ok"] and rejects.counts == {"missing_field": 1, "empty_text": 1}
+    assert keys == ["a.parquet:0"]
+    with pytest.raises(SptokError, match="a.parquet: no column 'body' \\(text_field\\); columns are: text, n"):
+        _docs(plan_units(m, 1 << 20), text_field="body", id_field=None)
+    with pytest.raises(SptokError, match="column 'n' \\(text_field\\) has type int64, expected a string"):
+        _docs(plan_units(m, 1 << 20), text_field="n", id_field=None)

@@ -1,0 +1,61 @@
+"""Tokenizer training (three models), extension with SP tokens, and loading by transformers offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import TOKENIZER, small_sources
+
+from sptok.cli import main
+from sptok.errors import SptokError
+from sptok.tokenizer import extend, load_tokenizer, text_encoder
+
+
+@pytest.mark.parametrize("model", ["bpe", "wordpiece", "unigram"])
+def test_train_each_model(tmp_path, small_corpus, manifest, model):
+    m = manifest(small_sources(tmp_path))
+    out = tmp_path / model
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(out), "--vocab-size", "600",
+                                    "--model", model], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lt = load_tokenizer(out)
+    tok = lt.tok
+    for special in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>", "<PYDOCS>", "<CHINESE>", "<SPSEP>"]:
+        assert tok.token_to_id(special) is not None, special
+    assert lt.roles["mask_token"] == "[MASK]" and lt.roles["eos_token"] == "<|endoftext|>"
+    enc = text_encoder(tok)
+    text = small_corpus["fortunes"][0]["text"]
+    ids = enc.encode(text, add_special_tokens=False).ids
+    assert tok.token_to_id("<PYDOCS>") not in enc.encode("<PYDOCS> x", add_special_tokens=False).ids
+    if model == "bpe":   # byte-level BPE round-trips exactly
+        assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    out, info = build(manifest(small_sources(tmp_path)), seq_len=64)
+    hf = AutoTokenizer.from_pretrained(f"{out}/tokenizer")
+    assert hf.mask_token == "[MASK]" and hf.eos_token == "<|endoftext|>"
+    for e in info["sp_table"]:
+        assert hf.convert_tokens_to_ids(e["sp"]) == e["token_id"]
+        assert e["sp"] in hf.additional_special_tokens
+    assert len(hf) == info["tokenizer"]["vocab_size"]
+
+
+def test_extend_adds_specials_and_refuses_ordinary_tokens(tmp_path):
+    lt = load_tokenizer(TOKENIZER)
+    base = lt.tok.get_vocab_size()
+    ids = extend(lt, ["<NEWS>", "<WIKI>"], "<SEP2>")
+    assert sorted(ids.values()) == [base, base + 1, base + 2]
+    assert extend(lt, ["<NEWS>"], None) == {"<NEWS>": ids["<NEWS>"]}   # idempotent
+    with pytest.raises(SptokError, match="ordinary token"):
+        extend(load_tokenizer(TOKENIZER), ["ing"], None)
+    res = CliRunner().invoke(main, ["tokenizer", "extend", str(TOKENIZER), "--sp", "<NEWS>", "--out",
+                                    str(tmp_path / "x")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "x" / "special_tokens_map.json").read_text())
+    assert "<NEWS>" in cfg["additional_special_tokens"]
