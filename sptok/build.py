@@ -19,15 +19,15 @@ import numpy as np
 
 from . import __version__
 from .errors import SptokError
-from .finalize import MARKER, WORK, finalize, fingerprint_of
+from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of
 from .manifest import Manifest, Unit, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
-from .pack import Layout
-from .progress import Progress
 from .sp import SPEntry, sp_strings
-from .tokenizer import (HFEncoder, default_roles, extend, find_eos, find_pad, is_special_delimiter,
-                        load_tokenizer, save_tokenizer_dir, text_encoder)
-from .unit import UnitContext, is_committed, process_unit, unit_dir
+from .fastenc import choose_encoder
+from .tokenizer import (default_roles, extend, find_eos, find_pad, is_special_delimiter, load_tokenizer,
+                        save_tokenizer_dir, text_encoder)
+from .runner import run_units
+from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
 
@@ -72,7 +72,12 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    encoder_name = _run_units(work, todo, opts, log)
+    encoder_name = "-"
+    if todo:
+        encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
+        if not opts.quiet:
+            log(f"encoder: {encoder_name} ({why})")
+        run_units(work, todo, opts, encoder_name)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units), time.time() - t0, encoder_name)
@@ -154,6 +159,22 @@ def _probe_fields(manifest: Manifest, units: list[Unit]) -> None:
                              f"set text_field (and id_field) to fields the records have")
 
 
+def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 256 << 10) -> list[str]:
+    """The first documents of every source (about ``per_source`` bytes each): where the fast encoder is
+    checked against the Hugging Face tokenizer before a build uses it."""
+    from .readers import Rejects, read_unit
+
+    out = []
+    for src in manifest.sources:
+        first = next((u for u in units if u.source == src.name), None)
+        if first is None:
+            continue
+        for batch in read_unit(first, src.text_field, src.id_field, Rejects(source=src.name), batch_bytes=per_source):
+            out += batch.texts
+            break
+    return out
+
+
 def _write_plan(work: str, plan: dict) -> None:
     tmp = os.path.join(work, "plan.json.tmp")
     with open(tmp, "w") as f:
@@ -197,10 +218,8 @@ def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:
         raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
                          f"the interrupted build started; run the original command to finish it, or pass "
                          f"--overwrite to start over")
-    # a resumed build removes anything an interrupted finalize wrote, so nothing looks complete
-    for p in ("index.json",):
-        if os.path.exists(os.path.join(out, p)):
-            os.remove(os.path.join(out, p))
+    # a resumed build first removes what an interrupted finalize wrote, so nothing looks complete
+    clear_outputs(out, plan)
     return "resume"
 
 
@@ -239,81 +258,47 @@ def _check_sources(info: dict, out: str) -> None:
                                                                            if why else ": its files hold no records"))
 
 
-# ------------------------------------------------------------------------------------------------ run
+# ------------------------------------------------------------------------------------------------ merge
 
-_CTX: UnitContext | None = None
+def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
+    """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``.
 
-
-def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
-    """Rebuild a worker's context from the plan on disk, so every process uses identical inputs."""
-    from tokenizers import Tokenizer
-
-    with open(os.path.join(work, "plan.json")) as f:
-        plan = json.load(f)
-    tok = Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json"))
-    o = plan["options"]
-    sp_ids = np.zeros(len(plan["sp_table"]), np.uint32)
-    for e in plan["sp_table"]:
-        sp_ids[e["source_id"]] = e["token_id"]
-    layout = Layout(sp_ids=sp_ids, delim_ids=np.array(plan["delimiter"]["ids"], np.uint32),
-                    eos_id=plan["eos"]["id"], prefix=o["position"] in ("prefix", "both"),
-                    post=o["position"] in ("post", "both"))
-    literals = [e["sp"] for e in plan["sp_table"]] + ([plan["delimiter"]["text"]] if plan["delimiter"]["special"] else [])
-    return UnitContext(
-        work=work, fmt=o["format"], dtype=plan["input_ids_dtype"], seq_len=o["seq_len"], shard_size=o["shard_size"],
-        seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"], layout=layout,
-        sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
-                 for s in plan["manifest"]["sources"]},
-        literals=literals, strict=strict, encoder=make_encoder(tok, encoder))
-
-
-def make_encoder(tok, kind: str):
-    if kind == "fast":
-        raise SptokError("--encoder fast: not available yet; use --encoder hf")
-    return HFEncoder(tok)
-
-
-def _init_worker(work: str, strict: bool, encoder: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one process per core; no thread pool inside
-    global _CTX
-    _CTX = load_context(work, strict, encoder)
-
-
-def _run_one(unit: Unit) -> dict:
-    return process_unit(_CTX, unit)
-
-
-def _run_units(work: str, todo: list[Unit], opts: BuildOptions, log) -> str:
-    progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
-    if not todo:
-        return "-"
-    workers = min(opts.workers, len(todo))
-    try:
-        if workers <= 1:
-            ctx = load_context(work, opts.strict, opts.encoder)
-            for u in todo:
-                process_unit(ctx, u, progress=progress.update)
-                progress.unit_done(u.size)
-            return ctx.encoder.name
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-        order = sorted(todo, key=lambda u: -u.size)   # big units first: shorter tail of the schedule
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(work, opts.strict, opts.encoder)) as pool:
-            futures = {pool.submit(_run_one, u): u for u in order}
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-                    for fut in done:
-                        c = fut.result()["counts"]   # re-raises a worker's SptokError
-                        progress.unit_done(futures[fut].size, docs=c.get("docs", 0),
-                                           tokens=c.get("text_tokens", 0))
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
-        return "hf"
-    finally:
-        progress.close()
+    Finalize reads only the plan and the committed units, so the result is byte-identical to a build of
+    the whole corpus on one machine.
+    """
+    plans = []
+    for p in parts:
+        path = os.path.join(p, WORK, "plan.json")
+        if os.path.exists(os.path.join(p, MARKER)):
+            raise SptokError(f"{p}: already a complete build, not a partition; merge only --partition outputs")
+        try:
+            with open(path) as f:
+                plans.append(json.load(f))
+        except (OSError, ValueError):
+            raise SptokError(f"{p}: not a partition of an sptok build (no {WORK}/plan.json)") from None
+    plan = plans[0]
+    for p, other in zip(parts[1:], plans[1:]):
+        if other["fingerprint"] != plan["fingerprint"]:
+            raise SptokError(f"{p} is a partition of another build than {parts[0]}: "
+                             f"{describe_changes(plan, other) or 'the plans differ'}")
+    unit_dirs: dict[str, str] = {}
+    for p in parts:
+        for u in plan["units"]:
+            uid = f"u{u['index']:06d}"
+            d = os.path.join(p, WORK, "units", uid)
+            if uid not in unit_dirs and os.path.exists(os.path.join(d, "result.json")):
+                unit_dirs[uid] = d
+    missing = [u for u in plan["units"] if f"u{u['index']:06d}" not in unit_dirs]
+    if missing:
+        first = ", ".join(f"{u['file']} (unit {u['index']})" for u in missing[:3])
+        raise SptokError(f"cannot merge: {len(missing)} of {len(plan['units'])} units are committed in none of the "
+                         f"given directories (first: {first}); finish or add the missing partitions")
+    if os.path.exists(out) and os.listdir(out) and os.path.abspath(out) not in map(os.path.abspath, parts):
+        if not os.path.exists(os.path.join(out, MARKER)):
+            raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
+        if not overwrite:
+            raise SptokError(f"--out {out}: already holds a complete build; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    info = finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, "tokenizer"))
+    _check_sources(info, out)
+    return info

@@ -103,10 +103,23 @@ def build(manifest, out, fmt, overwrite, partition, **flags):
         return
     info, stats = load_stats(out)
     click.echo(format_table(info, stats))
-    if not res.skipped:
+    if not res.skipped and not flags.get("quiet"):
         t = stats["totals"]
         click.echo(f"\nbuilt {out} in {res.seconds:.1f}s ({t['sample_tokens'] / max(res.seconds, 1e-9):,.0f} "
                    f"tokens/s, encoder: {res.encoder})", err=True)
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Directory of the joined build.")
+@click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
+def merge(parts, out, overwrite):
+    """Join the partition directories PARTS of one build (built with --partition i/N) into --out."""
+    from .build import run_merge
+    from .stats import format_table, load_stats
+
+    run_merge(list(parts), out, overwrite=overwrite)
+    click.echo(format_table(*load_stats(out)))
 
 
 @main.command()

@@ -57,8 +57,8 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     opts = plan["options"]
     fmt, seq_len = opts["format"], opts["seq_len"]
     os.makedirs(out, exist_ok=True)
-    _clear_outputs(out, plan)
-    per_source, merged_shards = {}, []
+    clear_outputs(out, plan)
+    per_source, merged_shards, indexes = {}, [], {}
     for src in plan["manifest"]["sources"]:
         name = src["name"]
         units = [u for u in plan["units"] if u["source"] == name]
@@ -73,7 +73,7 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
         extra = _stitch_tails(plan, [os.path.join(unit_dirs[_uid(u)], "tail.npz") for u in units], src, sdir,
                               entries)
         if fmt == "mds":
-            write_mds_index(sdir, entries)
+            indexes[sdir] = entries
             for e in entries:
                 e = json.loads(json.dumps(e))
                 for part in ("raw_data", "zip_data"):
@@ -82,13 +82,16 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
         _gather_rejects(out, name, [unit_dirs[_uid(u)] for u in units])
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
-    if fmt == "mds":
-        write_mds_index(out, merged_shards)
     stats = {"sources": per_source, "totals": totals(per_source)}
     _write_json(os.path.join(out, "stats.json"), stats)
-    tdir = os.path.join(out, "tokenizer")
-    shutil.copytree(tokenizer_dir, tdir)
+    shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
     info = _describe(plan, per_source)
+    # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
+    # interrupted finalize leaves nothing a reader would take for complete (a resume removes it all).
+    if fmt == "mds":
+        for sdir, entries in indexes.items():
+            write_mds_index(sdir, entries)
+        write_mds_index(out, merged_shards)
     _write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
 
@@ -158,7 +161,7 @@ def _gather_rejects(out: str, name: str, dirs: list[str]) -> None:
                 shutil.copyfileobj(f, dst)
 
 
-def _clear_outputs(out: str, plan: dict) -> None:
+def clear_outputs(out: str, plan: dict) -> None:
     """Remove what an interrupted finalize may have left, so it can run again from scratch."""
     for p in [MARKER, "index.json", "stats.json", "tokenizer", "rejects"] + \
              [s["name"] for s in plan["manifest"]["sources"]]:

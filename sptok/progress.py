@@ -25,21 +25,16 @@ class Progress:
         self.tty = self.stream.isatty()
         self.t0 = self.last = time.time()
         self.docs = self.tokens = self.bytes_done = self.units = 0
-        self._unit_bytes = 0      # bytes reported inside the current in-process unit
 
     def update(self, docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
-        """In-process progress within a unit (``nbytes`` is the unit's bytes read so far)."""
+        """Add what was just done (increments, from any worker)."""
         self.docs += docs
         self.tokens += tokens
-        self._unit_bytes = max(self._unit_bytes, nbytes)
+        self.bytes_done += nbytes
         self._show()
 
-    def unit_done(self, nbytes: int, docs: int = 0, tokens: int = 0) -> None:
+    def unit_done(self) -> None:
         self.units += 1
-        self.bytes_done += nbytes
-        self._unit_bytes = 0
-        self.docs += docs
-        self.tokens += tokens
         self._show()
 
     def _show(self, force: bool = False) -> None:
@@ -52,7 +47,7 @@ class Progress:
             return
         self.last = now
         elapsed = max(now - self.t0, 1e-6)
-        done = min(self.bytes_done + self._unit_bytes, self.total_bytes)
+        done = min(self.bytes_done, self.total_bytes)
         frac = done / self.total_bytes
         eta = (elapsed / frac - elapsed) if frac > 0 else float("nan")
         msg = (f"units {self.units}/{self.total_units}  docs {_human(self.docs)}  tokens {_human(self.tokens)}  "

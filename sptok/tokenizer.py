@@ -223,10 +223,15 @@ class HFEncoder:
         self._encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
 
     def encode(self, texts: list[str]):
-        import numpy as np
+        return flatten_ids([e.ids for e in self._encode(texts, add_special_tokens=False)])
 
-        ids = [e.ids for e in self._encode(texts, add_special_tokens=False)]
-        lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        flat = np.fromiter((i for x in ids for i in x), np.uint32, count=int(lens.sum())) if ids else \
-            np.empty(0, np.uint32)
-        return flat, lens
+
+def flatten_ids(ids: list[list[int]]):
+    """Per-document id lists -> (flat uint32 array, int64 lengths)."""
+    import itertools
+
+    import numpy as np
+
+    lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, count=int(lens.sum()))
+    return flat, lens

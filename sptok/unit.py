@@ -64,8 +64,12 @@ def process_unit(ctx: UnitContext, unit: Unit, progress=None) -> dict:
         with open(os.path.join(tmp, "result.json"), "w") as f:
             json.dump(result, f, sort_keys=True)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)          # the commit
+        try:
+            os.rename(tmp, final)          # the commit
+        except OSError:
+            if not os.path.exists(os.path.join(final, "result.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)   # committed meanwhile by another process: same bytes
         return result
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,6 +92,7 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     packer = Packer(ctx.seq_len, emit=lambda s: writer.write(s, unit.source_id))
     counts: Counter = Counter()
     hist = np.zeros(HIST_BINS, np.int64)
+    reported = 0   # input bytes reported to progress so far
     for batch in read_unit(unit, src["text_field"], src["id_field"], rejects):
         hashes = doc_hashes(unit.source, batch.keys)
         dec = decide(hashes, ctx.seed, ctx.insert_prob, ctx.msp_prob)
@@ -102,7 +107,11 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         np.add.at(hist, np.minimum(_bit_length(lens), HIST_BINS - 1), 1)
         packer.add(stream)
         if progress is not None:
-            progress(docs=len(batch.texts), tokens=len(stream), nbytes=batch.nbytes)
+            done = max(reported, min(batch.nbytes, unit.size))
+            progress(len(batch.texts), len(stream), done - reported)
+            reported = done
+    if progress is not None:
+        progress(0, 0, unit.size - reported)
     tail = packer.take_tail()
     np.savez(os.path.join(tmp, "tail.npz"), **tail.to_npz())
     files = writer.finish()

@@ -1,0 +1,142 @@
+"""Run work units: in-process for one worker, else in a pool of spawned worker processes.
+
+Each worker rebuilds its context from the plan on disk, so every process uses identical inputs. Workers
+die with the main process (PR_SET_PDEATHSIG on Linux): a `kill -9` of the build leaves no orphan still
+committing units. Ctrl-C or SIGTERM stops the pool, keeps what was committed, and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+
+from .fastenc import make_encoder
+from .pack import Layout
+from .progress import Progress
+from .unit import UnitContext, process_unit
+
+PROGRESS_EVERY = 0.5   # seconds between a worker's progress messages
+
+_CTX: UnitContext | None = None
+_QUEUE = None
+
+
+def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
+    """A worker's context, rebuilt from ``.sptok/plan.json`` and ``.sptok/tokenizer``."""
+    from tokenizers import Tokenizer
+
+    with open(os.path.join(work, "plan.json")) as f:
+        plan = json.load(f)
+    tok = Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json"))
+    o = plan["options"]
+    sp_ids = np.zeros(len(plan["sp_table"]), np.uint32)
+    for e in plan["sp_table"]:
+        sp_ids[e["source_id"]] = e["token_id"]
+    layout = Layout(sp_ids=sp_ids, delim_ids=np.array(plan["delimiter"]["ids"], np.uint32),
+                    eos_id=plan["eos"]["id"], prefix=o["position"] in ("prefix", "both"),
+                    post=o["position"] in ("post", "both"))
+    literals = [e["sp"] for e in plan["sp_table"]] + ([plan["delimiter"]["text"]] if plan["delimiter"]["special"] else [])
+    return UnitContext(
+        work=work, fmt=o["format"], dtype=plan["input_ids_dtype"], seq_len=o["seq_len"], shard_size=o["shard_size"],
+        seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"], layout=layout,
+        sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
+                 for s in plan["manifest"]["sources"]},
+        literals=literals, strict=strict, encoder=make_encoder(tok, encoder))
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # not Linux: orphans finish their unit; commits are idempotent
+        pass
+
+
+def _init_worker(work: str, strict: bool, encoder: str, queue) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides how to stop
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
+    global _CTX, _QUEUE
+    _CTX, _QUEUE = load_context(work, strict, encoder), queue
+
+
+class _Batched:
+    """Sums a worker's progress and sends it at most every PROGRESS_EVERY seconds."""
+
+    def __init__(self, queue):
+        self.queue, self.acc, self.last = queue, [0, 0, 0], time.time()
+
+    def __call__(self, docs: int, tokens: int, nbytes: int) -> None:
+        self.acc = [self.acc[0] + docs, self.acc[1] + tokens, self.acc[2] + nbytes]
+        if time.time() - self.last >= PROGRESS_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if any(self.acc):
+            self.queue.put(tuple(self.acc))
+        self.acc, self.last = [0, 0, 0], time.time()
+
+
+def _run_one(unit) -> dict:
+    report = _Batched(_QUEUE)
+    try:
+        return process_unit(_CTX, unit, progress=report)
+    finally:
+        report.flush()
+
+
+def run_units(work: str, todo: list, opts, encoder: str) -> None:
+    progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
+    workers = min(opts.workers, len(todo))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if workers <= 1:
+            ctx = load_context(work, opts.strict, encoder)
+            for u in todo:
+                process_unit(ctx, u, progress=progress.update)
+                progress.unit_done()
+        else:
+            _run_pool(work, todo, opts, encoder, workers, progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_pool(work, todo, opts, encoder, workers, progress) -> None:
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(work, opts.strict, encoder, q))
+    order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
+    futures = [pool.submit(_run_one, u) for u in order]
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            while True:
+                try:
+                    progress.update(*q.get_nowait())
+                except queue_mod.Empty:
+                    break
+            for fut in done:
+                fut.result()          # re-raises a worker's SptokError
+                progress.unit_done()
+        pool.shutdown(wait=True)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in mp.active_children():   # stop units in flight; their temporary dirs are cleared next run
+            p.kill()
+        raise

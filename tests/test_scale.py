@@ -1,0 +1,180 @@
+"""Corpus-scale guarantees with real processes: the same bytes for any worker count, after SIGKILL + resume,
+after Ctrl-C + resume, and for partitions joined by `sptok merge`; resumes refuse changed inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import DEMO, SOURCES, TOKENIZER, demo_records, tree_bytes, write_jsonl
+
+from sptok.errors import SptokError
+
+pytestmark = pytest.mark.slow
+FLAGS = ["--seq-len", "256", "--msp-prob", "0.3", "--insert-prob", "0.8", "--unit-size", "96KB"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The demo corpus as plain JSONL (so byte-range units split it: ~30 units) and its manifest."""
+    d = tmp_path_factory.mktemp("corpus")
+    for name in SOURCES:
+        write_jsonl(d / f"{name}.jsonl", demo_records(name))
+    m = d / "m.yaml"
+    m.write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n" for n in SOURCES))
+    return m
+
+
+def sptok(*args, env=None, check=True, **kw):
+    r = subprocess.run([sys.executable, "-m", "sptok", *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+def build_cmd(m, out, *extra):
+    return ["build", m, "--out", out, "--tokenizer", TOKENIZER, *FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    sptok(*build_cmd(corpus, out, "--workers", "1", "--quiet"))
+    return tree_bytes(out)
+
+
+def test_reference_has_many_units(reference):
+    info = json.loads(reference["sptok.json"])
+    assert info["units"] >= 20
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_same_bytes_for_any_worker_count(corpus, reference, tmp_path, workers):
+    sptok(*build_cmd(corpus, tmp_path / "o", "--workers", workers, "--quiet"))
+    assert tree_bytes(tmp_path / "o") == reference
+
+
+def _wait_for_units(out, k: int, p) -> None:
+    """Wait until k units are committed (the build is mid-way), or the process ended."""
+    units = out / ".sptok" / "units"
+    while p.poll() is None and (not units.is_dir() or len(os.listdir(units)) < k):
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("after_units", [0, 3, 12, 25])
+def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, after_units):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_units(out, after_units, p) if after_units else time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)     # the main process only: workers must die with it
+    p.wait()
+    if not (out / "sptok.json").exists():
+        # nothing that looks complete: no index a reader would take for a finished dataset
+        assert not (out / "index.json").exists()
+        assert not any((out / s / "index.json").exists() for s in SOURCES)
+    time.sleep(0.3)
+    r = sptok(*build_cmd(corpus, out, "--workers", "2"))
+    assert "Traceback" not in r.stderr
+    assert tree_bytes(out) == reference
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_units(out, 2, p)
+    os.killpg(p.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole process group
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the build finished before the interrupt arrived")
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not (out / "sptok.json").exists()
+    r = sptok(*build_cmd(corpus, out, "--workers", "2"))
+    assert "resuming:" in r.stderr
+    assert tree_bytes(out) == reference
+
+
+def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
+    parts = [tmp_path / f"p{i}" for i in range(3)]
+    sptok(*build_cmd(corpus, parts[0], "--partition", "0/3", "--workers", "1"))
+    sptok(*build_cmd(corpus, parts[1]), env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+    sptok(*build_cmd(corpus, parts[2]), env={"RANK": "2", "WORLD_SIZE": "3"})
+    committed = [len(os.listdir(p / ".sptok" / "units")) for p in parts]
+    assert sum(committed) == json.loads(reference["sptok.json"])["units"] and min(committed) > 0
+    r = sptok("merge", parts[0], parts[1], "--out", tmp_path / "m", check=False)
+    assert r.returncode == 2 and "units are committed in none" in r.stderr
+    sptok("merge", *parts, "--out", tmp_path / "m")
+    assert tree_bytes(tmp_path / "m") == reference
+
+
+def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
+    import shutil
+
+    from sptok.build import run_build
+
+    d = tmp_path / "c"
+    shutil.copytree(corpus.parent, d)
+    out = str(tmp_path / "o")
+    flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, unit_size="96KB")
+    run_build(str(d / "m.yaml"), out, flags, partition=(0, 2), log=lambda m: None)   # half the units: "interrupted"
+    with pytest.raises(SptokError, match="cannot resume: option seq_len: 2048 -> 512"):
+        run_build(str(d / "m.yaml"), out, dict(flags, seq_len=512), log=lambda m: None)
+    with open(d / "code.jsonl", "a") as f:
+        f.write(json.dumps({"id": "new", "text": "x"}) + "\n")
+    with pytest.raises(SptokError, match="cannot resume: .*input files changed: code.jsonl"):
+        run_build(str(d / "m.yaml"), out, flags, log=lambda m: None)
+    info = run_build(str(d / "m.yaml"), out, flags, overwrite=True, log=lambda m: None).info
+    assert info["counts"]["code"]["docs"] == len(demo_records("code")) + 1
+
+
+def test_fast_encoder_ids_identical_on_the_corpus():
+    """tiktoken gives the Hugging Face tokenizer's ids on every document of the demo slice of the shared corpus
+    (and on the whole shared corpus where ../shared/corpus is present)."""
+    from tokenizers import Tokenizer
+
+    from sptok.fastenc import FastEncoder
+    from sptok.tokenizer import HFEncoder
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    fast, hf = FastEncoder(tok), HFEncoder(tok)
+    texts = [r["text"] for n in SOURCES for r in demo_records(n)]
+    shared = DEMO.parents[2] / "shared" / "corpus"
+    if shared.is_dir():
+        import zstandard
+
+        for f in sorted(shared.glob("*.jsonl.zst")):
+            raw = zstandard.ZstdDecompressor().stream_reader(open(f, "rb")).read()
+            texts += [json.loads(x)["text"] for x in raw.splitlines()[::4]]
+    a_flat, a_len = fast.encode(texts)
+    b_flat, b_len = hf.encode(texts)
+    assert (a_len == b_len).all() and (a_flat == b_flat).all()
+
+
+def test_fast_encoder_falls_back_when_not_exact(tmp_path):
+    from tokenizers import Tokenizer, normalizers
+
+    from sptok.fastenc import choose_encoder
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    assert choose_encoder(tok, "auto", ["hello world"])[0] == "fast"
+    tok.normalizer = normalizers.Lowercase()    # a normalizer tiktoken cannot apply
+    kind, why = choose_encoder(tok, "auto", ["Hello World"])
+    assert kind == "hf" and "normalizer" in why
+    with pytest.raises(SptokError, match="--encoder fast: the tokenizer cannot be run by tiktoken exactly"):
+        choose_encoder(tok, "fast", ["x"])
+
+
+def test_progress_lines_and_quiet(corpus, tmp_path):
+    r = sptok(*build_cmd(corpus, tmp_path / "a", "--workers", "2"))
+    assert "encoder: fast (tiktoken gave identical ids" in r.stderr
+    assert f"units {json.load(open(tmp_path / 'a' / 'sptok.json'))['units']}/" in r.stderr and "tok/s" in r.stderr
+    r = sptok(*build_cmd(corpus, tmp_path / "b", "--workers", "2", "--quiet"))
+    assert r.stderr == ""
