@@ -25,8 +25,8 @@ from .options import BuildOptions
 from .sp import SPEntry, sp_strings
 from .fastenc import choose_encoder
 from .tokenizer import (default_roles, extend, find_eos, find_pad, is_special_delimiter, load_tokenizer,
-                        save_tokenizer_dir, text_encoder)
-from .runner import run_units
+                        save_tokenizer_dir, literal_specials)
+from .runner import WorkerPool, run_units
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
@@ -54,6 +54,22 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
                          "directory), set build.tokenizer in the manifest, or train one with "
                          "`sptok tokenizer train`")
+    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
+    try:
+        res = _build(manifest, opts, out, overwrite, partition, log, pool)
+    except BaseException:
+        if pool is not None:
+            pool.close(kill=True)
+        raise
+    if pool is not None:
+        pool.close()
+    res.seconds = time.time() - t0
+    return res
+
+
+def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
+           pool: WorkerPool | None) -> BuildResult:
+    t0 = time.time()
     work = os.path.join(out, WORK)
     plan, tok, units = make_plan(manifest, opts)
     state = _prepare_out(out, plan, overwrite)
@@ -77,7 +93,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
         if not opts.quiet:
             log(f"encoder: {encoder_name} ({why})")
-        run_units(work, todo, opts, encoder_name)
+        run_units(work, todo, opts, encoder_name, pool)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units), time.time() - t0, encoder_name)
@@ -107,7 +123,8 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     if special_delim:
         delim_ids = [ids[opts.delimiter]]
     elif opts.delimiter:
-        delim_ids = text_encoder(tok).encode(opts.delimiter, add_special_tokens=False).ids
+        with literal_specials(tok) as enc:
+            delim_ids = enc.encode(opts.delimiter, add_special_tokens=False).ids
     else:
         delim_ids = []
     eos = find_eos(lt, opts.eos)
@@ -159,7 +176,7 @@ def _probe_fields(manifest: Manifest, units: list[Unit]) -> None:
                              f"set text_field (and id_field) to fields the records have")
 
 
-def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 256 << 10) -> list[str]:
+def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> list[str]:
     """The first documents of every source (about ``per_source`` bytes each): where the fast encoder is
     checked against the Hugging Face tokenizer before a build uses it."""
     from .readers import Rejects, read_unit

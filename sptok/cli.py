@@ -63,7 +63,10 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 
 @main.command()
 @click.argument("manifest", type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(), help="Output directory.")
+@click.option("--out", "-o", required=True, help="Output directory, or a remote such as s3://bucket/path (built in "
+                                                "--local, then uploaded with streaming's uploaders).")
+@click.option("--local", "local_dir", type=click.Path(), help="Local staging directory for a remote --out "
+                                                               "[~/.cache/sptok/builds/...].")
 @click.option("--tokenizer", help="tokenizer.json or a Hugging Face tokenizer directory (local).")
 @click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]),
               help="SP naming policy [abbreviation].")
@@ -77,7 +80,7 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--tail", type=click.Choice(["keep", "pad", "drop"]), help="Last short sample of a source [keep].")
 @click.option("--format", "fmt", type=click.Choice(["mds", "parquet", "arrow"]), help="Shard format [mds].")
 @click.option("--eos", help="End-of-document token [the tokenizer's eos, e.g. <|endoftext|>].")
-@click.option("--unit-size", help="Input bytes per work unit [64MB].")
+@click.option("--unit-size", help="Input bytes per work unit [16MB].")
 @click.option("--shard-size", help="Uncompressed bytes per MDS shard [64MiB].")
 @click.option("--workers", type=int, help="Worker processes [one per CPU].")
 @click.option("--encoder", type=click.Choice(["auto", "hf", "fast"]), help="Tokenizer implementation [auto].")
@@ -85,15 +88,24 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first bad record instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
-def build(manifest, out, fmt, overwrite, partition, **flags):
+def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
+    from .remote import is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
     flags["format"] = fmt
     part = _partition(partition)
-    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part,
-                    log=lambda m: click.echo(m, err=True))
+    remote = out if is_remote(out) else None
+    if remote:
+        if part:
+            raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
+                             "then upload the merged build")
+        out = local_dir or staging_dir(remote)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+    if remote and res.info is not None:
+        upload_build(out, remote, log=log)
     if res.skipped:
         click.echo(f"{out} already holds this exact build (fingerprint {res.info['fingerprint'][:12]}); nothing to "
                    f"do. Pass --overwrite to rebuild.", err=True)

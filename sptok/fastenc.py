@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from .errors import SptokError
-from .tokenizer import HFEncoder, flatten_ids, text_encoder
+from .tokenizer import HFEncoder, flatten_ids, literal_specials
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -95,6 +95,7 @@ class FastEncoder:
     name = "fast"
 
     def __init__(self, tok, enc=None):
+        """Takes ``tok`` over (see HFEncoder)."""
         self.enc = enc or tiktoken_encoding(tok)
         self.hf = HFEncoder(tok)
         self._batches = 0
@@ -123,13 +124,13 @@ def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
             raise SptokError(f"--encoder fast: the tokenizer cannot be run by tiktoken exactly: {e}; use --encoder "
                              f"hf or auto") from None
         return "hf", f"tiktoken cannot express this tokenizer ({e})"
-    ref = text_encoder(tok)
-    for text in sample:
-        if enc.encode_ordinary(text) != ref.encode(text, add_special_tokens=False).ids:
-            if kind == "fast":
-                raise SptokError(f"--encoder fast: tiktoken and the Hugging Face tokenizer disagree on a document "
-                                 f"starting {text[:40]!r}; use --encoder hf or auto")
-            return "hf", "tiktoken disagreed with the Hugging Face tokenizer on the corpus sample"
+    with literal_specials(tok) as ref:
+        for text in sample:
+            if enc.encode_ordinary(text) != ref.encode(text, add_special_tokens=False).ids:
+                if kind == "fast":
+                    raise SptokError(f"--encoder fast: tiktoken and the Hugging Face tokenizer disagree on a "
+                                     f"document starting {text[:40]!r}; use --encoder hf or auto")
+                return "hf", "tiktoken disagreed with the Hugging Face tokenizer on the corpus sample"
     return "fast", f"tiktoken gave identical ids on a sample of {len(sample)} documents"
 
 

@@ -44,7 +44,7 @@ class BuildOptions:
     tail: str = "keep"
     format: str = "mds"
     eos: str | None = None
-    unit_size: int | str = 64 << 20
+    unit_size: int | str = 16 << 20
     shard_size: int | str = 1 << 26
     # how to run; never changes the output
     workers: int = 0

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from .errors import SptokError
 from .fastenc import make_encoder
 from .pack import Layout
 from .progress import Progress
@@ -21,7 +22,7 @@ from .unit import UnitContext, process_unit
 
 PROGRESS_EVERY = 0.5   # seconds between a worker's progress messages
 
-_CTX: UnitContext | None = None
+_CTXS: dict = {}    # a worker's contexts, by (work dir, strict, encoder)
 _QUEUE = None
 
 
@@ -57,12 +58,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(work: str, strict: bool, encoder: str, queue) -> None:
+def _init_worker(queue) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides how to stop
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
-    global _CTX, _QUEUE
-    _CTX, _QUEUE = load_context(work, strict, encoder), queue
+    global _QUEUE
+    _QUEUE = queue
+    import tiktoken  # noqa: F401 - warm up while the main process plans
+    import tokenizers  # noqa: F401
 
 
 class _Batched:
@@ -82,26 +85,87 @@ class _Batched:
         self.acc, self.last = [0, 0, 0], time.time()
 
 
-def _run_one(unit) -> dict:
+def _run_one(work: str, strict: bool, encoder: str, unit) -> dict:
+    key = (work, strict, encoder)
+    if key not in _CTXS:
+        _CTXS[key] = load_context(work, strict, encoder)
     report = _Batched(_QUEUE)
     try:
-        return process_unit(_CTX, unit, progress=report)
+        return process_unit(_CTXS[key], unit, progress=report)
     finally:
         report.flush()
 
 
-def run_units(work: str, todo: list, opts, encoder: str) -> None:
+def _ready() -> None:
+    """A no-op task: returns once a worker has started and imported what it needs."""
+
+
+class WorkerPool:
+    """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("spawn")
+        self.queue = ctx.Queue()
+        self.workers = workers
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(self.queue,))
+        for _ in range(workers):
+            self.pool.submit(_ready)
+
+    def run(self, work: str, todo: list, strict: bool, encoder: str, progress) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            self._run(work, todo, strict, encoder, progress)
+        except BrokenProcessPool:
+            raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
+                             "kept: run the same command again to resume, with fewer --workers if memory is short. "
+                             "(From Python, start builds with several workers under `if __name__ == "
+                             "'__main__':`.)") from None
+
+    def _run(self, work, todo, strict, encoder, progress) -> None:
+        import queue as queue_mod
+        from concurrent.futures import FIRST_EXCEPTION, wait
+
+        order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
+        pending = {self.pool.submit(_run_one, work, strict, encoder, u) for u in order}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            while True:
+                try:
+                    progress.update(*self.queue.get_nowait())
+                except queue_mod.Empty:
+                    break
+            for fut in done:
+                fut.result()          # re-raises a worker's SptokError
+                progress.unit_done()
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            import multiprocessing as mp
+
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for p in mp.active_children():   # stop units in flight; their temporary dirs are cleared next run
+                p.kill()
+        else:
+            self.pool.shutdown(wait=True)
+
+
+def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None) -> None:
+    """Process ``todo``: in the pool when there is one and more than one unit, else in this process."""
     progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
-    workers = min(opts.workers, len(todo))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if workers <= 1:
+        if pool is not None and len(todo) > 1:
+            pool.run(work, todo, opts.strict, encoder, progress)
+        else:
             ctx = load_context(work, opts.strict, encoder)
             for u in todo:
                 process_unit(ctx, u, progress=progress.update)
                 progress.unit_done()
-        else:
-            _run_pool(work, todo, opts, encoder, workers, progress)
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
@@ -109,34 +173,3 @@ def run_units(work: str, todo: list, opts, encoder: str) -> None:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _run_pool(work, todo, opts, encoder, workers, progress) -> None:
-    import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(work, opts.strict, encoder, q))
-    order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
-    futures = [pool.submit(_run_one, u) for u in order]
-    pending = set(futures)
-    try:
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            while True:
-                try:
-                    progress.update(*q.get_nowait())
-                except queue_mod.Empty:
-                    break
-            for fut in done:
-                fut.result()          # re-raises a worker's SptokError
-                progress.unit_done()
-        pool.shutdown(wait=True)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in mp.active_children():   # stop units in flight; their temporary dirs are cleared next run
-            p.kill()
-        raise

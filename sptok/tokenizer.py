@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -129,11 +130,11 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     if new:
         tok.add_special_tokens(new)
     ids = {s: tok.token_to_id(s) for s in wanted}
-    enc = text_encoder(tok)
-    for s in wanted:   # the property that matters: the literal string, as text, never yields the SP id
-        if ids[s] in enc.encode(f"{s} x{s}", add_special_tokens=False).ids:
-            raise SptokError(f"SP token clash: the tokenizer turns the text {s!r} into the SP's own id "
-                             f"{ids[s]}; choose another name")
+    with literal_specials(tok) as enc:
+        for s in wanted:   # the property that matters: the literal string, as text, never yields the SP id
+            if ids[s] in enc.encode(f"{s} x{s}", add_special_tokens=False).ids:
+                raise SptokError(f"SP token clash: the tokenizer turns the text {s!r} into the SP's own id "
+                                 f"{ids[s]}; choose another name")
     return ids
 
 
@@ -207,10 +208,25 @@ def text_encoder(tok):
     from tokenizers import Tokenizer
 
     enc = Tokenizer.from_str(tok.to_str())
-    enc.encode_special_tokens = True
-    enc.no_padding()
-    enc.no_truncation()
-    return enc
+    return _as_text_encoder(enc)
+
+
+def _as_text_encoder(tok):
+    tok.encode_special_tokens = True
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+@contextmanager
+def literal_specials(tok):
+    """Encode with ``tok`` as ``text_encoder`` would, without the cost of a copy."""
+    old = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        yield tok
+    finally:
+        tok.encode_special_tokens = old
 
 
 class HFEncoder:
@@ -219,7 +235,8 @@ class HFEncoder:
     name = "hf"
 
     def __init__(self, tok):
-        self.tok = text_encoder(tok)
+        """Takes ``tok`` over: it is set to encode special-token strings as text."""
+        self.tok = _as_text_encoder(tok)
         self._encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
 
     def encode(self, texts: list[str]):

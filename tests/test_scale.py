@@ -178,3 +178,31 @@ def test_progress_lines_and_quiet(corpus, tmp_path):
     assert f"units {json.load(open(tmp_path / 'a' / 'sptok.json'))['units']}/" in r.stderr and "tok/s" in r.stderr
     r = sptok(*build_cmd(corpus, tmp_path / "b", "--workers", "2", "--quiet"))
     assert r.stderr == ""
+
+
+def test_remote_output_goes_through_streaming_uploader(corpus, reference, tmp_path):
+    """A local path stands in for the bucket: streaming's LocalUploader runs the same upload code path."""
+    from sptok.remote import upload_build
+
+    local = tmp_path / "local"
+    sptok(*build_cmd(corpus, local, "--quiet"))
+    n = upload_build(str(local), str(tmp_path / "bucket"), log=lambda m: None)
+    assert n == len(reference)
+    assert tree_bytes(tmp_path / "bucket") == reference
+
+
+def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path):
+    """SIGKILL of one worker (as the OOM killer would): one readable error, then a resume completes."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_units(out, 2, p)
+    children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+    workers = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+    if p.poll() is not None or not workers:
+        pytest.skip("the build finished before a worker could be killed")
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and "Traceback" not in err and "a worker process died" in err, err
+    sptok(*build_cmd(corpus, out, "--workers", "2"))
+    assert tree_bytes(out) == reference

@@ -1,0 +1,48 @@
+"""Remote outputs (s3://, gs://, oci://, azure://, hf://, dbfs:...): build in a local staging directory,
+then upload it with mosaicml-streaming's own uploaders (no hand-written cloud clients), sptok.json last."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.parse
+
+from .errors import SptokError
+from .finalize import MARKER, WORK
+
+
+def is_remote(out: str) -> bool:
+    scheme = urllib.parse.urlparse(out).scheme
+    return len(scheme) > 1   # not a Windows drive letter
+
+
+def staging_dir(remote: str) -> str:
+    """Where a remote build is made first, unless --local says otherwise."""
+    key = hashlib.sha1(remote.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~/.cache/sptok/builds"), key)
+
+
+def upload_build(local: str, remote: str, log=print) -> int:
+    """Upload every file of a complete build; sptok.json goes last so the remote never looks complete early."""
+    from streaming.base.storage.upload import CloudUploader
+
+    if not os.path.exists(os.path.join(local, MARKER)):
+        raise SptokError(f"{local}: not a complete build; nothing to upload")
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
+                   if not os.path.relpath(d, local).startswith(WORK))
+    files.remove(MARKER)
+    files.append(MARKER)
+    try:
+        up = CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
+    except (ValueError, ImportError) as e:
+        raise SptokError(f"--out {remote}: streaming cannot upload there ({e})") from None
+    for i, f in enumerate(files):
+        if not urllib.parse.urlparse(remote).scheme:   # a local "remote" (LocalUploader) needs its folders
+            os.makedirs(os.path.dirname(os.path.join(remote, f)), exist_ok=True)
+        try:
+            up.upload_file(f)
+        except Exception as e:  # each provider raises its own types
+            raise SptokError(f"upload of {f} to {remote} failed ({e}); the local build in {local} is complete: run "
+                             f"the same command again to retry the upload") from None
+    log(f"uploaded {len(files)} files to {remote}")
+    return len(files)
