@@ -7,6 +7,7 @@ SP decisions whichever worker reads it, in whatever order, on a resumed or parti
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -106,18 +107,20 @@ def doc_hashes(source: str, keys: list[str]) -> np.ndarray:
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective, well-mixed map of uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    """splitmix64's finaliser: a bijective, well-mixed map of uint64. Arrays wrap on overflow silently."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=256)
+def _slot_key(seed: int, slot: int) -> np.uint64:
+    return _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(slot + 1))[0]
 
 
 def uniforms(hashes: np.ndarray, seed: int, slot: int) -> np.ndarray:
     """One uniform float in [0, 1) per document for decision ``slot``: a pure function of its inputs."""
-    with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(slot + 1))
-        bits = _mix64(hashes.astype(np.uint64) ^ key)
+    bits = _mix64(np.asarray(hashes, dtype=np.uint64) ^ _slot_key(seed, slot))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -1,0 +1,255 @@
+"""Collators: samples of a build -> batches of tensors for MLM + MSP, causal LM, and T5 span corruption.
+
+Each is a callable for ``DataLoader(collate_fn=...)``. The work is numpy over the whole batch; torch is
+touched only to wrap the result. Every random draw is keyed by (seed, sample content, position) — see
+``policy.py`` — so a batch is the same whichever worker builds it and after a resume. Every collator
+returns ``token_source`` (the source id of each token, -1 on padding) for per-source loss; pass
+``extras=False`` for a batch holding only what a Hugging Face model's forward() takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import SptokError
+from .build_info import BuildInfo
+from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_policy, as_arrays, draws, sample_key
+
+IGNORE = -100
+
+
+class _Base:
+    def __init__(self, info: BuildInfo, sp_policy: str | SPPolicy = "keep", seed: int = 0, extras: bool = True):
+        self.info = info
+        self.policy = SPPolicy.parse(sp_policy)
+        self.seed = seed
+        self.extras = extras
+
+    def set_sp_policy(self, policy: str | SPPolicy) -> None:
+        """Change the load-time SP policy (e.g. `strip` for a cooldown at the end of training)."""
+        self.policy = SPPolicy.parse(policy)
+
+    def _prepare(self, samples: list[dict]):
+        """Apply the SP policy and stack: (ids B x L, lengths, per-sample dicts, keys)."""
+        arrays = [as_arrays(raw) for raw in samples]
+        L = max(len(a["input_ids"]) for a in arrays)
+        keys = np.array([sample_key(a["input_ids"], a["source_id"], self.seed) for a in arrays], np.uint64)
+        rows = arrays
+        if not self.policy.is_keep:
+            m = max(len(a["sp_positions"]) for a in arrays)
+            ui = draws(keys, m, SLOT_INSERT) if self.policy.insert is not None else [None] * len(arrays)
+            um = draws(keys, m, SLOT_MSP) if self.policy.msp is not None else [None] * len(arrays)
+            rows = [apply_policy(a, self.policy, self.info, k, len(a["input_ids"]), ui[b], um[b])
+                    for b, (a, k) in enumerate(zip(arrays, keys))]
+        for a in rows:
+            a.setdefault("length", len(a["input_ids"]))
+        pad = self.info.pad_id if self.info.pad_id is not None else self.info.eos_id
+        ids = np.full((len(rows), L), pad, np.int64)
+        for b, s in enumerate(rows):
+            ids[b, : s["length"]] = s["input_ids"][: s["length"]]
+        lengths = np.array([s["length"] for s in rows])
+        return ids, lengths, rows, keys
+
+    @staticmethod
+    def _real(lengths: np.ndarray, L: int) -> np.ndarray:
+        return np.arange(L)[None, :] < lengths[:, None]
+
+    @staticmethod
+    def _sources(rows: list[dict], real: np.ndarray) -> np.ndarray:
+        src = np.array([s["source_id"] for s in rows], np.int64)[:, None]
+        return np.where(real, src, -1)
+
+    def _sp_grid(self, rows: list[dict], shape, masked_only: bool) -> np.ndarray:
+        grid = np.zeros(shape, bool)
+        for b, s in enumerate(rows):
+            p = s["sp_positions"][s["msp_mask"]] if masked_only else s["sp_positions"]
+            grid[b, p] = True
+        return grid
+
+    def _uniforms(self, keys: np.ndarray, L: int, slot: int) -> np.ndarray:
+        return draws(keys, L, slot)
+
+    @staticmethod
+    def _torch(batch: dict) -> dict:
+        import torch
+
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+class MLMCollator(_Base):
+    """Masked language modelling with masked source prediction (encoders).
+
+    Ordinary tokens are MLM targets with probability ``mlm_prob`` (80% [MASK], 10% a random ordinary token —
+    never an SP or special —, 10% unchanged). SPs are never MLM targets; an SP flagged in ``msp_mask`` becomes
+    [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP loss and accuracy can be
+    reported apart from MLM.
+    """
+
+    def __init__(self, info: BuildInfo, mlm_prob: float = 0.15, **kw):
+        super().__init__(info, **kw)
+        if info.mask_id is None:
+            raise SptokError(f"{info.path}: the build's tokenizer has no mask token ([MASK]); MLM needs one")
+        if not 0.0 < mlm_prob < 1.0:
+            raise SptokError(f"mlm_prob must be in (0, 1), got {mlm_prob}")
+        self.mlm_prob = mlm_prob
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, lengths, rows, keys = self._prepare(samples)
+        B, L = ids.shape
+        real = self._real(lengths, L)
+        ordinary = real & ~self.info.is_special[ids]
+        u = self._uniforms(keys, L, SLOT_MLM)                 # one uniform per token decides everything
+        target = ordinary & (u < self.mlm_prob)
+        r = u / self.mlm_prob                                 # uniform in [0, 1) again among targets
+        to_mask = target & (r < 0.8)
+        to_random = target & (r >= 0.8) & (r < 0.9)
+        labels = np.where(target, ids, IGNORE)
+        inputs = ids.copy()
+        inputs[to_mask] = self.info.mask_id
+        if to_random.any():
+            pick = ((r[to_random] - 0.8) / 0.1 * len(self.info.ordinary_ids)).astype(np.int64)
+            inputs[to_random] = self.info.ordinary_ids[np.minimum(pick, len(self.info.ordinary_ids) - 1)]
+        msp = self._sp_grid(rows, (B, L), masked_only=True)
+        labels[msp] = ids[msp]
+        inputs[msp] = self.info.mask_id
+        batch = {"input_ids": inputs, "attention_mask": real.astype(np.int64), "labels": labels}
+        if self.extras:
+            batch["msp_target"] = msp
+            batch["token_source"] = self._sources(rows, real)
+        return self._torch(batch)
+
+
+class CausalLMCollator(_Base):
+    """Next-token prediction (decoders) with attention confined to each document of a packed sample.
+
+    ``position_ids`` restart at every document; ``cu_seqlens`` / ``max_seqlen`` describe the documents
+    for varlen kernels (flash-attention); ``mask="dense"`` adds a 4-D block-diagonal causal
+    ``attention_mask`` (B, 1, L, L) for eager/sdpa attention — fine for small models, costly for long
+    sequences. Labels are the input ids (models shift them) with padding and each document's first token
+    ignored: nothing in the document predicts it. A post SP is an ordinary target; ``sp_target`` marks it.
+    """
+
+    def __init__(self, info: BuildInfo, mask: str = "none", **kw):
+        super().__init__(info, **kw)
+        if mask not in ("none", "dense"):
+            raise SptokError(f"mask must be none or dense, got {mask!r}")
+        self.mask = mask
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, lengths, rows, _ = self._prepare(samples)
+        B, L = ids.shape
+        real = self._real(lengths, L)
+        seg_start = np.zeros((B, L), bool)
+        for b, s in enumerate(rows):
+            seg_start[b, s["doc_offsets"]] = True
+            if lengths[b] < L:
+                seg_start[b, lengths[b]] = True    # padding is a segment of its own
+        seg_id = np.cumsum(seg_start, axis=1) - 1
+        first = np.maximum.accumulate(np.where(seg_start, np.arange(L)[None, :], 0), axis=1)
+        position_ids = np.arange(L)[None, :] - first
+        labels = np.where(real & ~seg_start, ids, IGNORE)
+        batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+        # varlen view: the documents of all samples, one after another
+        flat_starts = (np.flatnonzero(seg_start.ravel())).astype(np.int32)
+        batch["cu_seqlens"] = np.concatenate([flat_starts, [B * L]]).astype(np.int32)
+        batch["max_seqlen"] = np.array(int(np.diff(batch["cu_seqlens"]).max()), np.int32)
+        if self.mask == "dense":
+            same = seg_id[:, :, None] == seg_id[:, None, :]
+            causal = np.tril(np.ones((L, L), bool))[None]
+            batch["attention_mask"] = (same & causal & real[:, None, :])[:, None]
+        else:
+            batch["attention_mask"] = real.astype(np.int64)
+        if self.extras:
+            batch["sp_target"] = self._sp_grid(rows, (B, L), masked_only=False) & (labels != IGNORE)
+            batch["token_source"] = self._sources(rows, real)
+            batch["doc_ids"] = np.where(real, seg_id, -1)
+        else:
+            batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")}
+        return self._torch(batch)
+
+
+class SpanCorruptionCollator(_Base):
+    """T5 span corruption: noise spans over ordinary tokens only, each replaced by one sentinel in the input;
+    the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
+    its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
+    ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
+    with ``vocab_size + max_sentinels``).
+    """
+
+    def __init__(self, info: BuildInfo, noise_density: float = 0.15, mean_span: float = 3.0,
+                 max_sentinels: int = 256, **kw):
+        super().__init__(info, **kw)
+        self.noise_density, self.mean_span = noise_density, mean_span
+        self.sentinels = np.arange(info.vocab_size, info.vocab_size + max_sentinels, dtype=np.int64)
+        self._alternate = np.tile([False, True], max_sentinels)
+
+    def _noise(self, n: int, u: np.ndarray) -> np.ndarray:
+        """T5's random_spans_noise_mask over n ordinary tokens, from the sample's uniforms ``u``."""
+        num_noise = int(round(n * self.noise_density))
+        num_noise = min(max(num_noise, 1), n - 1) if n > 1 else 0
+        num_spans = max(1, int(round(num_noise / self.mean_span))) if num_noise else 0
+        if not num_spans:
+            return np.zeros(n, bool)
+
+        def segment(total, parts, v):
+            """``total`` items in ``parts`` non-empty runs, cut at random points."""
+            cuts = np.sort(np.argpartition(v[: total - 1], parts - 2)[: parts - 1] + 1) if parts > 1 else []
+            return np.diff(np.concatenate([[0], cuts, [total]]))
+
+        noise_len = segment(num_noise, num_spans, u[:num_noise])
+        keep_len = segment(n - num_noise, num_spans, u[num_noise: n])
+        lens = np.stack([keep_len, noise_len], axis=1).ravel()
+        return np.repeat(self._alternate[: 2 * num_spans], lens)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, lengths, rows, keys = self._prepare(samples)
+        inputs, targets, msp_t = [], [], []
+        eos = self.info.eos_id
+        u = draws(keys, ids.shape[1], SLOT_MLM + 1)     # all the batch's random numbers at once
+        for b, s in enumerate(rows):
+            x = ids[b, : lengths[b]]
+            noise = np.zeros(len(x), bool)
+            ordinary_pos = np.flatnonzero(~self.info.is_special[x])
+            noise[ordinary_pos] = self._noise(len(ordinary_pos), u[b])
+            msp_pos = s["sp_positions"][s["msp_mask"]]
+            span_start = noise & ~np.concatenate([[False], noise[:-1]])
+            span_start[msp_pos] = True          # a masked SP starts a span of its own
+            noise[msp_pos] = True
+            n_spans = int(span_start.sum())
+            if n_spans > len(self.sentinels):
+                raise SptokError(f"{n_spans} noise spans in one sample exceed max_sentinels={len(self.sentinels)}; "
+                                 f"raise it")
+            span_id = np.cumsum(span_start) - 1
+            inp = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], x)[~noise | span_start]
+            # the target: each span's tokens, its sentinel first
+            at = np.flatnonzero(span_start[noise])           # where each span begins among the noise tokens
+            at += np.arange(n_spans)                          # ... and where its sentinel goes in the target
+            tgt = np.empty(int(noise.sum()) + n_spans + 1, np.int64)
+            body = np.ones(len(tgt), bool)
+            body[at] = False
+            body[-1] = False
+            tgt[body], tgt[at], tgt[-1] = x[noise], self.sentinels[:n_spans], eos
+            sp_t = np.zeros(len(tgt), bool)
+            sp_t[body] = self.info.is_sp[x[noise]]
+            inputs.append(np.append(inp, eos))
+            targets.append(tgt)
+            msp_t.append(sp_t)
+        Li, Lo = max(map(len, inputs)), max(map(len, targets))
+        pad = self.info.pad_id if self.info.pad_id is not None else eos
+        B = len(rows)
+        inp_arr = np.full((B, Li), pad, np.int64)
+        att = np.zeros((B, Li), np.int64)
+        lab = np.full((B, Lo), IGNORE, np.int64)
+        msp = np.zeros((B, Lo), bool)
+        for b, (i, t, m) in enumerate(zip(inputs, targets, msp_t)):
+            inp_arr[b, : len(i)] = i
+            att[b, : len(i)] = 1
+            lab[b, : len(t)] = t
+            msp[b, : len(m)] = m
+        batch = {"input_ids": inp_arr, "attention_mask": att, "labels": lab}
+        if self.extras:
+            src = np.array([s["source_id"] for s in rows])[:, None]
+            batch["msp_target"] = msp
+            batch["token_source"] = np.where(lab != IGNORE, src, -1)
+            batch["input_source"] = np.where(att == 1, src, -1)
+        return self._torch(batch)

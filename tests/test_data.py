@@ -1,0 +1,248 @@
+"""sptok.data on real builds: datasets, the three collators, load-time SP policies, resumption, proportions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOKENIZER
+from shards import documents
+
+from sptok.build import run_build
+from sptok.data import (IGNORE, BuildInfo, CausalLMCollator, MLMCollator, SpanCorruptionCollator, SPPolicy,
+                        apply_policy, as_arrays, open_dataset)
+from sptok.errors import SptokError
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from conftest import SOURCES, demo_records, write_jsonl
+
+    d = tmp_path_factory.mktemp("data-corpus")
+    for name, n in zip(SOURCES, (40, 12, 400, 40)):
+        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
+    m = d / "m.yaml"
+    m.write_text("sources:\n" + "".join(
+        f"  - {{name: {n}, paths: {n}.jsonl, id_field: id, weight: {w}}}\n"
+        for n, w in zip(SOURCES, (1, 1, 0.5, 0.5))))
+    return d
+
+
+def _build(corpus, name, **flags):
+    out = corpus / name
+    if not (out / "sptok.json").exists():
+        flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=SEQ, **flags)
+        run_build(str(corpus / "m.yaml"), str(out), flags, log=lambda m: None)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def prefix_build(corpus):
+    return _build(corpus, "prefix", msp_prob=0.3, insert_prob=0.9)
+
+
+def _all(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_open_dataset_knows_the_build(prefix_build):
+    ds = open_dataset(prefix_build, weights=False)
+    assert isinstance(ds.build, BuildInfo) and ds.build.sources == ["pydocs", "code", "fortunes", "chinese"]
+    assert len(ds) == sum(c["samples"] for c in ds.build.raw["counts"].values())
+    assert {e for e in ds.build.sp_ids.tolist()} <= set(ds.build.special_ids.tolist())
+    with pytest.raises(SptokError, match="not the expected"):
+        open_dataset(prefix_build, expected_fingerprint="0" * 64)
+    with pytest.raises(SptokError, match="no source 'web'"):
+        open_dataset(prefix_build, proportion={"web": 1.0})
+
+
+def test_mlm_rates_split_and_no_sp_in_mlm(prefix_build):
+    ds = open_dataset(prefix_build, weights=False)
+    info = ds.build
+    samples = _all(ds)
+    batch = MLMCollator(info, mlm_prob=0.15, seed=1)(samples)
+    ids = np.stack([np.pad(as_arrays(s)["input_ids"], (0, SEQ - len(s["input_ids"])), constant_values=info.pad_id)
+                    for s in samples])
+    labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
+    msp = batch["msp_target"].numpy()
+    real = batch["attention_mask"].numpy() == 1
+    special = np.isin(ids, info.special_ids)
+    mlm = (labels != IGNORE) & ~msp
+    n_ord = int((real & ~special).sum())
+    n = int(mlm.sum())
+    assert abs(n - 0.15 * n_ord) < 4 * np.sqrt(n_ord * 0.15 * 0.85)
+    assert not (mlm & special).any()                            # no SP or special is an MLM target
+    masked = (inputs == info.mask_id) & mlm
+    kept = (inputs == ids) & mlm
+    rand = mlm & ~masked & ~kept
+    for part, p in ((masked, 0.8), (kept, 0.1 + 0.1 / len(info.ordinary_ids)), (rand, 0.1)):
+        assert abs(part.sum() - p * n) < 4 * np.sqrt(n * p * (1 - p)) + 2
+    assert not np.isin(inputs[rand], info.special_ids).any()    # random replacements are never SPs/specials
+    assert np.isin(inputs[rand], info.ordinary_ids).all()
+    # MSP labels sit exactly on the masked SPs, which become [MASK]
+    want = np.zeros_like(msp)
+    for b, s in enumerate(samples):
+        a = as_arrays(s)
+        want[b, a["sp_positions"][a["msp_mask"]]] = True
+    assert (msp == want).all() and want.any()
+    assert (labels[msp] == ids[msp]).all() and np.isin(labels[msp], info.sp_ids).all()
+    assert (inputs[msp] == info.mask_id).all()
+    # per-token source ids
+    src = batch["token_source"].numpy()
+    for b, s in enumerate(samples):
+        assert (src[b][real[b]] == s["source_id"]).all() and (src[b][~real[b]] == -1).all()
+
+
+def test_msp_and_insert_policies_redraw_at_the_requested_rates(prefix_build):
+    ds = open_dataset(prefix_build, weights=False)
+    samples = _all(ds)
+    n_sp = sum(len(as_arrays(s)["sp_positions"]) for s in samples)
+    for p in (0.0, 0.15, 0.5):
+        b = MLMCollator(ds.build, sp_policy=f"msp={p}", seed=3)(samples)
+        got = int(b["msp_target"].sum())
+        assert abs(got - p * n_sp) <= 4 * np.sqrt(n_sp * p * (1 - p)) + 1e-9
+    q = 0.5
+    b = MLMCollator(ds.build, sp_policy=f"insert={q}", seed=3)(samples)
+    kept = int(np.isin(b["input_ids"].numpy(), ds.build.sp_ids).sum() + b["msp_target"].sum())
+    assert abs(kept - q * n_sp) < 4 * np.sqrt(n_sp * q * (1 - q))
+    with pytest.raises(SptokError):
+        SPPolicy.parse("msp=2")
+
+
+def test_strip_gives_the_tokens_of_a_build_without_sps(corpus, prefix_build):
+    """Document by document, stripped samples hold exactly the tokens of a build made without SPs."""
+    plain = _build(corpus, "nosp", insert_prob=0.0)
+    info = BuildInfo.load(prefix_build)
+    stripped = []
+    for s in _all(open_dataset(prefix_build, weights=False)):
+        a = apply_policy(as_arrays(s), SPPolicy.parse("strip"), info, np.uint64(0))
+        stripped.append(dict(a, input_ids=a["input_ids"][: a.get("length", len(a["input_ids"]))]))
+    assert documents(stripped) == documents([as_arrays(s) for s in _all(open_dataset(plain, weights=False))])
+    coll = CausalLMCollator(info, sp_policy="strip")
+    b = coll(_all(open_dataset(prefix_build, weights=False))[:8])
+    assert b["input_ids"].shape == (8, SEQ)                         # shapes stay fixed (padded)
+    assert not np.isin(b["input_ids"].numpy(), np.concatenate([info.sp_ids, info.delimiter_ids])).any()
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+def test_causal_attention_never_crosses_documents(corpus, position):
+    out = _build(corpus, f"causal-{position}", position=position, msp_prob=0.0)
+    ds = open_dataset(out, weights=False)
+    samples = _all(ds)[:16]
+    b = CausalLMCollator(ds.build, mask="dense")(samples)
+    mask, pos, labels = b["attention_mask"].numpy()[:, 0], b["position_ids"].numpy(), b["labels"].numpy()
+    for i, s in enumerate(samples):
+        a = as_arrays(s)
+        doc = np.searchsorted(a["doc_offsets"], np.arange(len(a["input_ids"])), side="right") - 1
+        n = len(doc)
+        allowed = (doc[:, None] == doc[None, :]) & np.tril(np.ones((n, n), bool))
+        assert (mask[i][:n, :n] == allowed).all()                  # the actual mask: block-diagonal causal
+        assert (pos[i][:n] == np.arange(n) - a["doc_offsets"][doc]).all()   # positions restart per document
+        assert (labels[i][a["doc_offsets"]] == IGNORE).all()
+    cu = b["cu_seqlens"].numpy()
+    assert cu[-1] == len(samples) * b["input_ids"].shape[1] and (np.diff(cu) > 0).all()
+    if position in ("post", "both"):   # a post SP is a prediction target
+        sp_t = b["sp_target"].numpy()
+        assert sp_t.any() and np.isin(labels[sp_t], ds.build.sp_ids).all()
+
+
+def test_span_corruption_reassembles_and_spares_sps(prefix_build):
+    ds = open_dataset(prefix_build, weights=False)
+    info = ds.build
+    samples = _all(ds)[:24]
+    coll = SpanCorruptionCollator(info, noise_density=0.15, mean_span=3.0, seed=5)
+    b = coll(samples)
+    sentinels = set(coll.sentinels.tolist())
+    for i, s in enumerate(samples):
+        a = as_arrays(s)
+        inp = b["input_ids"][i][b["attention_mask"][i] == 1].numpy()[:-1]       # drop the final EOS
+        tgt = b["labels"][i][b["labels"][i] != IGNORE].numpy()[:-1]
+        spans, cur = {}, None
+        for t in tgt:
+            if t in sentinels:
+                cur = int(t)
+                spans[cur] = []
+            else:
+                spans[cur].append(int(t))
+        rebuilt = [x for t in inp for x in (spans[int(t)] if t in sentinels else [int(t)])]
+        assert rebuilt == a["input_ids"].tolist()                    # input + target = the original sample
+        noise = [x for v in spans.values() for x in v]
+        masked_sps = a["input_ids"][a["sp_positions"][a["msp_mask"]]].tolist()
+        assert sorted(x for x in noise if x in set(info.special_ids.tolist())) == sorted(masked_sps)
+        assert b["msp_target"][i].sum() == len(masked_sps)
+
+
+@pytest.mark.parametrize("kind", ["sptok Loader", "StreamingDataLoader"])
+def test_resume_mid_epoch_gives_the_same_batches(prefix_build, kind):
+    from streaming import StreamingDataLoader
+
+    from sptok.data import Loader
+
+    def loader():
+        ds = open_dataset(prefix_build, batch_size=4, shuffle=True, shuffle_seed=7)
+        coll = MLMCollator(ds.build, seed=2, sp_policy="insert=0.7,msp=0.3")
+        if kind == "sptok Loader":
+            return Loader(ds, coll, batch_size=4, num_workers=2)
+        return StreamingDataLoader(ds, batch_size=4, num_workers=2, collate_fn=coll)
+
+    full = [b for b in loader()]
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    del it, first
+    resumed = loader()
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_proportions_over_an_epoch(prefix_build):
+    from collections import Counter
+
+    ds = open_dataset(prefix_build)                          # manifest weights 1 : 1 : 0.5 : 0.5
+    counts = Counter(s["source_id"] for s in ds)             # one epoch, as streaming samples it
+    total = sum(counts.values())
+    for sid, w in enumerate([1 / 3, 1 / 3, 1 / 6, 1 / 6]):
+        assert abs(counts[sid] / total - w) < 0.01
+    ds = open_dataset(prefix_build, proportion={"code": 2.0}, epoch_size=300, batch_size=1)
+    counts = Counter(s["source_id"] for s in ds)
+    assert abs(counts[1] / 300 - 2 / 4) < 0.02
+
+
+def test_plain_dataloader_loop_and_arrow_build(corpus, prefix_build):
+    from torch.utils.data import DataLoader
+
+    ds = open_dataset(prefix_build, weights=False)
+    batches = list(DataLoader(ds, batch_size=8, collate_fn=CausalLMCollator(ds.build)))
+    assert sum(len(b["input_ids"]) for b in batches) == len(ds)
+    pq = _build(corpus, "parquet", msp_prob=0.3, insert_prob=0.9, format="parquet")
+    table = open_dataset(pq, weights=False)
+    assert len(table) == len(ds)
+    a = MLMCollator(table.build, seed=4)([table[i] for i in range(16)])
+    b = MLMCollator(ds.build, seed=4)([ds[i] for i in range(16)])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_hf_trainer_trains_a_tiny_bert(prefix_build, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+
+    ds = open_dataset(prefix_build, batch_size=8, shuffle=True, weights=False)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=ds.build.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=128, max_position_embeddings=SEQ))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
+                             learning_rate=2e-3, logging_steps=5, report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, save_strategy="no", remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      data_collator=MLMCollator(ds.build, extras=False))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0] - 1.0, losses
