@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .errors import SptokError
 from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of
-from .manifest import Manifest, Unit, input_fingerprint, load_manifest, plan_units
+from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry, sp_strings
 from .fastenc import choose_encoder
@@ -136,22 +136,23 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     tok_json = tok.to_str()
     units = plan_units(manifest, opts.unit_size)
     _probe_fields(manifest, units)
-    sources = [{"name": s.name, "source_id": s.source_id, "format": s.format, "paths": list(s.paths),
-                "files": [manifest.relpath(f) for f in s.files], "text_field": s.text_field,
-                "id_field": s.id_field, "sp": s.sp, "weight": s.weight} for s in manifest.sources]
     identity = {
         "sptok_version": __version__,
-        "manifest": {"path": os.path.basename(manifest.path), "sources": sources},
+        # root: where `sptok verify` finds the inputs again; not fingerprinted (where a corpus lives is not
+        # what it is), like the tokenizer's base path
+        "manifest": {"path": os.path.basename(manifest.path), "root": manifest.root,
+                     "sources": describe_sources(manifest)},
         "options": opts.identity(),
         "tokenizer": {"sha256": hashlib.sha256(tok_json.encode()).hexdigest(), "base": os.path.abspath(lt.path),
                       "base_sha256": base_sha, "vocab_size": vocab, "roles": roles,
                       "added_specials": sps + ([opts.delimiter] if special_delim else [])},
-        "inputs": input_fingerprint(manifest),
+        "inputs": input_fingerprint(manifest, opts.hash_inputs),
         "units": [u.to_json() for u in units],
     }
     plan = dict(identity)
-    plan["fingerprint"] = fingerprint_of({k: v for k, v in identity.items() if k != "tokenizer"} |
-                                         {"tokenizer": {k: v for k, v in identity["tokenizer"].items() if k != "base"}})
+    plan["fingerprint"] = fingerprint_of(dict(
+        identity, manifest={k: v for k, v in identity["manifest"].items() if k != "root"},
+        tokenizer={k: v for k, v in identity["tokenizer"].items() if k != "base"}))
     plan["sp_table"] = [SPEntry(s.name, s.source_id, sp, ids[sp]).to_json() for s, sp in zip(manifest.sources, sps)]
     plan["delimiter"] = {"text": opts.delimiter, "special": special_delim, "ids": list(delim_ids)}
     plan["eos"] = {"token": eos, "id": tok.token_to_id(eos)}

@@ -86,6 +86,8 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--encoder", type=click.Choice(["auto", "hf", "fast"]), help="Tokenizer implementation [auto].")
 @click.option("--partition", help="Build only slice i/N of the work units (then `sptok merge`).")
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first bad record instead of skipping it.")
+@click.option("--hash-inputs", is_flag=True, default=None, help="Fingerprint input files by content (xxh64) instead "
+                                                                "of size + mtime: reads every input once more.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
 def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
@@ -136,16 +138,156 @@ def merge(parts, out, overwrite):
 
 @main.command()
 @click.argument("out", type=click.Path())
+@click.option("--source", "sources", multiple=True, help="Only this source (repeatable).")
+@click.option("--reason", "reasons", multiple=True, help="Only this reason, e.g. malformed_json (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line, raw text in full.")
+@click.option("--limit", type=click.IntRange(min=0), help="Show at most N records [all].")
+def rejects(out, sources, reasons, as_json, limit):
+    """List the records the build in OUT skipped: source, reason, location, detail and raw text."""
+    from .rejects import expected, format_reject, iter_rejects, select
+
+    names, why, st = select(out, sources, reasons)
+    shown = 0
+    try:
+        for rec in iter_rejects(out, names, why, st):
+            if limit is not None and shown >= limit:
+                break
+            click.echo(json.dumps(rec, ensure_ascii=False, sort_keys=True) if as_json else format_reject(rec))
+            shown += 1
+    except BrokenPipeError:   # `sptok rejects OUT | head`
+        sys.stdout = open(os.devnull, "w")
+        return
+    if not as_json:
+        total = expected(st, names, why)
+        click.echo(f"{shown:,} of {total:,} rejected records shown" if total else "no rejected records", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def stats(out, as_json):
+@click.option("--inputs", "inputs_root", type=click.Path(), help="The manifest's directory, where the inputs are "
+                                                                 "now [where they were at build time].")
+@click.option("--outputs-only", is_flag=True, help="Check the shards only, not the inputs.")
+def verify(out, as_json, inputs_root, outputs_only):
+    """Re-hash OUT's shards against their indexes and its inputs against the build fingerprint.
+
+    Exit code 0 when everything matches, 2 naming each shard or input file that changed, went missing
+    or is new."""
+    from .verify import verify_build
+
+    rep = verify_build(out, inputs_root=inputs_root, check_inputs=not outputs_only)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=1, sort_keys=True))
+        if not rep.ok:
+            sys.exit(2)
+    elif not rep.ok:
+        raise SptokError(rep.text())
+    else:
+        click.echo(rep.text())
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--plot", "plot_dir", type=click.Path(), help="Also write PNG figures into this directory "
+                                                              "(needs matplotlib: pip install 'sptok[plot]').")
+@click.option("--run", "run_dir", type=click.Path(), help="A training log dir (sptok pretrain's log.dir): show the "
+                                                          "requested source proportions next to the delivered ones.")
+def stats(out, as_json, plot_dir, run_dir):
     """Per-source statistics of the build in OUT."""
     from .stats import format_table, load_stats, table_rows
 
     info, st = load_stats(out)
+    if run_dir:
+        from .train.accounting import format_accounting, run_accounting
+
+        rows = run_accounting(info, st, run_dir)
+        click.echo(json.dumps(rows, indent=1) if as_json else format_accounting(rows))
+        return
+    figures = None
+    if plot_dir:
+        from .inspect.plot import write_figures
+
+        figures = write_figures(info, st, plot_dir)
     if as_json:
-        click.echo(json.dumps({"sources": table_rows(info, st), "stats": st}, indent=1, sort_keys=True))
+        doc = {"sources": table_rows(info, st), "stats": st}
+        if figures is not None:
+            doc["figures"] = figures
+        click.echo(json.dumps(doc, indent=1, sort_keys=True))
     else:
         click.echo(format_table(info, st))
+    if figures:
+        click.echo(f"wrote {len(figures)} figures to {plot_dir}: " + ", ".join(os.path.basename(f) for f in figures),
+                   err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--source", "sources", multiple=True, help="Only samples of this source (repeatable) [all].")
+@click.option("--n", "-n", "n", type=int, default=3, show_default=True, help="How many samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of samples.")
+@click.option("--ids", is_flag=True, help="One row per token: position, token id, decoded token.")
+@click.option("--color/--no-color", default=None, help="Colour the marks [when printing to a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (pieces with positions).")
+def show(out, sources, n, seed, ids, color, as_json):
+    """Print N decoded samples of the build in OUT, SPs, delimiters and MSP-masked SPs marked."""
+    from .inspect.show import legend, render, show as show_samples
+
+    reader, views = show_samples(out, list(sources) or None, n, seed)
+    if color is None:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        if as_json:
+            click.echo(json.dumps({"build": out, "seed": seed, "samples": [v.to_json(ids) for v in views]},
+                                  indent=1, ensure_ascii=False))
+            return
+        click.echo(legend(color), color=color)
+        for k, v in enumerate(views, 1):
+            click.echo(render(v, k, len(views), color=color, tok=reader.tok if ids else None), color=color, nl=False)
+    except BrokenPipeError:   # `sptok show ... | head`
+        sys.stdout = open(os.devnull, "w")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--out", "-o", "path", required=True, type=click.Path(), help="The HTML file to write.")
+@click.option("--samples", type=int, default=2, show_default=True, help="Decoded samples per source.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of samples.")
+def report(out, path, samples, seed):
+    """Write one self-contained HTML page about the build in OUT (identity, table, figures, samples)."""
+    from .inspect.plot import available
+    from .inspect.report import write_report
+
+    if not available():
+        click.echo("warning: matplotlib is not installed, so the report has no figures: "
+                   "pip install 'sptok[plot]'", err=True)
+    write_report(out, path, samples, seed)
+    click.echo(f"wrote {path}: open it in a browser (file://{os.path.abspath(path)})", err=True)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.steps=100 (repeatable).")
+def pretrain(config, overrides):
+    """Pre-train a model (BERT, T5 or Llama, built from config) on an sptok build.
+
+    One process, or many under torchrun: torchrun --nproc_per_node=8 -m sptok pretrain CONFIG
+    """
+    from .train.config import load_config
+    from .train.loop import pretrain as run
+
+    run(load_config(config, list(overrides)), log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Directory for the exported model.")
+def export(checkpoint, out):
+    """Export CHECKPOINT (a step directory, or the checkpoint root for the newest) as a transformers model."""
+    from .train.export import export as run
+
+    click.echo(f"exported {run(checkpoint, out)}")
 
 
 @main.group()

@@ -23,6 +23,9 @@ from .writers import open_writer, write_mds_index
 
 WORK = ".sptok"
 MARKER = "sptok.json"
+# per-source list of Parquet/Arrow files with their bytes and xxh64 (what `sptok verify` checks); the leading
+# underscore keeps pyarrow's and datasets' directory discovery from taking it for a data file
+TABLE_INDEX = "_files.json"
 
 
 def load_build(out: str) -> dict:
@@ -72,8 +75,8 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
                                       len(entries)))
         extra = _stitch_tails(plan, [os.path.join(unit_dirs[_uid(u)], "tail.npz") for u in units], src, sdir,
                               entries)
+        indexes[sdir] = entries
         if fmt == "mds":
-            indexes[sdir] = entries
             for e in entries:
                 e = json.loads(json.dumps(e))
                 for part in ("raw_data", "zip_data"):
@@ -92,6 +95,9 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
         for sdir, entries in indexes.items():
             write_mds_index(sdir, entries)
         write_mds_index(out, merged_shards)
+    else:
+        for sdir, entries in indexes.items():
+            _write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
     _write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
 
@@ -203,4 +209,4 @@ def fingerprint_of(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-__all__ = ["finalize", "load_build", "fingerprint_of", "WORK", "MARKER", "__version__"]
+__all__ = ["finalize", "load_build", "fingerprint_of", "WORK", "MARKER", "TABLE_INDEX", "__version__"]

@@ -82,17 +82,7 @@ class Unit:
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read, validate and expand a manifest; every problem is a SptokError naming the key."""
     path = str(path)
-    if not os.path.exists(path):
-        raise SptokError(f"manifest not found: {path}")
-    if os.path.isdir(path):
-        raise SptokError(f"manifest {path} is a directory; expected a .yaml or .json file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise SptokError(f"cannot read manifest {path}: {e.strerror}") from None
-    doc = _parse(path, data)
-    validate_document(doc, "manifest.schema.json", what=f"manifest {path}")
+    doc = read_document(path)
     root = os.path.dirname(os.path.abspath(path))
     names: dict[str, int] = {}
     sources = []
@@ -104,8 +94,24 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise SptokError(f"manifest {path}: sources[{i}].name: {s['name']!r} is reserved (the output directory "
                              f"has a file or folder of that name); choose another name")
         names[s["name"]] = i
-        sources.append(_expand_source(path, root, i, s))
+        sources.append(expand_source(path, root, i, s))
     return Manifest(path=path, root=root, sources=sources, build=dict(doc.get("build") or {}), raw=doc)
+
+
+def read_document(path: str) -> dict:
+    """The manifest document, parsed and validated against the schema, its paths not yet expanded."""
+    if not os.path.exists(path):
+        raise SptokError(f"manifest not found: {path}")
+    if os.path.isdir(path):
+        raise SptokError(f"manifest {path} is a directory; expected a .yaml or .json file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SptokError(f"cannot read manifest {path}: {e.strerror}") from None
+    doc = _parse(path, data)
+    validate_document(doc, "manifest.schema.json", what=f"manifest {path}")
+    return doc
 
 
 def _parse(path: str, data: bytes) -> dict:
@@ -166,7 +172,7 @@ def _key_path(parts) -> str:
     return out
 
 
-def _expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
+def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
     key = f"manifest {mpath}: sources[{i}] ({s['name']})"
     paths = [s["paths"]] if isinstance(s["paths"], str) else list(s["paths"])
     fmt = s.get("format")
@@ -312,14 +318,44 @@ def _hf_arrow_files(path: str) -> list[str]:
     return files
 
 
-def input_fingerprint(manifest: Manifest) -> list[list]:
-    """(relative path, size, mtime_ns) of every input file: what a resume must find unchanged."""
+def describe_sources(manifest: Manifest) -> list[dict]:
+    """The resolved sources as recorded in sptok.json (and compared on resume)."""
+    return [{"name": s.name, "source_id": s.source_id, "format": s.format, "paths": list(s.paths),
+             "files": [manifest.relpath(f) for f in s.files], "text_field": s.text_field,
+             "id_field": s.id_field, "sp": s.sp, "weight": s.weight} for s in manifest.sources]
+
+
+def input_files(manifest: Manifest) -> list[str]:
+    """Every input file, in source then file order."""
+    return [p for src in manifest.sources for p in source_files(src)]
+
+
+def source_files(src: Source) -> list[str]:
+    """The files of one source; a `datasets` directory counts with every file in it."""
     out = []
-    for src in manifest.sources:
-        for f in src.files:
-            paths = [f] if not os.path.isdir(f) else sorted(
-                os.path.join(d, n) for d, _, ns in os.walk(f) for n in ns)
-            for p in paths:
-                st = os.stat(p)
-                out.append([manifest.relpath(p), st.st_size, st.st_mtime_ns])
+    for f in src.files:
+        out += [f] if not os.path.isdir(f) else sorted(os.path.join(d, n) for d, _, ns in os.walk(f) for n in ns)
     return out
+
+
+def input_fingerprint(manifest: Manifest, hash_inputs: bool = False) -> list[list]:
+    """(relative path, size, mtime_ns) of every input file, or (relative path, size, "xxh64:<hex>") with
+    ``hash_inputs``: what a resume must find unchanged and what `sptok verify` re-checks. Content hashes
+    survive copies and touches but read every byte; size + mtime cost nothing."""
+    return [input_row(p, manifest.relpath(p), hash_inputs) for p in input_files(manifest)]
+
+
+def input_row(path: str, rel: str, hash_inputs: bool) -> list:
+    st = os.stat(path)
+    return [rel, st.st_size, f"xxh64:{file_xxh64(path)}" if hash_inputs else st.st_mtime_ns]
+
+
+def file_xxh64(path: str, chunk: int = 8 << 20) -> str:
+    """xxh64 of a file's bytes, read in chunks (inputs and shards can be large)."""
+    import xxhash
+
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -46,6 +46,7 @@ class BuildOptions:
     eos: str | None = None
     unit_size: int | str = 16 << 20
     shard_size: int | str = 1 << 26
+    hash_inputs: bool = False      # fingerprint inputs by content (xxh64) instead of size + mtime
     # how to run; never changes the output
     workers: int = 0
     encoder: str = "auto"
@@ -73,6 +74,8 @@ class BuildOptions:
             raise SptokError(f"--seq-len: must be an integer >= 8, got {self.seq_len!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise SptokError(f"--seed: must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.hash_inputs, bool):
+            raise SptokError(f"hash_inputs: must be true or false, got {self.hash_inputs!r}")
         self.unit_size = parse_size(self.unit_size, "--unit-size")
         self.shard_size = parse_size(self.shard_size, "--shard-size")
         if self.shard_size >= 1 << 32:

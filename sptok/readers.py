@@ -8,8 +8,9 @@ the break and records the break itself.
 from __future__ import annotations
 
 import base64
-import gzip
+import codecs
 import json
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .manifest import Unit
 
 BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
 READ_CHUNK = 4 << 20        # bytes read from a file at once
+FEED_SLICE = 64 << 10      # compressed bytes handed to a decompressor at once
 REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_field", "non_string_text",
            "empty_text", "truncated_archive")
 
@@ -114,7 +116,6 @@ class _JsonlLines:
         self.rejects = rejects
         self.consumed = 0               # bytes read so far, for progress
         self._base: int | None = 0 if unit.start == 0 else None
-        self.broken: tuple[int, str] | None = None   # (decompressed offset, why) of a truncated archive
         self._first = unit.start     # file offset of the unit's first line
 
     def __iter__(self) -> Iterator[tuple[int, int, bytes]]:
@@ -123,8 +124,8 @@ class _JsonlLines:
             magic = f.read(4)
             f.seek(0)
             skip_first, stop, pos = False, None, 0
-            if magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd":
-                chunks = self._decompressed(f, magic)
+            if is_compressed(magic):
+                chunks = _Decompressed(f, magic)
             else:
                 if unit.start > 0:   # start one byte early: if that byte is a newline, nothing is skipped
                     f.seek(unit.start - 1)
@@ -153,11 +154,12 @@ class _JsonlLines:
                     idx += 1
                 if stop is not None and pos >= stop:
                     return
-            if self.broken is not None:   # the partial line before the break belongs to the break
-                offset, detail = self.broken
-                self.rejects.add("truncated_archive", f"{unit.relpath} (decompressed byte {offset})",
+            broken = getattr(chunks, "broken", None)
+            if broken is not None:   # the partial line before the break belongs to the break
+                offset, detail = broken
+                self.rejects.add("truncated_archive", f"{unit.relpath} line {idx + 1} (decompressed byte {offset})",
                                  f"{detail}; every complete line before the break was kept", buf or None,
-                                 file=unit.relpath, byte=offset)
+                                 file=unit.relpath, line=idx + 1, byte=offset)
             elif buf and not skip_first and (stop is None or pos < stop):
                 yield pos, idx, buf
 
@@ -176,35 +178,46 @@ class _JsonlLines:
         return self._base + local_line + 1
 
 
-    def _decompressed(self, f, magic: bytes) -> Iterator[bytes]:
-        """Decompress gzip or zstd (several members / frames) in chunks. A truncated or corrupt archive
-        yields what came before the break and sets ``self.broken``."""
+def is_compressed(magic: bytes) -> bool:
+    return magic[:2] == b"\x1f\x8b" or magic[:4] == b"\x28\xb5\x2f\xfd"
+
+
+class _Decompressed:
+    """The decompressed chunks of a gzip or zstd file (several members / frames). A truncated or corrupt
+    archive yields what came before the break and sets ``broken`` to (decompressed offset, why)."""
+
+    def __init__(self, f, magic: bytes):
+        self.f, self.gz = f, magic[:2] == b"\x1f\x8b"
+        self.broken: tuple[int, str] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
         import zstandard
 
-        gz = magic[:2] == b"\x1f\x8b"
+        gz, f = self.gz, self.f
         zctx = None if gz else zstandard.ZstdDecompressor()
         new = (lambda: zlib.decompressobj(wbits=47)) if gz else zctx.decompressobj
         errors = (zlib.error,) if gz else (zstandard.ZstdError,)
         kind = "gzip" if gz else "zstd"
         d, out, fed = new(), 0, False
-        while True:
-            comp = f.read(READ_CHUNK)
-            if not comp:
-                break
-            try:
-                data = d.decompress(comp)
-                fed = True
-                while d.eof and d.unused_data:   # the next gzip member / zstd frame
-                    rest = d.unused_data
-                    d = new()
-                    data += d.decompress(rest)
-            except errors as e:
-                self.broken = (out, f"corrupt {kind} data ({e})")
-                return
-            out += len(data)
-            yield data
+        for comp in iter(lambda: f.read(READ_CHUNK), b""):
+            # fed in slices so that a corrupt block loses at most one slice of what came before it
+            for a in range(0, len(comp), FEED_SLICE):
+                try:
+                    if d.eof:                        # a member / frame ended exactly at a slice boundary
+                        d = new()
+                    data = d.decompress(comp[a:a + FEED_SLICE])
+                    fed = True
+                    while d.eof and d.unused_data:   # the next gzip member / zstd frame
+                        rest = d.unused_data
+                        d = new()
+                        data += d.decompress(rest)
+                except errors as e:
+                    self.broken = (out, f"corrupt {kind} data ({e})")
+                    return
+                out += len(data)
+                yield data
         if fed and not d.eof:
-            self.broken = (out, f"{kind} archive ends in the middle of a frame (truncated)")
+            self.broken = (out, f"{kind} archive ends in the middle of a {'member' if gz else 'frame'} (truncated)")
 
 
 @dataclass(frozen=True)
@@ -273,19 +286,21 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
     keys, texts, size, row = [], [], 0, row0
     try:
         for rb in batches:
-            col_text = _strings(rb.column(0), unit, text_field, row, rejects)
+            col_text = _strings(rb.column(0))
             col_id = rb.column(1).to_pylist() if id_field else None
             for i, text in enumerate(col_text):
                 r = row + i
                 where = f"{unit.relpath} row {r}"
-                if text is None:
-                    continue  # already recorded by _strings (invalid UTF-8) or null below
+                if isinstance(text, _BadUTF8):
+                    rejects.add("invalid_utf8", where, f"field {text_field!r}: invalid UTF-8 at byte {text.start}",
+                                text.raw, file=unit.relpath, row=r)
+                    continue
                 if text is _NULL:
                     rejects.add("missing_field", where, f"field {text_field!r} is null", None,
                                 file=unit.relpath, row=r)
                     continue
                 if not text:
-                    rejects.add("empty_text", where, f"field {text_field!r} is empty", None,
+                    rejects.add("empty_text", where, f"field {text_field!r} is empty", b"",
                                 file=unit.relpath, row=r)
                     continue
                 if id_field:
@@ -311,6 +326,12 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
 _NULL = object()
 
 
+@dataclass(frozen=True)
+class _BadUTF8:
+    raw: bytes
+    start: int
+
+
 def _check_columns(unit: Unit, schema, columns: list[str], text_field: str) -> None:
     import pyarrow as pa
 
@@ -326,8 +347,9 @@ def _check_columns(unit: Unit, schema, columns: list[str], text_field: str) -> N
                          f"column")
 
 
-def _strings(arr, unit: Unit, field_name: str, row0: int, rejects: Rejects) -> list:
-    """Python strings of an Arrow column; nulls become _NULL, invalid UTF-8 is rejected (None)."""
+def _strings(arr) -> list:
+    """Python strings of an Arrow column; nulls become _NULL, invalid UTF-8 a _BadUTF8 (the caller rejects
+    both in row order)."""
     import pyarrow as pa
 
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -336,49 +358,43 @@ def _strings(arr, unit: Unit, field_name: str, row0: int, rejects: Rejects) -> l
         except UnicodeDecodeError:
             arr = arr.cast(pa.large_binary())
     out = []
-    for i, v in enumerate(arr.to_pylist()):
+    for v in arr.to_pylist():
         if v is None:
             out.append(_NULL)
             continue
         try:
             out.append(v.decode("utf-8"))
         except UnicodeDecodeError as e:
-            rejects.add("invalid_utf8", f"{unit.relpath} row {row0 + i}",
-                        f"field {field_name!r}: invalid UTF-8 at byte {e.start}", v, file=unit.relpath, row=row0 + i)
-            out.append(None)
+            out.append(_BadUTF8(v, e.start))
     return out
 
 
 # ------------------------------------------------------------------------------------------ plain text
 
 def _read_text(unit, text_field, id_field, rejects, batch_bytes):
+    """One document per file. A truncated archive keeps the text before the break (and records the
+    break), like a truncated JSONL archive keeps its complete lines."""
     keys, texts, size, done = [], [], 0, 0
     for path, rel in unit.files:
         with open(path, "rb") as f:
-            data = f.read()
-        done += len(data)
-        if data[:2] == b"\x1f\x8b":
-            try:
-                data = gzip.decompress(data)
-            except (EOFError, OSError, zlib.error) as e:
-                rejects.add("truncated_archive", rel, f"gzip file is truncated or corrupt ({e}); file skipped",
-                            None, file=rel)
-                continue
-        elif data[:4] == b"\x28\xb5\x2f\xfd":
-            import zstandard
-
-            try:
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-            except zstandard.ZstdError as e:
-                rejects.add("truncated_archive", rel, f"zstd file is corrupt ({e}); file skipped", None, file=rel)
-                continue
-        try:
-            text = data.decode("utf-8-sig")
+            done += os.fstat(f.fileno()).st_size
+            magic = f.read(4)
+            f.seek(0)
+            chunks = _Decompressed(f, magic) if is_compressed(magic) else [f.read()]
+            data = b"".join(chunks)
+        broken = getattr(chunks, "broken", None)
+        if broken is not None:
+            rejects.add("truncated_archive", f"{rel} (decompressed byte {broken[0]})",
+                        f"{broken[1]}; the text before the break was kept", None, file=rel, byte=broken[0])
+        try:   # after a break, a character cut in half at the end is dropped, not an error
+            text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=broken is None)
         except UnicodeDecodeError as e:
-            rejects.add("invalid_utf8", rel, f"invalid UTF-8 at byte {e.start}; file skipped", None, file=rel)
+            at = e.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
+            rejects.add("invalid_utf8", f"{rel} byte {at}", f"invalid UTF-8 at byte {at}; file skipped", None,
+                        file=rel, byte=at)
             continue
         if not text:
-            rejects.add("empty_text", rel, "empty file", None, file=rel)
+            rejects.add("empty_text", rel, "no text before the break" if broken else "empty file", None, file=rel)
             continue
         keys.append(rel)
         texts.append(text)

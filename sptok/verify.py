@@ -1,0 +1,313 @@
+"""`sptok verify OUT`: are the shards still the bytes the build wrote, and are the inputs still what it read?
+
+Outputs are re-hashed against what the build recorded: MDS shards against the xxh64 and sizes of their
+source's ``index.json`` (compressed and decompressed), Parquet/Arrow files against ``_files.json``, the
+tokenizer against the sha256 in ``sptok.json``. Inputs are fingerprinted again the way the build did
+(size + mtime, or content with ``--hash-inputs``) and compared file by file, so the report names each
+file that changed, went missing, or is newly matched by the manifest's paths.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from .errors import SptokError
+from .finalize import TABLE_INDEX, load_build
+from .manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
+
+CHUNK = 8 << 20
+
+
+@dataclass
+class Problem:
+    kind: str      # shard | index | tokenizer | input | manifest
+    path: str      # relative to OUT (outputs) or to the manifest's directory (inputs)
+    what: str      # changed | missing | new | unlisted | corrupt | mismatch
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.kind:<9} {self.path}: {self.what}: {self.detail}"
+
+
+@dataclass
+class Report:
+    out: str
+    fingerprint: str
+    outputs_checked: int = 0
+    inputs_checked: int | None = None     # None: inputs not checked
+    inputs_mode: str = ""
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def text(self) -> str:
+        checked = f"{self.outputs_checked} output files"
+        if self.inputs_checked is not None:
+            checked += f" and {self.inputs_checked} input files ({self.inputs_mode})"
+        head = f"{self.out} (fingerprint {self.fingerprint[:12]})"
+        if self.ok:
+            return f"ok: {head}: {checked} match the build"
+        n = len(self.problems)
+        lines = [f"{head}: {n} problem{'s' if n > 1 else ''}"] + [f"  {p.line()}" for p in self.problems]
+        return "\n".join(lines + [f"checked {checked}"])
+
+
+def verify_build(out: str, inputs_root: str | None = None, check_inputs: bool = True) -> Report:
+    info = load_build(out)
+    try:
+        rep = Report(out=out, fingerprint=info["fingerprint"])
+        _check_outputs(out, info, rep)
+        if check_inputs:
+            _check_inputs(info, inputs_root, rep)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SptokError(f"{out}/sptok.json: not the description of a build sptok can verify (no {e})") from None
+    return rep
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+def _check_outputs(out: str, info: dict, rep: Report) -> None:
+    fmt = info["format"]
+    merged = []
+    for src in info["manifest"]["sources"]:
+        name = src["name"]
+        index_name = "index.json" if fmt == "mds" else TABLE_INDEX
+        index_rel = f"{name}/{index_name}"
+        if not os.path.isdir(os.path.join(out, name)):
+            rep.problems.append(Problem("shard", f"{name}/", "missing", f"the directory of source {name!r} is gone"))
+            continue
+        try:
+            with open(os.path.join(out, index_rel)) as f:
+                index = json.load(f)
+            entries = index["shards"] if fmt == "mds" else index["files"]
+            if not isinstance(entries, list) or not all(_entry_ok(e, fmt) for e in entries):
+                raise ValueError("an entry lacks its basename, bytes, hashes.xxh64 or samples")
+        except FileNotFoundError:
+            rep.problems.append(Problem("index", index_rel, "missing", f"the list of {name}'s files and their hashes "
+                                                                       f"is gone"))
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            rep.problems.append(Problem("index", index_rel, "corrupt", f"cannot read it ({e})"))
+            continue
+        for e in entries:
+            rep.outputs_checked += 1
+            if fmt == "mds":
+                _check_mds_shard(out, name, e, rep)
+                e = json.loads(json.dumps(e))
+                for part in ("raw_data", "zip_data"):
+                    e[part]["basename"] = f"{name}/{e[part]['basename']}"
+                merged.append(e)
+            else:
+                _check_file(out, f"{name}/{e['basename']}", e["bytes"], e["hashes"]["xxh64"], index_rel, rep)
+        samples = sum(e["samples"] for e in entries)
+        want = info.get("counts", {}).get(name, {}).get("samples")
+        if want is not None and samples != want:
+            rep.problems.append(Problem("index", index_rel, "mismatch",
+                                        f"lists {samples} samples, sptok.json counts {want}"))
+        listed = {e["zip_data"]["basename"] if fmt == "mds" else e["basename"] for e in entries}
+        pattern = re.compile(r"shard\.\d+\.mds(\.zstd)?$" if fmt == "mds" else rf"data-\d+\.{fmt}$")
+        sdir = os.path.join(out, name)
+        for extra in sorted(set(os.listdir(sdir)) - listed if os.path.isdir(sdir) else ()):
+            if pattern.match(extra):
+                rep.problems.append(Problem("shard", f"{name}/{extra}", "unlisted",
+                                            f"a data file that {index_name} does not list (not written by this build)"))
+    if fmt == "mds":
+        try:
+            with open(os.path.join(out, "index.json")) as f:
+                top = json.load(f)["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            rep.problems.append(Problem("index", "index.json", "corrupt", f"cannot read the merged index ({e})"))
+        else:
+            if top != merged:
+                rep.problems.append(Problem("index", "index.json", "mismatch",
+                                            "the merged index differs from the per-source index.json files"))
+    _check_tokenizer(out, info, rep)
+
+
+def _entry_ok(e, fmt: str) -> bool:
+    """Whether an index entry has what the checks read (a hand-edited index must not crash them)."""
+    if not isinstance(e, dict):
+        return False
+    parts = [e.get("zip_data"), e.get("raw_data")] if fmt == "mds" else [e]
+    return isinstance(e.get("samples"), int) and all(
+        isinstance(p, dict) and isinstance(p.get("basename"), str) and isinstance(p.get("bytes"), int)
+        and isinstance(p.get("hashes"), dict) and isinstance(p["hashes"].get("xxh64"), str) for p in parts)
+
+
+def _check_mds_shard(out: str, name: str, e: dict, rep: Report) -> None:
+    import xxhash
+    import zstandard
+
+    rel = f"{name}/{e['zip_data']['basename']}"
+    index_rel = f"{name}/index.json"
+    if not _check_file(out, rel, e["zip_data"]["bytes"], e["zip_data"]["hashes"]["xxh64"], index_rel, rep):
+        return
+    raw = e["raw_data"]
+    h, n = xxhash.xxh64(), 0
+    try:
+        with open(os.path.join(out, rel), "rb") as f:
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            for block in iter(lambda: reader.read(CHUNK), b""):
+                h.update(block)
+                n += len(block)
+    except zstandard.ZstdError as err:
+        rep.problems.append(Problem("shard", rel, "corrupt", f"does not decompress ({err})"))
+        return
+    if n != raw["bytes"] or h.hexdigest() != raw["hashes"]["xxh64"]:
+        rep.problems.append(Problem("shard", rel, "mismatch",
+                                    f"decompresses to {n:,} bytes with xxh64 {h.hexdigest()}, {index_rel} says "
+                                    f"{raw['bytes']:,} bytes with xxh64 {raw['hashes']['xxh64']}"))
+
+
+def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report) -> bool:
+    path = os.path.join(out, rel)
+    if not os.path.exists(path):
+        rep.problems.append(Problem("shard", rel, "missing", f"listed in {index_rel}, not on disk"))
+        return False
+    got_size = os.path.getsize(path)
+    got = file_xxh64(path)
+    if got_size != size or got != xxh64:
+        sizes = f"{got_size:,} bytes, {index_rel} says {size:,}; " if got_size != size else ""
+        rep.problems.append(Problem("shard", rel, "changed",
+                                    f"{sizes}xxh64 {got} differs from {index_rel}'s {xxh64} (modified after the build)"))
+        return False
+    return True
+
+
+def _check_tokenizer(out: str, info: dict, rep: Report) -> None:
+    from tokenizers import Tokenizer
+
+    rel = "tokenizer/tokenizer.json"
+    rep.outputs_checked += 1
+    try:
+        tok = Tokenizer.from_file(os.path.join(out, rel))
+    except Exception as e:  # tokenizers raises a bare Exception
+        rep.problems.append(Problem("tokenizer", rel, "corrupt", f"cannot be loaded ({e})"))
+        return
+    got = hashlib.sha256(tok.to_str().encode()).hexdigest()
+    if got != info["tokenizer"]["sha256"]:
+        rep.problems.append(Problem("tokenizer", rel, "changed", f"sha256 {got[:12]} differs from sptok.json's "
+                                                                 f"{info['tokenizer']['sha256'][:12]}"))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def _check_inputs(info: dict, inputs_root: str | None, rep: Report) -> None:
+    recorded_root = info["manifest"].get("root")
+    root = os.path.abspath(inputs_root) if inputs_root else recorded_root
+    if not root:
+        rep.problems.append(Problem("manifest", info["manifest"].get("path", "?"), "missing",
+                                    "sptok.json does not record where the manifest was (an older build); pass "
+                                    "--inputs DIR, the manifest's directory"))
+        return
+    hashed = bool(info["options"].get("hash_inputs"))
+    rep.inputs_mode = "xxh64 of the content" if hashed else "size + mtime"
+    recorded = {r[0]: r for r in info["inputs"]}
+    rep.inputs_checked = len(recorded)
+    for rel, old in recorded.items():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            rep.problems.append(Problem("input", rel, "missing", f"read by the build, now gone ({path})"))
+            continue
+        try:
+            new = input_row(path, rel, hashed)
+        except OSError as e:
+            rep.problems.append(Problem("input", rel, "unreadable", f"{e.strerror} ({path})"))
+            continue
+        if new != list(old):
+            rep.problems.append(Problem("input", rel, "changed", _describe_change(old, new)))
+    _check_manifest(info, root, recorded, rep)
+    _check_base_tokenizer(info, root, recorded_root, rep)
+
+
+def _describe_change(old: list, new: list) -> str:
+    parts = []
+    if old[1] != new[1]:
+        parts.append(f"size {old[1]:,} -> {new[1]:,} bytes")
+    if isinstance(old[2], str):
+        if old[2] != new[2]:
+            parts.append(f"content {old[2]} -> {new[2]}")
+    elif old[2] != new[2]:
+        parts.append(f"modified {_when(old[2])} -> {_when(new[2])}")
+        if old[1] == new[1]:
+            parts.append("same size: perhaps only touched (build with --hash-inputs to compare content)")
+    return "; ".join(parts)
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+def _check_manifest(info: dict, root: str, recorded: dict, rep: Report) -> None:
+    """Read the manifest again: an edited source, or a glob or directory that now matches more files,
+    makes a build of it differ. Paths are expanded one by one, so a missing file (already reported)
+    does not hide a new one elsewhere."""
+    name = info["manifest"].get("path") or "manifest"
+    mpath = os.path.join(root, name)
+    try:
+        doc = read_document(mpath)
+    except SptokError as e:
+        rep.problems.append(Problem("manifest", name, "unreadable", e.message))
+        return
+    old = {s["name"]: s for s in info["manifest"]["sources"]}
+    now = {s["name"]: s for s in doc["sources"]}
+    for src in sorted(set(old) ^ set(now)):
+        rep.problems.append(Problem("manifest", name, "changed",
+                                    f"source {src!r} was {'added' if src in now else 'removed'} since the build"))
+    owner: dict[str, str] = {}
+    for i, spec in enumerate(doc["sources"]):
+        if spec["name"] not in old:
+            continue
+        a = old[spec["name"]]
+        paths = [spec["paths"]] if isinstance(spec["paths"], str) else list(spec["paths"])
+        b = {"paths": paths, "text_field": spec.get("text_field", "text"), "id_field": spec.get("id_field"),
+             "sp": spec.get("sp"), "weight": float(spec.get("weight", 1.0)),
+             "format": FORMAT_ALIASES.get(spec.get("format"), spec.get("format")) or a["format"]}
+        diff = [k for k in b if a.get(k) != b[k]]
+        if diff:
+            rep.problems.append(Problem("manifest", name, "changed", f"source {spec['name']!r}: " + ", ".join(
+                f"{k} {a.get(k)!r} -> {b[k]!r}" for k in diff)))
+        for path in paths:
+            full = os.path.join(root, os.path.expanduser(path))
+            if not (glob.glob(full, recursive=True) if glob.has_magic(full) else os.path.exists(full)):
+                continue   # what it matched at build time is reported missing
+            try:
+                src = expand_source(mpath, root, i, dict(spec, paths=[path]))
+            except SptokError as e:
+                rep.problems.append(Problem("manifest", name, "unreadable", e.message))
+                continue
+            for f in source_files(src):
+                owner.setdefault(os.path.relpath(f, root), spec["name"])
+    for rel in sorted(set(owner) - set(recorded)):
+        rep.problems.append(Problem("input", rel, "new", f"now matched by the paths of source {owner[rel]!r}, "
+                                                         f"not read by the build"))
+
+
+def _check_base_tokenizer(info: dict, root: str, recorded_root: str | None, rep: Report) -> None:
+    base, want = info["tokenizer"].get("base"), info["tokenizer"].get("base_sha256")
+    if not base or not want:
+        return
+    if recorded_root and root != recorded_root and os.path.commonpath([base, recorded_root]) == recorded_root:
+        base = os.path.join(root, os.path.relpath(base, recorded_root))   # moved with the inputs
+    shown = os.path.relpath(base, root) if os.path.commonpath([base, root]) == root else base
+    if not os.path.exists(base):
+        rep.problems.append(Problem("tokenizer", shown, "missing", "the tokenizer the build started from is gone"))
+        return
+    h = hashlib.sha256()
+    with open(base, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        rep.problems.append(Problem("tokenizer", shown, "changed",
+                                    f"sha256 {h.hexdigest()[:12]} differs from the build's {want[:12]}"))
