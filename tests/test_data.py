@@ -174,6 +174,17 @@ def test_span_corruption_reassembles_and_spares_sps(prefix_build):
         assert b["msp_target"][i].sum() == len(masked_sps)
 
 
+def test_span_corruption_of_short_samples(prefix_build):
+    """A sample with room for one noise span only (and one with none) still corrupts and reassembles."""
+    info = BuildInfo.load(prefix_build)
+    coll = SpanCorruptionCollator(info)
+    for n in (2, 5, 12):
+        s = {"input_ids": np.arange(100, 100 + n), "source_id": 0, "doc_offsets": np.array([0]),
+             "sp_positions": b"", "msp_mask": b""}
+        b = coll([s])
+        assert int(b["attention_mask"].sum()) >= 2 and (b["labels"][0] != IGNORE).sum() >= 2
+
+
 @pytest.mark.parametrize("kind", ["sptok Loader", "StreamingDataLoader"])
 def test_resume_mid_epoch_gives_the_same_batches(prefix_build, kind):
     from streaming import StreamingDataLoader

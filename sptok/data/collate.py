@@ -193,8 +193,9 @@ class SpanCorruptionCollator(_Base):
 
         def segment(total, parts, v):
             """``total`` items in ``parts`` non-empty runs, cut at random points."""
-            cuts = np.sort(np.argpartition(v[: total - 1], parts - 2)[: parts - 1] + 1) if parts > 1 else []
-            return np.diff(np.concatenate([[0], cuts, [total]]))
+            cuts = np.sort(np.argpartition(v[: total - 1], parts - 2)[: parts - 1] + 1) if parts > 1 else \
+                np.empty(0, np.int64)
+            return np.diff(np.concatenate([[0], cuts, [total]]).astype(np.int64))
 
         noise_len = segment(num_noise, num_spans, u[:num_noise])
         keep_len = segment(n - num_noise, num_spans, u[num_noise: n])

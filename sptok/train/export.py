@@ -1,0 +1,37 @@
+"""`sptok export`: a checkpoint -> a `save_pretrained` model directory with the build's tokenizer, which
+`transformers` loads offline (AutoModel*.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR))."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ..errors import SptokError
+
+
+def export(checkpoint: str, out: str) -> str:
+    from ..data import BuildInfo
+    from . import checkpoint as ckpt
+    from .config import load_config
+    from .losses import LossModel
+    from .model import build_model
+
+    path = checkpoint
+    if not os.path.exists(os.path.join(path, ckpt.META)):
+        path = ckpt.latest(checkpoint)
+        if path is None:
+            raise SptokError(f"{checkpoint}: no complete checkpoint (a step-NNNNNNNN directory with {ckpt.META})")
+    root = os.path.dirname(path)
+    meta = ckpt.load_meta(path)
+    build_dir = os.path.join(root, "build")
+    if not os.path.exists(os.path.join(build_dir, "sptok.json")):
+        raise SptokError(f"{root}: the checkpoints lack the copy of their build (build/sptok.json)")
+    info = BuildInfo.load(build_dir)
+    cfg = load_config(None, base={k: v for k, v in meta["config"].items()})
+    model = build_model(cfg.model, info)
+    ckpt.load_model_only(path, LossModel(model, cfg.model.family, info.sp_ids.tolist()))
+    model.save_pretrained(out)
+    for f in os.listdir(info.tokenizer_dir):
+        shutil.copyfile(os.path.join(info.tokenizer_dir, f), os.path.join(out, f))
+    shutil.copyfile(os.path.join(build_dir, "sptok.json"), os.path.join(out, "sptok.json"))
+    return out

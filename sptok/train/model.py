@@ -1,0 +1,70 @@
+"""Models built from `transformers` configs (never downloaded), sized for the build's vocabulary."""
+
+from __future__ import annotations
+
+from ..data import BuildInfo
+from .config import ModelConfig
+
+PAD_MULTIPLE = 64
+T5_SENTINELS = 256   # SpanCorruptionCollator's default max_sentinels: ids from vocab_size upward
+
+
+def padded_vocab(info: BuildInfo, family: str) -> int:
+    """The build's vocabulary (SP tokens included; T5 sentinels after it), padded to a multiple of 64."""
+    n = info.vocab_size + (T5_SENTINELS if family == "t5" else 0)
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def hf_config(cfg: ModelConfig, info: BuildInfo):
+    """The transformers config of the model, for a build."""
+    import transformers as tf
+
+    vocab = padded_vocab(info, cfg.family)
+    max_pos = cfg.max_position_embeddings or info.seq_len
+    pad = info.pad_id if info.pad_id is not None else 0
+    if cfg.family == "bert":
+        c = tf.BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                          num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                          max_position_embeddings=max_pos, hidden_dropout_prob=cfg.dropout,
+                          attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad, **cfg.extra)
+    elif cfg.family == "t5":
+        c = tf.T5Config(vocab_size=vocab, d_model=cfg.hidden_size, num_layers=cfg.num_layers,
+                        num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, d_kv=cfg.hidden_size // cfg.num_heads,
+                        d_ff=cfg.intermediate_size, dropout_rate=cfg.dropout, pad_token_id=pad,
+                        eos_token_id=info.eos_id, decoder_start_token_id=pad, feed_forward_proj="gated-gelu",
+                        tie_word_embeddings=False, use_cache=False, **cfg.extra)
+    else:
+        c = tf.LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+                           intermediate_size=cfg.intermediate_size, max_position_embeddings=max_pos,
+                           pad_token_id=pad, eos_token_id=info.eos_id, bos_token_id=info.eos_id,
+                           tie_word_embeddings=False, use_cache=False, attention_dropout=cfg.dropout, **cfg.extra)
+    c.use_cache = False   # with the cache on, torch.compile recompiles per layer and falls back to eager
+    # T5 in transformers 4.x has only eager attention
+    c._attn_implementation = "eager" if cfg.family == "t5" else cfg.attn_implementation
+    return c
+
+
+def build_model(cfg: ModelConfig, info: BuildInfo):
+    import transformers as tf
+
+    c = hf_config(cfg, info)
+    cls = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}[cfg.family]
+    model = cls(c)
+    model.tie_weights()
+    return model
+
+
+def blocks(model):
+    """The transformer blocks: the unit of activation checkpointing, compilation and FSDP sharding."""
+    family = model.config.model_type
+    if family == "bert":
+        return list(model.bert.encoder.layer)
+    if family == "t5":
+        return list(model.encoder.block) + list(model.decoder.block)
+    return list(model.model.layers)
+
+
+def non_embedding_params(model) -> int:
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n or "shared" in n)
+    return sum(p.numel() for p in model.parameters()) - emb
