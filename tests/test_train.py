@@ -214,3 +214,30 @@ def test_delivered_proportions_follow_the_manifest_weights(corpus, tmp_path):
     assert all(abs(s - 0.25) <= 2 / n + 1e-9 for s in shares), shares   # streaming's per-epoch counts are exact
     res = CliRunner().invoke(main, ["stats", str(corpus / "b512"), "--run", str(tmp_path / "log")])
     assert res.exit_code == 0 and "requested" in res.output and "25.0%" in res.output, res.output
+
+
+def test_llama_attention_stays_inside_each_document(corpus, tmp_path):
+    """End to end through LossModel: changing the first document of a packed sample leaves the losses of the
+    second document unchanged (position ids restart, and transformers masks each document from them)."""
+    from sptok.data import CausalLMCollator, open_dataset
+    from sptok.train.config import ModelConfig
+    from sptok.train.losses import LossModel
+    from sptok.train.model import build_model
+
+    build = corpus / "b64"
+    if not (build / "sptok.json").exists():
+        _run(_cfg(corpus, tmp_path, steps=1))
+    info = open_dataset(str(build), weights=False).build
+    torch.manual_seed(0)
+    lm = LossModel(build_model(ModelConfig(family="llama", **TINY), info), "llama", info.sp_ids.tolist()).eval()
+    coll = CausalLMCollator(info)
+    ids = torch.randint(100, 2000, (64,)).numpy()
+    sample = {"input_ids": ids, "source_id": 0, "doc_offsets": [0, 20], "sp_positions": b"", "msp_mask": b""}
+    other = dict(sample, input_ids=ids.copy())
+    other["input_ids"][:20] = torch.randint(100, 2000, (20,)).numpy()
+    with torch.no_grad():
+        a, b = lm(coll([sample]))["loss"], lm(coll([other]))["loss"]
+    # targets: positions 1..19 of doc 1 (19 losses), then positions 21..63 of doc 2 (43 losses)
+    assert len(a) == len(b) == 19 + 43
+    assert not torch.allclose(a[:19], b[:19])
+    assert torch.allclose(a[19:], b[19:], atol=1e-5)
