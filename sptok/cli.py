@@ -290,6 +290,53 @@ def export(checkpoint, out):
     click.echo(f"exported {run(checkpoint, out)}")
 
 
+@main.command()
+@click.option("--model", "-m", required=True, type=click.Path(), help="A model directory written by `sptok export` "
+                                                                    "(weights, tokenizer, sptok.json).")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(),
+              help="Rows to label: JSONL (.jsonl, also .gz / .zst), Parquet or CSV.")
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="Labelled rows: .jsonl, .parquet or .csv [the input's format for other names].")
+@click.option("--text-field", default="text", show_default=True, help="The field holding the text.")
+@click.option("--pair-field", help="A second text field: the document is text + --pair-sep + pair.")
+@click.option("--pair-sep", default="\n", help="Joins --text-field and --pair-field [a newline].")
+@click.option("--source-field", help="The field naming each row's source (name or SP): for --mode manual, --eval.")
+@click.option("--mode", type=click.Choice(["manual", "auto", "random", "none"]),
+              help="Also write the fine-tuning input sp_input with this SP: the given source's (manual), the "
+                   "predicted (auto), a seeded random one (random) or none.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --mode random.")
+@click.option("--ids", is_flag=True, help="With --mode: also write sp_input_ids, the token ids as a build lays them "
+                                          "out (literal SP strings in the text stay text).")
+@click.option("--predict/--no-predict", default=True, show_default=True,
+              help="--no-predict skips the model (for --mode manual, random, none).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Sources listed in sp_topk (at most the model's).")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="Score the first N text tokens [what the build's seq_len leaves].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet", "csv"]),
+              help="The input's format [from its extension].")
+@click.option("--eval", "do_eval", is_flag=True,
+              help="Compare the predictions with --source-field: accuracy, per-source precision / recall, confusion "
+                   "matrix, calibration (ECE).")
+@click.option("--eval-out", type=click.Path(), help="Directory for eval.json and confusion.png [OUT without its "
+                                                    "extension + .eval].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary line.")
+def label(model, input_path, out, **kw):
+    """Predict the source of every row of --input with an MSP-trained model, and write fine-tuning inputs.
+
+    Every input row is written unchanged, plus sp_pred (the source), sp_prob and sp_topk ([{source, prob}]).
+    Encoders fill a [MASK] in the SP slot; decoders (post SP) score the K SPs after the text and delimiter."""
+    from .label import run_label
+
+    res = run_label(model, input_path, out, log=lambda m: click.echo(m, err=True), **kw)
+    if res["report"]:
+        click.echo(res["report"])
+        click.echo("wrote " + ", ".join(res["files"][1:]), err=True)
+
+
 @main.group()
 def tokenizer():
     """Train or extend tokenizers with SP tokens."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -34,4 +35,9 @@ def export(checkpoint: str, out: str) -> str:
     for f in os.listdir(info.tokenizer_dir):
         shutil.copyfile(os.path.join(info.tokenizer_dir, f), os.path.join(out, f))
     shutil.copyfile(os.path.join(build_dir, "sptok.json"), os.path.join(out, "sptok.json"))
+    # how it was trained (load-time SP policy and schedule included): `sptok label` tells an MSP model from one
+    # that never learned to fill the SP slot
+    with open(os.path.join(out, "sptok_train.json"), "w") as f:
+        json.dump({"checkpoint": os.path.basename(path), "fingerprint": meta["fingerprint"],
+                   "config": meta["config"]}, f, indent=1, sort_keys=True)
     return out

@@ -1,0 +1,198 @@
+"""`sptok label`: a model pre-trained with source prompts names the source of text it has never seen.
+
+    from sptok.label import load_table, Scorer, run_label
+    table = load_table("models/bert-msp")                # sptok.json (+ sptok_train.json) of an exported model
+    scorer = Scorer(table, max_tokens=64)                 # the model, on GPU when there is one
+    probs = scorer.probs(scorer.encode(["def f(): ..."]))  # (n, K): P(source) over table.sources
+
+``run_label`` is the command: rows in (JSONL / Parquet / CSV), rows out with ``sp_pred``, ``sp_prob``,
+``sp_topk`` and, with a mode, the fine-tuning input (``sp_input``); ``--eval`` scores the predictions against
+a source field. Modules: ``table`` (what the model directory says), ``scoring`` (the forward passes), ``rows``
+(reading and writing), ``modes`` (which SP goes where), ``evaluate`` (metrics, table, figure).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+from ..errors import SptokError
+from .evaluate import evaluate, format_report, write_eval
+from .modes import MODES, place, place_ids, random_sources
+from .rows import FORMATS, Writer, format_of, parquet_rows, read_chunks
+from .scoring import Scorer
+from .table import SPTable, load_table, training_warning
+
+__all__ = ["run_label", "load_table", "Scorer", "SPTable", "evaluate", "training_warning", "MODES", "FORMATS"]
+
+
+def _values(chunk, name: str, what: str, required: bool = True) -> list:
+    """The field ``name`` of every row of the chunk, checked to be text."""
+    out = []
+    for row, where in zip(chunk.rows, chunk.where):
+        if name not in row:
+            have = ", ".join(map(repr, list(row)[:12])) or "none"
+            raise SptokError(f"{where}: no field {name!r} ({what}); the row's fields: {have}")
+        v = row[name]
+        if not isinstance(v, str):
+            kind = "null" if v is None else type(v).__name__
+            raise SptokError(f"{where}: field {name!r} ({what}) is {kind}, not text")
+        out.append(v)
+    return out
+
+
+def run_label(model: str, input: str, out: str, *, text_field: str = "text", pair_field: str | None = None,
+              pair_sep: str = "\n", source_field: str | None = None, mode: str | None = None, seed: int = 0,
+              ids: bool = False, predict: bool = True, top_k: int = 5, batch_size: int = 32,
+              max_tokens: int | None = None, device: str = "auto", precision: str = "fp32",
+              input_format: str | None = None, do_eval: bool = False, eval_out: str | None = None,
+              quiet: bool = False, log=None) -> dict:
+    """Label ``input`` into ``out``; returns a summary (rows, seconds, predicted counts, eval, report, files)."""
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+
+    def warn(m):
+        say(f"warning: {m}")
+
+    if mode is not None and mode not in MODES:
+        raise SptokError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "manual" and not source_field:
+        raise SptokError("--mode manual needs --source-field: the field naming each row's source")
+    if do_eval and not source_field:
+        raise SptokError("--eval needs --source-field: the field naming each row's true source")
+    if not predict and (mode == "auto" or do_eval or mode is None):
+        raise SptokError("--no-predict skips the model, so it goes only with --mode manual, random or none "
+                         "(and without --eval)")
+    if top_k < 1 or batch_size < 1:
+        raise SptokError("--top-k and --batch-size must be at least 1")
+    in_fmt = input_format or format_of(input)
+    if in_fmt is None:
+        raise SptokError(f"--input {input}: cannot tell the format from the extension; name it .jsonl, .parquet or "
+                         f".csv, or pass --input-format {'|'.join(FORMATS)}")
+    low = out.lower()
+    if low.endswith((".gz", ".zst", ".zstd")):
+        raise SptokError(f"--out {out}: compressed output is not written; give a .jsonl, .parquet or .csv name")
+    out_fmt = format_of(out) or in_fmt
+    if os.path.abspath(out) == os.path.abspath(input):
+        raise SptokError(f"--out {out} is the input file; write the labels to another file")
+
+    table = load_table(model)
+    scorer = Scorer(table, device=device, precision=precision, max_tokens=max_tokens, load_model=predict)
+    K = len(table.sources)
+    k = min(top_k, K)
+    if predict:
+        note = training_warning(table)
+        if note:
+            warn(note)
+    total = parquet_rows(input) if in_fmt == "parquet" else None
+    from tqdm import tqdm
+
+    writer = Writer(out, out_fmt)
+    bar = tqdm(total=total, unit=" rows", disable=quiet, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="labelling")
+    t0 = time.perf_counter()
+    n, predicted = 0, Counter()
+    true_all, probs_all, unknown = [], [], Counter()
+    first = True
+    try:
+        for chunk in read_chunks(input, in_fmt, max(8 * batch_size, 512)):
+            texts = _values(chunk, text_field, "--text-field")
+            pairs = _values(chunk, pair_field, "--pair-field") if pair_field else None
+            joined = [a + pair_sep + b for a, b in zip(texts, pairs)] if pairs else texts
+            new: dict[str, list] = {}
+            text_ids = None
+            if predict:
+                text_ids = scorer.encode(joined)
+                P = scorer.probs(text_ids, batch_size)
+                pred = P.argmax(1)
+                top = np.argsort(-P, axis=1, kind="stable")[:, :k]
+                new["sp_pred"] = [table.sources[j] for j in pred]
+                new["sp_prob"] = [float(P[i, j]) for i, j in enumerate(pred)]
+                new["sp_topk"] = [[{"source": table.sources[j], "prob": float(P[i, j])} for j in row]
+                                  for i, row in enumerate(top)]
+                predicted.update(new["sp_pred"])
+            given = None
+            if source_field:
+                for row, where in zip(chunk.rows, chunk.where):
+                    if source_field not in row:
+                        raise SptokError(f"{where}: no field {source_field!r} (--source-field); the row's fields: "
+                                         f"{', '.join(map(repr, list(row)[:12]))}")
+                values = [row[source_field] for row in chunk.rows]
+                given = [table.source_index(v) for v in values]
+                if do_eval:
+                    for i, (g, v) in enumerate(zip(given, values)):
+                        if g is None:
+                            unknown[str(v)] += 1
+                        else:
+                            true_all.append(g)
+                            probs_all.append(P[i])
+            if mode:
+                if mode == "manual":
+                    bad = next((i for i, g in enumerate(given) if g is None), None)
+                    if bad is not None:
+                        raise SptokError(f"{chunk.where[bad]}: source {chunk.rows[bad].get(source_field)!r} "
+                                         f"(--source-field {source_field}) is not one of the model's sources: "
+                                         f"{', '.join(table.sources)} (or their SPs {' '.join(table.sps)})")
+                    choice = given
+                elif mode == "auto":
+                    choice = pred.tolist()
+                elif mode == "random":
+                    choice = random_sources(seed, chunk.start, len(texts), K).tolist()
+                else:
+                    choice = [None] * len(texts)
+                new["sp_used"] = [None if c is None else table.sps[c] for c in choice]
+                placed = [place(table.position, table.delimiter, s, a, b)
+                          for s, a, b in zip(new["sp_used"], texts, pairs or [None] * len(texts))]
+                new["sp_input"] = [p[0] for p in placed]
+                if pairs:
+                    new["sp_input_pair"] = [p[1] for p in placed]
+                if ids:
+                    a_ids = text_ids if (text_ids is not None and not pairs) else scorer.encode(texts)
+                    b_ids = scorer.encode(pairs) if pairs else [None] * len(texts)
+                    placed_ids = [place_ids(table.position, table.delimiter_ids,
+                                            None if c is None else table.sp_ids[c], a, b)
+                                  for c, a, b in zip(choice, a_ids, b_ids)]
+                    new["sp_input_ids"] = [p[0] for p in placed_ids]
+                    if pairs:
+                        new["sp_input_pair_ids"] = [p[1] for p in placed_ids]
+            if first:
+                clash = [f for f in new if f in (chunk.fields or chunk.rows[0])]
+                if clash:
+                    warn(f"the input already has field(s) {', '.join(clash)}: this run's values replace them")
+                first = False
+            writer.write(chunk, new)
+            n += len(chunk.rows)
+            bar.update(len(chunk.rows))
+        if n == 0:
+            raise SptokError(f"--input {input}: no rows to label")
+        if do_eval and not true_all:
+            raise SptokError(f"--eval: no row of {input} names one of the model's sources "
+                             f"({', '.join(table.sources)}) in field {source_field!r}")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {"rows": n, "out": out, "seconds": seconds, "predicted": dict(predicted), "mode": mode,
+               "files": [out], "eval": None, "report": None}
+    line = f"labelled {n:,} rows of {input} -> {out} in {seconds:.1f}s ({n / max(seconds, 1e-9):,.0f} rows/s)"
+    if predict:
+        line += "; predicted: " + ", ".join(f"{s} {predicted[s]:,}" for s in table.sources if predicted[s])
+    if not quiet:
+        say(line)
+    if do_eval:
+        if unknown:
+            warn(f"{sum(unknown.values()):,} rows name a source the model does not know "
+                 f"({', '.join(sorted(unknown)[:5])}): left out of the evaluation")
+        ev = evaluate(table.sources, np.array(true_all), np.stack(probs_all), dict(unknown), top_k=k)
+        ev.update(model=os.path.abspath(model), input=os.path.abspath(input), source_field=source_field,
+                  max_tokens=scorer.max_tokens)
+        eval_dir = eval_out or (os.path.splitext(out)[0] + ".eval")
+        summary["files"] += write_eval(ev, eval_dir, warn)
+        summary["eval"], summary["report"] = ev, format_report(ev)
+    return summary

@@ -1,0 +1,51 @@
+"""Fine-tuning inputs the way the paper compares them: which SP each row gets, and where it goes.
+
+  manual   the SP of the row's own source (--source-field)
+  auto     the SP the model predicts
+  random   a uniformly drawn SP, keyed by (--seed, row index): the same file and seed give the same SPs
+           whatever the batch size
+  none     no SP: the text as it is
+
+The SP string is placed as the build places it: prefix ``SP delim text``, post ``text delim SP``, both
+``SP delim text delim SP``. With a pair of fields, the prefix SP goes before the first field (``sp_input``)
+and the post SP after the second (``sp_input_pair``), so a pair tokenizer still sees two segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODES = ("manual", "auto", "random", "none")
+SLOT_RANDOM = 30   # distinct from the build's and the loader's decision slots
+
+
+def random_sources(seed: int, start: int, n: int, k: int) -> np.ndarray:
+    """A source id in [0, k) for rows start .. start + n - 1, a pure function of (seed, row index)."""
+    from ..sp import uniforms
+
+    u = uniforms(np.arange(start, start + n, dtype=np.uint64), seed, SLOT_RANDOM)
+    return np.minimum((u * k).astype(np.int64), k - 1)
+
+
+def place(position: str, delimiter: str, sp: str | None, text: str, pair: str | None) -> tuple[str, str | None]:
+    """(first field with its SP, second field with its SP or None) as strings; ``sp`` None leaves them bare."""
+    if sp is None:
+        return text, pair
+    before = position in ("prefix", "both")
+    after = position in ("post", "both")
+    if pair is None:
+        return (sp + delimiter if before else "") + text + (delimiter + sp if after else ""), None
+    return (sp + delimiter if before else "") + text, pair + (delimiter + sp if after else "")
+
+
+def place_ids(position: str, delim_ids: list[int], sp_id: int | None, text: list[int],
+              pair: list[int] | None) -> tuple[list[int], list[int] | None]:
+    """The same with token ids: the SP's own id and the delimiter's ids around text ids encoded as a build
+    encodes them, so a literal SP string in the text stays text."""
+    if sp_id is None:
+        return list(text), None if pair is None else list(pair)
+    pre = [sp_id] + delim_ids if position in ("prefix", "both") else []
+    post = delim_ids + [sp_id] if position in ("post", "both") else []
+    if pair is None:
+        return pre + list(text) + post, None
+    return pre + list(text), list(pair) + post

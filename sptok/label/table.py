@@ -1,0 +1,142 @@
+"""What `sptok label` reads from an exported model directory besides the weights: the SP table and layout
+(``sptok.json``, the build's identity) and how the model was trained (``sptok_train.json``). No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import SptokError
+
+# transformers model_type -> how the SP is scored
+KINDS = {"bert": "encoder", "t5": "seq2seq", "llama": "decoder"}
+
+
+@dataclass
+class SPTable:
+    model_dir: str
+    sources: list[str]          # by source id
+    sps: list[str]              # SP string by source id
+    sp_ids: list[int]           # SP token id by source id
+    position: str               # prefix | post | both
+    delimiter: str              # as text ('' for none)
+    delimiter_ids: list[int]
+    eos_id: int
+    pad_id: int | None
+    mask_token: str | None
+    seq_len: int
+    options: dict               # the build's options (msp_prob, insert_prob, ...)
+    train: dict | None          # the training config (sptok_train.json), when the export recorded it
+    model_type: str | None      # config.json's model_type
+
+    @property
+    def kind(self) -> str:
+        if self.model_type is None:
+            raise SptokError(f"--model {self.model_dir}: no config.json with a model_type: the directory holds no "
+                             f"model exported by `sptok export`")
+        if self.model_type not in KINDS:
+            raise SptokError(f"--model {self.model_dir}: model type {self.model_type!r} is not one sptok labels with "
+                             f"(it trains and exports {', '.join(KINDS)})")
+        return KINDS[self.model_type]
+
+    def source_index(self, value) -> int | None:
+        """A source id from a source name or its SP string; None when the model does not know it."""
+        if not isinstance(value, str):
+            return None
+        if value in self._by_name:
+            return self._by_name[value]
+        return self._by_sp.get(value)
+
+    def __post_init__(self):
+        self._by_name = {n: i for i, n in enumerate(self.sources)}
+        self._by_sp = {s: i for i, s in enumerate(self.sps)}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except ValueError as e:
+        raise SptokError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise SptokError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(doc, dict):
+        raise SptokError(f"{path}: expected a JSON object")
+    return doc
+
+
+def load_table(model_dir: str) -> SPTable:
+    if not os.path.isdir(model_dir):
+        raise SptokError(f"--model {model_dir}: no such directory (give a directory written by `sptok export`)")
+    path = os.path.join(model_dir, "sptok.json")
+    if not os.path.exists(path):
+        raise SptokError(f"--model {model_dir}: no sptok.json, so this is not a model exported by sptok: labelling "
+                         f"needs the SP table and layout of the build it was trained on. Export the checkpoint with "
+                         f"`sptok export CHECKPOINT --out DIR`")
+    info = _read_json(path)
+    try:
+        table = sorted(info["sp_table"], key=lambda e: e["source_id"])
+        options = info["options"]
+        delim = info.get("delimiter") or {"text": "", "ids": []}
+        roles = info.get("tokenizer", {}).get("roles", {})
+        sources = [e["source"] for e in table]
+        sps = [e["sp"] for e in table]
+        sp_ids = [int(e["token_id"]) for e in table]
+        position, seq_len = options["position"], int(options["seq_len"])
+        eos_id = int(info["eos"]["id"])
+        pad_id = (info.get("pad") or {}).get("id")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SptokError(f"{path}: not an sptok build description (missing or malformed {e})") from None
+    if not sources:
+        raise SptokError(f"{path}: the SP table is empty")
+    train = None
+    tpath = os.path.join(model_dir, "sptok_train.json")
+    if os.path.exists(tpath):
+        train = _read_json(tpath).get("config")
+    model_type = None
+    cpath = os.path.join(model_dir, "config.json")
+    if os.path.exists(cpath):
+        model_type = _read_json(cpath).get("model_type")
+    return SPTable(model_dir=model_dir, sources=sources, sps=sps, sp_ids=sp_ids, position=position,
+                   delimiter=delim.get("text") or "", delimiter_ids=[int(i) for i in delim.get("ids") or []],
+                   eos_id=eos_id, pad_id=pad_id, mask_token=roles.get("mask_token"), seq_len=seq_len,
+                   options=options, train=train, model_type=model_type)
+
+
+def _policies(table: SPTable) -> list[str] | None:
+    """Every load-time SP policy the training used (its policy, then the schedule's), if recorded."""
+    if table.train is None:
+        return None
+    data = table.train.get("data") or {}
+    return [data.get("sp_policy") or "keep"] + [p for _, p in data.get("sp_schedule") or []]
+
+
+def training_warning(table: SPTable) -> str | None:
+    """Why this model's SP predictions would mean nothing, or None when it learned to predict the SP.
+
+    Encoders (bert, t5) learn it only from masked source prediction: some SP was masked at some step when the
+    build's ``msp_prob`` (or a load-time ``msp=p``) was above 0 and SPs were kept. Decoders learn it from the
+    post SP, an ordinary next-token target, when SPs were kept."""
+    from ..data.policy import SPPolicy
+
+    o = table.options
+    insert, msp = float(o.get("insert_prob", 1.0)), float(o.get("msp_prob", 0.0))
+    policies = _policies(table)
+    recorded = policies is not None
+    parsed = [SPPolicy.parse(p) for p in policies] if recorded else [SPPolicy()]
+
+    def kept(p):
+        return (p.insert if p.insert is not None else insert) > 0
+
+    unknown = "" if recorded else " (the export has no sptok_train.json, so any load-time SP policy is unknown)"
+    if table.kind == "decoder":
+        if not any(kept(p) for p in parsed):
+            return (f"{table.model_dir} was trained with every SP stripped (load-time policy "
+                    f"{', '.join(policies)}): it never saw a post SP, so its predictions are not meaningful")
+        return None
+    if any(kept(p) and (p.msp if p.msp is not None else msp) > 0 for p in parsed):
+        return None
+    how = f"build msp_prob {msp:g}" + (f", load-time SP policy {', '.join(policies)}" if recorded else "")
+    return (f"{table.model_dir} was trained without masked source prediction ({how}){unknown}: it never learned "
+            f"to fill the SP slot, so its source predictions are not meaningful")
