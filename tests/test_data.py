@@ -67,7 +67,7 @@ def test_mlm_rates_split_and_no_sp_in_mlm(prefix_build):
                     for s in samples])
     labels, inputs = batch["labels"].numpy(), batch["input_ids"].numpy()
     msp = batch["msp_target"].numpy()
-    real = batch["attention_mask"].numpy() == 1
+    real = batch["token_source"].numpy() >= 0
     special = np.isin(ids, info.special_ids)
     mlm = (labels != IGNORE) & ~msp
     n_ord = int((real & ~special).sum())
@@ -89,6 +89,13 @@ def test_mlm_rates_split_and_no_sp_in_mlm(prefix_build):
     assert (msp == want).all() and want.any()
     assert (labels[msp] == ids[msp]).all() and np.isin(labels[msp], info.sp_ids).all()
     assert (inputs[msp] == info.mask_id).all()
+    # each token attends to its own document only (a masked SP cannot be copied from a neighbour document)
+    att = batch["attention_mask"].numpy()
+    for b, s in enumerate(samples):
+        a = as_arrays(s)
+        n = len(a["input_ids"])
+        doc = np.searchsorted(a["doc_offsets"], np.arange(n), side="right") - 1
+        assert (att[b, :n, :n] == (doc[:, None] == doc[None, :])).all() and not att[b, :n, n:].any()
     # per-token source ids
     src = batch["token_source"].numpy()
     for b, s in enumerate(samples):

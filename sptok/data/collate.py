@@ -51,6 +51,16 @@ class _Base:
         return ids, lengths, rows, keys
 
     @staticmethod
+    def _segments(rows: list[dict], lengths: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """(segment starts, segment id of every token), B x L; padding is a segment of its own."""
+        seg_start = np.zeros((len(rows), L), bool)
+        for b, s in enumerate(rows):
+            seg_start[b, s["doc_offsets"]] = True
+            if lengths[b] < L:
+                seg_start[b, lengths[b]] = True
+        return seg_start, np.cumsum(seg_start, axis=1) - 1
+
+    @staticmethod
     def _real(lengths: np.ndarray, L: int) -> np.ndarray:
         return np.arange(L)[None, :] < lengths[:, None]
 
@@ -83,10 +93,15 @@ class MLMCollator(_Base):
     never an SP or special —, 10% unchanged). SPs are never MLM targets; an SP flagged in ``msp_mask`` becomes
     [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP loss and accuracy can be
     reported apart from MLM.
+
+    ``doc_attention`` (default on): each token attends only to its own document, through a B x L x L
+    ``attention_mask`` that BERT takes as is. Without it, a masked SP could be copied from another document's
+    visible SP in the same (source-pure) sample, and MSP would not learn to name the source from the text.
     """
 
-    def __init__(self, info: BuildInfo, mlm_prob: float = 0.15, **kw):
+    def __init__(self, info: BuildInfo, mlm_prob: float = 0.15, doc_attention: bool = True, **kw):
         super().__init__(info, **kw)
+        self.doc_attention = doc_attention
         if info.mask_id is None:
             raise SptokError(f"{info.path}: the build's tokenizer has no mask token ([MASK]); MLM needs one")
         if not 0.0 < mlm_prob < 1.0:
@@ -112,7 +127,12 @@ class MLMCollator(_Base):
         msp = self._sp_grid(rows, (B, L), masked_only=True)
         labels[msp] = ids[msp]
         inputs[msp] = self.info.mask_id
-        batch = {"input_ids": inputs, "attention_mask": real.astype(np.int64), "labels": labels}
+        if self.doc_attention:
+            _, seg_id = self._segments(rows, lengths, L)
+            attention = (seg_id[:, :, None] == seg_id[:, None, :]).astype(np.int64)
+        else:
+            attention = real.astype(np.int64)
+        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
         if self.extras:
             batch["msp_target"] = msp
             batch["token_source"] = self._sources(rows, real)
@@ -139,12 +159,7 @@ class CausalLMCollator(_Base):
         ids, lengths, rows, _ = self._prepare(samples)
         B, L = ids.shape
         real = self._real(lengths, L)
-        seg_start = np.zeros((B, L), bool)
-        for b, s in enumerate(rows):
-            seg_start[b, s["doc_offsets"]] = True
-            if lengths[b] < L:
-                seg_start[b, lengths[b]] = True    # padding is a segment of its own
-        seg_id = np.cumsum(seg_start, axis=1) - 1
+        seg_start, seg_id = self._segments(rows, lengths, L)
         first = np.maximum.accumulate(np.where(seg_start, np.arange(L)[None, :], 0), axis=1)
         position_ids = np.arange(L)[None, :] - first
         labels = np.where(real & ~seg_start, ids, IGNORE)
@@ -173,7 +188,8 @@ class SpanCorruptionCollator(_Base):
     the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
     its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
     ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
-    with ``vocab_size + max_sentinels``).
+    with ``vocab_size + max_sentinels``). The encoder sees the whole packed sample (T5 in transformers takes no
+    per-document mask), so other documents' SPs are visible to it.
     """
 
     def __init__(self, info: BuildInfo, noise_density: float = 0.15, mean_span: float = 3.0,
