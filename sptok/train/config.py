@@ -91,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
     stop_at: int | None = None           # end this run after that step (checkpointed), schedule unchanged
+    max_minutes: float | None = None     # end this run (checkpointed) once its wall-clock budget is spent
 
     def __post_init__(self):
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):

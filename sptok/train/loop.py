@@ -235,9 +235,21 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     say(f"training {cfg.model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{cfg.data.build}: {world} process(es), {parallel}, {'bf16' if bf16 else 'fp32'}, {accum} micro-batch(es) "
         f"of {cfg.train.micro_batch_size} per step")
+    def save(step: int) -> None:
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+                 "loader": loader.state_dict(), "delivered": meter.delivered}
+        ckpt.save(cfg.checkpoint.dir, step, trained, optimizer, extra, meta)
+        if rank == 0:
+            ckpt.keep_build(cfg.checkpoint.dir, cfg.data.build)
+
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+    deadline = time.time() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     try:
         for step in range(start, end):
+            if deadline is not None and _out_of_time(deadline):
+                say(f"train.max_minutes ({cfg.train.max_minutes}) spent: stopping after step {step}")
+                end = step
+                break
             collator.set_sp_policy(sp_policy_at(cfg, step))
             micro = [_to(next(batches), device) for _ in range(accum)]
             forward_backward(trained, micro, world, meter, autocast)
@@ -259,11 +271,9 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
                         _tb(writer, rec)
             if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
                                        or step + 1 == end):
-                extra = {"step": step + 1, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                         "loader": loader.state_dict(), "delivered": meter.delivered}
-                ckpt.save(cfg.checkpoint.dir, step + 1, trained, optimizer, extra, meta)
-                if rank == 0:
-                    ckpt.keep_build(cfg.checkpoint.dir, cfg.data.build)
+                save(step + 1)
+        if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
+            save(end)   # stopped by the time budget: keep what was trained
     finally:
         if logfile:
             logfile.close()
@@ -291,6 +301,15 @@ def forward_backward(trained, micro: list[dict], world: int, meter: Meter | None
         (out["loss"].sum() * (world / n_targets.clamp(min=1))).backward()
         if meter is not None:
             meter.add(out, mb)
+
+
+def _out_of_time(deadline: float) -> bool:
+    """The same answer on every rank (rank 0's clock decides), so all ranks stop at the same step."""
+    out = torch.tensor([float(time.time() >= deadline)],
+                       device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+    if dist.is_initialized():
+        dist.broadcast(out, 0)
+    return bool(out.item())
 
 
 def _endless(loader):
