@@ -9,7 +9,7 @@ from collections import Counter
 from .errors import SptokError
 
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
-COUNT_KEYS = ("docs", "text_bytes", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
+COUNT_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
               "sp_literals", "samples", "sample_tokens", "padding_tokens", "dropped_tokens")
 
 

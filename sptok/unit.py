@@ -100,7 +100,7 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         stream, c = assemble(flat, lens, unit.source_id, hashes, dec, ctx.layout)
         counts.update(c)
         counts["docs"] += len(batch.texts)
-        counts["text_bytes"] += sum(map(len, batch.texts))
+        counts["text_chars"] += sum(map(len, batch.texts))
         if ctx.literals:
             joined = "\x00".join(batch.texts)
             counts["sp_literals"] += sum(joined.count(s) for s in ctx.literals)

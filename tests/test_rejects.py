@@ -188,7 +188,7 @@ def test_truncated_text_keeps_what_came_before_the_break(corpus):
     out, _, text_chars = corpus
     stats = json.load(open(f"{out}/stats.json"))["sources"]["text"]
     assert stats["docs"] == 5
-    assert stats["text_bytes"] == text_chars
+    assert stats["text_chars"] == text_chars
 
 
 def test_stats_command_shows_the_reasons(corpus):

@@ -72,8 +72,9 @@ def test_llama_and_t5_train(corpus, tmp_path, family):
 
 
 def _torchrun(*args, nproc=2, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), *map(str, args)]
+    # --standalone: a fresh rendezvous on a free port each time (a fixed port can still be held by the last run)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
