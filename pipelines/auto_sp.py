@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -167,7 +166,7 @@ def main() -> None:
     results["minutes_total"] = round((time.time() - t_start) / 60, 1)
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\nheld-out documents: " + ", ".join(f"{s} {c['held_out']}" for s, c in counts.items()))
+    print("\nheld-out documents: " + ", ".join(f"{s} {c['held_out']}" for s, c in counts.items()))
     print(f"{'predictor':<44} {f'first {FULL} tokens':>17} {'first 64 tokens':>16}")
     print(f"{'majority class':<44} {100 * majority:16.1f}% {100 * majority:15.1f}%")
     bow = results["bag_of_words"]

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 
 from . import __version__
 from .errors import SptokError
@@ -37,9 +36,9 @@ class BuildResult:
     info: dict | None          # sptok.json, when the build is complete
     committed: int
     total_units: int
-    seconds: float
     encoder: str
     skipped: bool = False      # the directory already held this exact build
+    seconds: float = 0.0
 
 
 def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
@@ -69,14 +68,12 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
            pool: WorkerPool | None) -> BuildResult:
-    t0 = time.time()
     work = os.path.join(out, WORK)
     plan, tok, units = make_plan(manifest, opts)
     state = _prepare_out(out, plan, overwrite)
     if state == "complete":
         with open(os.path.join(out, MARKER)) as f:
-            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), time.time() - t0,
-                               "-", skipped=True)
+            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), "-", skipped=True)
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
@@ -96,11 +93,11 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
         run_units(work, todo, opts, encoder_name, pool)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
-        return BuildResult(out, None, committed, len(units), time.time() - t0, encoder_name)
+        return BuildResult(out, None, committed, len(units), encoder_name)
     info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
     _check_sources(info, out)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, info, committed, len(units), time.time() - t0, encoder_name)
+    return BuildResult(out, info, committed, len(units), encoder_name)
 
 
 # ------------------------------------------------------------------------------------------------ plan

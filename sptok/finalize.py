@@ -58,7 +58,7 @@ def _link(src: str, dst: str) -> None:
 def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str) -> dict:
     """Write the per-source shards, indexes, rejects, stats, tokenizer, and finally sptok.json."""
     opts = plan["options"]
-    fmt, seq_len = opts["format"], opts["seq_len"]
+    fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
     per_source, merged_shards, indexes = {}, [], {}

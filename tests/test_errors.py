@@ -13,7 +13,7 @@ import zlib
 import pytest
 import zstandard
 from click.testing import CliRunner
-from conftest import TOKENIZER, demo_records, small_sources, write_jsonl
+from conftest import TOKENIZER, demo_records, small_sources
 
 from sptok.cli import main
 
