@@ -123,7 +123,7 @@ def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
         if kind == "fast":
             raise SptokError(f"--encoder fast: the tokenizer cannot be run by tiktoken exactly: {e}; use --encoder "
                              f"hf or auto") from None
-        return "hf", f"tiktoken cannot express this tokenizer ({e})"
+        return "hf", f"the fast encoder does not apply: {e}"
     with literal_specials(tok) as ref:
         for text in sample:
             if enc.encode_ordinary(text) != ref.encode(text, add_special_tokens=False).ids:

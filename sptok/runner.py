@@ -64,8 +64,12 @@ def _init_worker(queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
     global _QUEUE
     _QUEUE = queue
-    import tiktoken  # noqa: F401 - warm up while the main process plans
-    import tokenizers  # noqa: F401
+    import tokenizers  # noqa: F401 - warm up while the main process plans
+
+    try:
+        import tiktoken  # noqa: F401 - optional (sptok[fast])
+    except ImportError:
+        pass
 
 
 class _Batched:

@@ -206,3 +206,17 @@ def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path)
     assert p.returncode == 2 and "Traceback" not in err and "a worker process died" in err, err
     sptok(*build_cmd(corpus, out, "--workers", "2"))
     assert tree_bytes(out) == reference
+
+
+def test_builds_without_the_optional_tiktoken(corpus, reference, tmp_path):
+    """`pip install sptok` without the [fast] extra: tiktoken cannot be imported, in the main process or in
+    the workers; the build falls back to the Hugging Face tokenizer, says so, and gives the same bytes."""
+    fake = tmp_path / "no-tiktoken"
+    (fake / "tiktoken").mkdir(parents=True)
+    (fake / "tiktoken" / "__init__.py").write_text("raise ImportError('No module named tiktoken')\n")
+    env = {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = sptok(*build_cmd(corpus, tmp_path / "o", "--workers", "2"), env=env)
+    assert "encoder: hf (the fast encoder does not apply: tiktoken is not installed" in r.stderr
+    assert tree_bytes(tmp_path / "o") == reference
+    r = sptok(*build_cmd(corpus, tmp_path / "p", "--encoder", "fast"), env=env, check=False)
+    assert r.returncode == 2 and "pip install 'sptok[fast]'" in r.stderr and "Traceback" not in r.stderr
