@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SptokError
-from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of
+from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry, sp_strings
@@ -78,7 +78,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
                            plan["tokenizer"]["added_specials"], model_max_length=opts.seq_len)
-        _write_plan(work, plan)
+        write_json(os.path.join(work, "plan.json"), plan)
     shutil.rmtree(os.path.join(work, "tmp"), ignore_errors=True)
 
     mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
@@ -188,13 +188,6 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
             out += batch.texts
             break
     return out
-
-
-def _write_plan(work: str, plan: dict) -> None:
-    tmp = os.path.join(work, "plan.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(plan, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(work, "plan.json"))
 
 
 def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:

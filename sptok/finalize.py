@@ -86,7 +86,7 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
     stats = {"sources": per_source, "totals": totals(per_source)}
-    _write_json(os.path.join(out, "stats.json"), stats)
+    write_json(os.path.join(out, "stats.json"), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
     info = _describe(plan, per_source)
     # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
@@ -97,8 +97,8 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
         write_mds_index(out, merged_shards)
     else:
         for sdir, entries in indexes.items():
-            _write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
-    _write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
+            write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
+    write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
 
 
@@ -196,7 +196,7 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     """Atomic: a reader sees the old file, or the whole new one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

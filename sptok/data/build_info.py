@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -72,9 +71,3 @@ class BuildInfo:
                    pad_id=info["pad"]["id"], mask_id=role("mask_token"), vocab_size=vocab,
                    special_ids=special_ids, ordinary_ids=ordinary, is_special=is_special, is_sp=is_sp, tokenizer_dir=tdir,
                    raw=info)
-
-    def source_of_sp(self) -> dict[int, int]:
-        return {int(t): s for s, t in enumerate(self.sp_ids)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.raw, sort_keys=True)

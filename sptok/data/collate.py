@@ -76,9 +76,6 @@ class _Base:
             grid[b, p] = True
         return grid
 
-    def _uniforms(self, keys: np.ndarray, L: int, slot: int) -> np.ndarray:
-        return draws(keys, L, slot)
-
     @staticmethod
     def _torch(batch: dict) -> dict:
         import torch
@@ -113,7 +110,7 @@ class MLMCollator(_Base):
         B, L = ids.shape
         real = self._real(lengths, L)
         ordinary = real & ~self.info.is_special[ids]
-        u = self._uniforms(keys, L, SLOT_MLM)                 # one uniform per token decides everything
+        u = draws(keys, L, SLOT_MLM)                 # one uniform per token decides everything
         target = ordinary & (u < self.mlm_prob)
         r = u / self.mlm_prob                                 # uniform in [0, 1) again among targets
         to_mask = target & (r < 0.8)
