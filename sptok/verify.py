@@ -115,7 +115,9 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
         if want is not None and samples != want:
             rep.problems.append(Problem("index", index_rel, "mismatch",
                                         f"lists {samples} samples, sptok.json counts {want}"))
-        listed = {e["zip_data"]["basename"] if fmt == "mds" else e["basename"] for e in entries}
+        # streaming decompresses a shard it reads into `shard.N.mds` beside it: a listed file too
+        listed = {e[part]["basename"] for e in entries for part in ("zip_data", "raw_data")} if fmt == "mds" \
+            else {e["basename"] for e in entries}
         pattern = re.compile(r"shard\.\d+\.mds(\.zstd)?$" if fmt == "mds" else rf"data-\d+\.{fmt}$")
         sdir = os.path.join(out, name)
         for extra in sorted(set(os.listdir(sdir)) - listed if os.path.isdir(sdir) else ()):
@@ -168,9 +170,15 @@ def _check_mds_shard(out: str, name: str, e: dict, rep: Report) -> None:
         rep.problems.append(Problem("shard", rel, "mismatch",
                                     f"decompresses to {n:,} bytes with xxh64 {h.hexdigest()}, {index_rel} says "
                                     f"{raw['bytes']:,} bytes with xxh64 {raw['hashes']['xxh64']}"))
+    raw_rel = f"{name}/{raw['basename']}"
+    if os.path.exists(os.path.join(out, raw_rel)):
+        # the decompressed copy streaming made when the build was read: it is what streaming reads from now on
+        rep.outputs_checked += 1
+        _check_file(out, raw_rel, raw["bytes"], raw["hashes"]["xxh64"], index_rel, rep,
+                    note="streaming's decompressed copy of the shard, read instead of it")
 
 
-def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report) -> bool:
+def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report, note: str = "") -> bool:
     path = os.path.join(out, rel)
     if not os.path.exists(path):
         rep.problems.append(Problem("shard", rel, "missing", f"listed in {index_rel}, not on disk"))
@@ -179,8 +187,9 @@ def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: 
     got = file_xxh64(path)
     if got_size != size or got != xxh64:
         sizes = f"{got_size:,} bytes, {index_rel} says {size:,}; " if got_size != size else ""
-        rep.problems.append(Problem("shard", rel, "changed",
-                                    f"{sizes}xxh64 {got} differs from {index_rel}'s {xxh64} (modified after the build)"))
+        what = f" ({note})" if note else ""
+        rep.problems.append(Problem("shard", rel, "changed", f"{sizes}xxh64 {got} differs from {index_rel}'s "
+                                                             f"{xxh64} (modified after the build){what}"))
         return False
     return True
 

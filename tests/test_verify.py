@@ -73,6 +73,30 @@ def test_tampered_mds_shard_is_named(built):
                                                                              "changed")]
 
 
+def test_a_build_that_was_read_still_verifies(built):
+    """Reading an MDS build (as the README shows) makes streaming decompress each shard beside it; verify
+    knows those copies, checks them against the index too, and names a changed one."""
+    from sptok.data import open_dataset
+
+    m, out = built
+    _build(m, out)
+    ds = open_dataset(out, batch_size=8, shuffle=True)
+    assert sum(1 for _ in ds) == len(ds) > 0
+    del ds
+    copies = sorted(f"{s}/{f}" for s in ("pydocs", "code", "fortunes", "chinese") for f in os.listdir(f"{out}/{s}")
+                    if f.endswith(".mds"))
+    assert copies, "streaming decompressed no shard: the test would prove nothing"
+    code, stdout, stderr = verify(out, "--outputs-only")
+    assert code == 0, stderr
+    shards = sum(len(json.load(open(f"{out}/{s}/index.json"))["shards"]) for s in ("pydocs", "code", "fortunes",
+                                                                                   "chinese"))
+    assert f"{shards + len(copies) + 1} output files" in stdout   # zstd shards, their copies, the tokenizer
+    _flip(f"{out}/{copies[0]}")
+    code, _, stderr = verify(out, "--outputs-only")
+    assert code == 2 and f"{copies[0]}: changed: " in stderr and "decompressed copy" in stderr
+    assert "1 problem" in stderr
+
+
 def test_missing_and_unlisted_shards_and_a_changed_tokenizer(built):
     m, out = built
     _build(m, out)
