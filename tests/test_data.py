@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -231,6 +236,45 @@ def test_proportions_over_an_epoch(prefix_build):
     ds = open_dataset(prefix_build, proportion={"code": 2.0}, epoch_size=300, batch_size=1)
     counts = Counter(s["source_id"] for s in ds)
     assert abs(counts[1] / 300 - 2 / 4) < 0.02
+
+
+_READER = """
+import sys, time
+from sptok.data import Loader, MLMCollator, open_dataset
+ds = open_dataset(sys.argv[1], batch_size=4)
+next(iter(Loader(ds, MLMCollator(ds.build), batch_size=4, num_workers=2)))
+print("reading", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm: streaming keeps no POSIX shared memory")
+def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
+    """kill -9 of a reader with 2 loader workers leaks streaming's /dev/shm segments; the next
+    open_dataset removes them, and never the segments of a reader that is alive."""
+    from sptok.data.shm import clean_stale_shm
+
+    def segments():
+        return {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in os.listdir("/dev/shm") if n[:6].isdigit()}
+
+    before = segments()
+    p = subprocess.Popen([sys.executable, "-c", _READER, prefix_build], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "reading"
+        leaked = {n: c for n, c in segments().items() if before.get(n) != c}
+        assert leaked, "the reader made no shared memory: the test would prove nothing"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert leaked.items() <= segments().items()         # kill -9: streaming never unlinked them
+    live = open_dataset(prefix_build)                   # cleans, then makes its own
+    now = segments()
+    assert not any(now.get(n) == c for n, c in leaked.items())
+    mine = {n: c for n, c in now.items() if before.get(n) != c}
+    assert mine and not set(clean_stale_shm()) & set(mine)   # a live reader's segments are kept
+    assert mine.items() <= segments().items()
+    del live
 
 
 def test_plain_dataloader_loop_and_arrow_build(corpus, prefix_build):

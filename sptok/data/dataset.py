@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
+
 from ..errors import SptokError
 from .build_info import BuildInfo
 
@@ -61,6 +63,10 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
     if info.format == "mds":
         from streaming import Stream
 
+        from .shm import clean_stale_shm
+
+        clean_stale_shm()   # what readers killed with kill -9 left in /dev/shm
+
         streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources]
         kwargs.setdefault("batch_size", 1)
         kwargs.setdefault("shuffle", False)
@@ -70,19 +76,68 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
     return _table_dataset(info, per_source, **kwargs)
 
 
-def _table_dataset(info: BuildInfo, per_source: dict, seed: int = 0, **kwargs):
-    import datasets
+# keyword arguments of StreamingDataset that mean the same for a table build; the rest are about
+# streaming's own download, cache and partitioning machinery
+TABLE_KWARGS = ("batch_size", "shuffle", "shuffle_seed", "epoch_size")
+SHUFFLE_SEED = 9176   # streaming's default, so both formats draw with the same seed by default
 
-    parts = []
-    for name in info.sources:
-        files = sorted(glob.glob(os.path.join(info.path, name, f"data-*.{info.format}")))
-        parts.append(datasets.load_dataset(info.format, data_files=files, split="train", **kwargs))
-    probs = [per_source[n].get("proportion") for n in info.sources]
-    if len(parts) == 1:
-        ds = parts[0]
-    elif all(p is None for p in probs):
-        ds = datasets.concatenate_datasets(parts)
-    else:
-        ds = datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy="all_exhausted")
+
+def samples_per_source(sizes: list[int], per_source: list[dict], epoch_size: int | None, seed: int) -> list[int]:
+    """How many samples of each source one epoch holds: streaming's rule (``Stream.apply_weights``), so an
+    MDS and a table build of the same inputs and weights give the same counts per source."""
+    sizes = np.array(sizes, np.int64)
+    if all("proportion" in w for w in per_source) or (epoch_size and not any(per_source)):
+        want = np.array([w.get("proportion", n) for w, n in zip(per_source, sizes)], np.float64)
+        total = epoch_size or int(sizes.sum())
+        choose = (total * want / want.sum()).astype(np.int64)
+        short = total - int(choose.sum())
+        choose[np.random.default_rng(seed).choice(len(sizes), short, False)] += 1
+        return choose.tolist()
+    if epoch_size:
+        raise SptokError("epoch_size: give it with proportions (or natural sizes), not with repeat")
+    return [int(w["repeat"] * n) if "repeat" in w else int(n) for w, n in zip(per_source, sizes)]
+
+
+def _table_dataset(info: BuildInfo, per_source: dict, **kwargs):
+    """A ``datasets.Dataset`` over the build's files, read in place (Arrow memory-mapped, Parquet decoded
+    into memory; no cache is written), holding the epoch an MDS build of the same weights would."""
+    unknown = sorted(set(kwargs) - set(TABLE_KWARGS))
+    if unknown:
+        raise SptokError(f"open_dataset: {unknown[0]!r} applies to MDS builds only; a {info.format} build takes "
+                         f"{', '.join(TABLE_KWARGS)} (and proportion, repeat, weights)")
+    import datasets
+    import pyarrow as pa
+
+    seed = int(kwargs.get("shuffle_seed", SHUFFLE_SEED))
+    tables = [_read_table(info, name) for name in info.sources]
+    sizes = [t.num_rows for t in tables]
+    counts = samples_per_source(sizes, [per_source[n] for n in info.sources], kwargs.get("epoch_size"), seed)
+    rng = np.random.default_rng(seed)
+    picks, offset = [], 0
+    for n, k in zip(sizes, counts):
+        # whole repeats, then a seeded subset for the fraction (as streaming up- and down-samples)
+        part = np.sort(rng.choice(n, k % n, replace=False)) if n else np.empty(0, np.int64)
+        picks.append(offset + np.concatenate([np.tile(np.arange(n), k // n) if n else [], part]).astype(np.int64))
+        offset += n
+    order = np.concatenate(picks) if picks else np.empty(0, np.int64)
+    if kwargs.get("shuffle"):
+        order = rng.permutation(order)
+    ds = datasets.Dataset(datasets.table.InMemoryTable(pa.concat_tables(tables))).select(order)
     ds.build = info
     return ds
+
+
+def _read_table(info: BuildInfo, name: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(os.path.join(info.path, name, f"data-*.{info.format}")))
+    if not files:
+        raise SptokError(f"{info.path}/{name}: no data-*.{info.format} files; the build is damaged "
+                         f"(`sptok verify {info.path}` says what is missing)")
+    try:
+        if info.format == "parquet":
+            return pa.concat_tables([pq.read_table(f) for f in files])
+        return pa.concat_tables([pa.ipc.open_file(pa.memory_map(f)).read_all() for f in files])
+    except (OSError, pa.ArrowException) as e:
+        raise SptokError(f"{info.path}/{name}: cannot read the build's files ({e})") from None
