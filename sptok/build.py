@@ -13,12 +13,13 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 
 from . import __version__
 from .errors import SptokError
-from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of, write_json
+from .finalize import FAILED, MARKER, PARTITION, WORK, clear_outputs, finalize, fingerprint_of, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry, sp_strings
@@ -70,32 +71,40 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
            pool: WorkerPool | None) -> BuildResult:
     work = os.path.join(out, WORK)
     plan, tok, units = make_plan(manifest, opts)
-    state = _prepare_out(out, plan, overwrite)
+    state = _prepare_out(out, plan, overwrite, log)
     if state == "complete":
         with open(os.path.join(out, MARKER)) as f:
-            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), "-", skipped=True)
+            info = json.load(f)
+        if opts.strict:
+            _refuse_skipped(out)
+        return BuildResult(out, info, len(plan["units"]), len(plan["units"]), "-", skipped=True)
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
                            plan["tokenizer"]["added_specials"], model_max_length=opts.seq_len)
         write_json(os.path.join(work, "plan.json"), plan)
     shutil.rmtree(os.path.join(work, "tmp"), ignore_errors=True)
+    part_file = os.path.join(work, PARTITION)
+    if partition is not None and partition[1] > 1:   # what `sptok show` & co. say about this directory
+        write_json(part_file, {"index": partition[0], "count": partition[1]})
+    elif os.path.exists(part_file):
+        os.remove(part_file)
 
     mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
+    watch = _SourceWatch(work, units)   # a source with no document stops the build when its last unit commits
     encoder_name = "-"
     if todo:
         encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
         if not opts.quiet:
             log(f"encoder: {encoder_name} ({why})")
-        run_units(work, todo, opts, encoder_name, pool)
+        run_units(work, todo, opts, encoder_name, pool, on_done=watch.unit_done)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units), encoder_name)
     info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
-    _check_sources(info, out)
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(out, info, committed, len(units), encoder_name)
 
@@ -132,7 +141,7 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok_json = tok.to_str()
     units = plan_units(manifest, opts.unit_size)
-    _probe_fields(manifest, units)
+    _probe_sources(manifest, units)
     identity = {
         "sptok_version": __version__,
         # root: where `sptok verify` finds the inputs again; not fingerprinted (where a corpus lives is not
@@ -158,20 +167,86 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     return plan, tok, units
 
 
-def _probe_fields(manifest: Manifest, units: list[Unit]) -> None:
-    """Fail fast when no record of a JSONL source's first unit has text_field: a wrong field name is a
-    manifest error, not a million skipped records."""
-    from .readers import Rejects, read_unit
+def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
+    """Fail before anything is written when a source cannot give a document: a field or column that is
+    not there (checked in every table file's schema, and in the first JSONL records), or a first unit
+    without one document when it is the source's only unit (then the whole source was read)."""
+    from .readers import Rejects, read_unit, schema_problem, table_schema
 
     for src in manifest.sources:
-        first = next((u for u in units if u.source == src.name), None)
-        if first is None or src.format != "jsonl":
+        where = f"manifest {manifest.path}: source {src.name!r}"
+        mine = [u for u in units if u.source == src.name]
+        if src.format in ("parquet", "hf"):
+            for path, rel in dict.fromkeys((u.path, u.relpath) for u in mine):
+                problem = schema_problem(table_schema(path, src.format, rel), src.text_field, src.id_field)
+                if problem:
+                    raise SptokError(f"{where}: {rel}: {problem}; set text_field (and id_field) to columns the "
+                                     f"files have")
+        if not mine:
             continue
         probe = Rejects(source=src.name)
-        batch = next(read_unit(first, src.text_field, src.id_field, probe, batch_bytes=1), None)
-        if batch is None and "missing_field" in probe.counts:
-            raise SptokError(f"manifest {manifest.path}: source {src.name!r}: {probe.examples['missing_field']}; "
-                             f"set text_field (and id_field) to fields the records have")
+        if next(read_unit(mine[0], src.text_field, src.id_field, probe, batch_bytes=1), None) is not None:
+            continue
+        if "missing_field" in probe.counts:
+            raise SptokError(f"{where}: {probe.examples['missing_field']}; set text_field (and id_field) to "
+                             f"fields the records have")
+        if len(mine) == 1:
+            raise SptokError(f"manifest {manifest.path}: " + no_documents(src.name, dict(probe.counts),
+                                                                          probe.examples))
+
+
+def no_documents(name: str, rejected: dict, examples: dict) -> str:
+    """What to tell about a source that gave no document, and the way out."""
+    why = "; ".join(f"{k} x{v} (first: {examples.get(k, '?')})" for k, v in sorted(rejected.items()))
+    return (f"source {name!r} produced no documents" + (f": every record was skipped: {why}" if why else
+                                                         ": its files hold no records")
+            + ". Fix its records or its text_field, or remove the source from the manifest, then run "
+              "`sptok build` again (it starts over)")
+
+
+class _SourceWatch:
+    """Checks each source once all its units are committed: a source without one document makes the
+    build impossible, so it stops there (not after every other source is tokenized), and records why in
+    ``.sptok/failed.json`` so that every command reading the directory says so."""
+
+    def __init__(self, work: str, units: list[Unit]):
+        self.work = work
+        self.by_source: dict[str, list[Unit]] = {}
+        for u in units:
+            self.by_source.setdefault(u.source, []).append(u)
+        self.left = {n: sum(not is_committed(work, u) for u in us) for n, us in self.by_source.items()}
+        for name, left in self.left.items():
+            if left == 0:
+                self._check(name)
+
+    def unit_done(self, unit: Unit) -> None:
+        self.left[unit.source] -= 1
+        if self.left[unit.source] == 0:
+            self._check(unit.source)
+
+    def _check(self, name: str) -> None:
+        results = [_read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
+        problem = source_problem(name, results)
+        if problem:
+            write_json(os.path.join(self.work, FAILED), {"error": problem})
+            raise SptokError(problem)
+
+
+def source_problem(name: str, results: list[dict]) -> str | None:
+    """The no-documents message for a source, from its committed units' results, or None."""
+    if sum(r["counts"].get("docs", 0) for r in results):
+        return None
+    rejected, examples = Counter(), {}
+    for r in results:
+        rejected.update(r["rejected"])
+        for k, v in r["examples"].items():
+            examples.setdefault(k, v)
+    return no_documents(name, dict(rejected), examples)
+
+
+def _read_result(d: str) -> dict:
+    with open(os.path.join(d, "result.json")) as f:
+        return json.load(f)
 
 
 def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> list[str]:
@@ -190,14 +265,12 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
     return out
 
 
-def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:
+def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
     """'fresh', 'resume' or 'complete'; refuses a foreign directory or a changed resume."""
     work = os.path.join(out, WORK)
     marker = os.path.join(out, MARKER)
-    if not os.path.exists(out) or not os.listdir(out):
+    if not _has_entries(out):
         return "fresh"
-    if not os.path.isdir(out):
-        raise SptokError(f"--out {out}: exists and is not a directory")
     if not os.path.exists(marker) and not os.path.isdir(work):
         raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
                          f"or new directory (sptok never deletes files it did not write)")
@@ -222,6 +295,10 @@ def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:
     except (OSError, ValueError):
         shutil.rmtree(work)
         return "fresh"
+    if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
+        log(f"note: {out} held a build that failed; starting over with the changed inputs or options")
+        shutil.rmtree(work)
+        return "fresh"
     if old.get("fingerprint") != plan["fingerprint"]:
         raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
                          f"the interrupted build started; run the original command to finish it, or pass "
@@ -229,6 +306,13 @@ def _prepare_out(out: str, plan: dict, overwrite: bool) -> str:
     # a resumed build first removes what an interrupted finalize wrote, so nothing looks complete
     clear_outputs(out, plan)
     return "resume"
+
+
+def _has_entries(out: str) -> bool:
+    """Whether --out holds anything; a file there is a user error, not a traceback."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SptokError(f"--out {out}: exists and is not a directory; give a new or empty directory")
+    return os.path.exists(out) and bool(os.listdir(out))
 
 
 def describe_changes(old: dict, new: dict) -> str:
@@ -254,16 +338,18 @@ def describe_changes(old: dict, new: dict) -> str:
     return "; ".join(changes)
 
 
-def _check_sources(info: dict, out: str) -> None:
-    empty = [n for n, c in info["counts"].items() if c["docs"] == 0]
-    if empty:
-        with open(os.path.join(out, "stats.json")) as f:
-            stats = json.load(f)
-        os.remove(os.path.join(out, MARKER))   # never leave an unusable build marked complete
-        s = stats["sources"][empty[0]]
-        why = "; ".join(f"{k} x{v} (first: {s['reject_examples'].get(k, '?')})" for k, v in s["rejected"].items())
-        raise SptokError(f"source {empty[0]!r} produced no documents" + (f": every record was skipped: {why}"
-                                                                           if why else ": its files hold no records"))
+def _refuse_skipped(out: str) -> None:
+    """--strict on a build that is already complete: pass only if it skipped nothing (--strict is not part
+    of a build's identity, so the existing build is what a strict run would have checked)."""
+    from .rejects import iter_rejects, select
+
+    names, reasons, stats = select(out)
+    rejected = stats["totals"]["rejected"]
+    if rejected:
+        first = next(iter_rejects(out, names, reasons, stats))   # in build order, as --strict would stop
+        raise SptokError(f"--strict: {out} already holds this build, and it skipped {sum(rejected.values()):,} "
+                         f"records ({', '.join(f'{k} {v:,}' for k, v in rejected.items())}); the first: "
+                         f"{first['where']}: {first['detail']}; `sptok rejects {out}` lists them")
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -301,12 +387,15 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
         first = ", ".join(f"{u['file']} (unit {u['index']})" for u in missing[:3])
         raise SptokError(f"cannot merge: {len(missing)} of {len(plan['units'])} units are committed in none of the "
                          f"given directories (first: {first}); finish or add the missing partitions")
-    if os.path.exists(out) and os.listdir(out) and os.path.abspath(out) not in map(os.path.abspath, parts):
+    for src in plan["manifest"]["sources"]:
+        problem = source_problem(src["name"], [_read_result(unit_dirs[f"u{u['index']:06d}"])
+                                               for u in plan["units"] if u["source"] == src["name"]])
+        if problem:
+            raise SptokError(problem)
+    if _has_entries(out) and os.path.abspath(out) not in map(os.path.abspath, parts):
         if not os.path.exists(os.path.join(out, MARKER)):
             raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
         if not overwrite:
             raise SptokError(f"--out {out}: already holds a complete build; pass --overwrite to replace it")
         shutil.rmtree(out)
-    info = finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, "tokenizer"))
-    _check_sources(info, out)
-    return info
+    return finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, "tokenizer"))

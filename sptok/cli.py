@@ -3,6 +3,7 @@ inside the commands that need them, so `sptok --help` starts in a fraction of a 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -26,11 +27,15 @@ class _Group(click.Group):
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
             sys.exit(130)
         except OSError as e:
-            if e.errno == 28:  # ENOSPC
+            if e.errno == errno.ENOSPC:
                 click.echo(f"error: disk full ({e.filename or ''}): free some space and run the same command "
                            f"again; committed work is kept", err=True)
                 sys.exit(2)
-            raise
+            if e.filename is None:   # not about a path the user gave: a bug, keep the traceback
+                raise
+            # a path the user named or can fix (permission, read-only filesystem, a file where a directory goes)
+            click.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -127,13 +132,15 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
 @click.argument("parts", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="Directory of the joined build.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
-def merge(parts, out, overwrite):
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no table).")
+def merge(parts, out, overwrite, quiet):
     """Join the partition directories PARTS of one build (built with --partition i/N) into --out."""
     from .build import run_merge
     from .stats import format_table, load_stats
 
     run_merge(list(parts), out, overwrite=overwrite)
-    click.echo(format_table(*load_stats(out)))
+    if not quiet:
+        click.echo(format_table(*load_stats(out)))
 
 
 @main.command()
@@ -305,8 +312,8 @@ def export(checkpoint, out):
               help="Also write the fine-tuning input sp_input with this SP: the given source's (manual), the "
                    "predicted (auto), a seeded random one (random) or none.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --mode random.")
-@click.option("--ids", is_flag=True, help="With --mode: also write sp_input_ids, the token ids as a build lays them "
-                                          "out (literal SP strings in the text stay text).")
+@click.option("--ids", is_flag=True, help="With --mode: also write sp_input_ids, the token ids as a build lays out a "
+                                          "document, EOS included (literal SP strings in the text stay text).")
 @click.option("--predict/--no-predict", default=True, show_default=True,
               help="--no-predict skips the model (for --mode manual, random, none).")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
@@ -395,8 +402,13 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
 
     tok = train(texts(), model, vocab_size, sps + ([delim] if delim else []))
     save_tokenizer_dir(tok, out, default_roles(tok), sps + ([delim] if delim else []))
-    click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {tok.get_vocab_size()}, "
+    got = tok.get_vocab_size()
+    click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {got}, "
                f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))
+    if got < vocab_size:
+        click.echo(f"note: the vocabulary has {got:,} tokens, not the {vocab_size:,} asked for: the text read "
+                   f"({max_bytes} at most) holds no more pieces worth a token; give more text (--max-bytes, more "
+                   f"sources) for a larger vocabulary", err=True)
 
 
 @tokenizer.command("extend")

@@ -23,6 +23,8 @@ from .writers import open_writer, write_mds_index
 
 WORK = ".sptok"
 MARKER = "sptok.json"
+FAILED = "failed.json"         # in WORK: why the build cannot complete (a source without documents)
+PARTITION = "partition.json"   # in WORK: this directory builds partition i/N (join with `sptok merge`)
 # per-source list of Parquet/Arrow files with their bytes and xxh64 (what `sptok verify` checks); the leading
 # underscore keeps pyarrow's and datasets' directory discovery from taking it for a data file
 TABLE_INDEX = "_files.json"
@@ -34,7 +36,14 @@ def load_build(out: str) -> dict:
     if not os.path.isdir(out):
         raise SptokError(f"{out}: no such build directory")
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(out, WORK)):
+        work = os.path.join(out, WORK)
+        if os.path.exists(os.path.join(work, FAILED)):
+            raise SptokError(f"{out}: the build failed: {_read_json(os.path.join(work, FAILED))['error']}")
+        if os.path.exists(os.path.join(work, PARTITION)):
+            p = _read_json(os.path.join(work, PARTITION))
+            raise SptokError(f"{out}: partition {p['index']}/{p['count']} of a build, not a whole build: join all "
+                             f"{p['count']} partition directories with `sptok merge PART ... --out DIR` and read DIR")
+        if os.path.isdir(work):
             raise SptokError(f"{out}: the build is incomplete (no {MARKER}); run the same `sptok build` "
                              f"command again to resume it")
         raise SptokError(f"{out}: not an sptok build (no {MARKER})")

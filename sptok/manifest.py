@@ -8,6 +8,7 @@ output of a build is the same for any worker count.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -144,25 +145,49 @@ def schema_path(name: str) -> Path:
 
 
 def validate_document(doc, schema_name: str, what: str) -> None:
-    """Validate against one of ``schemas/``; the first error names the key path and what was expected."""
+    """Validate against one of ``schemas/``; every problem is named at once, each by its key path, with
+    what was expected (a misspelt key gets its likely spelling, a pattern its meaning from the schema)."""
     import jsonschema
 
     schema = json.loads(schema_path(schema_name).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+                    key=lambda e: (list(map(str, e.absolute_path)), e.message))
     if not errors:
         return
-    err = jsonschema.exceptions.best_match(errors)
-    key = _key_path(err.absolute_path) or "(top level)"
-    if err.validator == "additionalProperties":
-        allowed = sorted(err.schema.get("properties", {}))
-        msg = f"{err.message}; allowed keys: {', '.join(allowed)}"
-    elif err.validator == "enum":
-        msg = f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
-    else:
-        msg = err.message
-    more = f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    raise SptokError(f"{what}: {key}: {msg}{more}")
+    meant: set[tuple[str, str]] = set()   # (key path, key) that a misspelt key stands for
+    lines = []
+    for err in errors:
+        key = _key_path(err.absolute_path) or "(top level)"
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            for k in sorted(set(err.instance) - set(allowed)):
+                close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.6)
+                meant.update((key, c) for c in close)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                lines.append((key, f"{key}: unknown key {k!r}{hint}; allowed keys: {', '.join(allowed)}"))
+        elif err.validator == "required":
+            for k in (r for r in err.validator_value if r not in err.instance):
+                lines.append((key, k, f"{key}: missing key {k!r}"))
+        else:
+            lines.append((key, f"{key}: {_what_failed(err)}"))
+    # a missing key explained by a misspelt one is not a second problem
+    lines = [ln[-1] for ln in lines if not (len(ln) == 3 and (ln[0], ln[1]) in meant)]
+    lines = list(dict.fromkeys(lines))
+    if len(lines) == 1:
+        raise SptokError(f"{what}: {lines[0]}")
+    raise SptokError(f"{what}: {len(lines)} problems:\n" + "\n".join(f"  {ln}" for ln in lines))
+
+
+def _what_failed(err) -> str:
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        import jsonschema
+
+        return _what_failed(jsonschema.exceptions.best_match(err.context))
+    if err.validator == "enum":
+        return f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+    if "errorMessage" in err.schema:   # the schema says what the pattern or bound means, and why
+        return f"{err.instance!r}: {err.schema['errorMessage']}"
+    return err.message
 
 
 def _key_path(parts) -> str:

@@ -236,8 +236,8 @@ def check_record(rec, text_field: str, id_field: str | None):
     text = rec[text_field]
     if not isinstance(text, str):
         return Problem("non_string_text", f"field {text_field!r} holds {type(text).__name__}, expected a string")
-    if not text:
-        return Problem("empty_text", f"field {text_field!r} is empty")
+    if not text or text.isspace():
+        return Problem("empty_text", f"field {text_field!r} is {_blank(text)}")
     if not _valid_unicode(text):
         return Problem("invalid_utf8", f"field {text_field!r} holds a lone surrogate escape (not valid UTF-8)")
     if id_field is None:
@@ -245,6 +245,11 @@ def check_record(rec, text_field: str, id_field: str | None):
     if rec.get(id_field) is None:
         return Problem("missing_field", f"no field {id_field!r} (id_field)")
     return str(rec[id_field]), text
+
+
+def _blank(text: str) -> str:
+    """How an unusable text is empty: a whitespace-only document would be just SP, delimiter and EOS."""
+    return "empty" if not text else "only whitespace"
 
 
 def _valid_unicode(text: str) -> bool:
@@ -273,16 +278,18 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
         schema = pf.schema_arrow
         groups = list(range(unit.start, unit.stop if unit.stop >= 0 else pf.metadata.num_row_groups))
         row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        _check_columns(unit, schema, columns, text_field)
         batches = pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096) if groups else iter(())
     else:
         try:
             reader = pa.ipc.open_stream(pa.memory_map(unit.path))
         except Exception as e:
             raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
-        _check_columns(unit, reader.schema, columns, text_field)
+        schema = reader.schema
         row0 = 0
         batches = (b.select(columns) for b in reader)
+    problem = schema_problem(schema, text_field, id_field)
+    if problem:
+        raise SptokError(f"{unit.relpath}: {problem}")
     keys, texts, size, row = [], [], 0, row0
     try:
         for rb in batches:
@@ -299,9 +306,9 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
                     rejects.add("missing_field", where, f"field {text_field!r} is null", None,
                                 file=unit.relpath, row=r)
                     continue
-                if not text:
-                    rejects.add("empty_text", where, f"field {text_field!r} is empty", b"",
-                                file=unit.relpath, row=r)
+                if not text or text.isspace():
+                    rejects.add("empty_text", where, f"field {text_field!r} is {_blank(text)}",
+                                text.encode(), file=unit.relpath, row=r)
                     continue
                 if id_field:
                     if col_id[i] is None:
@@ -332,19 +339,34 @@ class _BadUTF8:
     start: int
 
 
-def _check_columns(unit: Unit, schema, columns: list[str], text_field: str) -> None:
+def schema_problem(schema, text_field: str, id_field: str | None) -> str | None:
+    """Why a table's columns cannot give documents (a missing field, a text column that is not text), or
+    None. Checked for every file before a build writes anything, and again by the reader."""
     import pyarrow as pa
 
-    names = schema.names
-    for c in columns:
-        if c not in names:
-            what = "text_field" if c == text_field else "id_field"
-            raise SptokError(f"{unit.relpath}: no column {c!r} ({what}); columns are: {', '.join(names)}")
+    for c, what in ((text_field, "text_field"), (id_field, "id_field")):
+        if c is not None and c not in schema.names:
+            return f"no column {c!r} ({what}); columns are: {', '.join(schema.names)}"
     t = schema.field(text_field).type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
             or pa.types.is_large_binary(t)):
-        raise SptokError(f"{unit.relpath}: column {text_field!r} (text_field) has type {t}, expected a string "
-                         f"column")
+        return f"column {text_field!r} (text_field) has type {t}, expected a string column"
+    return None
+
+
+def table_schema(path: str, fmt: str, relpath: str):
+    """The Arrow schema of a Parquet file or a `datasets` Arrow stream file, read from its header only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_schema(path)
+        with pa.memory_map(path) as f:
+            return pa.ipc.open_stream(f).schema
+    except Exception as e:  # pyarrow raises several types for a bad file
+        kind = "Parquet file" if fmt == "parquet" else "Arrow stream file"
+        raise SptokError(f"{relpath}: not a readable {kind} ({e})") from None
 
 
 def _strings(arr) -> list:
@@ -393,8 +415,10 @@ def _read_text(unit, text_field, id_field, rejects, batch_bytes):
             rejects.add("invalid_utf8", f"{rel} byte {at}", f"invalid UTF-8 at byte {at}; file skipped", None,
                         file=rel, byte=at)
             continue
-        if not text:
-            rejects.add("empty_text", rel, "no text before the break" if broken else "empty file", None, file=rel)
+        if not text or text.isspace():
+            what = "no text" if not text else "only whitespace"
+            rejects.add("empty_text", rel, f"{what} before the break" if broken else f"{what} in the file", None,
+                        file=rel)
             continue
         keys.append(rel)
         texts.append(text)

@@ -119,23 +119,24 @@ class WorkerPool:
         for _ in range(workers):
             self.pool.submit(_ready)
 
-    def run(self, work: str, todo: list, strict: bool, encoder: str, progress) -> None:
+    def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            self._run(work, todo, strict, encoder, progress)
+            self._run(work, todo, strict, encoder, progress, on_done)
         except BrokenProcessPool:
             raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
                              "kept: run the same command again to resume, with fewer --workers if memory is short. "
                              "(From Python, start builds with several workers under `if __name__ == "
                              "'__main__':`.)") from None
 
-    def _run(self, work, todo, strict, encoder, progress) -> None:
+    def _run(self, work, todo, strict, encoder, progress, on_done) -> None:
         import queue as queue_mod
         from concurrent.futures import FIRST_EXCEPTION, wait
 
         order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
-        pending = {self.pool.submit(_run_one, work, strict, encoder, u) for u in order}
+        units = {self.pool.submit(_run_one, work, strict, encoder, u): u for u in order}
+        pending = set(units)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             while True:
@@ -146,6 +147,7 @@ class WorkerPool:
             for fut in done:
                 fut.result()          # re-raises a worker's SptokError
                 progress.unit_done()
+                on_done(units[fut])
 
     def close(self, kill: bool = False) -> None:
         if kill:
@@ -154,22 +156,28 @@ class WorkerPool:
             self.pool.shutdown(wait=False, cancel_futures=True)
             for p in mp.active_children():   # stop units in flight; their temporary dirs are cleared next run
                 p.kill()
+            # then let the executor's manager thread see the dead workers and exit, so that nothing is left
+            # for concurrent.futures' exit hook to trip over (an "Exception ignored ... Bad file descriptor")
+            self.pool.shutdown(wait=True)
         else:
             self.pool.shutdown(wait=True)
 
 
-def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None) -> None:
-    """Process ``todo``: in the pool when there is one and more than one unit, else in this process."""
+def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None,
+              on_done=lambda unit: None) -> None:
+    """Process ``todo``: in the pool when there is one and more than one unit, else in this process.
+    ``on_done(unit)`` runs in this process after each commit (it may raise to stop the build)."""
     progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if pool is not None and len(todo) > 1:
-            pool.run(work, todo, opts.strict, encoder, progress)
+            pool.run(work, todo, opts.strict, encoder, progress, on_done)
         else:
             ctx = load_context(work, opts.strict, encoder)
             for u in todo:
                 process_unit(ctx, u, progress=progress.update)
                 progress.unit_done()
+                on_done(u)
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()

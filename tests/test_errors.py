@@ -13,7 +13,7 @@ import zlib
 import pytest
 import zstandard
 from click.testing import CliRunner
-from conftest import TOKENIZER, demo_records, small_sources
+from conftest import TOKENIZER, demo_records, small_sources, write_jsonl
 
 from sptok.cli import main
 
@@ -132,7 +132,84 @@ def test_empty_source(tmp_path, manifest, small_corpus):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     m = manifest([{"name": "code", "paths": "code.jsonl"}, {"name": "nothing", "paths": "empty.jsonl"}])
     fails(*build_args(m, tmp_path / "o"), match="source 'nothing' produced no documents")
-    assert not (tmp_path / "o" / "sptok.json").exists()
+    assert not (tmp_path / "o").exists()   # known before anything is written: the source was read whole
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_a_wrong_text_field_of_a_table_source_writes_nothing(tmp_path, manifest, small_corpus, fmt):
+    """Checked in every file's schema before anything is written, so the corrected manifest builds."""
+    import datasets
+
+    recs = demo_records("code", 4)
+    table = datasets.Dataset.from_list([{"body": r["text"]} for r in recs])
+    path = "t.parquet" if fmt == "parquet" else "t_hf"
+    table.to_parquet(str(tmp_path / path)) if fmt == "parquet" else table.save_to_disk(str(tmp_path / path))
+    m = manifest([{"name": "a", "paths": "code.jsonl"}, {"name": "t", "paths": path}])
+    fails(*build_args(m, tmp_path / "o"), match=f"manifest {m}: source 't': ")
+    out = fails(*build_args(m, tmp_path / "o"), match="no column 'text' (text_field); columns are: body")
+    assert "set text_field" in out
+    assert not (tmp_path / "o").exists()
+    m = manifest([{"name": "a", "paths": "code.jsonl"}, {"name": "t", "paths": path, "text_field": "body"}])
+    code, out = sptok(*build_args(m, tmp_path / "o"))
+    assert code == 0, out
+    assert json.load(open(tmp_path / "o" / "sptok.json"))["counts"]["t"]["docs"] == len(recs)
+
+
+def test_a_source_without_documents_stops_early_and_says_the_truth(tmp_path, manifest, small_corpus):
+    """Every record skipped, in a source of several units: the build stops when that source's last unit
+    commits, and every command reading the directory says why and how out; the fixed source builds."""
+    blanks = [{"text": " \n\t "}] * 400     # whitespace only: no document
+    write_jsonl(tmp_path / "zero.jsonl", blanks)
+    m = manifest([{"name": "zero", "paths": "zero.jsonl"}, {"name": "code", "paths": "code.jsonl"}])
+    args = build_args(m, tmp_path / "o", "--unit-size", "2KB")
+    out = fails(*args, match="source 'zero' produced no documents: every record was skipped: empty_text x400")
+    assert "only whitespace" in out and "then run `sptok build` again" in out
+    units = os.listdir(tmp_path / "o" / ".sptok" / "units")
+    n_zero = len([u for u in json.load(open(tmp_path / "o" / ".sptok" / "plan.json"))["units"]
+                  if u["source"] == "zero"])
+    assert n_zero > 1 and len(units) == n_zero     # the other source was never tokenized
+    for cmd in (["show", tmp_path / "o"], ["verify", tmp_path / "o"], ["report", tmp_path / "o", "-o",
+                                                                        tmp_path / "r.html"]):
+        out = fails(*cmd, match="the build failed: source 'zero' produced no documents")
+        assert "resume" not in out
+    fails(*args, match="source 'zero' produced no documents")     # the same command: the same truth
+    write_jsonl(tmp_path / "zero.jsonl", [{"text": f"line {i}"} for i in range(400)])   # fixed
+    code, out = sptok(*args)
+    assert code == 0, out
+    assert json.load(open(tmp_path / "o" / "sptok.json"))["counts"]["zero"]["docs"] == 400
+
+
+def test_out_is_a_file(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    (tmp_path / "f").write_text("x")
+    fails(*build_args(m, tmp_path / "f"), match="exists and is not a directory")
+    fails(*build_args(m, tmp_path / "f" / "sub"), match="Not a directory")
+    fails("merge", tmp_path / "p0", "--out", tmp_path / "f", match="not a partition")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_strict_on_a_complete_build_rechecks(tmp_path, manifest):
+    _bad_corpus(tmp_path)
+    m = manifest([{"name": "f", "paths": "bad.jsonl", "id_field": "id"}])
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
+    out = fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--strict"),
+                match="--strict: ")
+    assert "skipped 7 records" in out and "bad.jsonl line 4" in out and "sptok rejects" in out
+    write_jsonl(tmp_path / "good.jsonl", demo_records("fortunes", 10))
+    m = manifest([{"name": "f", "paths": "good.jsonl", "id_field": "id"}], name="good.yaml")
+    assert sptok(*build_args(m, tmp_path / "g", "--seq-len", "64"))[0] == 0
+    code, out = sptok(*build_args(m, tmp_path / "g", "--seq-len", "64", "--strict"))
+    assert code == 0 and "already holds this exact build" in out
+
+
+def test_manifest_problems_come_all_at_once_and_readable(tmp_path, manifest, small_corpus):
+    m = manifest([{"name": "a", "path": "code.jsonl"}, {"name": "中文源", "paths": "code.jsonl", "sp": " the"}])
+    out = fails(*build_args(m, tmp_path / "o"), match="3 problems:")
+    assert "sources[0]: unknown key 'path' (did you mean 'paths'?)" in out
+    assert "missing key 'paths'" not in out                   # explained by the misspelling
+    assert "sources[1].name: '中文源': a source name is 1 to 64 ASCII letters" in out and "because" in out
+    assert "sources[1].sp: ' the': an SP is written without whitespace" in out
+    assert "^" not in out                                      # no raw regex
 
 
 def test_complete_build_refused_without_overwrite(tmp_path, manifest, small_corpus):

@@ -55,6 +55,25 @@ def test_bom_crlf_and_blank_lines(tmp_path, manifest):
     assert texts == [r["text"] for r in recs] and not rejects.counts
 
 
+def test_whitespace_only_documents_are_empty_in_every_format(tmp_path, manifest):
+    """A document of blanks would be just SP, delimiter and EOS: skipped as empty_text, like ""."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["real text", "   \n\t  ", "", "\u3000\u00a0", " padded "]
+    write_jsonl(tmp_path / "f.jsonl", [{"text": t} for t in texts])
+    pq.write_table(pa.table({"text": texts}), tmp_path / "f.parquet")
+    (tmp_path / "txt").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "txt" / f"{i}.txt").write_text(t)
+    for paths in ("f.jsonl", "f.parquet", "txt"):
+        m = load_manifest(manifest([{"name": "s", "paths": paths}]))
+        _, got, rejects = _docs(plan_units(m, 1 << 20), id_field=None)
+        assert got == ["real text", " padded "], paths
+        assert rejects.counts == {"empty_text": 3}, paths
+        assert "only whitespace" in rejects.examples["empty_text"], paths
+
+
 def test_key_without_id_field_is_file_and_byte(tmp_path, manifest):
     recs = demo_records("fortunes", 3)
     write_jsonl(tmp_path / "f.jsonl", recs)

@@ -111,7 +111,11 @@ def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
     assert sum(committed) == json.loads(reference["sptok.json"])["units"] and min(committed) > 0
     r = sptok("merge", parts[0], parts[1], "--out", tmp_path / "m", check=False)
     assert r.returncode == 2 and "units are committed in none" in r.stderr
-    sptok("merge", *parts, "--out", tmp_path / "m")
+    r = sptok("show", parts[1], check=False)      # a partition is not a build to read, nor to resume
+    assert r.returncode == 2 and "partition 1/3 of a build, not a whole build" in r.stderr
+    assert "sptok merge" in r.stderr and "resume" not in r.stderr
+    r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")
+    assert r.stdout == "" and r.stderr == ""
     assert tree_bytes(tmp_path / "m") == reference
 
 
