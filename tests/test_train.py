@@ -162,6 +162,13 @@ def test_resume_on_another_build_is_refused(corpus, tmp_path):
         _run(doc, ["train.steps=4"])
 
 
+def test_a_table_build_is_refused_with_the_way_out(corpus, tmp_path):
+    doc = _cfg(corpus, tmp_path, steps=1, build="arrow")
+    doc["data"]["build_args"]["format"] = "arrow"
+    with pytest.raises(SptokError, match="is a build in arrow format; sptok pretrain reads MDS builds .* --format mds"):
+        _run(doc)
+
+
 def test_sp_schedule_and_pinned_fingerprint(corpus, tmp_path):
     recs = _run(_cfg(corpus, tmp_path, steps=6), ["data.sp_schedule=[[0.5, strip]]"])
     assert [r["sp_policy"] for r in recs] == ["keep"] * 3 + ["strip"] * 3
@@ -177,6 +184,19 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["model.family=gpt", "data.build=x"])
     with pytest.raises(SptokError, match="data.build"):
         load_config(None, [])
+    # a value of the wrong type names the key, the type expected and what was given
+    with pytest.raises(SptokError, match=r"^config: train.steps: expected an integer, got 'abc' "
+                                         r"\(--set train.steps=abc\)$"):
+        load_config(None, ["train.steps=abc", "data.build=x"])
+    with pytest.raises(SptokError, match="config: train.stop_at: expected an integer or null, got 1.5"):
+        load_config(None, ["train.stop_at=1.5", "data.build=x"])
+    with pytest.raises(SptokError, match="config: data.proportion: expected a mapping or null, got 3"):
+        load_config(None, ["data.proportion=3", "data.build=x"])
+    (tmp_path / "c.yaml").write_text("data: {build: x}\ntrain: {micro_batch_size: eight}\n")
+    with pytest.raises(SptokError, match="config: train.micro_batch_size: expected an integer, got 'eight'$"):
+        load_config(str(tmp_path / "c.yaml"))
+    cfg = load_config(None, ["optim.lr=1e-4", "train.max_minutes=2", "optim.betas=[0.9, 0.99]", "data.build=x"])
+    assert (cfg.optim.lr, cfg.train.max_minutes, cfg.optim.betas) == (1e-4, 2.0, (0.9, 0.99))
 
 
 def _epoch_run(corpus, tmp_path, weights: bool):

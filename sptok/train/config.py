@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 
 from ..errors import SptokError
@@ -150,6 +152,34 @@ def _typed(value, annotation: str):
         return str(value)
 
 
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+          list: "a list", tuple: "a list"}
+
+
+def _checked(key: str, value, hint, from_set: bool):
+    """``value`` as the field's type (an int where a float goes becomes a float), or one line naming the
+    key, the expected type and what was given."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for t in (typing.get_origin(t) or t for t in options if t is not type(None)):
+        if t is float and isinstance(value, str):   # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is tuple and isinstance(value, list):
+            return tuple(value)
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    want = " or ".join(_KINDS.get(typing.get_origin(t) or t, str(t)) if t is not type(None) else "null"
+                       for t in options)
+    where = f" (--set {key}={value})" if from_set else ""
+    raise SptokError(f"config: {key}: expected {want}, got {value!r}{where}")
+
+
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """YAML file (relative paths in it are relative to the file), then `key.sub=value` overrides."""
     import yaml
@@ -184,12 +214,18 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
     kwargs = {}
     for section, cls in _SECTIONS.items():
         types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        values = {k: _typed(v, types.get(k, "")) for k, v in (doc.get(section) or {}).items()}
+        given = doc.get(section) or {}
+        if not isinstance(given, dict):
+            raise SptokError(f"config: {section}: expected a mapping of settings, got {given!r}")
+        values = {k: _typed(v, types.get(k, "")) for k, v in given.items()}
         names = set(types)
         bad = set(values) - names
         if bad:
             raise SptokError(f"config: {section}.{sorted(bad)[0]} is not a setting; {section} has: "
                              f"{', '.join(sorted(names))}")
+        hints = typing.get_type_hints(cls)
+        for k, v in values.items():
+            values[k] = _checked(f"{section}.{k}", v, hints[k], isinstance(given[k], _Raw))
         try:
             kwargs[section] = cls(**values)
         except TypeError as e:

@@ -38,20 +38,23 @@ def init_distributed(device_kind: str) -> tuple[int, int, torch.device]:
 
 
 def ensure_build(cfg: Config, rank: int, log) -> None:
-    """Build the data first when the config names a manifest and the build is not there yet."""
-    if os.path.exists(os.path.join(cfg.data.build, "sptok.json")):
-        return
-    if not cfg.data.manifest:
-        from ..finalize import load_build
+    """Build the data first when the config names a manifest and the build is not there yet; then check
+    it is a build the trainer reads."""
+    from ..finalize import load_build
 
-        load_build(cfg.data.build)   # raises the clear error: missing / incomplete / not a build
-    if rank == 0:
-        from ..build import run_build
+    if not os.path.exists(os.path.join(cfg.data.build, "sptok.json")) and cfg.data.manifest:
+        if rank == 0:
+            from ..build import run_build
 
-        log(f"building {cfg.data.build} from {cfg.data.manifest}")
-        run_build(cfg.data.manifest, cfg.data.build, dict(cfg.data.build_args, quiet=True), log=log)
-    if dist.is_initialized():
-        dist.barrier()
+            log(f"building {cfg.data.build} from {cfg.data.manifest}")
+            run_build(cfg.data.manifest, cfg.data.build, dict(cfg.data.build_args, quiet=True), log=log)
+        if dist.is_initialized():
+            dist.barrier()
+    fmt = load_build(cfg.data.build)["format"]   # the clear error: missing / incomplete / not a build
+    if fmt != "mds":
+        raise SptokError(f"data.build: {cfg.data.build} is a build in {fmt} format; sptok pretrain reads MDS builds "
+                         f"(streaming shards them over ranks and workers and resumes mid-epoch): build it with "
+                         f"--format mds, or train on this one with the Hugging Face Trainer")
 
 
 def lr_lambda(cfg: Config):
