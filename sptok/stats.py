@@ -63,8 +63,14 @@ def load_stats(out: str) -> tuple[dict, dict]:
         raise SptokError(f"{path}: cannot read the build's statistics ({e})") from None
 
 
+def real_tokens(counts: dict) -> int:
+    """The tokens of a source's (or the totals') samples that are documents (text, SPs, delimiters, EOS):
+    padding (--tail pad) is not data, so it counts in no "tokens" column or share."""
+    return counts["sample_tokens"] - counts["padding_tokens"]
+
+
 def table_rows(info: dict, stats: dict) -> list[dict]:
-    total_tokens = max(1, stats["totals"]["sample_tokens"])
+    total_tokens = max(1, real_tokens(stats["totals"]))
     sps = {e["source"]: e["sp"] for e in info["sp_table"]}
     rows = []
     for name in (e["source"] for e in info["sp_table"]):   # manifest order
@@ -72,7 +78,7 @@ def table_rows(info: dict, stats: dict) -> list[dict]:
         rows.append({
             "source": name, "sp": sps.get(name, ""), "docs": s["docs"],
             "skipped": sum(v for k, v in s["rejected"].items()),
-            "tokens": s["sample_tokens"], "share": s["sample_tokens"] / total_tokens,
+            "tokens": real_tokens(s), "share": real_tokens(s) / total_tokens,
             "samples": s["samples"], "sp_inserted": s["sp_inserted"], "sp_masked": s["sp_masked"],
             "skip_reasons": s["rejected"],
         })
@@ -86,7 +92,7 @@ def format_table(info: dict, stats: dict) -> str:
              f"{100 * r['share']:.1f}%", f"{r['samples']:,}", f"{r['sp_inserted']:,}", f"{r['sp_masked']:,}"]
             for r in rows]
     t = stats["totals"]
-    body.append(["total", "", f"{t['docs']:,}", f"{sum(t['rejected'].values()):,}", f"{t['sample_tokens']:,}",
+    body.append(["total", "", f"{t['docs']:,}", f"{sum(t['rejected'].values()):,}", f"{real_tokens(t):,}",
                  "100.0%", f"{t['samples']:,}", f"{t['sp_inserted']:,}", f"{t['sp_masked']:,}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     right = {2, 3, 4, 5, 6, 7, 8}

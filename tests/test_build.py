@@ -13,6 +13,7 @@ from shards import documents, mds_samples, table_samples
 from sptok.errors import SptokError
 from sptok.manifest import validate_document
 from sptok.sp import decide, doc_hashes
+from sptok.stats import table_rows
 
 
 def _tok():
@@ -207,6 +208,11 @@ def test_tail_policies(tmp_path, small_corpus, manifest, build, tail):
             assert all(n == 256 for n in lens)
         if tail == "pad":
             assert s["sample_tokens"] == 256 * len(lens)
+            # padding is not data: the table's tokens and shares leave it out
+            row = next(r for r in table_rows(info, stats) if r["source"] == e["source"])
+            assert row["tokens"] == s["sample_tokens"] - s["padding_tokens"] and s["padding_tokens"] > 0
+            t = stats["totals"]
+            assert row["share"] == row["tokens"] / (t["sample_tokens"] - t["padding_tokens"])
         if tail == "drop":
             assert s["dropped_tokens"] < 256 and s["sample_tokens"] == 256 * len(lens)
 

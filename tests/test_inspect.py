@@ -220,9 +220,9 @@ def test_figure_data_equals_stats_json(small_corpus, manifest, build, tmp_path):
         assert list(d) == list(ORDER)
         for fig in d.values():
             assert fig["sources"] == list(SOURCES) and fig["title"] and fig["xlabel"] and fig["ylabel"]
-        total = sum(s["sample_tokens"] for s in st)
-        assert d["token_share"]["tokens"] == [s["sample_tokens"] for s in st]
-        assert d["token_share"]["built_share"] == pytest.approx([100 * s["sample_tokens"] / total for s in st])
+        real = [s["sample_tokens"] - s["padding_tokens"] for s in st]   # padding is not data
+        assert d["token_share"]["tokens"] == real
+        assert d["token_share"]["built_share"] == pytest.approx([100 * t / sum(real) for t in real])
         assert d["token_share"]["weight_share"] == pytest.approx([100 * w / 4.0 for w in (2.0, 1.0, 0.5, 0.5)])
         dl = d["doc_lengths"]
         for s, counts in zip(st, dl["counts"]):

@@ -349,7 +349,8 @@ def test_modes_write_the_papers_fine_tuning_inputs(models, held_out, tmp_path):
             sp = r["sp_used"]
             assert r["sp_input"] == (r["text"] if sp is None else sp + "<SPSEP>" + r["text"])
             t = text_ids(models["bert"], r["text"])
-            assert r["sp_input_ids"] == (t if sp is None else [s["sp"][_source(s, sp)]] + s["delim"] + t)
+            # laid out as a build lays out a document: [SP delim] text EOS
+            assert r["sp_input_ids"] == (t if sp is None else [s["sp"][_source(s, sp)]] + s["delim"] + t) + [s["eos"]]
     assert [r["sp_used"] for r in out["manual", 0]] == [s["sps"][r["source"]] for r in held]
     assert [r["sp_used"] for r in out["auto", 0]] == [s["sps"][r["sp_pred"]] for r in out["auto", 0]]
     assert all(r["sp_used"] is None for r in out["none", 0])

@@ -33,6 +33,18 @@ def test_train_each_model(tmp_path, small_corpus, manifest, model):
         assert tok.decode(ids, skip_special_tokens=False) == text
 
 
+def test_a_smaller_vocabulary_than_asked_is_said(tmp_path, small_corpus, manifest):
+    m = manifest(small_sources(tmp_path))
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "t"), "--vocab-size",
+                                    "70000"], catch_exceptions=False)
+    got = load_tokenizer(tmp_path / "t").tok.get_vocab_size()
+    assert res.exit_code == 0 and got < 70000
+    assert f"note: the vocabulary has {got:,} tokens, not the 70,000 asked for" in res.stderr
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "u"), "--vocab-size",
+                                    "600"], catch_exceptions=False)
+    assert res.exit_code == 0 and "note:" not in res.stderr
+
+
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer

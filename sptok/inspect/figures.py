@@ -7,6 +7,8 @@ and the sources it covers.
 
 from __future__ import annotations
 
+from ..stats import real_tokens
+
 ORDER = ("token_share", "doc_lengths", "sp_rates", "packing")
 
 
@@ -18,7 +20,7 @@ def token_share(info: dict, stats: dict) -> dict:
     """What the manifest weights ask for at load time against what each source holds in the build."""
     names = _sources(info)
     weights = {s["name"]: float(s.get("weight", 1.0)) for s in info["manifest"]["sources"]}
-    tokens = [stats["sources"][n]["sample_tokens"] for n in names]
+    tokens = [real_tokens(stats["sources"][n]) for n in names]
     total_w, total_t = sum(weights[n] for n in names) or 1.0, sum(tokens) or 1
     return {"title": "Token share per source: manifest weight vs built", "xlabel": "source",
             "ylabel": "share of tokens (%)", "sources": names,

@@ -11,7 +11,7 @@ import os
 from html import escape
 
 from ..errors import SptokError
-from ..stats import load_stats, table_rows
+from ..stats import load_stats, real_tokens, table_rows
 from .figures import figure_data
 from .show import SampleReader, SampleView, pick
 
@@ -77,7 +77,7 @@ def source_table(info: dict, stats: dict) -> str:
                                                                  per[r["source"]]["padding_tokens"],
                                                                  per[r["source"]]["dropped_tokens"])]
             for r in rows]
-    total = ["total", ""] + [f"{x:,}" for x in (t["docs"], sum(t["rejected"].values()), t["sample_tokens"])] \
+    total = ["total", ""] + [f"{x:,}" for x in (t["docs"], sum(t["rejected"].values()), real_tokens(t))] \
         + ["100.0%"] + [f"{t[k]:,}" for k in ("samples", "sp_inserted", "sp_masked", "padding_tokens",
                                               "dropped_tokens")]
     head = ["source", "SP", "docs", "skipped", "tokens", "share", "samples", "SPs inserted", "SPs masked",
@@ -169,7 +169,7 @@ def render_report(out: str, samples: int = 2, seed: int = 0) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>'
             f"<h1>{escape(title)}</h1><p class=note>{len(info['sp_table'])} sources · "
-            f"{stats['totals']['sample_tokens']:,} tokens · {stats['totals']['samples']:,} samples of "
+            f"{real_tokens(stats['totals']):,} tokens · {stats['totals']['samples']:,} samples of "
             f"{info['options']['seq_len']} tokens · fingerprint <code>{info['fingerprint'][:12]}</code></p>"
             + identity(out, info) + source_table(info, stats) + figures_html(info, stats) + skipped_html(stats)
             + samples_html(out, samples, seed)

@@ -153,7 +153,7 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
                     a_ids = text_ids if (text_ids is not None and not pairs) else scorer.encode(texts)
                     b_ids = scorer.encode(pairs) if pairs else [None] * len(texts)
                     placed_ids = [place_ids(table.position, table.delimiter_ids,
-                                            None if c is None else table.sp_ids[c], a, b)
+                                            None if c is None else table.sp_ids[c], a, b, table.eos_id)
                                   for c, a, b in zip(choice, a_ids, b_ids)]
                     new["sp_input_ids"] = [p[0] for p in placed_ids]
                     if pairs:

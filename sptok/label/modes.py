@@ -39,13 +39,12 @@ def place(position: str, delimiter: str, sp: str | None, text: str, pair: str | 
 
 
 def place_ids(position: str, delim_ids: list[int], sp_id: int | None, text: list[int],
-              pair: list[int] | None) -> tuple[list[int], list[int] | None]:
-    """The same with token ids: the SP's own id and the delimiter's ids around text ids encoded as a build
-    encodes them, so a literal SP string in the text stays text."""
-    if sp_id is None:
-        return list(text), None if pair is None else list(pair)
-    pre = [sp_id] + delim_ids if position in ("prefix", "both") else []
-    post = delim_ids + [sp_id] if position in ("post", "both") else []
+              pair: list[int] | None, eos_id: int) -> tuple[list[int], list[int] | None]:
+    """The same with token ids, laid out as a build lays out a document: the SP's own id and the
+    delimiter's ids around text ids encoded as a build encodes them (a literal SP string in the text stays
+    text), and the build's EOS at the end (after the second field of a pair), as in pre-training."""
+    pre = [sp_id] + delim_ids if sp_id is not None and position in ("prefix", "both") else []
+    post = delim_ids + [sp_id] if sp_id is not None and position in ("post", "both") else []
     if pair is None:
-        return pre + list(text) + post, None
-    return pre + list(text), list(pair) + post
+        return pre + list(text) + post + [eos_id], None
+    return pre + list(text), list(pair) + post + [eos_id]
