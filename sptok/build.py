@@ -94,7 +94,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    watch = _SourceWatch(work, units)   # a source with no document stops the build when its last unit commits
+    watch = _SourceWatch(work, units, opts.holdout_docs)   # a source with no document stops the build when its last unit commits
     encoder_name = "-"
     if todo:
         encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
@@ -209,8 +209,8 @@ class _SourceWatch:
     build impossible, so it stops there (not after every other source is tokenized), and records why in
     ``.sptok/failed.json`` so that every command reading the directory says so."""
 
-    def __init__(self, work: str, units: list[Unit]):
-        self.work = work
+    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None):
+        self.work, self.holdout_docs = work, holdout_docs
         self.by_source: dict[str, list[Unit]] = {}
         for u in units:
             self.by_source.setdefault(u.source, []).append(u)
@@ -226,16 +226,22 @@ class _SourceWatch:
 
     def _check(self, name: str) -> None:
         results = [_read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
-        problem = source_problem(name, results)
+        problem = source_problem(name, results, self.holdout_docs)
         if problem:
             write_json(os.path.join(self.work, FAILED), {"error": problem})
             raise SptokError(problem)
 
 
-def source_problem(name: str, results: list[dict]) -> str | None:
-    """The no-documents message for a source, from its committed units' results, or None."""
-    if sum(r["counts"].get("docs", 0) for r in results):
+def source_problem(name: str, results: list[dict], holdout_docs: int | None = None) -> str | None:
+    """Why a source leaves the build without training documents, from its committed units' results, or
+    None: it has no document at all, or the validation split would take every one."""
+    candidates = sum(r.get("held_docs", 0) for r in results)              # set aside by the units
+    kept = min(candidates, holdout_docs) if holdout_docs else candidates    # the validation split
+    if sum(r["counts"].get("docs", 0) for r in results) + candidates - kept:   # documents to train on
         return None
+    if kept:
+        return (f"the validation split would hold out every document of source {name!r} ({kept:,}), leaving "
+                f"it none to train on: hold out fewer (--holdout, --holdout-docs), then run `sptok build` again")
     rejected, examples = Counter(), {}
     for r in results:
         rejected.update(r["rejected"])
@@ -389,7 +395,8 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
                          f"given directories (first: {first}); finish or add the missing partitions")
     for src in plan["manifest"]["sources"]:
         problem = source_problem(src["name"], [_read_result(unit_dirs[f"u{u['index']:06d}"])
-                                               for u in plan["units"] if u["source"] == src["name"]])
+                                               for u in plan["units"] if u["source"] == src["name"]],
+                                 plan["options"].get("holdout_docs"))
         if problem:
             raise SptokError(problem)
     if _has_entries(out) and os.path.abspath(out) not in map(os.path.abspath, parts):

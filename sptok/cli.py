@@ -91,6 +91,9 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--encoder", type=click.Choice(["auto", "hf", "fast"]), help="Tokenizer implementation [auto].")
 @click.option("--partition", help="Build only slice i/N of the work units (then `sptok merge`).")
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first bad record instead of skipping it.")
+@click.option("--holdout", help="Hold out this share of each source's documents as a validation build in "
+                                "OUT/validation, e.g. 0.5% (chosen by the document's hash and --seed).")
+@click.option("--holdout-docs", type=int, help="Or hold out this many documents of each source.")
 @click.option("--hash-inputs", is_flag=True, default=None, help="Fingerprint input files by content (xxh64) instead "
                                                                 "of size + mtime: reads every input once more.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")

@@ -12,13 +12,15 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 
 from . import __version__
 from .errors import SptokError
+from .holdout import FILE as HOLDOUT_FILE, SPLIT_DIR, Held, smallest
 from .pack import Packer, Stream, pad
-from .stats import source_stats, totals
+from .stats import HIST_BINS, source_stats, totals
 from .writers import open_writer, write_mds_index
 
 WORK = ".sptok"
@@ -65,12 +67,14 @@ def _link(src: str, dst: str) -> None:
 
 
 def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str) -> dict:
-    """Write the per-source shards, indexes, rejects, stats, tokenizer, and finally sptok.json."""
+    """Write the per-source shards, indexes, rejects, stats, tokenizer, the validation split when there is
+    one, and finally sptok.json."""
     opts = plan["options"]
     fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
-    per_source, merged_shards, indexes = {}, [], {}
+    held = _held_out(plan, unit_dirs)    # source -> (validation documents, per unit: documents trained on)
+    per_source, indexes = {}, {}
     for src in plan["manifest"]["sources"]:
         name = src["name"]
         units = [u for u in plan["units"] if u["source"] == name]
@@ -82,15 +86,13 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
             for f in r["files"]:
                 entries.append(_place(os.path.join(unit_dirs[_uid(u)], _basename(f, fmt)), sdir, f, fmt,
                                       len(entries)))
-        extra = _stitch_tails(plan, [os.path.join(unit_dirs[_uid(u)], "tail.npz") for u in units], src, sdir,
-                              entries)
-        indexes[sdir] = entries
-        if fmt == "mds":
-            for e in entries:
-                e = json.loads(json.dumps(e))
-                for part in ("raw_data", "zip_data"):
-                    e[part]["basename"] = f"{name}/{e[part]['basename']}"
-                merged_shards.append(e)
+        back = held[name][1] if held else [Held.empty()] * len(units)
+        streams = (s for u, b in zip(units, back) for s in (_load_tail(unit_dirs[_uid(u)]), b.stream))
+        extra = _pack_streams(plan, streams, src, sdir, entries)
+        for b in back:
+            extra.update(b.totals())
+        extra["hist"] = np.bincount(np.concatenate([b.bins for b in back]), minlength=HIST_BINS).tolist()
+        indexes[name] = entries
         _gather_rejects(out, name, [unit_dirs[_uid(u)] for u in units])
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
@@ -98,17 +100,77 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     write_json(os.path.join(out, "stats.json"), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
     info = _describe(plan, per_source)
+    if held:
+        info["holdout"] = _write_validation(plan, {n: h[0] for n, h in held.items()}, out, info["fingerprint"])
     # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
     # interrupted finalize leaves nothing a reader would take for complete (a resume removes it all).
-    if fmt == "mds":
-        for sdir, entries in indexes.items():
-            write_mds_index(sdir, entries)
-        write_mds_index(out, merged_shards)
-    else:
-        for sdir, entries in indexes.items():
-            write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
+    _write_indexes(out, fmt, indexes)
     write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
+
+
+def _write_indexes(out: str, fmt: str, indexes: dict[str, list[dict]]) -> None:
+    """Each source's index (MDS index.json, or _files.json), then the merged MDS index."""
+    merged = []
+    for name, entries in indexes.items():
+        sdir = os.path.join(out, name)
+        if fmt != "mds":
+            write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
+            continue
+        write_mds_index(sdir, entries)
+        for e in entries:
+            e = json.loads(json.dumps(e))
+            for part in ("raw_data", "zip_data"):
+                e[part]["basename"] = f"{name}/{e[part]['basename']}"
+            merged.append(e)
+    if fmt == "mds":
+        write_mds_index(out, merged)
+
+
+def _held_out(plan: dict, unit_dirs: dict[str, str]) -> dict | None:
+    """Per source: (its validation documents, and for each unit the held documents trained on after all),
+    or None when the build has no validation split."""
+    opts = plan["options"]
+    if opts.get("holdout") is None and opts.get("holdout_docs") is None:
+        return None
+    out = {}
+    for src in plan["manifest"]["sources"]:
+        helds = [Held.load(os.path.join(unit_dirs[_uid(u)], HOLDOUT_FILE))
+                 for u in plan["units"] if u["source"] == src["name"]]
+        chosen = smallest(helds, opts["holdout_docs"]) if opts.get("holdout_docs") else [
+            np.ones(len(h), bool) for h in helds]
+        validation = Held.empty()
+        for h, c in zip(helds, chosen):
+            validation = validation + h.take(c)
+        out[src["name"]] = (validation, [h.take(~c) for h, c in zip(helds, chosen)])
+    return out
+
+
+def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str) -> dict:
+    """OUT/validation: the held-out documents as a build of their own (same tokenizer, SP table and
+    options), its fingerprint derived from the training build's. Returns what sptok.json says of it."""
+    vdir = os.path.join(out, SPLIT_DIR)
+    fmt = plan["options"]["format"]
+    per_source, indexes = {}, {}
+    for src in plan["manifest"]["sources"]:
+        name, docs = src["name"], held[src["name"]]
+        os.makedirs(os.path.join(vdir, name))
+        indexes[name] = []
+        extra = _pack_streams(plan, [docs.stream], src, os.path.join(vdir, name), indexes[name])
+        extra.update(docs.totals())
+        extra["hist"] = np.bincount(docs.bins, minlength=HIST_BINS).tolist()
+        per_source[name] = source_stats([], extra)
+        per_source[name]["files"] = len(indexes[name])
+    write_json(os.path.join(vdir, "stats.json"), {"sources": per_source, "totals": totals(per_source)})
+    shutil.copytree(os.path.join(out, "tokenizer"), os.path.join(vdir, "tokenizer"))
+    info = _describe(plan, per_source)
+    info.update(split=SPLIT_DIR, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": SPLIT_DIR}))
+    _write_indexes(vdir, fmt, indexes)
+    write_json(os.path.join(vdir, MARKER), info)
+    opts = plan["options"]
+    rule = {"docs_per_source": opts["holdout_docs"]} if opts.get("holdout_docs") else {"fraction": opts["holdout"]}
+    return {**rule, "dir": SPLIT_DIR, "fingerprint": info["fingerprint"],
+            "docs": {n: s["docs"] for n, s in per_source.items()}}
 
 
 def _uid(u: dict) -> str:
@@ -132,8 +194,14 @@ def _place(src_path: str, sdir: str, f: dict, fmt: str, k: int) -> dict:
     return e
 
 
-def _stitch_tails(plan: dict, tail_files: list[str], src: dict, sdir: str, entries: list[dict]) -> dict:
-    """Pack the units' tails (in unit order) into full samples, then apply --tail to the last one."""
+def _load_tail(unit_dir: str) -> Stream:
+    with np.load(os.path.join(unit_dir, "tail.npz")) as z:
+        return Stream(**{k: z[k] for k in z.files})
+
+
+def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]) -> Counter:
+    """Pack streams (the units' tails, in unit order) into full samples, apply --tail to the last one, and
+    add the files to ``entries``; returns the samples and tokens this added."""
     opts = plan["options"]
     seq_len, fmt = opts["seq_len"], opts["format"]
     tmp = os.path.join(sdir, ".stitch")
@@ -141,12 +209,10 @@ def _stitch_tails(plan: dict, tail_files: list[str], src: dict, sdir: str, entri
     writer = open_writer(fmt, tmp, plan["input_ids_dtype"], opts["shard_size"])
     sid = src["source_id"]
     packer = Packer(seq_len, emit=lambda s: writer.write(s, sid))
-    for path in tail_files:
-        with np.load(path) as z:
-            packer.add(Stream(**{k: z[k] for k in z.files}))
+    for s in streams:
+        packer.add(s)
     last = packer.take_tail()
-    extra = {"samples": packer.samples, "sample_tokens": packer.samples * seq_len, "padding_tokens": 0,
-             "dropped_tokens": 0}
+    extra = Counter(samples=packer.samples, sample_tokens=packer.samples * seq_len)
     if len(last):
         if opts["tail"] == "drop":
             extra["dropped_tokens"] = len(last)
@@ -178,7 +244,7 @@ def _gather_rejects(out: str, name: str, dirs: list[str]) -> None:
 
 def clear_outputs(out: str, plan: dict) -> None:
     """Remove what an interrupted finalize may have left, so it can run again from scratch."""
-    for p in [MARKER, "index.json", "stats.json", "tokenizer", "rejects"] + \
+    for p in [MARKER, "index.json", "stats.json", "tokenizer", "rejects", SPLIT_DIR] + \
              [s["name"] for s in plan["manifest"]["sources"]]:
         full = os.path.join(out, p)
         if os.path.isdir(full):

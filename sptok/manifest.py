@@ -26,7 +26,7 @@ _EXT_FORMAT = {
     ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
 }
 _COMPRESSED_EXT = (".gz", ".zst", ".zstd")
-RESERVED_NAMES = {"tokenizer", "rejects", "index.json", "stats.json", "sptok.json"}
+RESERVED_NAMES = {"tokenizer", "rejects", "validation", "index.json", "stats.json", "sptok.json"}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,18 @@ def parse_size(value, flag: str) -> int:
     return n
 
 
+def parse_fraction(value, flag: str) -> float:
+    """`0.5%`, `0.005` -> 0.005: a share strictly between 0 and 1."""
+    text = str(value).strip()
+    try:
+        f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise SptokError(f"{flag}: {value!r} is not a fraction (examples: 0.5%, 0.005)") from None
+    if not 0.0 < f < 1.0:
+        raise SptokError(f"{flag}: must be a fraction between 0 and 1 (0% and 100%), got {value!r}")
+    return f
+
+
 @dataclass(kw_only=True)
 class BuildOptions:
     """Every option that shapes the output bytes (``identity()``), plus how to run (workers, ...)."""
@@ -47,6 +59,8 @@ class BuildOptions:
     unit_size: int | str = 16 << 20
     shard_size: int | str = 1 << 26
     hash_inputs: bool = False      # fingerprint inputs by content (xxh64) instead of size + mtime
+    holdout: float | str | None = None   # fraction of each source's documents held out ("0.5%", 0.005)
+    holdout_docs: int | None = None      # or: this many documents of each source
     # how to run; never changes the output
     workers: int = 0
     encoder: str = "auto"
@@ -80,14 +94,21 @@ class BuildOptions:
         self.shard_size = parse_size(self.shard_size, "--shard-size")
         if self.shard_size >= 1 << 32:
             raise SptokError("--shard-size: must be below 4 GiB because MDS sample offsets are uint32")
+        self.holdout = parse_fraction(self.holdout, "--holdout") if self.holdout is not None else None
+        if self.holdout_docs is not None and (not isinstance(self.holdout_docs, int) or self.holdout_docs < 1):
+            raise SptokError(f"--holdout-docs: must be a positive number of documents, got {self.holdout_docs!r}")
+        if self.holdout is not None and self.holdout_docs is not None:
+            raise SptokError("--holdout and --holdout-docs: give one of them (a fraction, or documents per source)")
         if self.workers < 0:
             raise SptokError(f"--workers: must be >= 0 (0 = one per CPU), got {self.workers}")
         if self.workers == 0:
             self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def identity(self) -> dict:
-        """The options that determine the output bytes (recorded in sptok.json, compared on resume)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUN_ONLY}
+        """The options that determine the output bytes (recorded in sptok.json, compared on resume); the
+        holdout options only when set, so builds without a split keep the identity they always had."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUN_ONLY
+                and not (k in ("holdout", "holdout_docs") and v is None)}
 
     @classmethod
     def resolve(cls, manifest_defaults: dict, flags: dict) -> "BuildOptions":

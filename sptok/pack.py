@@ -105,6 +105,21 @@ def concat(a: Stream, b: Stream) -> Stream:
                   np.concatenate([a.sp_masked, b.sp_masked]))
 
 
+def take_docs(s: Stream, keep: np.ndarray) -> Stream:
+    """The segments of ``s`` where ``keep`` (bool per segment) is true, back to back. In an assembled
+    stream every segment is one whole document, so this selects documents."""
+    keep = np.asarray(keep, bool)
+    lens = np.diff(np.append(s.seg_starts, len(s.ids)))
+    new_starts = np.zeros(int(keep.sum()), np.int64)
+    np.cumsum(lens[keep][:-1], out=new_starts[1:])
+    seg = np.searchsorted(s.seg_starts, s.sp_pos, side="right") - 1          # the segment of each SP
+    sp_keep = keep[seg]
+    rank = np.cumsum(keep) - 1                                              # new index of a kept segment
+    sp_pos = s.sp_pos[sp_keep] - s.seg_starts[seg[sp_keep]] + new_starts[rank[seg[sp_keep]]]
+    return Stream(s.ids[np.repeat(keep, lens)], new_starts, s.seg_keys[keep], sp_pos.astype(np.int64),
+                  s.sp_masked[sp_keep])
+
+
 def cut(s: Stream, lo: int, hi: int) -> Stream:
     """The part [lo, hi) of a stream, positions re-based to lo; starts a segment at 0."""
     i0 = int(np.searchsorted(s.seg_starts, lo, side="right")) - 1   # segment holding lo

@@ -30,8 +30,8 @@ def upload_build(local: str, remote: str, log=print) -> int:
         raise SptokError(f"{local}: not a complete build; nothing to upload")
     files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
                    if not os.path.relpath(d, local).startswith(WORK))
-    files.remove(MARKER)
-    files.append(MARKER)
+    # every sptok.json after the files it describes: the validation split's, then the build's own
+    files.sort(key=lambda f: (os.path.basename(f) == MARKER, -f.count("/"), f))
     try:
         up = CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
     except (ValueError, ImportError) as e:

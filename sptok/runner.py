@@ -46,7 +46,8 @@ def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
         seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"], layout=layout,
         sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
                  for s in plan["manifest"]["sources"]},
-        literals=literals, strict=strict, encoder=make_encoder(tok, encoder))
+        literals=literals, strict=strict, encoder=make_encoder(tok, encoder), holdout=o.get("holdout"),
+        holdout_docs=o.get("holdout_docs"))
 
 
 def _die_with_parent() -> None:

@@ -20,7 +20,7 @@ POLICIES = ("abbreviation", "alphabet", "misplaced", "custom")
 POSITIONS = ("prefix", "post", "both")
 
 # Decision slots: each draws an independent uniform for the same document.
-SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST = 0, 1, 2
+SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST, SLOT_HOLDOUT = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------------ naming

@@ -8,13 +8,15 @@ from collections import Counter
 
 from .errors import SptokError
 
+HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
 COUNT_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
               "sp_literals", "samples", "sample_tokens", "padding_tokens", "dropped_tokens")
 
 
 def source_stats(results: list[dict], extra: dict) -> dict:
-    """Sum the unit results of one source, plus what finalizing its tails added (``extra``)."""
+    """Sum the unit results of one source, plus what finalize added (``extra``: the samples it packed
+    from the units' tails, the held-out documents a split moved, and their length histogram ``hist``)."""
     counts: Counter = Counter()
     rejected: Counter = Counter()
     hist = None
@@ -25,11 +27,11 @@ def source_stats(results: list[dict], extra: dict) -> dict:
         for k, v in r["examples"].items():
             examples.setdefault(k, v)
         hist = r["hist"] if hist is None else [a + b for a, b in zip(hist, r["hist"])]
-    # the tails' tokens were not counted as samples by the units; the stitcher reports them
-    counts["samples"] += extra.get("samples", 0)
-    counts["sample_tokens"] += extra.get("sample_tokens", 0)
-    counts["padding_tokens"] += extra.get("padding_tokens", 0)
-    counts["dropped_tokens"] += extra.get("dropped_tokens", 0)
+    extra = dict(extra)
+    more = extra.pop("hist", None)
+    if more is not None:
+        hist = more if hist is None else [a + b for a, b in zip(hist, more)]
+    counts.update(extra)
     out = {k: int(counts.get(k, 0)) for k in COUNT_KEYS}
     out["rejected"] = dict(sorted(rejected.items()))
     out["records"] = out["docs"] + sum(v for k, v in rejected.items() if k != "truncated_archive")
@@ -111,6 +113,17 @@ def format_table(info: dict, stats: dict) -> str:
             lines.append(f"  {name}: " + ", ".join(f"{k} {v:,}" for k, v in reasons.items()))
             for k, ex in stats["sources"][name]["reject_examples"].items():
                 lines.append(f"    first {k}: {ex}")
+    h = info.get("holdout")
+    if h:
+        rule = f"{100 * h['fraction']:g}% of each source" if "fraction" in h else \
+            f"{h['docs_per_source']:,} documents of each source"
+        lines.append("")
+        lines.append(f"validation split: {sum(h['docs'].values()):,} documents ({rule}) held out of these samples, "
+                     f"in {h['dir']}/ (" + ", ".join(f"{e['source']} {h['docs'][e['source']]:,}"
+                                                     for e in info["sp_table"]) + ")")
+    if info.get("split"):
+        lines.append("")
+        lines.append(f"this is the {info['split']} split of build {info['parent'][:12]} (the directory above)")
     if t.get("sp_literals"):
         lines.append("")
         lines.append(f"note: {t['sp_literals']:,} literal SP/delimiter strings found in document text were "

@@ -19,12 +19,13 @@ import numpy as np
 
 from .errors import SptokError
 from .manifest import Unit
+from .holdout import DOC_KEYS, FILE as HOLDOUT_FILE, Held, UnitHoldout
 from .pack import Layout, Packer, assemble
 from .readers import Rejects, read_unit
-from .sp import decide, doc_hashes
+from .sp import Decisions, decide, doc_hashes
+from .stats import HIST_BINS
 from .writers import open_writer
 
-HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class UnitContext:
     literals: list[str]       # SP / delimiter strings to count when found in text
     strict: bool
     encoder: object           # .encode(texts) -> (flat ids, lengths)
+    holdout: float | None = None        # the validation split: a share of the documents ...
+    holdout_docs: int | None = None     # ... or a number per source
 
 
 def unit_dir(work: str, unit: Unit) -> str:
@@ -93,17 +96,24 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     counts: Counter = Counter()
     hist = np.zeros(HIST_BINS, np.int64)
     reported = 0   # input bytes reported to progress so far
+    holdout = UnitHoldout(ctx.seed, ctx.holdout, ctx.holdout_docs)
+    late = Held.empty()          # documents set aside, then evicted from the unit's held-out ones
     for batch in read_unit(unit, src["text_field"], src["id_field"], rejects):
         hashes = doc_hashes(unit.source, batch.keys)
         dec = decide(hashes, ctx.seed, ctx.insert_prob, ctx.msp_prob)
         flat, lens = ctx.encoder.encode(batch.texts)
+        held, u = holdout.pick(hashes)
+        if held.any():
+            late += holdout.add(_lay_out_held(ctx, unit, batch.texts, flat, lens, hashes, dec, held, u))
+            flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, batch.texts, ~held)
+        else:
+            texts = batch.texts
         stream, c = assemble(flat, lens, unit.source_id, hashes, dec, ctx.layout)
         counts.update(c)
-        counts["docs"] += len(batch.texts)
-        counts["text_chars"] += sum(map(len, batch.texts))
+        counts["docs"] += len(texts)
+        counts["text_chars"] += sum(map(len, texts))
         if ctx.literals:
-            joined = "\x00".join(batch.texts)
-            counts["sp_literals"] += sum(joined.count(s) for s in ctx.literals)
+            counts["sp_literals"] += _literals(ctx, "\x00".join(texts))
         np.add.at(hist, np.minimum(_bit_length(lens), HIST_BINS - 1), 1)
         packer.add(stream)
         if progress is not None:
@@ -112,15 +122,51 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
             reported = done
     if progress is not None:
         progress(0, 0, unit.size - reported)
+    if len(late):                # trained on after all: packed at the unit's end, in eviction order
+        packer.add(late.stream)
+        counts.update(late.totals())
+        np.add.at(hist, late.bins, 1)
+    if holdout.active:
+        holdout.held.save(os.path.join(tmp, HOLDOUT_FILE))
     tail = packer.take_tail()
     np.savez(os.path.join(tmp, "tail.npz"), **tail.to_npz())
     files = writer.finish()
     quarantine.close()
     counts["samples"] = packer.samples
     counts["sample_tokens"] = packer.samples * ctx.seq_len
-    return {"unit": unit.to_json(), "counts": dict(sorted(counts.items())), "hist": hist.tolist(),
-            "rejected": dict(sorted(rejects.counts.items())), "examples": rejects.examples, "files": files,
-            "tail_tokens": len(tail)}
+    out = {"unit": unit.to_json(), "counts": dict(sorted(counts.items())), "hist": hist.tolist(),
+           "rejected": dict(sorted(rejects.counts.items())), "examples": rejects.examples, "files": files,
+           "tail_tokens": len(tail)}
+    if holdout.active:
+        out["held_docs"] = len(holdout.held)
+    return out
+
+
+def _literals(ctx: UnitContext, text: str) -> int:
+    return sum(text.count(s) for s in ctx.literals) if ctx.literals else 0
+
+
+def _subset(flat, lens, hashes, dec, texts, keep):
+    """The batch's documents where ``keep`` is true (token ids, lengths, hashes, decisions, texts)."""
+    flat = flat[np.repeat(keep, lens)]
+    dec = Decisions(dec.inserted[keep], dec.masked_prefix[keep], dec.masked_post[keep])
+    return flat, lens[keep], hashes[keep], dec, [t for t, k in zip(texts, keep) if k]
+
+
+def _lay_out_held(ctx, unit, texts, flat, lens, hashes, dec, held, u) -> Held:
+    """The documents set aside for the validation split, laid out as training documents are, with the
+    counts each adds to whichever split it ends up in."""
+    flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, texts, held)
+    stream, _ = assemble(flat, lens, unit.source_id, hashes, dec, ctx.layout)
+    sites = int(ctx.layout.prefix) + int(ctx.layout.post)
+    masked = dec.masked_prefix.astype(np.int64) * ctx.layout.prefix + dec.masked_post * ctx.layout.post
+    n_sp = dec.inserted.astype(np.int64) * sites
+    per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts], "text_tokens": lens,
+               "sp_inserted": n_sp, "sp_masked": masked, "delimiter_tokens": n_sp *
+               len(ctx.layout.delim_ids), "eos_tokens": np.ones(len(lens), np.int64),
+               "sp_literals": [_literals(ctx, t) for t in texts]}
+    counts = np.stack([np.asarray(per_doc[k], np.int64) for k in DOC_KEYS], axis=1)
+    return Held(stream, u[held], counts, np.minimum(_bit_length(lens), HIST_BINS - 1))
 
 
 def _bit_length(x: np.ndarray) -> np.ndarray:

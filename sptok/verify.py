@@ -26,7 +26,7 @@ CHUNK = 8 << 20
 
 @dataclass
 class Problem:
-    kind: str      # shard | index | tokenizer | input | manifest
+    kind: str      # shard | index | tokenizer | input | manifest | split
     path: str      # relative to OUT (outputs) or to the manifest's directory (inputs)
     what: str      # changed | missing | new | unlisted | corrupt | mismatch
     detail: str
@@ -72,7 +72,24 @@ def verify_build(out: str, inputs_root: str | None = None, check_inputs: bool = 
             _check_inputs(info, inputs_root, rep)
     except (KeyError, TypeError, AttributeError) as e:
         raise SptokError(f"{out}/sptok.json: not the description of a build sptok can verify (no {e})") from None
+    if info.get("holdout"):
+        _check_split(out, info["holdout"], rep)
     return rep
+
+
+def _check_split(out: str, holdout: dict, rep: Report) -> None:
+    """The validation split is part of the build: its files are checked too (its inputs are the build's)."""
+    rel = holdout["dir"]
+    try:
+        sub = verify_build(os.path.join(out, rel), check_inputs=False)
+    except SptokError as e:
+        rep.problems.append(Problem("split", f"{rel}/", "unreadable", e.message))
+        return
+    rep.outputs_checked += sub.outputs_checked
+    rep.problems += [Problem(p.kind, f"{rel}/{p.path}", p.what, p.detail) for p in sub.problems]
+    if sub.fingerprint != holdout["fingerprint"]:
+        rep.problems.append(Problem("split", f"{rel}/sptok.json", "mismatch", f"fingerprint {sub.fingerprint[:12]}, "
+                                    f"the build's sptok.json says {holdout['fingerprint'][:12]}"))
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sptok.pack import Layout, Packer, Stream, assemble, concat, cut
+from sptok.pack import Layout, Packer, Stream, assemble, concat, cut, take_docs
 from sptok.sp import Decisions
 
 
@@ -76,3 +76,17 @@ def test_cut_continues_segment_at_zero():
     assert c.sp_pos.tolist() == [] and c.ids.tolist() == [5, 6, 7, 8, 9]
     c = cut(s, 4, 8)
     assert c.seg_starts.tolist() == [0, 3] and c.sp_pos.tolist() == [0]
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+@pytest.mark.parametrize("keep", [[True, False, True], [False, True, False], [False, False, False], [True] * 3])
+def test_take_docs_is_assembling_only_those_documents(position, keep):
+    flat, lens, dec = _docs()
+    keys = np.array([7, 8, 9], np.uint64)
+    whole, _ = assemble(flat, lens, 1, keys, dec, _layout(position))
+    k = np.array(keep)
+    sub = Decisions(dec.inserted[k], dec.masked_prefix[k], dec.masked_post[k])
+    want, _ = assemble(flat[np.repeat(k, lens)], lens[k], 1, keys[k], sub, _layout(position))
+    got = take_docs(whole, k)
+    for field in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked"):
+        assert getattr(got, field).tolist() == getattr(want, field).tolist(), field
