@@ -154,12 +154,11 @@ class WorkerPool:
         if kill:
             import multiprocessing as mp
 
-            self.pool.shutdown(wait=False, cancel_futures=True)
             for p in mp.active_children():   # stop units in flight; their temporary dirs are cleared next run
                 p.kill()
-            # then let the executor's manager thread see the dead workers and exit, so that nothing is left
-            # for concurrent.futures' exit hook to trip over (an "Exception ignored ... Bad file descriptor")
-            self.pool.shutdown(wait=True)
+            # then wait for the executor's manager thread to see the dead workers and end: left running, it
+            # races concurrent.futures' exit hook ("Exception ignored ... Bad file descriptor" at exit)
+            self.pool.shutdown(wait=True, cancel_futures=True)
         else:
             self.pool.shutdown(wait=True)
 

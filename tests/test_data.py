@@ -254,26 +254,32 @@ def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
     open_dataset removes them, and never the segments of a reader that is alive."""
     from sptok.data.shm import clean_stale_shm
 
-    def segments():
-        return {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in os.listdir("/dev/shm") if n[:6].isdigit()}
+    def segments(pid: int) -> dict[str, int]:
+        """The streaming segments a process maps, with their creation times."""
+        with open(f"/proc/{pid}/maps") as f:
+            names = {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" in line}
+        return {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in names if n[:6].isdigit()}
 
-    before = segments()
+    def still_there(segs: dict[str, int]) -> set[str]:
+        return {n for n, c in segs.items() if os.path.exists(f"/dev/shm/{n}")
+                and os.stat(f"/dev/shm/{n}").st_ctime_ns == c}
+
     p = subprocess.Popen([sys.executable, "-c", _READER, prefix_build], stdout=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "reading"
-        leaked = {n: c for n, c in segments().items() if before.get(n) != c}
+        leaked = segments(p.pid)
         assert leaked, "the reader made no shared memory: the test would prove nothing"
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    assert leaked.items() <= segments().items()         # kill -9: streaming never unlinked them
+    assert still_there(leaked) == set(leaked)          # kill -9: streaming never unlinked them
     live = open_dataset(prefix_build)                   # cleans, then makes its own
-    now = segments()
-    assert not any(now.get(n) == c for n, c in leaked.items())
-    mine = {n: c for n, c in now.items() if before.get(n) != c}
+    assert not still_there(leaked)
+    list(zip(range(2), live))                           # the live reader holds its segments now
+    mine = segments(os.getpid())
     assert mine and not set(clean_stale_shm()) & set(mine)   # a live reader's segments are kept
-    assert mine.items() <= segments().items()
+    assert still_there(mine) == set(mine)
     del live
 
 

@@ -63,9 +63,7 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
     if info.format == "mds":
         from streaming import Stream
 
-        from .shm import clean_stale_shm
-
-        clean_stale_shm()   # what readers killed with kill -9 left in /dev/shm
+        _clean_shared_memory()
 
         streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources]
         kwargs.setdefault("batch_size", 1)
@@ -74,6 +72,19 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
         ds.build = info
         return ds
     return _table_dataset(info, per_source, **kwargs)
+
+
+def _clean_shared_memory() -> None:
+    """Remove what readers killed with kill -9 left in /dev/shm: once per machine (the local leader), and
+    before any rank looks for a free shared-memory prefix (they must all find the same one)."""
+    from .shm import clean_stale_shm
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        clean_stale_shm()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # keyword arguments of StreamingDataset that mean the same for a table build; the rest are about
