@@ -263,7 +263,8 @@ def show(out, sources, n, seed, ids, color, as_json):
 @click.option("--out", "-o", "path", required=True, type=click.Path(), help="The HTML file to write.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Decoded samples per source.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the choice of samples.")
-def report(out, path, samples, seed):
+@click.option("--mixture", type=click.Path(), help="Include the result of `sptok mix` (its --out directory).")
+def report(out, path, samples, seed, mixture):
     """Write one self-contained HTML page about the build in OUT (identity, table, figures, samples)."""
     from .inspect.plot import available
     from .inspect.report import write_report
@@ -271,7 +272,7 @@ def report(out, path, samples, seed):
     if not available():
         click.echo("warning: matplotlib is not installed, so the report has no figures: "
                    "pip install 'sptok[plot]'", err=True)
-    write_report(out, path, samples, seed)
+    write_report(out, path, samples, seed, mixture)
     click.echo(f"wrote {path}: open it in a browser (file://{os.path.abspath(path)})", err=True)
 
 
@@ -288,6 +289,54 @@ def pretrain(config, overrides):
     from .train.loop import pretrain as run
 
     run(load_config(config, list(overrides)), log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Directory of the search (plan, proxies, result).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value of CONFIG.")
+@click.option("--proxies", type=int, default=16, show_default=True, help="Proxy runs on random mixtures.")
+@click.option("--concentration", type=float, default=5.0, show_default=True,
+              help="Dirichlet concentration around the prior: smaller spreads the mixtures wider.")
+@click.option("--prior", type=click.Choice(["natural", "manifest"]), default="natural", show_default=True,
+              help="Mixtures are drawn around the build's token shares (natural) or the manifest weights.")
+@click.option("--objective", help="Weights of the sources' validation losses, e.g. code=2,pydocs=1 [equal].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mixtures and the check.")
+@click.option("--plan", "plan_only", is_flag=True, help="Only write the plan and the proxies' configs (for a Slurm "
+                                                          "array or torchrun: --proxy K), then stop.")
+@click.option("--proxy", type=int, help="Run only proxy K of the plan in --out (resumes it), then stop.")
+@click.option("--collect", is_flag=True, help="Only fit the finished proxies and propose the mixture.")
+def mix(config, out, overrides, proxies, concentration, prior, objective, seed, plan_only, proxy, collect):
+    """Search the source mixture: K short proxy trainings of CONFIG on random mixtures of its build, a
+    regression from mixture to per-source validation loss, and the mixture it predicts best.
+
+    Needs a validation split (build with --holdout / --holdout-docs) and an `eval:` section. Resumable:
+    finished proxies are kept. Writes OUT/mixture.json, OUT/proportion.txt and OUT/predicted_vs_actual.png."""
+    from .mix import fit_search, plan_search, run_proxy
+
+    say = lambda m: click.echo(m, err=True)  # noqa: E731
+    if proxy is not None:
+        run_proxy(out, proxy, log=say)
+        return
+    if not collect:
+        weights = None
+        if objective:
+            try:
+                weights = {k.strip(): float(v) for k, v in (p.split("=") for p in objective.split(","))}
+            except ValueError:
+                raise SptokError(f"--objective: expected source=weight,... such as code=2,pydocs=1, got "
+                                 f"{objective!r}") from None
+        plan = plan_search(config, list(overrides), out, proxies, concentration, prior, weights, seed, log=say)
+        k = len(plan["mixtures"])
+        if plan_only:
+            say(f"planned {k} proxies in {out}: run each with `sptok mix {config} --out {out} --proxy K` (K = 0 .. "
+                f"{k - 1}; e.g. a Slurm array: sbatch --array=0-{k - 1}, or under torchrun), then collect with "
+                f"`sptok mix {config} --out {out} --collect`")
+            return
+        for i in range(k):
+            say(f"proxy {i + 1}/{k}")
+            run_proxy(out, i, log=lambda m: None)
+    fit_search(out, log=say)
 
 
 @main.command()

@@ -161,8 +161,47 @@ def samples_html(out: str, per_source: int, seed: int) -> str:
     return "".join(parts)
 
 
-def render_report(out: str, samples: int = 2, seed: int = 0) -> str:
-    """The report of the build in ``out`` as one HTML string."""
+def mixture_html(path: str) -> str:
+    """The result of ``sptok mix`` (its OUT directory or its mixture.json): weights, predicted losses, how
+    well the fit ranked proxies it had not seen, and, when a confirmation was run, the measured losses."""
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(d, "mixture.json")) as f:
+            mix = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SptokError(f"--mixture {path}: no readable mixture.json ({e})") from None
+    names, pred = mix["sources"], mix["predicted"]
+    kinds = [k for k in ("proposed", "natural", "uniform") if k in pred]
+    rows = [[n] + [f"{pred[k]['weights'][n]:.3f}" for k in kinds] + [f"{pred[k]['loss_by_source'][n]:.4f}"
+                                                                      for k in kinds] for n in names]
+    total = ["objective", *[""] * len(kinds), *[f"{pred[k]['objective']:.4f}" for k in kinds]]
+    head = ["source"] + [f"{k} share" for k in kinds] + [f"{k} predicted loss" for k in kinds]
+    check = mix["left_out"]
+    parts = ["<h2>Mixture search</h2>",
+             f'<p class="note">{len(mix["proxies"])} proxy runs; {escape(mix["regression"])}; rank correlation of '
+             f'predicted and actual objective on the {len(check["proxies"])} proxies left out of the fit: '
+             f'{check["spearman"]:.2f}.</p>',
+             _table(head, rows, set(range(1, len(head))), total, tid="mixture")]
+    confirm = os.path.join(d, "confirmation.json")
+    if os.path.exists(confirm):
+        with open(confirm) as f:
+            runs = json.load(f)["runs"]
+        rows = [[n] + [f"{runs[k]['loss_by_source'][n]:.4f}" for k in runs] for n in names]
+        parts += ["<h3>Confirmation: trained from scratch, same token budget</h3>",
+                  _table(["source"] + [f"{k} actual loss" for k in runs], rows, set(range(1, len(runs) + 1)),
+                         ["mean"] + [f"{runs[k]['mean']:.4f}" for k in runs], tid="confirmation")]
+    png = os.path.join(d, "predicted_vs_actual.png")
+    if os.path.exists(png):
+        with open(png, "rb") as f:
+            src = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+        parts.append(f'<figure id="fig-mixture"><img src="{src}" alt="predicted against actual loss">'
+                     f"<figcaption>Proxies left out of the fit: the loss the fit predicted for them against the "
+                     f"loss they reached.</figcaption></figure>")
+    return "".join(parts)
+
+
+def render_report(out: str, samples: int = 2, seed: int = 0, mixture: str | None = None) -> str:
+    """The report of the build in ``out`` as one HTML string (with the result of ``sptok mix`` if given)."""
     info, stats = load_stats(out)
     figure_data(info, stats)   # fail early on a stats.json that does not match the build
     title = f"sptok build {os.path.basename(os.path.abspath(out))}"
@@ -171,13 +210,13 @@ def render_report(out: str, samples: int = 2, seed: int = 0) -> str:
             f"<h1>{escape(title)}</h1><p class=note>{len(info['sp_table'])} sources · "
             f"{real_tokens(stats['totals']):,} tokens · {stats['totals']['samples']:,} samples of "
             f"{info['options']['seq_len']} tokens · fingerprint <code>{info['fingerprint'][:12]}</code></p>"
-            + identity(out, info) + source_table(info, stats) + figures_html(info, stats) + skipped_html(stats)
-            + samples_html(out, samples, seed)
+            + identity(out, info) + source_table(info, stats) + (mixture_html(mixture) if mixture else "")
+            + figures_html(info, stats) + skipped_html(stats) + samples_html(out, samples, seed)
             + f'<p class="note">Written by sptok {escape(info.get("sptok_version", ""))}.</p></body></html>\n')
 
 
-def write_report(out: str, path: str, samples: int = 2, seed: int = 0) -> str:
-    page = render_report(out, samples, seed)
+def write_report(out: str, path: str, samples: int = 2, seed: int = 0, mixture: str | None = None) -> str:
+    page = render_report(out, samples, seed, mixture)
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)

@@ -1,0 +1,244 @@
+"""``sptok mix``: search the source mixture by regression over proxy runs (RegMix-style).
+
+One build serves every mixture: proportions are a load-time setting (``data.proportion``), so a proxy is
+``sptok pretrain`` of the same config with another mixture, and its result is the per-source loss of its
+last in-loop evaluation on the build's validation split. The steps, each resumable:
+
+  plan     K mixtures drawn from a Dirichlet around the natural (or manifest) shares; ``OUT/plan.json`` and a
+           config per proxy (``OUT/proxies/NNN/config.yaml``), usable by a Slurm array or torchrun
+  proxies  each proxy trains and writes ``OUT/proxies/NNN/result.json`` when done; a rerun skips the done
+           ones (and resumes an interrupted one from its checkpoints)
+  fit      the regression (``search.py``), its rank correlation on proxies left out of the fit, and the
+           proposed mixture: ``OUT/mixture.json``, ``OUT/proportion.txt`` (a ``--set`` override) and
+           ``OUT/predicted_vs_actual.png``
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from ..errors import SptokError
+
+LEFT_OUT = 0.25      # share of the proxies each fit is checked on
+
+
+def plan_search(config: str, overrides: list[str], out: str, proxies: int, concentration: float, prior: str,
+                objective: dict | None, seed: int, log=print) -> dict:
+    """Write (or, when it is the same, reuse) ``OUT/plan.json`` and one config per proxy."""
+    import yaml
+
+    from ..finalize import write_json
+    from ..train.config import load_config
+    from ..train.loop import ensure_build
+    from .search import sample_mixtures
+
+    if proxies < 4:
+        raise SptokError(f"--proxies: {proxies} is too few to fit and check a regression (at least 4; tens are usual)")
+    if concentration <= 0:
+        raise SptokError(f"--concentration: must be positive, got {concentration}")
+    cfg = load_config(config, overrides)
+    if cfg.eval.every <= 0:
+        cfg.eval.every = cfg.train.steps         # a proxy needs one evaluation: at its end
+    ensure_build(cfg, 0, log)
+    from ..data.build_info import BuildInfo
+    from ..train.evaluate import validation_build
+
+    if validation_build(cfg) is None:
+        raise SptokError(f"sptok mix compares proxies on validation data: build {cfg.data.build} with --holdout or "
+                         f"--holdout-docs, or set eval.build")
+    info = BuildInfo.load(cfg.data.build)
+    names = info.sources
+    shares = _prior(info, prior)
+    weights = _objective(objective, names)
+    base = cfg.to_dict()
+    plan = {"version": 1, "sources": names, "prior": prior, "prior_shares": shares.tolist(),
+            "concentration": concentration, "seed": seed, "objective": weights.tolist(), "fingerprint": info.fingerprint,
+            "config": base,
+            "mixtures": sample_mixtures(shares, proxies, concentration, seed).tolist()}
+    path = os.path.join(out, "plan.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if _key(old) != _key(plan):
+            raise SptokError(f"{out} holds another search (its plan.json differs: config, build, sources, prior or "
+                             f"proxies); choose another --out, or delete {out} to start over")
+        plan = old
+    os.makedirs(os.path.join(out, "proxies"), exist_ok=True)
+    for k, mix in enumerate(plan["mixtures"]):
+        d = proxy_dir(out, k)
+        os.makedirs(d, exist_ok=True)
+        doc = copy.deepcopy(base)
+        doc["data"].update(proportion=dict(zip(names, mix)), manifest=None)
+        doc["log"].update(dir=os.path.join(d, "log"), tensorboard=False)
+        doc["checkpoint"].update(dir=os.path.join(d, "ckpt"), resume=True)
+        doc["eval"]["every"] = base["eval"]["every"] or cfg.eval.every
+        with open(os.path.join(d, "config.yaml"), "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+    write_json(path, plan)
+    return plan
+
+
+def run_proxy(out: str, k: int, log=print) -> dict:
+    """Train proxy ``k`` of the plan in ``out`` (resuming from its checkpoints); write and return its result."""
+    from ..finalize import write_json
+    from ..train.config import load_config
+    from ..train.loop import pretrain
+
+    plan = load_plan(out)
+    if not 0 <= k < len(plan["mixtures"]):
+        raise SptokError(f"--proxy: {k} is not a proxy of {out} (0 to {len(plan['mixtures']) - 1})")
+    d = proxy_dir(out, k)
+    done = os.path.join(d, "result.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    pretrain(load_config(os.path.join(d, "config.yaml")), log=log)
+    evals = [r for r in _records(os.path.join(d, "log", "metrics.jsonl")) if r.get("split") == "validation"]
+    if not evals:
+        raise SptokError(f"proxy {k}: its run logged no evaluation ({d}/log/metrics.jsonl)")
+    result = {"proxy": k, "mixture": plan["mixtures"][k], "step": evals[-1]["step"],
+              "losses": evals[-1]["val_loss_by_source"], "loss": evals[-1]["val_loss"]}
+    if _rank() == 0:
+        write_json(done, result)
+    return result
+
+
+def fit_search(out: str, log=print) -> dict:
+    """Fit the finished proxies, check the fit on left-out ones, propose a mixture; write the outputs."""
+    from ..finalize import write_json
+    from . import search
+
+    plan = load_plan(out)
+    results = [_result(out, k) for k in range(len(plan["mixtures"]))]
+    missing = [k for k, r in enumerate(results) if r is None]
+    if missing:
+        raise SptokError(f"{len(missing)} of {len(results)} proxies have no result yet (first: {missing[0]}); run them "
+                         f"(sptok mix ... --proxy K), then collect again")
+    if any(v is None for r in results for v in r["losses"]):
+        raise SptokError("a proxy's evaluation has a source without validation targets: raise eval.samples")
+    mixtures = np.array([r["mixture"] for r in results])
+    losses = np.array([r["losses"] for r in results])
+    w = np.array(plan["objective"])
+    check = search.left_out(mixtures, losses, w, LEFT_OUT, plan["seed"])
+    f = search.fit(mixtures, losses)
+    prior = np.array(plan["prior_shares"])
+    best = search.propose(f, prior, plan["concentration"], w, plan["seed"] + 1, known=mixtures)
+    names = plan["sources"]
+    k = len(names)
+    compare = {"proposed": best, "natural": search.normalize(prior), "uniform": np.full(k, 1.0 / k)}
+    doc = {"sources": names, "weights": dict(zip(names, best.round(6).tolist())),
+           "predicted": {name: {"loss_by_source": dict(zip(names, f.predict(m)[0].tolist())),
+                                "objective": float(search.objective(f.predict(m), w)[0]),
+                                "weights": dict(zip(names, m.round(6).tolist()))} for name, m in compare.items()},
+           "objective_weights": dict(zip(names, w.tolist())), "left_out": check,
+           "proxies": [{"mixture": dict(zip(names, r["mixture"])), "loss_by_source": dict(zip(names, r["losses"])),
+                        "objective": float(search.objective(np.array(r["losses"]), w))} for r in results],
+           "regression": "sklearn RidgeCV on (r, r^2, log r), one output per source"}
+    write_json(os.path.join(out, "mixture.json"), doc)
+    override = "data.proportion={" + ", ".join(f"{n}: {v:.6f}" for n, v in doc["weights"].items()) + "}"
+    with open(os.path.join(out, "proportion.txt"), "w") as fh:
+        fh.write(override + "\n")
+    figure = _plot(check, os.path.join(out, "predicted_vs_actual.png"))
+    log(f"proposed mixture: {', '.join(f'{n} {v:.3f}' for n, v in doc['weights'].items())}  (predicted objective "
+        f"{doc['predicted']['proposed']['objective']:.4f}; natural {doc['predicted']['natural']['objective']:.4f}, "
+        f"uniform {doc['predicted']['uniform']['objective']:.4f}); left-out rank correlation "
+        f"{check['spearman']:.2f} over {len(check['proxies'])} proxies")
+    log(f"wrote {out}/mixture.json, {out}/proportion.txt" + (f", {figure}" if figure else "") +
+        f"; train with it: sptok pretrain CONFIG --set \"$(cat {out}/proportion.txt)\"")
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def proxy_dir(out: str, k: int) -> str:
+    return os.path.join(out, "proxies", f"{k:03d}")
+
+
+def load_plan(out: str) -> dict:
+    try:
+        with open(os.path.join(out, "plan.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SptokError(f"{out}: no plan.json; plan the search first (sptok mix CONFIG --out {out})") from None
+    except ValueError as e:
+        raise SptokError(f"{out}/plan.json: unreadable ({e})") from None
+
+
+def _result(out: str, k: int) -> dict | None:
+    path = os.path.join(proxy_dir(out, k), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _records(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _key(plan: dict) -> str:
+    """What makes two plans the same search (not where its logs go)."""
+    keep = {k: v for k, v in plan.items() if k != "config"}
+    cfg = copy.deepcopy(plan["config"])
+    for sec in ("log", "checkpoint"):
+        cfg.pop(sec, None)
+    keep["config"] = cfg
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def _prior(info, prior: str) -> np.ndarray:
+    if prior == "manifest":
+        return np.array(info.weights, np.float64) / sum(info.weights)
+    if prior == "natural":
+        tokens = np.array([info.raw["counts"][n]["sample_tokens"] for n in info.sources], np.float64)
+        return tokens / tokens.sum()
+    raise SptokError(f"--prior: {prior!r} is not one of natural, manifest")
+
+
+def _objective(given: dict | None, names: list[str]) -> np.ndarray:
+    if not given:
+        return np.ones(len(names))
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise SptokError(f"--objective: no source {unknown[0]!r} (sources: {', '.join(names)})")
+    w = np.array([float(given.get(n, 0.0)) for n in names])
+    if (w < 0).any() or w.sum() <= 0:
+        raise SptokError("--objective: weights must be >= 0 and not all 0")
+    return w
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _plot(check: dict, path: str) -> str | None:
+    """Predicted against actual objective of the proxies left out of the fit (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    a, p = check["actual"], check["predicted"]
+    ax.scatter(a, p, color="#1f77b4")
+    lo, hi = min(a + p), max(a + p)
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--")
+    ax.set_xlabel("actual validation loss (objective)")
+    ax.set_ylabel("predicted by the fit without them")
+    ax.set_title(f"proxies left out of the fit: Spearman {check['spearman']:.2f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
