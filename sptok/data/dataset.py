@@ -6,8 +6,8 @@ from __future__ import annotations
 import glob
 import os
 
+from ..build_info import BuildInfo
 from ..errors import SptokError
-from .build_info import BuildInfo
 
 
 def _streaming_dataset_class():
