@@ -20,12 +20,13 @@ from .finalize import TABLE_INDEX
 def as_arrays(sample: dict) -> dict:
     """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays."""
     sp, mask = sample["sp_positions"], sample["msp_mask"]
+    raw = (bytes, bytearray)
     out = {
         "input_ids": np.asarray(sample["input_ids"], dtype=np.int64),
         "source_id": int(sample["source_id"]),
         "doc_offsets": np.asarray(sample["doc_offsets"], dtype=np.int64),
-        "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, (bytes, bytearray)) else np.asarray(sp)).astype(np.int64),
-        "msp_mask": (np.frombuffer(mask, np.uint8) if isinstance(mask, (bytes, bytearray)) else np.asarray(mask)).astype(bool),
+        "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, raw) else np.asarray(sp)).astype(np.int64),
+        "msp_mask": (np.frombuffer(mask, np.uint8) if isinstance(mask, raw) else np.asarray(mask)).astype(bool),
     }
     if "doc_keys" in sample:
         out["doc_keys"] = np.asarray(sample["doc_keys"], dtype=np.uint64)
@@ -81,7 +82,8 @@ class _MDSShard:
             import zstandard
 
             with open(zipped, "rb") as f:
-                self.data = zstandard.ZstdDecompressor().decompress(f.read(), max_output_size=entry["raw_data"]["bytes"])
+                self.data = zstandard.ZstdDecompressor().decompress(f.read(),
+                                                                    max_output_size=entry["raw_data"]["bytes"])
         else:   # streaming may have left the decompressed shard alone
             with open(os.path.join(sdir, entry["raw_data"]["basename"]), "rb") as f:
                 self.data = f.read()
