@@ -1,5 +1,6 @@
 """The `sptok` command. Heavy libraries (torch, streaming, datasets, transformers) are imported only
-inside the commands that need them, so `sptok --help` starts in a fraction of a second."""
+inside the commands that need them, so `sptok --help` starts in a fraction of a second; a command whose
+extra is not installed says which one in one line (``extras.require``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import SptokError
+from .extras import available, require
 
 
 class _Group(click.Group):
@@ -101,6 +103,7 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
+    from .fastenc import ENCODER_LIBRARY
     from .remote import is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
@@ -108,6 +111,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     part = _partition(partition)
     remote = out if is_remote(out) else None
     if remote:
+        require("remote", f"--out {remote}")
         if part:
             raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
                              "then upload the merged build")
@@ -128,7 +132,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     if not res.skipped and not flags.get("quiet"):
         t = stats["totals"]
         click.echo(f"\nbuilt {out} in {res.seconds:.1f}s ({t['sample_tokens'] / max(res.seconds, 1e-9):,.0f} "
-                   f"tokens/s, encoder: {res.encoder})", err=True)
+                   f"tokens/s, encoder: {ENCODER_LIBRARY.get(res.encoder, res.encoder)})", err=True)
 
 
 @main.command()
@@ -205,12 +209,10 @@ def verify(out, as_json, inputs_root, outputs_only):
                                                           "requested source proportions next to the delivered ones.")
 def stats(out, as_json, plot_dir, run_dir):
     """Per-source statistics of the build in OUT."""
-    from .stats import format_table, load_stats, table_rows
+    from .stats import format_accounting, format_table, load_stats, run_accounting, table_rows
 
     info, st = load_stats(out)
     if run_dir:
-        from .train.accounting import format_accounting, run_accounting
-
         rows = run_accounting(info, st, run_dir)
         click.echo(json.dumps(rows, indent=1) if as_json else format_accounting(rows))
         return
@@ -266,10 +268,9 @@ def show(out, sources, n, seed, ids, color, as_json):
 @click.option("--mixture", type=click.Path(), help="Include the result of `sptok mix` (its --out directory).")
 def report(out, path, samples, seed, mixture):
     """Write one self-contained HTML page about the build in OUT (identity, table, figures, samples)."""
-    from .inspect.plot import available
     from .inspect.report import write_report
 
-    if not available():
+    if not available("plot"):
         click.echo("warning: matplotlib is not installed, so the report has no figures: "
                    "pip install 'sptok[plot]'", err=True)
     write_report(out, path, samples, seed, mixture)
@@ -285,6 +286,7 @@ def pretrain(config, overrides):
 
     One process, or many under torchrun: torchrun --nproc_per_node=8 -m sptok pretrain CONFIG
     """
+    require("train", "sptok pretrain")
     from .train.config import load_config
     from .train.loop import pretrain as run
 
@@ -312,6 +314,7 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
 
     Needs a validation split (build with --holdout / --holdout-docs) and an `eval:` section. Resumable:
     finished proxies are kept. Writes OUT/mixture.json, OUT/proportion.txt and OUT/predicted_vs_actual.png."""
+    require("train", "sptok mix")
     from .mix import fit_search, plan_search, run_proxy
 
     say = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -344,6 +347,7 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
 @click.option("--out", "-o", required=True, type=click.Path(), help="Directory for the exported model.")
 def export(checkpoint, out):
     """Export CHECKPOINT (a step directory, or the checkpoint root for the newest) as a transformers model."""
+    require("train", "sptok export")
     from .train.export import export as run
 
     click.echo(f"exported {run(checkpoint, out)}")
@@ -388,6 +392,7 @@ def label(model, input_path, out, **kw):
 
     Every input row is written unchanged, plus sp_pred (the source), sp_prob and sp_topk ([{source, prob}]).
     Encoders fill a [MASK] in the SP slot; decoders (post SP) score the K SPs after the text and delimiter."""
+    require("train", "sptok label")
     from .label import run_label
 
     res = run_label(model, input_path, out, log=lambda m: click.echo(m, err=True), **kw)

@@ -58,7 +58,7 @@ def tiktoken_encoding(tok):
     try:
         import tiktoken
     except ImportError:
-        raise NotExpressible("tiktoken is not installed (pip install 'sptok[fast]')") from None
+        raise NotExpressible("tiktoken is not installed (a dependency of sptok: pip install tiktoken)") from None
     spec = json.loads(tok.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
@@ -111,6 +111,9 @@ class FastEncoder:
                 raise SptokError("the fast encoder (tiktoken) gave other ids than the Hugging Face tokenizer on a "
                                  f"document starting {texts[k][:40]!r}; run again with --encoder hf")
         return flatten_ids(ids)
+
+
+ENCODER_LIBRARY = {"fast": "tiktoken", "hf": "hf"}   # --encoder kind -> what the build summary names
 
 
 def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:

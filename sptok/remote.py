@@ -8,6 +8,7 @@ import os
 import urllib.parse
 
 from .errors import SptokError
+from .extras import require
 from .finalize import MARKER, WORK
 
 
@@ -24,6 +25,7 @@ def staging_dir(remote: str) -> str:
 
 def upload_build(local: str, remote: str, log=print) -> int:
     """Upload every file of a complete build; sptok.json goes last so the remote never looks complete early."""
+    require("remote", f"--out {remote}")
     from streaming.base.storage.upload import CloudUploader
 
     if not os.path.exists(os.path.join(local, MARKER)):

@@ -68,7 +68,7 @@ def _init_worker(queue) -> None:
     import tokenizers  # noqa: F401 - warm up while the main process plans
 
     try:
-        import tiktoken  # noqa: F401 - optional (sptok[fast])
+        import tiktoken  # noqa: F401 - a dependency, but a build without it falls back to Hugging Face
     except ImportError:
         pass
 

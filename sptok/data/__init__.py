@@ -1,15 +1,20 @@
-"""Reading sptok builds: datasets, collators and the load-time SP policy.
+"""Reading sptok builds for training: datasets, collators and the load-time SP policy (the `train` extra).
 
     from sptok.data import open_dataset, MLMCollator
     ds = open_dataset("out/demo", batch_size=32, shuffle=True)
     loader = Loader(ds, MLMCollator(ds.build, sp_policy="msp=0.15"), batch_size=32, num_workers=2)
 """
 
-from .build_info import BuildInfo
-from .collate import IGNORE, CausalLMCollator, MLMCollator, SpanCorruptionCollator
-from .dataset import open_dataset, source_weights
-from .loader import Loader
-from .policy import SPPolicy, apply_policy, as_arrays
+from ..extras import require
+
+require("train", "sptok.data")
+
+from ..build_info import BuildInfo  # noqa: E402 - after the check, which names the extra to install
+from ..shards import as_arrays  # noqa: E402
+from .collate import IGNORE, CausalLMCollator, MLMCollator, SpanCorruptionCollator  # noqa: E402
+from .dataset import open_dataset, source_weights  # noqa: E402
+from .loader import Loader  # noqa: E402
+from .policy import SPPolicy, apply_policy  # noqa: E402
 
 __all__ = ["BuildInfo", "open_dataset", "source_weights", "Loader", "MLMCollator", "CausalLMCollator",
            "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..build_info import BuildInfo
 from ..errors import SptokError
-from .build_info import BuildInfo
-from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_policy, as_arrays, draws, sample_key
+from ..shards import as_arrays
+from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_policy, draws, sample_key
 
 IGNORE = -100
 

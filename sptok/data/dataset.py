@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
+from ..build_info import BuildInfo
 from ..errors import SptokError
-from .build_info import BuildInfo
 
 
 def _streaming_dataset_class():

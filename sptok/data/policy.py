@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..sp import _mix64, uniforms
-from .build_info import BuildInfo
 
 SLOT_INSERT, SLOT_MSP, SLOT_MLM = 10, 11, 12   # distinct from the build's slots
 
@@ -65,21 +65,6 @@ class SPPolicy:
         return ",".join(f"{k}={v}" for k, v in (("insert", self.insert), ("msp", self.msp)) if v is not None)
 
 
-def as_arrays(sample: dict) -> dict:
-    """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays."""
-    sp, mask = sample["sp_positions"], sample["msp_mask"]
-    out = {
-        "input_ids": np.asarray(sample["input_ids"], dtype=np.int64),
-        "source_id": int(sample["source_id"]),
-        "doc_offsets": np.asarray(sample["doc_offsets"], dtype=np.int64),
-        "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, (bytes, bytearray)) else np.asarray(sp)).astype(np.int64),
-        "msp_mask": (np.frombuffer(mask, np.uint8) if isinstance(mask, (bytes, bytearray)) else np.asarray(mask)).astype(bool),
-    }
-    if "doc_keys" in sample:
-        out["doc_keys"] = np.asarray(sample["doc_keys"], dtype=np.uint64)
-    return out
-
-
 def sample_key(ids: np.ndarray, source_id: int, seed: int) -> np.uint64:
     """A 64-bit key of the sample's content, so its random draws do not depend on where it is read."""
     import xxhash
@@ -98,17 +83,6 @@ def draws(key, n: int, slot: int) -> np.ndarray:
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _RANKS = np.arange(1 << 16, dtype=np.uint64) * _GOLDEN
-
-
-def _is_post(s: dict, info: BuildInfo) -> np.ndarray:
-    """Which SPs of a sample are post SPs (text, delim, SP, EOS) rather than prefix SPs (SP, delim, text)."""
-    pos = s["sp_positions"]
-    if info.position != "both":
-        return np.full(len(pos), info.position == "post")
-    ids = s["input_ids"]
-    starts_doc = np.isin(pos, s["doc_offsets"][1:])       # a prefix SP begins its document's segment
-    next_is_eos = (pos + 1 < len(ids)) & (ids[np.minimum(pos + 1, len(ids) - 1)] == info.eos_id)
-    return ~starts_doc & ((pos > 0) | next_is_eos)        # at 0 (a continued segment) only EOS tells
 
 
 def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, length: int | None = None,
@@ -144,7 +118,7 @@ def _remove(s: dict, drop: np.ndarray, info: BuildInfo, length: int | None) -> d
     gone = pos[drop]
     cut[gone] = True
     if d and len(gone):   # each removed SP takes its delimiter: after a prefix SP, before a post SP
-        post = _is_post(s, info)[drop]
+        post = info.is_post(s)[drop]
         idx = gone[:, None] + np.where(post[:, None], np.arange(d) - d, np.arange(d) + 1)
         inside = (idx >= 0) & (idx < n)
         same = ids[np.clip(idx, 0, n - 1)] == info.delimiter_ids[None, :]

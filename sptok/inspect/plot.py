@@ -10,26 +10,17 @@ import io
 import os
 
 from ..errors import SptokError
+from ..extras import require
 from .figures import figure_data
 
 
 def _mpl():
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise SptokError("drawing figures needs matplotlib, which is not installed: "
-                         "pip install 'sptok[plot]'") from None
+    require("plot", "drawing figures")
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     return matplotlib, Figure, FigureCanvasAgg
-
-
-def available() -> bool:
-    try:
-        _mpl()
-        return True
-    except SptokError:
-        return False
 
 
 def _new(title: str, ncols: int = 1):

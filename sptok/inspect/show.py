@@ -7,12 +7,15 @@ decoded run by run between marks with the build's own tokenizer.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..build_info import BuildInfo
 from ..errors import SptokError
+from ..shards import ShardReader, as_arrays
 
 TEXT, SP, MSP, DELIM, EOS = range(5)
 KINDS = ("text", "sp", "msp", "delim", "eos")
@@ -58,54 +61,36 @@ class SampleView:
 
 
 class SampleReader:
-    """Random access to a build's samples by (source, index): MDS through streaming, Arrow/Parquet through
-    ``datasets`` (both via ``sptok.data.open_dataset`` with natural sizes, sources in manifest order)."""
+    """Random access to a build's samples by (source, index), with the core's own shard reader (no streaming,
+    no ``datasets``: ``show`` and ``report`` work in a core install)."""
 
     def __init__(self, out: str):
         from tokenizers import Tokenizer
 
-        from ..data import open_dataset
-        from ..data.build_info import BuildInfo
-
         self.build = BuildInfo.load(out)          # clear errors for missing / incomplete / foreign dirs
         self.out = out
-        try:
-            self.ds = _quietly(open_dataset, out, weights=False)
-        except SptokError:
-            raise
-        except Exception as e:   # a damaged build: missing shards, unreadable index...
-            raise SptokError(f"{out}: cannot read the build's samples ({_one_line(e)})") from None
         counts = self.build.raw["counts"]
         self.counts = {n: int(counts[n]["samples"]) for n in self.build.sources}
         self.offsets = dict(zip(self.build.sources, np.cumsum([0] + list(self.counts.values()))[:-1].tolist()))
+        self.shards = {n: ShardReader(os.path.join(out, n), self.build.format) for n in self.build.sources}
+        for n, r in self.shards.items():
+            if len(r) != self.counts[n]:
+                raise SptokError(f"{out}/{n}: its shard index holds {len(r):,} samples, sptok.json says "
+                                 f"{self.counts[n]:,}; run `sptok verify {out}`")
         self.tok = Tokenizer.from_file(f"{self.build.tokenizer_dir}/tokenizer.json")
         self.sp_of = {e["token_id"]: e["sp"] for e in self.build.raw["sp_table"]}
 
     def get(self, source: str, index: int) -> dict:
-        from ..data import as_arrays
-
         try:
-            return as_arrays(self.ds[self.offsets[source] + index])
-        except Exception as e:
-            raise SptokError(f"{self.out}: cannot read sample {index} of {source} ({_one_line(e)})") from None
+            return as_arrays(self.shards[source][index])
+        except Exception as e:   # a damaged build: missing or truncated shards
+            raise SptokError(f"{self.out}: cannot read sample {index} of {source} ({_one_line(e)}); run "
+                             f"`sptok verify {self.out}`") from None
 
     def view(self, source: str, index: int) -> SampleView:
         s = self.get(source, index)
         prev = self.get(source, index - 1)["doc_keys"][-1] if index > 0 else None
         return layout(s, self, source, index, prev)
-
-
-def _quietly(fn, *args, **kwargs):
-    """``datasets`` draws progress bars while it loads Parquet/Arrow files; ``show`` output is the page."""
-    import datasets
-
-    was = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if was:
-            datasets.enable_progress_bars()
 
 
 def _one_line(e: Exception) -> str:
@@ -130,8 +115,6 @@ def pick(counts: dict[str, int], n: int, seed: int, sources: list[str] | None = 
 
 def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> SampleView:
     """Cut one sample into document segments and marked pieces (SP, masked SP, delimiter, EOS, text)."""
-    from ..data.policy import _is_post
-
     b = reader.build
     ids, pos, msk, starts = s["input_ids"], s["sp_positions"], s["msp_mask"], s["doc_offsets"]
     n = len(ids)
@@ -142,7 +125,7 @@ def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> 
     kind = np.full(n, TEXT, np.int8)
     d = len(b.delimiter_ids)
     if d and len(pos):   # each SP's delimiter: after a prefix SP, before a post SP
-        post = _is_post(s, b)
+        post = b.is_post(s)
         idx = pos[:, None] + np.where(post[:, None], np.arange(d) - d, np.arange(d) + 1)
         ok = (idx >= 0) & (idx < real)
         ok &= ids[np.clip(idx, 0, n - 1)] == b.delimiter_ids[None, :]

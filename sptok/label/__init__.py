@@ -1,4 +1,5 @@
-"""`sptok label`: a model pre-trained with source prompts names the source of text it has never seen.
+"""`sptok label`: a model pre-trained with source prompts names the source of text it has never seen
+(the `train` extra).
 
     from sptok.label import load_table, Scorer, run_label
     table = load_table("models/bert-msp")                # sptok.json (+ sptok_train.json) of an exported model
@@ -21,11 +22,15 @@ from collections import Counter
 import numpy as np
 
 from ..errors import SptokError
-from .evaluate import evaluate, format_report, write_eval
-from .modes import MODES, place, place_ids, random_sources
-from .rows import FORMATS, Writer, format_of, parquet_rows, read_chunks
-from .scoring import Scorer
-from .table import SPTable, load_table, training_warning
+from ..extras import require
+
+require("train", "sptok.label")
+
+from .evaluate import evaluate, format_report, write_eval  # noqa: E402 - after the check, which names the extra
+from .modes import MODES, place, place_ids, random_sources  # noqa: E402
+from .rows import FORMATS, Writer, format_of, parquet_rows, read_chunks  # noqa: E402
+from .scoring import Scorer  # noqa: E402
+from .table import SPTable, load_table, training_warning  # noqa: E402
 
 __all__ = ["run_label", "load_table", "Scorer", "SPTable", "evaluate", "training_warning", "MODES", "FORMATS"]
 

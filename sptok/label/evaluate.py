@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from ..extras import available
+
 ECE_BINS = 15
 
 
@@ -91,12 +93,12 @@ def write_eval(ev: dict, out_dir: str, warn) -> list[str]:
     with open(path, "w") as f:
         json.dump(ev, f, indent=1)
     written = [path]
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    if not available("plot"):
         warn("matplotlib is not installed, so there is no confusion.png: pip install 'sptok[plot]'")
         return written
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     cm = np.array(ev["confusion"], np.float64)
     names = ev["sources"]
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)

@@ -23,7 +23,9 @@ import os
 import numpy as np
 
 from ..errors import SptokError
+from ..extras import require
 
+require("train", "sptok.mix")
 LEFT_OUT = 0.25      # share of the proxies each fit is checked on
 
 
@@ -45,7 +47,7 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
     if cfg.eval.every <= 0:
         cfg.eval.every = cfg.train.steps         # a proxy needs one evaluation: at its end
     ensure_build(cfg, 0, log)
-    from ..data.build_info import BuildInfo
+    from ..build_info import BuildInfo
     from ..train.evaluate import validation_build
 
     if validation_build(cfg) is None:

@@ -1,4 +1,6 @@
-"""What a reader needs to know about a build: its SP table, special ids and layout, from sptok.json."""
+"""What a reader needs to know about a build: its SP table, special ids and layout, from sptok.json.
+
+Core (numpy and tokenizers only): ``sptok show`` and ``report`` use it as much as ``sptok.data`` does."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import SptokError
-from ..finalize import load_build
+from .errors import SptokError
+from .finalize import load_build
 
 
 @dataclass
@@ -71,3 +73,13 @@ class BuildInfo:
                    pad_id=info["pad"]["id"], mask_id=role("mask_token"), vocab_size=vocab,
                    special_ids=special_ids, ordinary_ids=ordinary, is_special=is_special, is_sp=is_sp, tokenizer_dir=tdir,
                    raw=info)
+
+    def is_post(self, s: dict) -> np.ndarray:
+        """Which SPs of sample ``s`` are post SPs (text, delim, SP, EOS) rather than prefix SPs (SP, delim, text)."""
+        pos = s["sp_positions"]
+        if self.position != "both":
+            return np.full(len(pos), self.position == "post")
+        ids = s["input_ids"]
+        starts_doc = np.isin(pos, s["doc_offsets"][1:])       # a prefix SP begins its document's segment
+        next_is_eos = (pos + 1 < len(ids)) & (ids[np.minimum(pos + 1, len(ids) - 1)] == self.eos_id)
+        return ~starts_doc & ((pos > 0) | next_is_eos)        # at 0 (a continued segment) only EOS tells
