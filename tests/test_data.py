@@ -255,10 +255,12 @@ def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
     from sptok.data.shm import clean_stale_shm
 
     def segments(pid: int) -> dict[str, int]:
-        """The streaming segments a process maps, with their creation times."""
+        """The streaming segments a process maps (its own, and others' it looked at), with their creation times."""
         with open(f"/proc/{pid}/maps") as f:
             names = {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" in line}
         return {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in names if n[:6].isdigit()}
+
+    before = {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in os.listdir("/dev/shm")}
 
     def still_there(segs: dict[str, int]) -> set[str]:
         return {n for n, c in segs.items() if os.path.exists(f"/dev/shm/{n}")
@@ -268,7 +270,7 @@ def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
                          start_new_session=True)
     try:
         assert p.stdout.readline().strip() == "reading"
-        leaked = segments(p.pid)
+        leaked = {n: c for n, c in segments(p.pid).items() if before.get(n) != c}   # made by the reader
         assert leaked, "the reader made no shared memory: the test would prove nothing"
     finally:
         os.killpg(p.pid, signal.SIGKILL)
@@ -277,7 +279,7 @@ def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
     live = open_dataset(prefix_build)                   # cleans, then makes its own
     assert not still_there(leaked)
     list(zip(range(2), live))                           # the live reader holds its segments now
-    mine = segments(os.getpid())
+    mine = segments(os.getpid())                        # this process's live readers, and what they looked at
     assert mine and not set(clean_stale_shm()) & set(mine)   # a live reader's segments are kept
     assert still_there(mine) == set(mine)
     del live
