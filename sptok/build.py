@@ -22,7 +22,7 @@ from .finalize import MARKER, WORK, clear_outputs, finalize, fingerprint_of, wri
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry, sp_strings
-from .fastenc import choose_encoder
+from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, extend, find_eos, find_pad, is_special_delimiter, load_tokenizer,
                         save_tokenizer_dir, literal_specials)
 from .runner import WorkerPool, run_units
@@ -36,7 +36,6 @@ class BuildResult:
     info: dict | None          # sptok.json, when the build is complete
     committed: int
     total_units: int
-    encoder: str
     skipped: bool = False      # the directory already held this exact build
     seconds: float = 0.0
 
@@ -73,7 +72,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     state = _prepare_out(out, plan, overwrite)
     if state == "complete":
         with open(os.path.join(out, MARKER)) as f:
-            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), "-", skipped=True)
+            return BuildResult(out, json.load(f), len(plan["units"]), len(plan["units"]), skipped=True)
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
@@ -85,19 +84,40 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    encoder_name = "-"
     if todo:
-        encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
+        name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
         if not opts.quiet:
-            log(f"encoder: {encoder_name} ({why})")
-        run_units(work, todo, opts, encoder_name, pool)
+            log(f"encoder: {name} ({why})")
+        _run_with_fallback(work, mine, todo, opts, name, pool, log)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
-        return BuildResult(out, None, committed, len(units), encoder_name)
+        return BuildResult(out, None, committed, len(units))
     info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
     _check_sources(info, out)
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, info, committed, len(units), encoder_name)
+    return BuildResult(out, info, committed, len(units))
+
+
+def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: BuildOptions, name: str, pool, log):
+    """Run the units with encoder ``name``. When a spot check finds a mismatch under ``--encoder auto``, every
+    unit that encoder built is discarded and all are built again with the Hugging Face tokenizer, so the
+    output is the reference's exactly; under any other ``--encoder`` the mismatch is the error."""
+    try:
+        run_units(work, todo, opts, name, pool)
+    except EncoderMismatch as e:
+        if opts.encoder != "auto":
+            raise
+        built = [u for u in mine if is_committed(work, u) and _unit_encoder(work, u).split()[0] == name]
+        for u in built:
+            shutil.rmtree(unit_dir(work, u))
+        if not opts.quiet:
+            log(f"encoder: hf ({e.message.split(';')[0]}; building again the {len(built)} units it built)")
+        run_units(work, [u for u in mine if not is_committed(work, u)], opts, "hf", pool)
+
+
+def _unit_encoder(work: str, unit: Unit) -> str:
+    with open(os.path.join(unit_dir(work, unit), "result.json")) as f:
+        return json.load(f)["encoder"]
 
 
 # ------------------------------------------------------------------------------------------------ plan

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 
@@ -61,11 +62,12 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
-    per_source, merged_shards, indexes = {}, [], {}
+    per_source, merged_shards, indexes, encoders = {}, [], {}, Counter()
     for src in plan["manifest"]["sources"]:
         name = src["name"]
         units = [u for u in plan["units"] if u["source"] == name]
         results = [_read_json(os.path.join(unit_dirs[_uid(u)], "result.json")) for u in units]
+        encoders.update(r["encoder"] for r in results)
         sdir = os.path.join(out, name)
         os.makedirs(sdir)
         entries = []
@@ -89,6 +91,9 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     write_json(os.path.join(out, "stats.json"), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
     info = _describe(plan, per_source)
+    # which encoder built how many units: how the build ran, the one record here that may differ between
+    # builds of the same bytes (worker counts, resumes and partitions may each have used another encoder)
+    info["encoder"] = dict(sorted(encoders.items()))
     # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
     # interrupted finalize leaves nothing a reader would take for complete (a resume removes it all).
     if fmt == "mds":

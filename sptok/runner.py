@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .errors import SptokError
-from .fastenc import make_encoder
+from .encoders import FAST, EncoderMismatch, make_encoder
 from .pack import Layout
 from .progress import Progress
 from .unit import UnitContext, process_unit
@@ -66,10 +66,11 @@ def _init_worker(queue) -> None:
     _QUEUE = queue
     import tokenizers  # noqa: F401 - warm up while the main process plans
 
-    try:
-        import tiktoken  # noqa: F401 - optional (sptok[fast])
-    except ImportError:
-        pass
+    for name in FAST:
+        try:
+            __import__(name)
+        except ImportError:   # gigatoken and riptoken are optional (sptok[fast])
+            pass
 
 
 class _Batched:
@@ -143,9 +144,15 @@ class WorkerPool:
                     progress.update(*self.queue.get_nowait())
                 except queue_mod.Empty:
                     break
-            for fut in done:
-                fut.result()          # re-raises a worker's SptokError
-                progress.unit_done()
+            try:
+                for fut in done:
+                    fut.result()          # re-raises a worker's SptokError
+                    progress.unit_done()
+            except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
+                for fut in pending:
+                    fut.cancel()
+                wait(pending)
+                raise
 
     def close(self, kill: bool = False) -> None:
         if kill:
