@@ -85,7 +85,9 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
     if todo:
-        name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
+        sample = corpus_sample(manifest, units)
+        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
+            choose_encoder(tok, opts.encoder, sample)
         if not opts.quiet:
             log(f"encoder: {name} ({why})")
         _run_with_fallback(work, mine, todo, opts, name, pool, log)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .errors import SptokError
-from .encoders import FAST, EncoderMismatch, make_encoder
+from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
 from .pack import Layout
 from .progress import Progress
 from .unit import UnitContext, process_unit
@@ -105,6 +105,12 @@ def _ready() -> None:
     """A no-op task: returns once a worker has started and imported what it needs."""
 
 
+def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+    from tokenizers import Tokenizer
+
+    return choose_encoder(Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json")), kind, sample)
+
+
 class WorkerPool:
     """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
 
@@ -119,6 +125,11 @@ class WorkerPool:
                                         initargs=(self.queue,))
         for _ in range(workers):
             self.pool.submit(_ready)
+
+    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
+        planned: the main process never loads them."""
+        return self.pool.submit(_choose, work, kind, sample).result()
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress) -> None:
         from concurrent.futures.process import BrokenProcessPool
