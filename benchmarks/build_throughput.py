@@ -13,7 +13,8 @@ peak RSS of each process tree and of its largest process (sampled from /proc), a
   (d) datatrove DocumentTokenizer (skipped when datatrove is not installed)
 plus sptok 2 workers vs 1 worker, peak RSS at 4x vs 1x the input (memory must stay flat), and, on one core,
 each encoder alone on one copy of the shared sources: tokens/s and documents whose ids differ from Hugging
-Face's, per source. With --repeat N the build rows run N times, interleaved, and the fastest counts.
+Face's, per source; then WordPiece and Unigram against kitoken, where it is installed (not an sptok encoder).
+With --repeat N the build rows run N times, interleaved, and the fastest counts.
 Not part of the test suite.
 """
 
@@ -209,7 +210,8 @@ def main() -> None:
         runs = {"ceiling": lambda: run_ceiling(a.data, a.tokenizer),
                 "foundry": lambda: run_foundry(a.data, a.tokenizer, a.out),
                 "datatrove": lambda: run_datatrove(a.data, a.tokenizer, a.out, a.workers),
-                "encode": lambda: run_encode(a.data, a.tokenizer, a.encoder, a.out)}
+                "encode": lambda: run_encode(a.data, a.tokenizer, a.encoder, a.out),
+                "other-models": lambda: run_other_models(a.data)}
         return runs[a.run]()
 
     work = Path(a.work).resolve()
@@ -230,6 +232,7 @@ def main() -> None:
     rows, tokens = build_rows(a, work, data, quarter, tok)
     print_table(rows, tokens, a.workers)
     print_encoders(encoder_rows(work, quarter, tok))
+    print_other_models(work, quarter)
 
 
 def build_rows(a, work: Path, data: Path, quarter: Path, tok: str) -> tuple[dict, int]:
@@ -321,6 +324,50 @@ def print_encoders(rows: dict) -> None:
     for name, (speed, differ) in rows.items():
         diff = ", ".join(f"{s} {d}/{n}" for s, (d, n) in differ.items())
         print(f"{'':<41} {name:<10} {speed:10.2f} {speed / rows['hf'][0]:6.1f}   {diff}")
+
+
+def run_other_models(data: str) -> None:
+    """WordPiece and Unigram (trained by sptok on the demo corpus, 8k) on one core: Hugging Face vs kitoken,
+    the one library found that loads them from tokenizer.json; tokens/s and documents whose ids differ."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import kitoken
+    import zstandard
+
+    from sptok.tokenizer import as_text_encoder, train
+
+    demo = HERE.parent / "pipelines" / "demo"
+    train_texts = [json.loads(x)["text"] for s in SOURCES for x in zstandard.ZstdDecompressor().stream_reader(
+        open(demo / f"{s}.jsonl.zst", "rb")).read().splitlines()]
+    texts = [json.loads(line)["text"] for s in SOURCES for line in open(Path(data) / f"{s}.jsonl", "rb")][::2]
+    out = {}
+    for model in ("wordpiece", "unigram"):
+        tok = train(train_texts, model, 8000, [])
+        kt = kitoken.Kitoken.from_tokenizers(tok.to_str().encode())   # encode_specials=False: specials are text
+        t0 = time.perf_counter()
+        want = [e.ids for e in as_text_encoder(tok).encode_batch(texts, add_special_tokens=False)]
+        t1 = time.perf_counter()
+        got = kt.encode_all(texts)
+        t2 = time.perf_counter()
+        n = sum(map(len, want))
+        out[model] = {"hf": n / (t1 - t0) / 1e6, "kitoken": n / (t2 - t1) / 1e6, "docs": len(texts),
+                      "differ": sum(a != b for a, b in zip(got, want))}
+    print(json.dumps(out))
+
+
+def print_other_models(work: Path, data: Path) -> None:
+    try:
+        import kitoken  # noqa: F401
+    except ImportError:
+        print("\nWordPiece / Unigram: kitoken not installed, skipped")
+        return
+    me = [sys.executable, str(Path(__file__).resolve()), "--run", "other-models", "--data", str(data)]
+    rows = json.loads(measure(me)[3])
+    print(f"\none core, half the documents of one copy: {'model':<10} {'HF M tok/s':>10} {'kitoken':>8} {'vs HF':>6}"
+          f"   documents whose ids differ")
+    for model, r in rows.items():
+        print(f"{'':<42}{model:<10} {r['hf']:10.2f} {r['kitoken']:8.2f} {r['kitoken'] / r['hf']:6.1f}   "
+              f"{r['differ']}/{r['docs']}")
 
 
 def _fresh(work: Path, key: str) -> str:

@@ -5,7 +5,7 @@
 Writes one zstd JSONL file (one work unit, however large) of about --mb MB of text: copies of the shared sources
 in which copy k shifts every ASCII letter by k places, so that new words keep appearing (the worst case for an
 encoder that caches every pretoken it has seen, as gigatoken 0.10.0 does). Builds it with one worker per
-encoder, and encodes it with gigatoken alone (no fresh instances), sampling the RSS of each every second.
+encoder, and encodes it with gigatoken alone (no fresh instances), sampling the RSS of each twice a second.
 Prints the RSS at each tenth of the input read, then the peak. Not part of the test suite.
 """
 
@@ -71,19 +71,17 @@ def run_alone(data: str, tokenizer: str) -> None:
 
 
 def watch(cmd: list[str], data: Path) -> list[tuple[float, float, int]]:
-    """Run ``cmd``; every second, (seconds, fraction of ``data`` read, RSS bytes of the process tree)."""
+    """Run ``cmd``; twice a second, (seconds, fraction of ``data`` read, RSS bytes of the process tree)."""
     bt = _bench_module()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     series, t0, size = [], time.time(), data.stat().st_size
 
     def sample():
+        done = 0.0
         while p.poll() is None:
-            try:
-                read = int(next(x for x in open(f"/proc/{p.pid}/io") if x.startswith("rchar")).split()[1])
-            except (OSError, StopIteration):
-                read = 0
-            series.append((time.time() - t0, min(read / size, 1.0), bt.tree_rss(p.pid)[0]))
-            time.sleep(1)
+            done = max(done, _position(p.pid, data) / size)
+            series.append((time.time() - t0, done, bt.tree_rss(p.pid)[0]))
+            time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -92,6 +90,18 @@ def watch(cmd: list[str], data: Path) -> list[tuple[float, float, int]]:
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     return series
+
+
+def _position(pid: int, path: Path) -> int:
+    """The file offset of process ``pid`` in ``path`` (0 while it has not opened it)."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path.resolve()):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    return int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _bench_module():
@@ -125,7 +135,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.run == "alone":
         return run_alone(a.data, a.tokenizer)
-    work = Path(a.work) / "long"
+    work = Path(a.work).resolve() / "long"
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"long-{a.mb:g}mb.jsonl.zst"
     nbytes = make_long_unit(Path(a.corpus), data, a.mb)

@@ -140,7 +140,7 @@ def _pattern(pre: dict | None) -> str:
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes_to_unicode, which byte-level BPE vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

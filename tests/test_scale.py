@@ -84,6 +84,9 @@ def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, afte
     r = sptok(*build_cmd(corpus, out, "--workers", "2"))
     assert "Traceback" not in r.stderr
     assert build_bytes(out) == reference
+    info = json.loads((out / "sptok.json").read_text())   # units of the killed run (hf) and of the resume
+    assert sum(info["encoder"].values()) == info["units"] and set(info["encoder"]) <= {
+        f"hf {version('tokenizers')}", f"gigatoken {version('gigatoken')}"}
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
@@ -180,7 +183,8 @@ def test_builds_without_the_optional_fast_encoders(corpus, reference, tmp_path):
     r = sptok(*build_cmd(corpus, tmp_path / "o", "--workers", "2"), env=env)
     assert "encoder: tiktoken (identical ids" in r.stderr
     assert build_bytes(tmp_path / "o") == reference
-    assert list(json.loads((tmp_path / "o" / "sptok.json").read_text())["encoder"]) == [f"tiktoken {version('tiktoken')}"]
+    info = json.loads((tmp_path / "o" / "sptok.json").read_text())
+    assert info["encoder"] == {f"tiktoken {version('tiktoken')}": info["units"]}
     r = sptok(*build_cmd(corpus, tmp_path / "p", "--encoder", "gigatoken"), env=env, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--encoder gigatoken: no fast encoder runs this tokenizer exactly (gigatoken: gigatoken is not installed " \
