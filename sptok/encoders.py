@@ -16,6 +16,7 @@ A mismatch raises ``EncoderMismatch``: with ``--encoder auto`` the build then fa
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 
 import numpy as np
@@ -27,7 +28,8 @@ FAST = ("gigatoken", "riptoken", "tiktoken")           # fastest first
 CHOICES = ("auto", "fast", "hf") + FAST                 # --encoder
 SPOT_SHARE = 1024           # re-encode about 1/1024 of the text with the reference (~8% of gigatoken's time)
 SPOT_FIRST = 1 << 16        # characters of credit at start: the first batch is always checked
-GIGATOKEN_REFRESH = 1 << 26  # characters per gigatoken instance: 0.10.0's pretoken cache has no bound
+GIGATOKEN_CACHE = 256 << 20  # bytes a gigatoken instance may grow by: 0.10.0 caches every pretoken it saw
+GIGATOKEN_CHARS = 1 << 26    # where RSS cannot be read (not Linux): characters per gigatoken instance
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 INSTALL_HINT = "pip install 'sptok[fast]'"
 
@@ -69,31 +71,46 @@ def _import(name: str):
 
 
 class _Gigatoken:
-    """gigatoken on one thread; a fresh instance every GIGATOKEN_REFRESH characters keeps memory flat
-    (0.10.0 caches every pretoken it has seen; upstream bounds the cache after that release)."""
+    """gigatoken on one thread. 0.10.0 caches every pretoken it has seen, without bound (fixed upstream after
+    that release): a fresh instance replaces one whose process grew by GIGATOKEN_CACHE, which keeps memory flat."""
 
     def __init__(self, spec: dict):
         self.gt = _import("gigatoken")
         self.spec = json.dumps(spec)
-        bounded = hasattr(self.gt, "set_max_cache_bytes")   # releases after 0.10.0 bound their cache
-        if bounded:
-            self.gt.set_max_cache_bytes(256 << 20)
-        self.refresh = None if bounded else GIGATOKEN_REFRESH
-        self.enc, self.chars = self._new(), 0
+        self.bounded = hasattr(self.gt, "set_max_cache_bytes")   # releases with a cache budget
+        if self.bounded:
+            self.gt.set_max_cache_bytes(GIGATOKEN_CACHE)
+        self.enc = self._new()
 
     def _new(self):
+        self.enc = None   # the old cache goes before the new instance is built
         try:
-            return self.gt.Tokenizer.from_json(self.spec)
+            enc = self.gt.Tokenizer.from_json(self.spec)
         except Exception as e:  # gigatoken raises RuntimeError naming the unsupported part
             raise NotExpressible(f"gigatoken refused it ({str(e).splitlines()[0]})") from None
+        self.rss, self.chars = _rss(), 0
+        return enc
+
+    def _grown(self) -> bool:
+        rss = _rss()
+        return rss - self.rss > GIGATOKEN_CACHE if rss else self.chars > GIGATOKEN_CHARS
 
     def __call__(self, texts: list[str]):
-        if self.refresh is not None and self.chars >= self.refresh:
-            self.enc, self.chars = self._new(), 0
+        if not self.bounded and self._grown():
+            self.enc = self._new()
         self.chars += sum(map(len, texts))
         arr = self.enc.encode_batch(texts, parallel=False)
         off = np.asarray(arr.layout.offsets.data)          # awkward ListOffsetArray: no per-token Python ints
         return np.asarray(arr.layout.content.data)[off[0]:off[-1]], np.diff(off)
+
+
+def _rss() -> int:
+    """Resident bytes of this process (Linux), else 0."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _tiktoken_ranks(spec: dict) -> tuple[str, dict[bytes, int]]:

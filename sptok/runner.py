@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -129,18 +130,12 @@ class WorkerPool:
     def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
         """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
         planned: the main process never loads them."""
-        return self.pool.submit(_choose, work, kind, sample).result()
+        with _worker_deaths():
+            return self.pool.submit(_choose, work, kind, sample).result()
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress) -> None:
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
+        with _worker_deaths():
             self._run(work, todo, strict, encoder, progress)
-        except BrokenProcessPool:
-            raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
-                             "kept: run the same command again to resume, with fewer --workers if memory is short. "
-                             "(From Python, start builds with several workers under `if __name__ == "
-                             "'__main__':`.)") from None
 
     def _run(self, work, todo, strict, encoder, progress) -> None:
         import queue as queue_mod
@@ -174,6 +169,20 @@ class WorkerPool:
                 p.kill()
         else:
             self.pool.shutdown(wait=True)
+
+
+@contextmanager
+def _worker_deaths():
+    """A worker killed by the OS: one readable error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield
+    except BrokenProcessPool:
+        raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
+                         "kept: run the same command again to resume, with fewer --workers if memory is short. "
+                         "(From Python, start builds with several workers under `if __name__ == "
+                         "'__main__':`.)") from None
 
 
 def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None) -> None:
