@@ -6,7 +6,8 @@ Writes one zstd JSONL file (one work unit, however large) of about --mb MB of te
 in which copy k shifts every ASCII letter by k places, so that new words keep appearing (the worst case for an
 encoder that caches every pretoken it has seen, as gigatoken 0.10.0 does). Builds it with one worker per
 encoder, and encodes it with gigatoken alone (no fresh instances), sampling the RSS of each twice a second.
-Prints the RSS at each tenth of the input read, then the peak. Not part of the test suite.
+Prints the RSS at each tenth of the input read, then the peak; then the worst case, random words (almost every
+word unseen), through gigatoken alone and through sptok's gigatoken encoder. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -70,6 +71,38 @@ def run_alone(data: str, tokenizer: str) -> None:
     enc.encode_batch(batch, parallel=False)
 
 
+def run_words(tokenizer: str, mb: float, wrapper: str) -> None:
+    """The worst case for a pretoken cache: mb MB of random lowercase words (almost all unseen), through
+    gigatoken alone (one instance) or sptok's gigatoken encoder; prints RSS (MB) at each tenth, and seconds."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from sptok.encoders import _rss, fast_encoder
+
+    tok = Tokenizer.from_file(tokenizer)
+    if wrapper == "sptok":
+        encode = fast_encoder(tok, "gigatoken")
+    else:
+        import gigatoken
+
+        spec = json.loads(tok.to_str())
+        spec["added_tokens"] = [a for a in spec["added_tokens"] if not a["special"]]
+        g = gigatoken.Tokenizer.from_json(json.dumps(spec))
+        encode = lambda texts: g.encode_batch(texts, parallel=False)  # noqa: E731
+    rng = np.random.default_rng(0)
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+    rss, t0, steps = [], time.time(), int(mb)
+    for step in range(steps):   # 1 MB of text per step
+        lens = rng.integers(3, 13, 130_000)
+        chars = letters[rng.integers(0, 26, int(lens.sum()))].tobytes().decode()
+        ends = np.cumsum(lens)
+        words = [chars[i:j] for i, j in zip(np.r_[0, ends[:-1]], ends)]
+        encode([" ".join(words[i:i + 200]) for i in range(0, len(words), 200)])
+        if (step + 1) % max(1, steps // 10) == 0:
+            rss.append(_rss())
+    print(json.dumps({"rss": rss[:10], "seconds": time.time() - t0}))
+
+
 def watch(cmd: list[str], data: Path) -> list[tuple[float, float, int]]:
     """Run ``cmd``; twice a second, (seconds, fraction of ``data`` read, RSS bytes of the process tree)."""
     bt = _bench_module()
@@ -129,12 +162,16 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sptok-bench")
     ap.add_argument("--mb", type=float, default=400)
     ap.add_argument("--encoders", default="gigatoken,tiktoken")
+    ap.add_argument("--words-mb", type=float, default=150, help="MB of random words for the worst case")
     ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--wrapper", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run == "alone":
         return run_alone(a.data, a.tokenizer)
+    if a.run == "words":
+        return run_words(a.tokenizer, a.words_mb, a.wrapper)
     work = Path(a.work).resolve() / "long"
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"long-{a.mb:g}mb.jsonl.zst"
@@ -158,6 +195,12 @@ def main() -> None:
     series = watch([sys.executable, str(Path(__file__).resolve()), "--run", "alone", "--data", str(data),
                     "--tokenizer", str(tok)], data)
     report("gigatoken alone, one instance", series)
+    print(f"\nthe worst case, {a.words_mb:g} MB of random words; RSS in MB at each tenth")
+    for wrapper, label in (("raw", "gigatoken alone, one instance"), ("sptok", "sptok's gigatoken encoder")):
+        r = json.loads(subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", "words", "--wrapper",
+                                       wrapper, "--words-mb", str(a.words_mb), "--tokenizer", str(tok)],
+                                      capture_output=True, text=True, check=True).stdout)
+        print(f"{label:<34} {' '.join(f'{x / 2**20:5.0f}' for x in r['rss'])}   {r['seconds']:5.0f} s")
 
 
 if __name__ == "__main__":
