@@ -22,7 +22,7 @@ from importlib import metadata
 import numpy as np
 
 from .errors import SptokError
-from .tokenizer import as_text_encoder, literal_specials
+from .tokenizer import as_text_encoder
 
 FAST = ("gigatoken", "riptoken", "tiktoken")           # fastest first
 CHOICES = ("auto", "fast", "hf") + FAST                 # --encoder
@@ -60,6 +60,7 @@ def _text_spec(tok) -> dict:
     if model.get("dropout"):
         raise NotExpressible("its BPE sets dropout (random segmentation)")
     spec["added_tokens"] = [a for a in spec.get("added_tokens", []) if not a["special"]]
+    spec.update(truncation=None, padding=None, post_processor=None)   # add_special_tokens=False, whole documents
     return spec
 
 
@@ -250,20 +251,20 @@ def make_encoder(tok, name: str):
 
 def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
     """(encoder name, why): the first candidate allowed by ``kind`` that runs the tokenizer and gives the
-    reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error."""
+    reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error.
+    Takes ``tok`` over (see HFEncoder)."""
     if kind == "hf":
         return "hf", "asked for with --encoder hf"
     candidates = FAST if kind in ("auto", "fast") else (kind,)
     why_not = []
-    with literal_specials(tok) as ref:
-        want = [e.ids for e in ref.encode_batch(sample, add_special_tokens=False)]
+    want = HFEncoder(tok).encode(sample)
     for name in candidates:
         try:
-            flat, lens = fast_encoder(tok, name)(sample)
+            got = fast_encoder(tok, name)(sample)
         except NotExpressible as e:
             why_not.append(f"{name}: {e}")
             continue
-        bad = _first_difference(flat, lens, want)
+        bad = _first_difference(got, want)
         if bad is None:
             return name, f"identical ids to the Hugging Face tokenizer on a sample of {len(sample)} documents"
         why_not.append(f"{name}: other ids than the Hugging Face tokenizer on a document starting {sample[bad][:40]!r}")
@@ -273,12 +274,14 @@ def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
                      f"--encoder hf or auto")
 
 
-def _first_difference(flat: np.ndarray, lens: np.ndarray, want: list[list[int]]) -> int | None:
-    starts = np.concatenate([[0], np.cumsum(lens)])
-    for i, ids in enumerate(want):
-        if lens[i] != len(ids) or not np.array_equal(flat[starts[i]:starts[i + 1]], ids):
-            return i
-    return None
+def _first_difference(got: tuple, want: tuple) -> int | None:
+    """Index of the first document whose (flat ids, lengths) differ, or None."""
+    (flat, lens), (want_flat, want_lens) = got, want
+    if np.array_equal(lens, want_lens) and np.array_equal(flat, want_flat):
+        return None
+    starts, want_starts = np.cumsum(lens) - lens, np.cumsum(want_lens) - want_lens
+    return next(i for i in range(len(lens)) if lens[i] != want_lens[i] or not np.array_equal(
+        flat[starts[i]:starts[i] + lens[i]], want_flat[want_starts[i]:want_starts[i] + lens[i]]))
 
 
 def describe(record: dict) -> str:

@@ -221,3 +221,22 @@ def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
             "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_the_command_line_offers_every_encoder():
+    from sptok.cli import build
+    from sptok.encoders import CHOICES
+
+    option = next(p for p in build.params if p.name == "encoder")
+    assert tuple(option.type.choices) == CHOICES
+
+
+def test_truncation_and_padding_of_the_tokenizer_do_not_apply_to_documents():
+    tok = byte_level_bpe()
+    tok.enable_truncation(8)
+    tok.enable_padding(length=64)
+    texts = [demo_records("pydocs", 1)[0]["text"], "short"]
+    name, why = choose_encoder(tok, "fast", texts)
+    assert name in FAST, why
+    flat, lens = make_encoder(tok, name).encode(texts)
+    assert lens[0] > 64 and lens.sum() == len(flat)
