@@ -112,8 +112,9 @@ def watch(cmd: list[str], data: Path) -> list[tuple[float, float, int]]:
     def sample():
         done = 0.0
         while p.poll() is None:
-            done = max(done, _position(p.pid, data) / size)
-            series.append((time.time() - t0, done, bt.tree_rss(p.pid)[0]))
+            done, rss = max(done, _position(p.pid, data) / size), bt.tree_rss(p.pid)[0]
+            if rss:   # 0: the process has just ended
+                series.append((time.time() - t0, done, rss))
             time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
