@@ -23,7 +23,7 @@ from .finalize import FAILED, MARKER, PARTITION, WORK, clear_outputs, finalize, 
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry, sp_strings
-from .fastenc import choose_encoder
+from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, extend, find_eos, find_pad, is_special_delimiter, load_tokenizer,
                         save_tokenizer_dir, literal_specials)
 from .runner import WorkerPool, run_units
@@ -37,7 +37,6 @@ class BuildResult:
     info: dict | None          # sptok.json, when the build is complete
     committed: int
     total_units: int
-    encoder: str
     skipped: bool = False      # the directory already held this exact build
     seconds: float = 0.0
 
@@ -77,7 +76,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
             info = json.load(f)
         if opts.strict:
             _refuse_skipped(out)
-        return BuildResult(out, info, len(plan["units"]), len(plan["units"]), "-", skipped=True)
+        return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
@@ -94,19 +93,44 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    watch = _SourceWatch(work, units, opts.holdout_docs)   # a source with no document stops the build when its last unit commits
-    encoder_name = "-"
+    watch = _SourceWatch(work, units, opts.holdout_docs)   # stops the build when a source ends without documents
     if todo:
-        encoder_name, why = choose_encoder(tok, opts.encoder, corpus_sample(manifest, units))
+        sample = corpus_sample(manifest, units)
+        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
+            choose_encoder(tok, opts.encoder, sample)
         if not opts.quiet:
-            log(f"encoder: {encoder_name} ({why})")
-        run_units(work, todo, opts, encoder_name, pool, on_done=watch.unit_done)
+            log(f"encoder: {name} ({why})")
+        _run_with_fallback(work, mine, todo, opts, name, pool, log, watch)
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
-        return BuildResult(out, None, committed, len(units), encoder_name)
+        return BuildResult(out, None, committed, len(units))
     info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
     shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, info, committed, len(units), encoder_name)
+    return BuildResult(out, info, committed, len(units))
+
+
+def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: BuildOptions, name: str, pool, log,
+                       watch: "_SourceWatch"):
+    """Run the units with encoder ``name``. When a spot check finds a mismatch under ``--encoder auto``, every
+    unit that encoder built is discarded and all are built again with the Hugging Face tokenizer, so the
+    output is the reference's exactly; under any other ``--encoder`` the mismatch is the error."""
+    try:
+        run_units(work, todo, opts, name, pool, on_done=watch.unit_done)
+    except EncoderMismatch as e:
+        if opts.encoder != "auto":
+            raise
+        built = [u for u in mine if is_committed(work, u) and _unit_encoder(work, u).split()[0] == name]
+        for u in built:
+            shutil.rmtree(unit_dir(work, u))
+        if not opts.quiet:
+            log(f"encoder: hf ({e.message.split(';')[0]}; building again the {len(built)} units it built)")
+        watch.recount()
+        run_units(work, [u for u in mine if not is_committed(work, u)], opts, "hf", pool, on_done=watch.unit_done)
+
+
+def _unit_encoder(work: str, unit: Unit) -> str:
+    with open(os.path.join(unit_dir(work, unit), "result.json")) as f:
+        return json.load(f)["encoder"]
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -214,10 +238,14 @@ class _SourceWatch:
         self.by_source: dict[str, list[Unit]] = {}
         for u in units:
             self.by_source.setdefault(u.source, []).append(u)
-        self.left = {n: sum(not is_committed(work, u) for u in us) for n, us in self.by_source.items()}
+        self.recount()
         for name, left in self.left.items():
             if left == 0:
                 self._check(name)
+
+    def recount(self) -> None:
+        """How many units of each source are still to commit (again, after a fallback discarded some)."""
+        self.left = {n: sum(not is_committed(self.work, u) for u in us) for n, us in self.by_source.items()}
 
     def unit_done(self, unit: Unit) -> None:
         self.left[unit.source] -= 1

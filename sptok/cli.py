@@ -90,7 +90,9 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--unit-size", help="Input bytes per work unit [16MB].")
 @click.option("--shard-size", help="Uncompressed bytes per MDS shard [64MiB].")
 @click.option("--workers", type=int, help="Worker processes [one per CPU].")
-@click.option("--encoder", type=click.Choice(["auto", "hf", "fast"]), help="Tokenizer implementation [auto].")
+@click.option("--encoder", type=click.Choice(["auto", "fast", "hf", "gigatoken", "riptoken", "tiktoken"]),
+              help="auto: the fastest exact encoder, else Hugging Face's; fast: the fastest exact one or stop; or "
+                   "one by name [auto].")
 @click.option("--partition", help="Build only slice i/N of the work units (then `sptok merge`).")
 @click.option("--strict", is_flag=True, default=None, help="Stop at the first bad record instead of skipping it.")
 @click.option("--holdout", help="Hold out this share of each source's documents as a validation build in "
@@ -103,7 +105,7 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
-    from .fastenc import ENCODER_LIBRARY
+    from .encoders import describe
     from .remote import is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
@@ -132,7 +134,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     if not res.skipped and not flags.get("quiet"):
         t = stats["totals"]
         click.echo(f"\nbuilt {out} in {res.seconds:.1f}s ({t['sample_tokens'] / max(res.seconds, 1e-9):,.0f} "
-                   f"tokens/s, encoder: {ENCODER_LIBRARY.get(res.encoder, res.encoder)})", err=True)
+                   f"tokens/s, encoder: {describe(info['encoder'])})", err=True)
 
 
 @main.command()

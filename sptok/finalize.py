@@ -74,11 +74,12 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
     held = _held_out(plan, unit_dirs)    # source -> (validation documents, per unit: documents trained on)
-    per_source, indexes = {}, {}
+    per_source, indexes, encoders = {}, {}, Counter()
     for src in plan["manifest"]["sources"]:
         name = src["name"]
         units = [u for u in plan["units"] if u["source"] == name]
         results = [_read_json(os.path.join(unit_dirs[_uid(u)], "result.json")) for u in units]
+        encoders.update(r["encoder"] for r in results)
         sdir = os.path.join(out, name)
         os.makedirs(sdir)
         entries = []
@@ -100,8 +101,12 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     write_json(os.path.join(out, "stats.json"), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
     info = _describe(plan, per_source)
+    # which encoder built how many units: how the build ran, the one record here that may differ between
+    # builds of the same bytes (worker counts, resumes and partitions may each have used another encoder)
+    info["encoder"] = dict(sorted(encoders.items()))
     if held:
-        info["holdout"] = _write_validation(plan, {n: h[0] for n, h in held.items()}, out, info["fingerprint"])
+        info["holdout"] = _write_validation(plan, {n: h[0] for n, h in held.items()}, out, info["fingerprint"],
+                                            info["encoder"])
     # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
     # interrupted finalize leaves nothing a reader would take for complete (a resume removes it all).
     _write_indexes(out, fmt, indexes)
@@ -146,7 +151,7 @@ def _held_out(plan: dict, unit_dirs: dict[str, str]) -> dict | None:
     return out
 
 
-def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str) -> dict:
+def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, encoder: dict) -> dict:
     """OUT/validation: the held-out documents as a build of their own (same tokenizer, SP table and
     options), its fingerprint derived from the training build's. Returns what sptok.json says of it."""
     vdir = os.path.join(out, SPLIT_DIR)
@@ -164,7 +169,8 @@ def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str) 
     write_json(os.path.join(vdir, "stats.json"), {"sources": per_source, "totals": totals(per_source)})
     shutil.copytree(os.path.join(out, "tokenizer"), os.path.join(vdir, "tokenizer"))
     info = _describe(plan, per_source)
-    info.update(split=SPLIT_DIR, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": SPLIT_DIR}))
+    info.update(split=SPLIT_DIR, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": SPLIT_DIR}),
+                encoder=encoder)
     _write_indexes(vdir, fmt, indexes)
     write_json(os.path.join(vdir, MARKER), info)
     opts = plan["options"]

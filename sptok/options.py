@@ -6,13 +6,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 
+from .encoders import CHOICES as ENCODERS
 from .errors import SptokError
 from .sp import POLICIES, POSITIONS
 from .tokenizer import DEFAULT_DELIMITER
 
 TAILS = ("keep", "pad", "drop")
 FORMATS = ("mds", "parquet", "arrow")
-ENCODERS = ("auto", "hf", "fast")
 
 
 def parse_size(value, flag: str) -> int:

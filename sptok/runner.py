@@ -11,11 +11,12 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from .errors import SptokError
-from .fastenc import make_encoder
+from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
 from .pack import Layout
 from .progress import Progress
 from .unit import UnitContext, process_unit
@@ -67,10 +68,11 @@ def _init_worker(queue) -> None:
     _QUEUE = queue
     import tokenizers  # noqa: F401 - warm up while the main process plans
 
-    try:
-        import tiktoken  # noqa: F401 - a dependency, but a build without it falls back to Hugging Face
-    except ImportError:
-        pass
+    for name in FAST:
+        try:
+            __import__(name)
+        except ImportError:   # gigatoken and riptoken are optional (sptok[fast])
+            pass
 
 
 class _Batched:
@@ -105,6 +107,12 @@ def _ready() -> None:
     """A no-op task: returns once a worker has started and imported what it needs."""
 
 
+def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+    from tokenizers import Tokenizer
+
+    return choose_encoder(Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json")), kind, sample)
+
+
 class WorkerPool:
     """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
 
@@ -120,16 +128,15 @@ class WorkerPool:
         for _ in range(workers):
             self.pool.submit(_ready)
 
-    def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
-        from concurrent.futures.process import BrokenProcessPool
+    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
+        planned: the main process never loads them."""
+        with _worker_deaths():
+            return self.pool.submit(_choose, work, kind, sample).result()
 
-        try:
+    def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
+        with _worker_deaths():
             self._run(work, todo, strict, encoder, progress, on_done)
-        except BrokenProcessPool:
-            raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
-                             "kept: run the same command again to resume, with fewer --workers if memory is short. "
-                             "(From Python, start builds with several workers under `if __name__ == "
-                             "'__main__':`.)") from None
 
     def _run(self, work, todo, strict, encoder, progress, on_done) -> None:
         import queue as queue_mod
@@ -145,10 +152,16 @@ class WorkerPool:
                     progress.update(*self.queue.get_nowait())
                 except queue_mod.Empty:
                     break
-            for fut in done:
-                fut.result()          # re-raises a worker's SptokError
-                progress.unit_done()
-                on_done(units[fut])
+            try:
+                for fut in done:
+                    fut.result()          # re-raises a worker's SptokError
+                    progress.unit_done()
+                    on_done(units[fut])
+            except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
+                for fut in pending:
+                    fut.cancel()
+                wait(pending)
+                raise
 
     def close(self, kill: bool = False) -> None:
         if kill:
@@ -161,6 +174,20 @@ class WorkerPool:
             self.pool.shutdown(wait=True, cancel_futures=True)
         else:
             self.pool.shutdown(wait=True)
+
+
+@contextmanager
+def _worker_deaths():
+    """A worker killed by the OS: one readable error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        yield
+    except BrokenProcessPool:
+        raise SptokError("a worker process died (killed, or out of memory?); the units committed so far are "
+                         "kept: run the same command again to resume, with fewer --workers if memory is short. "
+                         "(From Python, start builds with several workers under `if __name__ == "
+                         "'__main__':`.)") from None
 
 
 def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None,

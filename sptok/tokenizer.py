@@ -208,10 +208,11 @@ def text_encoder(tok):
     from tokenizers import Tokenizer
 
     enc = Tokenizer.from_str(tok.to_str())
-    return _as_text_encoder(enc)
+    return as_text_encoder(enc)
 
 
-def _as_text_encoder(tok):
+def as_text_encoder(tok):
+    """Set ``tok`` to encode special-token strings found in text as ordinary text; no padding or truncation."""
     tok.encode_special_tokens = True
     tok.no_padding()
     tok.no_truncation()
@@ -227,28 +228,3 @@ def literal_specials(tok):
         yield tok
     finally:
         tok.encode_special_tokens = old
-
-
-class HFEncoder:
-    """Text -> (flat uint32 ids, per-document lengths) with the Hugging Face tokenizer."""
-
-    name = "hf"
-
-    def __init__(self, tok):
-        """Takes ``tok`` over: it is set to encode special-token strings as text."""
-        self.tok = _as_text_encoder(tok)
-        self._encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-
-    def encode(self, texts: list[str]):
-        return flatten_ids([e.ids for e in self._encode(texts, add_special_tokens=False)])
-
-
-def flatten_ids(ids: list[list[int]]):
-    """Per-document id lists -> (flat uint32 array, int64 lengths)."""
-    import itertools
-
-    import numpy as np
-
-    lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, count=int(lens.sum()))
-    return flat, lens

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .encoders import version
 from .errors import SptokError
 from .manifest import Unit
 from .holdout import DOC_KEYS, FILE as HOLDOUT_FILE, Held, UnitHoldout
@@ -134,7 +135,8 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     quarantine.close()
     counts["samples"] = packer.samples
     counts["sample_tokens"] = packer.samples * ctx.seq_len
-    out = {"unit": unit.to_json(), "counts": dict(sorted(counts.items())), "hist": hist.tolist(),
+    out = {"unit": unit.to_json(), "encoder": f"{ctx.encoder.name} {version(ctx.encoder.name)}",
+           "counts": dict(sorted(counts.items())), "hist": hist.tolist(),
            "rejected": dict(sorted(rejects.counts.items())), "examples": rejects.examples, "files": files,
            "tail_tokens": len(tail)}
     if holdout.active:

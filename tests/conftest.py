@@ -89,3 +89,22 @@ def tree_bytes(root: str) -> dict[str, bytes]:
             p = os.path.join(d, f)
             out[os.path.relpath(p, root)] = Path(p).read_bytes()
     return out
+
+
+def build_bytes(root: str) -> dict[str, bytes]:
+    """tree_bytes of a build, less sptok.json's ``encoder`` record: which encoders ran is the one thing allowed
+    to differ between builds of the same bytes (a resume or a partition may have used another encoder)."""
+    out = tree_bytes(root)
+    info = json.loads(out["sptok.json"])
+    assert info.pop("encoder"), "sptok.json records no encoder"
+    out["sptok.json"] = json.dumps(info, sort_keys=True).encode()
+    return out
+
+
+def without_modules(tmp_path: Path, *names: str) -> dict:
+    """Environment for a child process in which ``names`` cannot be imported (as on an install without them)."""
+    fake = tmp_path / "without"
+    for name in names:
+        (fake / name).mkdir(parents=True, exist_ok=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
+    return {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

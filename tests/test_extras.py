@@ -40,8 +40,8 @@ def test_missing_extra_is_a_one_line_user_error_and_an_import_error(monkeypatch)
 @pytest.mark.slow
 def test_core_commands_import_no_training_stack(tmp_path):
     """build, verify, stats, show, rejects and report on the demo: no process imports torch, transformers,
-    datasets or streaming (build workers included); the build runs on tiktoken."""
-    assert _core_only().check_core_commands(str(tmp_path)) == []
+    datasets or streaming (build workers included); the build runs on a fast encoder (all extras are here)."""
+    assert _core_only().check_core_commands(str(tmp_path), ("gigatoken", "riptoken", "tiktoken")) == []
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ import sys
 import time
 
 import pytest
-from conftest import DEMO, SOURCES, TOKENIZER, demo_records, tree_bytes, write_jsonl
+from conftest import SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
+from sptok.encoders import version
 from sptok.errors import SptokError
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def build_cmd(m, out, *extra):
 def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
     sptok(*build_cmd(corpus, out, "--workers", "1", "--quiet"))
-    return tree_bytes(out)
+    return build_bytes(out)
 
 
 def test_reference_has_many_units(reference):
@@ -57,7 +58,7 @@ def test_reference_has_many_units(reference):
 @pytest.mark.parametrize("workers", [2, 4])
 def test_same_bytes_for_any_worker_count(corpus, reference, tmp_path, workers):
     sptok(*build_cmd(corpus, tmp_path / "o", "--workers", workers, "--quiet"))
-    assert tree_bytes(tmp_path / "o") == reference
+    assert build_bytes(tmp_path / "o") == reference
 
 
 def _wait_for_units(out, k: int, p) -> None:
@@ -82,7 +83,10 @@ def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, afte
     time.sleep(0.3)
     r = sptok(*build_cmd(corpus, out, "--workers", "2"))
     assert "Traceback" not in r.stderr
-    assert tree_bytes(out) == reference
+    assert build_bytes(out) == reference
+    info = json.loads((out / "sptok.json").read_text())   # units of the killed run (hf) and of the resume
+    assert sum(info["encoder"].values()) == info["units"] and set(info["encoder"]) <= {
+        f"hf {version('tokenizers')}", f"gigatoken {version('gigatoken')}"}
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
@@ -99,7 +103,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
     assert not (out / "sptok.json").exists()
     r = sptok(*build_cmd(corpus, out, "--workers", "2"))
     assert "resuming:" in r.stderr
-    assert tree_bytes(out) == reference
+    assert build_bytes(out) == reference
 
 
 def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
@@ -116,7 +120,7 @@ def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
     assert "sptok merge" in r.stderr and "resume" not in r.stderr
     r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")
     assert r.stdout == "" and r.stderr == ""
-    assert tree_bytes(tmp_path / "m") == reference
+    assert build_bytes(tmp_path / "m") == reference
 
 
 def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
@@ -139,46 +143,10 @@ def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
     assert info["counts"]["code"]["docs"] == len(demo_records("code")) + 1
 
 
-def test_fast_encoder_ids_identical_on_the_corpus():
-    """tiktoken gives the Hugging Face tokenizer's ids on every document of the demo slice of the shared corpus
-    (and on the whole shared corpus where ../shared/corpus is present)."""
-    from tokenizers import Tokenizer
-
-    from sptok.fastenc import FastEncoder
-    from sptok.tokenizer import HFEncoder
-
-    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
-    fast, hf = FastEncoder(tok), HFEncoder(tok)
-    texts = [r["text"] for n in SOURCES for r in demo_records(n)]
-    shared = DEMO.parents[2] / "shared" / "corpus"
-    if shared.is_dir():
-        import zstandard
-
-        for f in sorted(shared.glob("*.jsonl.zst")):
-            raw = zstandard.ZstdDecompressor().stream_reader(open(f, "rb")).read()
-            texts += [json.loads(x)["text"] for x in raw.splitlines()[::4]]
-    a_flat, a_len = fast.encode(texts)
-    b_flat, b_len = hf.encode(texts)
-    assert (a_len == b_len).all() and (a_flat == b_flat).all()
-
-
-def test_fast_encoder_falls_back_when_not_exact(tmp_path):
-    from tokenizers import Tokenizer, normalizers
-
-    from sptok.fastenc import choose_encoder
-
-    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
-    assert choose_encoder(tok, "auto", ["hello world"])[0] == "fast"
-    tok.normalizer = normalizers.Lowercase()    # a normalizer tiktoken cannot apply
-    kind, why = choose_encoder(tok, "auto", ["Hello World"])
-    assert kind == "hf" and "normalizer" in why
-    with pytest.raises(SptokError, match="--encoder fast: the tokenizer cannot be run by tiktoken exactly"):
-        choose_encoder(tok, "fast", ["x"])
-
-
 def test_progress_lines_and_quiet(corpus, tmp_path):
     r = sptok(*build_cmd(corpus, tmp_path / "a", "--workers", "2"))
-    assert "encoder: fast (tiktoken gave identical ids" in r.stderr
+    assert "encoder: gigatoken (identical ids to the Hugging Face tokenizer on a sample" in r.stderr
+    assert "tokens/s, encoder: gigatoken " in r.stderr
     assert f"units {json.load(open(tmp_path / 'a' / 'sptok.json'))['units']}/" in r.stderr and "tok/s" in r.stderr
     r = sptok(*build_cmd(corpus, tmp_path / "b", "--workers", "2", "--quiet"))
     assert r.stderr == ""
@@ -192,7 +160,7 @@ def test_remote_output_goes_through_streaming_uploader(corpus, reference, tmp_pa
     sptok(*build_cmd(corpus, local, "--quiet"))
     n = upload_build(str(local), str(tmp_path / "bucket"), log=lambda m: None)
     assert n == len(reference)
-    assert tree_bytes(tmp_path / "bucket") == reference
+    assert build_bytes(tmp_path / "bucket") == reference
 
 
 def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path):
@@ -209,18 +177,19 @@ def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "Traceback" not in err and "a worker process died" in err, err
     sptok(*build_cmd(corpus, out, "--workers", "2"))
-    assert tree_bytes(out) == reference
+    assert build_bytes(out) == reference
 
 
-def test_builds_without_tiktoken(corpus, reference, tmp_path):
-    """tiktoken is a core dependency, but an environment that lacks it (cannot import it, in the main process
-    or in the workers) still builds: on the Hugging Face tokenizer, saying so, with the same bytes."""
-    fake = tmp_path / "no-tiktoken"
-    (fake / "tiktoken").mkdir(parents=True)
-    (fake / "tiktoken" / "__init__.py").write_text("raise ImportError('No module named tiktoken')\n")
-    env = {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def test_builds_without_the_optional_fast_encoders(corpus, reference, tmp_path):
+    """`pip install sptok` without the [fast] extra: gigatoken and riptoken cannot be imported, in the main
+    process or in the workers; the build runs on tiktoken (a core dependency), says so, and gives the same bytes."""
+    env = without_modules(tmp_path, "gigatoken", "riptoken")
     r = sptok(*build_cmd(corpus, tmp_path / "o", "--workers", "2"), env=env)
-    assert "encoder: hf (the fast encoder does not apply: tiktoken is not installed" in r.stderr
-    assert tree_bytes(tmp_path / "o") == reference
-    r = sptok(*build_cmd(corpus, tmp_path / "p", "--encoder", "fast"), env=env, check=False)
-    assert r.returncode == 2 and "pip install tiktoken" in r.stderr and "Traceback" not in r.stderr
+    assert "encoder: tiktoken (identical ids" in r.stderr
+    assert build_bytes(tmp_path / "o") == reference
+    info = json.loads((tmp_path / "o" / "sptok.json").read_text())
+    assert info["encoder"] == {f"tiktoken {version('tiktoken')}": info["units"]}
+    r = sptok(*build_cmd(corpus, tmp_path / "p", "--encoder", "gigatoken"), env=env, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--encoder gigatoken: no fast encoder runs this tokenizer exactly (gigatoken: gigatoken is not installed " \
+           "(pip install 'sptok[fast]'))" in r.stderr

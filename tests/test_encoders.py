@@ -1,0 +1,242 @@
+"""The encoder layer: every fast encoder gives the Hugging Face tokenizer's ids (on the demo slice and, where
+present, the whole shared corpus) for the tokenizer kinds it claims; the build's bytes do not depend on the
+encoder; a mismatch found mid-build falls back under --encoder auto and stops under --encoder fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DEMO, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
+
+from sptok.encoders import FAST, HFEncoder, choose_encoder, fast_encoder, make_encoder, version
+from sptok.errors import SptokError
+
+LITERALS = ["<|endoftext|> [MASK] <PYDOCS> <SPSEP> <s> </s> <unk>", "<0x41> ▁x", "tab\there  two  spaces\n\n\r\n",
+            "emoji 🫨 and 中文 and ﬁ", ""]
+CL100K = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+BYTES = [f"<0x{b:02X}>" for b in range(256)]
+
+
+def corpus_texts(shared_every: int = 4) -> list[str]:
+    """The demo slice, odd strings, and every 4th document of the shared corpus where it is present."""
+    texts = [r["text"] for n in SOURCES for r in demo_records(n)] + LITERALS
+    shared = DEMO.parents[2] / "shared" / "corpus"
+    if shared.is_dir():
+        import zstandard
+
+        for f in sorted(shared.glob("*.jsonl.zst")):
+            raw = zstandard.ZstdDecompressor().stream_reader(open(f, "rb")).read()
+            texts += [json.loads(x)["text"] for x in raw.splitlines()[::shared_every]]
+    return texts
+
+
+def byte_level_bpe():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+
+
+def split_byte_level_bpe():
+    """GPT-4 / Llama-3 style: a split regex, then byte-level without its own regex."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CL100K), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_training_text(), trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+def sentencepiece_bpe():
+    """Llama-2 style: SentencePiece BPE with byte fallback (the 256 <0xNN> pieces in the vocabulary), spaces
+    as ▁ by the normalizer, no pre-tokenizer; trained here, no network."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")   # training only
+    tok.train_from_iterator(_training_text(), trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"] + BYTES, limit_alphabet=300, show_progress=False))
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] not in BYTES]   # vocabulary pieces
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _training_text() -> list[str]:
+    return [r["text"] for n in SOURCES for r in demo_records(n)[::3]]
+
+
+KINDS = {"byte-level BPE": byte_level_bpe, "split + byte-level BPE": split_byte_level_bpe,
+         "SentencePiece BPE, byte fallback": sentencepiece_bpe}
+RUNS = {"byte-level BPE": FAST, "split + byte-level BPE": FAST, "SentencePiece BPE, byte fallback": ("gigatoken",)}
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return corpus_texts()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fast_encoders_give_the_reference_ids(kind, texts):
+    """Each encoder that claims a tokenizer kind gives exactly the Hugging Face ids on every document."""
+    from tokenizers import Tokenizer
+
+    tok = KINDS[kind]()   # trained once: training is not deterministic
+    want_flat, want_lens = HFEncoder(Tokenizer.from_str(tok.to_str())).encode(texts)
+    for name in RUNS[kind]:
+        pytest.importorskip(name)
+        flat, lens = fast_encoder(tok, name)(texts)
+        assert (lens == want_lens).all() and (flat == want_flat).all(), name
+    assert choose_encoder(tok, "fast", texts[:200])[0] == RUNS[kind][0]
+
+
+def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path, small_corpus, manifest, build):
+    pytest.importorskip("gigatoken")
+    sentencepiece_bpe().save(str(tmp_path / "sp.json"))
+    m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
+    flags = dict(tokenizer=str(tmp_path / "sp.json"), eos="</s>", seq_len=128, msp_prob=0.3)
+    fast, info = build(m, out=tmp_path / "fast", encoder="fast", **flags)
+    assert list(info["encoder"]) == [f"gigatoken {version('gigatoken')}"]
+    hf, info = build(m, out=tmp_path / "hf", encoder="hf", **flags)
+    assert list(info["encoder"]) == [f"hf {version('tokenizers')}"]
+    assert build_bytes(fast) == build_bytes(hf)
+
+
+def test_build_bytes_do_not_depend_on_the_encoder(tmp_path, small_corpus, manifest, build):
+    m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
+    outs = {}
+    for name in FAST + ("hf",):
+        if name != "hf":
+            pytest.importorskip(name)
+        out, info = build(m, out=tmp_path / name, encoder=name, seq_len=128, unit_size="8KB")
+        assert set(info["encoder"]) == {f"{name} {version(name)}"} and sum(info["encoder"].values()) == info["units"]
+        outs[name] = build_bytes(out)
+    assert all(b == outs["hf"] for b in outs.values())
+
+
+def test_wordpiece_and_unigram_run_on_the_reference():
+    from sptok.tokenizer import train
+
+    for model in ("wordpiece", "unigram"):
+        tok = train([r["text"] for r in demo_records("fortunes", 300)], model, 600, [])
+        name, why = choose_encoder(tok, "auto", ["hello world"])
+        kind = {"wordpiece": "WordPiece", "unigram": "Unigram"}[model]
+        assert name == "hf" and f"gigatoken: its model is {kind}, not BPE" in why
+        with pytest.raises(SptokError, match="--encoder fast: no fast encoder runs this tokenizer exactly"):
+            choose_encoder(tok, "fast", ["x"])
+
+
+def test_a_normalizer_tiktoken_cannot_apply_is_refused_by_name():
+    from tokenizers import normalizers
+
+    tok = byte_level_bpe()
+    tok.normalizer = normalizers.Lowercase()
+    name, why = choose_encoder(tok, "auto", ["Hello World"])
+    assert name == "hf" and "tiktoken: it has a normalizer (Lowercase)" in why
+    assert "gigatoken: gigatoken refused it (Unsupported normalizer type: Lowercase)" in why or \
+        "gigatoken is not installed" in why
+
+
+def test_spot_checks_find_a_mismatch_past_the_sample(tmp_path):
+    """tiktoken looks a whole pretoken up in its ranks first; the Hugging Face BPE only merges. A vocabulary entry
+    that no merge reaches makes them differ, on text the start sample need not contain."""
+    tok = unreachable_token_bpe(tmp_path)
+    assert choose_encoder(tok, "tiktoken", ["no such word here"])[0] == "tiktoken"
+    enc = make_encoder(tok, "tiktoken")
+    enc.encode(["fine text"] * 4)
+    with pytest.raises(SptokError, match="the tiktoken encoder gave other ids than the Hugging Face tokenizer"):
+        for _ in range(4):   # one document per batch, rotating
+            enc.encode(["a zzzq b"] * 4)
+
+
+def unreachable_token_bpe(tmp_path):
+    """The demo byte-level BPE plus the vocabulary entry ' zzzq', which no merge produces."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(byte_level_bpe().to_str())
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < 8192]   # sptok adds its SPs again
+    spec["model"]["vocab"]["Ġzzzq"] = 8192
+    (tmp_path / "zzzq.json").write_text(json.dumps(spec))
+    return Tokenizer.from_file(str(tmp_path / "zzzq.json"))
+
+
+def _mismatch_corpus(tmp_path):
+    """fortunes, where every record past the first 64 KB (the start sample reads 32 KB) holds ' zzzq'."""
+    recs = demo_records("fortunes")
+    size = 0
+    for r in recs:
+        size += len(json.dumps(r))
+        if size > 64 << 10:
+            r["text"] += " zzzq"
+    write_jsonl(tmp_path / "fortunes.jsonl", recs)
+    m = tmp_path / "m.yaml"
+    m.write_text("sources:\n  - {name: fortunes, paths: fortunes.jsonl, id_field: id}\n")
+    return m
+
+
+@pytest.mark.slow
+def test_a_mismatch_mid_build_falls_back_to_hf_or_stops(tmp_path):
+    """gigatoken gets ' zzzq' right; without it, riptoken or tiktoken runs and a spot check finds the mismatch.
+    auto: every unit they built is built again by the Hugging Face tokenizer, giving its bytes exactly."""
+    m = _mismatch_corpus(tmp_path)
+    tok = unreachable_token_bpe(tmp_path)
+    tok.save(str(tmp_path / "tok.json"))
+    env = without_modules(tmp_path, "gigatoken")
+    cmd = [sys.executable, "-m", "sptok", "build", str(m), "--tokenizer", str(tmp_path / "tok.json"), "--seq-len",
+           "128", "--unit-size", "24KB", "--workers", "2"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "auto")], capture_output=True, text=True,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert any(f"encoder: hf (the {name} encoder gave other ids than the Hugging Face tokenizer on a document" in r.stderr
+               for name in ("riptoken", "tiktoken")), r.stderr
+    info = json.loads((tmp_path / "auto" / "sptok.json").read_text())
+    assert info["encoder"] == {f"hf {version('tokenizers')}": info["units"]}
+    subprocess.run(cmd + ["--out", str(tmp_path / "hf"), "--encoder", "hf"], check=True, capture_output=True)
+    assert build_bytes(tmp_path / "auto") == build_bytes(tmp_path / "hf")
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "fast"), "--encoder", "fast"], capture_output=True, text=True,
+                       env={**os.environ, **env})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "encoder gave other ids than the Hugging Face tokenizer" in r.stderr and "--encoder hf" in r.stderr
+
+
+def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
+    """The build path (main process and a worker's unit) never imports torch, transformers, datasets, streaming."""
+    m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
+    code = ("import sys; from sptok.build import run_build\n"
+            f"run_build({str(m)!r}, {str(tmp_path / 'o')!r}, dict(tokenizer={str(TOKENIZER)!r}, workers=1, "
+            "quiet=True))\n"
+            "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_the_command_line_offers_every_encoder():
+    from sptok.cli import build
+    from sptok.encoders import CHOICES
+
+    option = next(p for p in build.params if p.name == "encoder")
+    assert tuple(option.type.choices) == CHOICES
+
+
+def test_truncation_and_padding_of_the_tokenizer_do_not_apply_to_documents():
+    tok = byte_level_bpe()
+    tok.enable_truncation(8)
+    tok.enable_padding(length=64)
+    texts = [demo_records("pydocs", 1)[0]["text"], "short"]
+    name, why = choose_encoder(tok, "fast", texts)
+    assert name in FAST, why
+    flat, lens = make_encoder(tok, name).encode(texts)
+    assert lens[0] > 64 and lens.sum() == len(flat)
