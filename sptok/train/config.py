@@ -105,6 +105,19 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 0                       # steps between evaluations on the validation build (0 = none)
+    build: str = ""                      # the validation build; "" = the training build's split (--holdout)
+    samples: int = 64                    # samples of each source scored (0 = all of them)
+    micro_batch_size: int | None = None  # default: train.micro_batch_size
+    sp_policy: str = "keep"              # load-time SP policy of the validation samples
+
+    def __post_init__(self):
+        if self.every < 0 or self.samples < 0:
+            raise SptokError("eval.every and eval.samples must be >= 0 (0: no evaluation / every sample)")
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str = ""                        # "" = no checkpoints
     every: int = 0                       # steps between checkpoints (0 = only at the end)
@@ -124,6 +137,7 @@ class Config:
     data: DataConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -132,7 +146,7 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "log": LogConfig}
+             "eval": EvalConfig, "checkpoint": CheckpointConfig, "log": LogConfig}
 
 
 class _Raw(str):
@@ -231,10 +245,11 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
         except TypeError as e:
             raise SptokError(f"config: {section}: {e}") from None
     cfg = Config(**kwargs)
-    for attr in ("build", "manifest"):   # paths in the file are relative to it
-        v = getattr(cfg.data, attr)
+    for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build")):   # relative to the file
+        obj = getattr(cfg, sec)
+        v = getattr(obj, attr)
         if v and not os.path.isabs(v) and "://" not in v:
-            setattr(cfg.data, attr, os.path.normpath(os.path.join(root, v)))
+            setattr(obj, attr, os.path.normpath(os.path.join(root, v)))
     for sec, attr in (("checkpoint", "dir"), ("log", "dir")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
