@@ -1,4 +1,4 @@
-"""Reading sptok builds: datasets, collators and the load-time SP policy.
+"""Reading sptok builds: datasets, collators, the load-time SP policy, and document masks where attention runs.
 
     from sptok.data import open_dataset, MLMCollator
     ds = open_dataset("out/demo", batch_size=32, shuffle=True)
@@ -12,4 +12,12 @@ from .loader import Loader
 from .policy import SPPolicy, apply_policy, as_arrays
 
 __all__ = ["BuildInfo", "open_dataset", "source_weights", "Loader", "MLMCollator", "CausalLMCollator",
-           "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE"]
+           "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE", "apply_document_attention"]
+
+
+def __getattr__(name: str):
+    if name == "apply_document_attention":   # imports torch: only when asked for
+        from .attention import apply_document_attention
+
+        return apply_document_attention
+    raise AttributeError(f"module 'sptok.data' has no attribute {name!r}")

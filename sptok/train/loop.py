@@ -85,7 +85,7 @@ def make_collator(cfg: Config, info):
     if kind == "mlm":
         return MLMCollator(info, mlm_prob=cfg.data.mlm_prob, **kw)
     if kind == "causal":
-        return CausalLMCollator(info, mask=cfg.data.mask, **kw)
+        return CausalLMCollator(info, **kw)
     return SpanCorruptionCollator(info, **kw)
 
 
