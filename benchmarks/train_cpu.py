@@ -92,10 +92,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="bert,t5")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", default="/tmp/sptok-bench")
     a = ap.parse_args()
     import transformers
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     bench, cand = _load("pretrain_mfu"), _load("attention_candidates")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

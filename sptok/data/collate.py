@@ -181,11 +181,11 @@ class SpanCorruptionCollator(_Base):
     the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
     its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
     ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
-    with ``vocab_size + max_sentinels``).
+    with ``vocab_size + max_sentinels``). No span crosses a document.
 
-    ``doc_attention`` (default on): no span crosses a document, and the batch carries ``doc_ids`` (the
-    document of each input token: a sentinel belongs to its span's document) and ``decoder_doc_ids`` (of each
-    target token) instead of ``attention_mask``. With them the encoder, the decoder and the cross-attention
+    ``doc_attention`` (default on): the batch carries ``doc_ids`` (the document of each input token: a
+    sentinel belongs to its span's document) and ``decoder_doc_ids`` (of each target token) instead of
+    ``attention_mask``. With them the encoder, the decoder and the cross-attention
     stay inside each document (``LossModel``, or ``apply_document_attention(model)``), so a masked SP cannot
     be read off another document's visible SP, neither in the encoder nor through the decoder.
     """
