@@ -12,7 +12,8 @@ mask from the batch's doc ids at every call, as a training step does. Candidates
                           (training needs CUDA: flex_attention has no backward on CPU)
   varlen                  torch.nn.attention.varlen.varlen_attn over the documents laid end to end (CUDA only)
   nested jagged sdpa      sdpa over a jagged nested tensor of documents: a varlen path that runs on CPU
-Prints ms per call (the fastest of --repeat) and the ratio to the reference (>1 = faster). Not part of the test suite.
+Candidates alternate over --repeat rounds; prints each one's fastest call and its ratio to the reference
+(>1 = faster). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -117,45 +118,45 @@ def _jagged(q, k, v, cu):
     return run
 
 
-def time_call(fn, device, warmup: int, repeat: int) -> float:
-    """Seconds of one call, the fastest of ``repeat`` (other processes only ever add time); a candidate taking
-    over a second a call is timed twice."""
+def _call(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
-    if time.perf_counter() - t0 > 1.0:
-        warmup, repeat = 0, 2
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-def print_table(doc_ids, heads: int, head_dim: int, device, dtype, warmup: int = 2, repeat: int = 7) -> None:
+def print_table(doc_ids, heads: int, head_dim: int, device, dtype, repeat: int = 7) -> None:
+    """Candidates alternate over ``repeat`` rounds after one warm-up call each; each keeps its fastest call
+    (other processes only ever add time). One taking over a second a call is timed in two rounds only."""
     B, L = doc_ids.shape
     docs = sum(len(_runs(row)) for row in doc_ids.tolist())
     print(f"attention, forward + backward: batch {B}, {heads} heads x {head_dim}, seq {L}, {dtype}, {device.type}; "
           f"{docs} documents (mean {B * L / docs:.0f} tokens)")
     print(f"{'candidate':<36} {'ms/call':>9} {'vs no mask':>11}")
-    ref = None
-    for name, fn in candidates(doc_ids, heads, head_dim, device, dtype).items():
+    runs, warm, notes = candidates(doc_ids, heads, head_dim, device, dtype), {}, {}
+    for name, fn in runs.items():
         if isinstance(fn, str):
-            print(f"{name:<36} {'-':>9} {'-':>11}   ({fn})", flush=True)
+            notes[name] = fn
             continue
         try:
-            t = time_call(fn, device, warmup, repeat)
+            warm[name] = _call(fn, device)        # warm-up (and flex's compilation)
         except Exception as e:   # a candidate this torch cannot run: say so, keep the table
-            print(f"{name:<36} {'-':>9} {'-':>11}   (failed: {type(e).__name__}: {str(e)[:80]})", flush=True)
-            continue
-        ref = ref or t
-        print(f"{name:<36} {1e3 * t:9.1f} {ref / t:11.2f}", flush=True)
+            notes[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+    times: dict = {name: [] for name in warm}
+    for r in range(repeat):
+        for name in warm:
+            if r < 2 or warm[name] < 1.0:
+                times[name].append(_call(runs[name], device))
+    best = {name: min(t) for name, t in times.items()}
+    ref = best.get("sdpa, no mask (reference)")
+    for name in runs:
+        if name in notes:
+            print(f"{name:<36} {'-':>9} {'-':>11}   ({notes[name]})")
+        else:
+            print(f"{name:<36} {1e3 * best[name]:9.1f} {ref / best[name]:11.2f}")
 
 
 def main() -> None:

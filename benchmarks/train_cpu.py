@@ -1,6 +1,6 @@
 """sptok pretrain's training step against the plain Hugging Face recipe, on CPU, in one run.
 
-    python benchmarks/train_cpu.py [--batch 8 --seq 512 --steps 3 --rounds 5]
+    python benchmarks/train_cpu.py [--batch 8 --seq 512 --steps 2 --rounds 8]
 
 Same build (the bundled demo corpus at --seq, prefix SPs, MSP flags p = 0.15, its 8k BPE), model config,
 batch, clipping and AdamW for every variant; every variant reads its batches through sptok.data.Loader.
@@ -87,9 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--models", default="bert,t5")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", default="/tmp/sptok-bench")
