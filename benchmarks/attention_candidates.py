@@ -1,6 +1,6 @@
 """Document-masking candidates for attention, side by side: the attention kernel alone, forward + backward.
 
-    python benchmarks/attention_candidates.py [--batch 8 --heads 4 --seq 512]     # CPU, fp32
+    python benchmarks/attention_candidates.py [--batch 8 --heads 4 --seq 512 --threads N]     # CPU, fp32
     (benchmarks/pretrain_mfu.py runs the same table on a GPU, in bf16, at BERT-base's shape)
 
 The documents are those of real samples (the bundled demo corpus built at --seq); each candidate builds its
@@ -166,8 +166,11 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--work", default="/tmp/sptok-bench")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
