@@ -34,7 +34,7 @@ def main():
     torch.manual_seed(0)
     model = LossModel(build_model(cfg.model, info), family, info.sp_ids.tolist())
     trained = parallelize(model, parallel, device, bf16=False, ac=False, compile_=False)
-    forward_backward(trained, micro, world)
+    forward_backward(trained, micro, world, device)
     grads = {}
     for name, p in trained.named_parameters():
         g = p.grad

@@ -94,13 +94,14 @@ def test_mlm_rates_split_and_no_sp_in_mlm(prefix_build):
     assert (msp == want).all() and want.any()
     assert (labels[msp] == ids[msp]).all() and np.isin(labels[msp], info.sp_ids).all()
     assert (inputs[msp] == info.mask_id).all()
-    # each token attends to its own document only (a masked SP cannot be copied from a neighbour document)
-    att = batch["attention_mask"].numpy()
+    # each token's document, which attention is confined to (a masked SP cannot be copied from a neighbour)
+    doc_ids = batch["doc_ids"].numpy()
+    assert "attention_mask" not in batch
     for b, s in enumerate(samples):
         a = as_arrays(s)
         n = len(a["input_ids"])
-        doc = np.searchsorted(a["doc_offsets"], np.arange(n), side="right") - 1
-        assert (att[b, :n, :n] == (doc[:, None] == doc[None, :])).all() and not att[b, :n, n:].any()
+        assert (doc_ids[b, :n] == np.searchsorted(a["doc_offsets"], np.arange(n), side="right") - 1).all()
+        assert (doc_ids[b, n:] == -1).all()
     # per-token source ids
     src = batch["token_source"].numpy()
     for b, s in enumerate(samples):
@@ -139,25 +140,47 @@ def test_strip_gives_the_tokens_of_a_build_without_sps(corpus, prefix_build):
 
 
 @pytest.mark.parametrize("position", ["prefix", "post", "both"])
-def test_causal_attention_never_crosses_documents(corpus, position):
+def test_causal_batches_describe_each_document(corpus, position):
+    """Position ids restart at each document (transformers confines attention from them), the varlen view
+    and doc_ids agree, and no padding mask turns that off."""
     out = _build(corpus, f"causal-{position}", position=position, msp_prob=0.0)
     ds = open_dataset(out, weights=False)
     samples = _all(ds)[:16]
-    b = CausalLMCollator(ds.build, mask="dense")(samples)
-    mask, pos, labels = b["attention_mask"].numpy()[:, 0], b["position_ids"].numpy(), b["labels"].numpy()
+    b = CausalLMCollator(ds.build)(samples)
+    assert "attention_mask" not in b
+    pos, labels, doc_ids = b["position_ids"].numpy(), b["labels"].numpy(), b["doc_ids"].numpy()
     for i, s in enumerate(samples):
         a = as_arrays(s)
         doc = np.searchsorted(a["doc_offsets"], np.arange(len(a["input_ids"])), side="right") - 1
         n = len(doc)
-        allowed = (doc[:, None] == doc[None, :]) & np.tril(np.ones((n, n), bool))
-        assert (mask[i][:n, :n] == allowed).all()                  # the actual mask: block-diagonal causal
+        assert (doc_ids[i][:n] == doc).all() and (doc_ids[i][n:] == -1).all()
         assert (pos[i][:n] == np.arange(n) - a["doc_offsets"][doc]).all()   # positions restart per document
         assert (labels[i][a["doc_offsets"]] == IGNORE).all()
     cu = b["cu_seqlens"].numpy()
     assert cu[-1] == len(samples) * b["input_ids"].shape[1] and (np.diff(cu) > 0).all()
+    assert len(cu) - 1 == sum(len(as_arrays(s)["doc_offsets"]) for s in samples) + int((doc_ids == -1).any(1).sum())
     if position in ("post", "both"):   # a post SP is a prediction target
         sp_t = b["sp_target"].numpy()
         assert sp_t.any() and np.isin(labels[sp_t], ds.build.sp_ids).all()
+
+
+def test_no_batch_grows_with_the_square_of_the_sequence(prefix_build):
+    """Every collator's batch costs the same bytes per token at seq 64 and 512: document structure travels as
+    doc ids, position ids and offsets, never as an L x L mask."""
+    info = BuildInfo.load(prefix_build)
+    rng = np.random.default_rng(0)
+
+    def batch_bytes_per_token(coll, L):
+        offsets = np.arange(0, L, 16)
+        ids = rng.choice(info.ordinary_ids, (8, L))
+        ids[:, offsets] = info.sp_ids[0]
+        samples = [{"input_ids": row, "source_id": 0, "doc_offsets": offsets, "msp_mask": np.ones(len(offsets),
+                    np.uint8).tobytes(), "sp_positions": offsets.astype("<u4").tobytes()} for row in ids]
+        return sum(v.numel() * v.element_size() for v in coll(samples).values()) / (8 * L)
+
+    for coll in (MLMCollator(info), CausalLMCollator(info), SpanCorruptionCollator(info)):
+        short, long = batch_bytes_per_token(coll, 64), batch_bytes_per_token(coll, 512)
+        assert long < 64 and abs(long - short) < 2, (type(coll).__name__, short, long)
 
 
 def test_span_corruption_reassembles_and_spares_sps(prefix_build):
@@ -169,7 +192,7 @@ def test_span_corruption_reassembles_and_spares_sps(prefix_build):
     sentinels = set(coll.sentinels.tolist())
     for i, s in enumerate(samples):
         a = as_arrays(s)
-        inp = b["input_ids"][i][b["attention_mask"][i] == 1].numpy()[:-1]       # drop the final EOS
+        inp = b["input_ids"][i][b["doc_ids"][i] >= 0].numpy()[:-1]       # drop the final EOS
         tgt = b["labels"][i][b["labels"][i] != IGNORE].numpy()[:-1]
         spans, cur = {}, None
         for t in tgt:
@@ -194,7 +217,7 @@ def test_span_corruption_of_short_samples(prefix_build):
         s = {"input_ids": np.arange(100, 100 + n), "source_id": 0, "doc_offsets": np.array([0]),
              "sp_positions": b"", "msp_mask": b""}
         b = coll([s])
-        assert int(b["attention_mask"].sum()) >= 2 and (b["labels"][0] != IGNORE).sum() >= 2
+        assert int((b["doc_ids"] >= 0).sum()) >= 2 and (b["labels"][0] != IGNORE).sum() >= 2
 
 
 @pytest.mark.parametrize("kind", ["sptok Loader", "StreamingDataLoader"])
@@ -302,12 +325,16 @@ def test_plain_dataloader_loop_and_arrow_build(corpus, prefix_build):
 
 @pytest.mark.slow
 def test_hf_trainer_trains_a_tiny_bert(prefix_build, tmp_path):
+    """The README's recipe: the collator with extras=False, and one line for document-confined attention."""
     from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+
+    from sptok.data import apply_document_attention
 
     ds = open_dataset(prefix_build, batch_size=8, shuffle=True, weights=False)
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=ds.build.vocab_size, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=SEQ))
+    model = apply_document_attention(model)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
                              learning_rate=2e-3, logging_steps=5, report_to=[], use_cpu=True,
                              dataloader_num_workers=0, save_strategy="no", remove_unused_columns=False)

@@ -1,4 +1,5 @@
-"""Reading sptok builds for training: datasets, collators and the load-time SP policy (the `train` extra).
+"""Reading sptok builds for training: datasets, collators, the load-time SP policy, and document masks
+where attention runs (the `train` extra).
 
     from sptok.data import open_dataset, MLMCollator
     ds = open_dataset("out/demo", batch_size=32, shuffle=True)
@@ -17,4 +18,12 @@ from .loader import Loader  # noqa: E402
 from .policy import SPPolicy, apply_policy  # noqa: E402
 
 __all__ = ["BuildInfo", "open_dataset", "source_weights", "Loader", "MLMCollator", "CausalLMCollator",
-           "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE"]
+           "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE", "apply_document_attention"]
+
+
+def __getattr__(name: str):
+    if name == "apply_document_attention":   # imports torch: only when asked for
+        from .attention import apply_document_attention
+
+        return apply_document_attention
+    raise AttributeError(f"module 'sptok.data' has no attribute {name!r}")

@@ -4,7 +4,11 @@ Each is a callable for ``DataLoader(collate_fn=...)``. The work is numpy over th
 touched only to wrap the result. Every random draw is keyed by (seed, sample content, position) — see
 ``policy.py`` — so a batch is the same whichever worker builds it and after a resume. Every collator
 returns ``token_source`` (the source id of each token, -1 on padding) for per-source loss; pass
-``extras=False`` for a batch holding only what a Hugging Face model's forward() takes.
+``extras=False`` for a batch holding only what the model's forward() takes.
+
+Document structure travels compactly — ``doc_ids`` (B x L: each token's document in its sample, -1 on
+padding) or restarting ``position_ids`` — and never as an L x L mask: the mask is built where attention
+runs, on the device (``attention.py``). A host mask costs L times the batch (67 MB for 32 x 512 in int64).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class _Base:
         return seg_start, np.cumsum(seg_start, axis=1) - 1
 
     @staticmethod
+    def _doc_ids(seg_id: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """Each token's document within its sample (int32), -1 on padding: what attention is confined by."""
+        return np.where(real, seg_id, -1).astype(np.int32)
+
+    @staticmethod
     def _real(lengths: np.ndarray, L: int) -> np.ndarray:
         return np.arange(L)[None, :] < lengths[:, None]
 
@@ -92,9 +101,10 @@ class MLMCollator(_Base):
     [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP loss and accuracy can be
     reported apart from MLM.
 
-    ``doc_attention`` (default on): each token attends only to its own document, through a B x L x L
-    ``attention_mask`` that BERT takes as is. Without it, a masked SP could be copied from another document's
-    visible SP in the same (source-pure) sample, and MSP would not learn to name the source from the text.
+    ``doc_attention`` (default on): the batch carries ``doc_ids`` instead of ``attention_mask``, and each token
+    attends only to its own document (``LossModel``, or ``apply_document_attention(model)`` for a Hugging Face
+    model). Without it, a masked SP could be copied from another document's visible SP in the same
+    (source-pure) sample, and MSP would not learn to name the source from the text.
     """
 
     def __init__(self, info: BuildInfo, mlm_prob: float = 0.15, doc_attention: bool = True, **kw):
@@ -125,12 +135,11 @@ class MLMCollator(_Base):
         msp = self._sp_grid(rows, (B, L), masked_only=True)
         labels[msp] = ids[msp]
         inputs[msp] = self.info.mask_id
+        batch = {"input_ids": inputs, "labels": labels}
         if self.doc_attention:
-            _, seg_id = self._segments(rows, lengths, L)
-            attention = (seg_id[:, :, None] == seg_id[:, None, :]).astype(np.int64)
+            batch["doc_ids"] = self._doc_ids(self._segments(rows, lengths, L)[1], real)
         else:
-            attention = real.astype(np.int64)
-        batch = {"input_ids": inputs, "attention_mask": attention, "labels": labels}
+            batch["attention_mask"] = real.astype(np.int64)
         if self.extras:
             batch["msp_target"] = msp
             batch["token_source"] = self._sources(rows, real)
@@ -140,18 +149,13 @@ class MLMCollator(_Base):
 class CausalLMCollator(_Base):
     """Next-token prediction (decoders) with attention confined to each document of a packed sample.
 
-    ``position_ids`` restart at every document; ``cu_seqlens`` / ``max_seqlen`` describe the documents
-    for varlen kernels (flash-attention); ``mask="dense"`` adds a 4-D block-diagonal causal
-    ``attention_mask`` (B, 1, L, L) for eager/sdpa attention — fine for small models, costly for long
-    sequences. Labels are the input ids (models shift them) with padding and each document's first token
-    ignored: nothing in the document predicts it. A post SP is an ordinary target; ``sp_target`` marks it.
+    ``position_ids`` restart at every document (padding is a document of its own), and there is no
+    ``attention_mask``: from restarting position ids transformers masks each document itself (sdpa, eager,
+    flex_attention), and a 2-D padding mask would turn that off. ``cu_seqlens`` / ``max_seqlen`` describe the
+    documents for varlen kernels (flash-attention). Labels are the input ids (models shift them) with padding
+    and each document's first token ignored: nothing in the document predicts it. A post SP is an ordinary
+    target; ``sp_target`` marks it.
     """
-
-    def __init__(self, info: BuildInfo, mask: str = "none", **kw):
-        super().__init__(info, **kw)
-        if mask not in ("none", "dense"):
-            raise SptokError(f"mask must be none or dense, got {mask!r}")
-        self.mask = mask
 
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, _ = self._prepare(samples)
@@ -162,22 +166,14 @@ class CausalLMCollator(_Base):
         position_ids = np.arange(L)[None, :] - first
         labels = np.where(real & ~seg_start, ids, IGNORE)
         batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
-        # varlen view: the documents of all samples, one after another
-        flat_starts = (np.flatnonzero(seg_start.ravel())).astype(np.int32)
-        batch["cu_seqlens"] = np.concatenate([flat_starts, [B * L]]).astype(np.int32)
-        batch["max_seqlen"] = np.array(int(np.diff(batch["cu_seqlens"]).max()), np.int32)
-        if self.mask == "dense":
-            same = seg_id[:, :, None] == seg_id[:, None, :]
-            causal = np.tril(np.ones((L, L), bool))[None]
-            batch["attention_mask"] = (same & causal & real[:, None, :])[:, None]
-        else:
-            batch["attention_mask"] = real.astype(np.int64)
         if self.extras:
+            # varlen view: the documents of all samples, one after another
+            flat_starts = (np.flatnonzero(seg_start.ravel())).astype(np.int32)
+            batch["cu_seqlens"] = np.concatenate([flat_starts, [B * L]]).astype(np.int32)
+            batch["max_seqlen"] = np.array(int(np.diff(batch["cu_seqlens"]).max()), np.int32)
             batch["sp_target"] = self._sp_grid(rows, (B, L), masked_only=False) & (labels != IGNORE)
             batch["token_source"] = self._sources(rows, real)
-            batch["doc_ids"] = np.where(real, seg_id, -1)
-        else:
-            batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")}
+            batch["doc_ids"] = self._doc_ids(seg_id, real)
         return self._torch(batch)
 
 
@@ -186,14 +182,20 @@ class SpanCorruptionCollator(_Base):
     the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
     its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
     ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
-    with ``vocab_size + max_sentinels``). The encoder sees the whole packed sample (T5 in transformers takes no
-    per-document mask), so other documents' SPs are visible to it.
+    with ``vocab_size + max_sentinels``). No span crosses a document.
+
+    ``doc_attention`` (default on): the batch carries ``doc_ids`` (the document of each input token: a
+    sentinel belongs to its span's document) and ``decoder_doc_ids`` (of each target token) instead of
+    ``attention_mask``. With them the encoder, the decoder and the cross-attention
+    stay inside each document (``LossModel``, or ``apply_document_attention(model)``), so a masked SP cannot
+    be read off another document's visible SP, neither in the encoder nor through the decoder.
     """
 
     def __init__(self, info: BuildInfo, noise_density: float = 0.15, mean_span: float = 3.0,
-                 max_sentinels: int = 256, **kw):
+                 max_sentinels: int = 256, doc_attention: bool = True, **kw):
         super().__init__(info, **kw)
         self.noise_density, self.mean_span = noise_density, mean_span
+        self.doc_attention = doc_attention
         self.sentinels = np.arange(info.vocab_size, info.vocab_size + max_sentinels, dtype=np.int64)
         self._alternate = np.tile([False, True], max_sentinels)
 
@@ -216,55 +218,63 @@ class SpanCorruptionCollator(_Base):
         lens = np.stack([keep_len, noise_len], axis=1).ravel()
         return np.repeat(self._alternate[: 2 * num_spans], lens)
 
+    def _corrupt(self, x: np.ndarray, s: dict, u: np.ndarray):
+        """One sample -> (input, target, target is an SP, document of each input token, of each target token)."""
+        eos = self.info.eos_id
+        noise = np.zeros(len(x), bool)
+        ordinary_pos = np.flatnonzero(~self.info.is_special[x])
+        noise[ordinary_pos] = self._noise(len(ordinary_pos), u)
+        msp_pos = s["sp_positions"][s["msp_mask"]]
+        doc_start = np.zeros(len(x), bool)
+        doc_start[s["doc_offsets"]] = True
+        span_start = noise & (~np.concatenate([[False], noise[:-1]]) | doc_start)   # no span crosses documents
+        span_start[msp_pos] = True          # a masked SP starts a span of its own
+        noise[msp_pos] = True
+        n_spans = int(span_start.sum())
+        if n_spans > len(self.sentinels):
+            raise SptokError(f"{n_spans} noise spans in one sample exceed max_sentinels={len(self.sentinels)}; "
+                             f"raise it")
+        span_id = np.cumsum(span_start) - 1
+        kept = ~noise | span_start
+        inp = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], x)[kept]
+        # the target: each span's tokens, its sentinel first
+        at = np.flatnonzero(span_start[noise])           # where each span begins among the noise tokens
+        at += np.arange(n_spans)                          # ... and where its sentinel goes in the target
+        tgt = np.empty(int(noise.sum()) + n_spans + 1, np.int64)
+        body = np.ones(len(tgt), bool)
+        body[at] = False
+        body[-1] = False
+        tgt[body], tgt[at], tgt[-1] = x[noise], self.sentinels[:n_spans], eos
+        sp_t = np.zeros(len(tgt), bool)
+        sp_t[body] = self.info.is_sp[x[noise]]
+        doc = np.cumsum(doc_start) - 1                    # each token's document; the final EOS: the last one
+        tgt_doc = np.empty(len(tgt), np.int32)
+        tgt_doc[body], tgt_doc[at], tgt_doc[-1] = doc[noise], doc[span_start], doc[-1]
+        return np.append(inp, eos), tgt, sp_t, np.append(doc[kept], doc[-1]), tgt_doc
+
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, keys = self._prepare(samples)
-        inputs, targets, msp_t = [], [], []
-        eos = self.info.eos_id
         u = draws(keys, ids.shape[1], SLOT_MLM + 1)     # all the batch's random numbers at once
-        for b, s in enumerate(rows):
-            x = ids[b, : lengths[b]]
-            noise = np.zeros(len(x), bool)
-            ordinary_pos = np.flatnonzero(~self.info.is_special[x])
-            noise[ordinary_pos] = self._noise(len(ordinary_pos), u[b])
-            msp_pos = s["sp_positions"][s["msp_mask"]]
-            span_start = noise & ~np.concatenate([[False], noise[:-1]])
-            span_start[msp_pos] = True          # a masked SP starts a span of its own
-            noise[msp_pos] = True
-            n_spans = int(span_start.sum())
-            if n_spans > len(self.sentinels):
-                raise SptokError(f"{n_spans} noise spans in one sample exceed max_sentinels={len(self.sentinels)}; "
-                                 f"raise it")
-            span_id = np.cumsum(span_start) - 1
-            inp = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], x)[~noise | span_start]
-            # the target: each span's tokens, its sentinel first
-            at = np.flatnonzero(span_start[noise])           # where each span begins among the noise tokens
-            at += np.arange(n_spans)                          # ... and where its sentinel goes in the target
-            tgt = np.empty(int(noise.sum()) + n_spans + 1, np.int64)
-            body = np.ones(len(tgt), bool)
-            body[at] = False
-            body[-1] = False
-            tgt[body], tgt[at], tgt[-1] = x[noise], self.sentinels[:n_spans], eos
-            sp_t = np.zeros(len(tgt), bool)
-            sp_t[body] = self.info.is_sp[x[noise]]
-            inputs.append(np.append(inp, eos))
-            targets.append(tgt)
-            msp_t.append(sp_t)
-        Li, Lo = max(map(len, inputs)), max(map(len, targets))
-        pad = self.info.pad_id if self.info.pad_id is not None else eos
+        parts = [self._corrupt(ids[b, : lengths[b]], s, u[b]) for b, s in enumerate(rows)]
+        Li, Lo = max(len(p[0]) for p in parts), max(len(p[1]) for p in parts)
+        pad = self.info.pad_id if self.info.pad_id is not None else self.info.eos_id
         B = len(rows)
-        inp_arr = np.full((B, Li), pad, np.int64)
-        att = np.zeros((B, Li), np.int64)
+        inp = np.full((B, Li), pad, np.int64)
         lab = np.full((B, Lo), IGNORE, np.int64)
         msp = np.zeros((B, Lo), bool)
-        for b, (i, t, m) in enumerate(zip(inputs, targets, msp_t)):
-            inp_arr[b, : len(i)] = i
-            att[b, : len(i)] = 1
-            lab[b, : len(t)] = t
-            msp[b, : len(m)] = m
-        batch = {"input_ids": inp_arr, "attention_mask": att, "labels": lab}
+        inp_doc = np.full((B, Li), -1, np.int32)
+        tgt_doc = np.full((B, Lo), -1, np.int32)
+        for b, (i, t, m, di, dt) in enumerate(parts):
+            inp[b, : len(i)], inp_doc[b, : len(i)] = i, di
+            lab[b, : len(t)], msp[b, : len(t)], tgt_doc[b, : len(t)] = t, m, dt
+        batch = {"input_ids": inp, "labels": lab}
+        if self.doc_attention:
+            batch["doc_ids"], batch["decoder_doc_ids"] = inp_doc, tgt_doc
+        else:
+            batch["attention_mask"] = (inp_doc >= 0).astype(np.int64)
         if self.extras:
             src = np.array([s["source_id"] for s in rows])[:, None]
             batch["msp_target"] = msp
             batch["token_source"] = np.where(lab != IGNORE, src, -1)
-            batch["input_source"] = np.where(att == 1, src, -1)
+            batch["input_source"] = np.where(inp_doc >= 0, src, -1)
         return self._torch(batch)

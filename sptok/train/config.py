@@ -27,7 +27,7 @@ class ModelConfig:
     intermediate_size: int = 1024
     max_position_embeddings: int | None = None   # default: the build's seq_len
     dropout: float = 0.0
-    attn_implementation: str = "sdpa"    # eager | sdpa | flex_attention (llama with document masking on GPU)
+    attn_implementation: str = "sdpa"    # sdpa | eager | flex_attention (llama; bert with transformers 5)
     extra: dict = field(default_factory=dict)    # passed to the transformers config as is
 
     def __post_init__(self):
@@ -52,7 +52,6 @@ class DataConfig:
     expected_fingerprint: str | None = None
     shuffle: bool = True
     num_workers: int = 0
-    mask: str = "none"                   # causal: none (position ids restart) | dense (block-diagonal mask)
 
     def __post_init__(self):
         if not self.build:

@@ -88,7 +88,7 @@ def make_collator(cfg: Config, info):
     if kind == "mlm":
         return MLMCollator(info, mlm_prob=cfg.data.mlm_prob, **kw)
     if kind == "causal":
-        return CausalLMCollator(info, mask=cfg.data.mask, **kw)
+        return CausalLMCollator(info, **kw)
     return SpanCorruptionCollator(info, **kw)
 
 
@@ -96,7 +96,10 @@ def make_collator(cfg: Config, info):
 
 class Meter:
     """Sums over the steps since the last log line (reduced over ranks when logged), and delivered
-    per-source counts since the start of training (saved in checkpoints)."""
+    per-source counts since the start of training (saved in checkpoints).
+
+    Nothing here reads the device: per-target sums accumulate on it (``add``) and are read at log steps only
+    (``report``); token counts come from the host batch (``count``)."""
 
     def __init__(self, n_sources: int, device):
         self.n, self.device = n_sources, device
@@ -107,26 +110,27 @@ class Meter:
         self.sums = torch.zeros(2 * self.n + 5, dtype=torch.float64, device=self.device)
         self.tokens, self.t0 = 0, time.perf_counter()
 
-    def add(self, out: dict, batch: dict) -> None:
+    def count(self, batch: dict) -> None:
+        """Delivered samples and tokens per source, from a host batch."""
         n = self.n
+        tok_src = batch["input_source"] if "input_source" in batch else batch["token_source"]
+        real = tok_src >= 0
+        self.tokens += int(real.sum())
+        self.delivered[1] += torch.bincount(tok_src[real], minlength=n)[:n].double()
+        self.delivered[0] += torch.bincount(tok_src[:, 0].clamp(min=0), minlength=n)[:n].double()
+
+    def add(self, out: dict) -> None:
+        """Per-target loss, per source and for SPs, from LossModel's output (device tensors)."""
         with torch.no_grad():
             loss = out["loss"].detach().double()
+            by_source = torch.zeros(2, self.n, dtype=torch.float64, device=loss.device)
             src = out["source"].clamp(min=0)
-            self.sums[:n] += torch.bincount(src, weights=loss, minlength=n)[:n]
-            self.sums[n:2 * n] += torch.bincount(src, minlength=n)[:n].double()
+            by_source[0].index_add_(0, src, loss)              # index_add_, not bincount: no device read
+            by_source[1].index_add_(0, src, torch.ones_like(loss))
             sp = out["sp"]
-            self.sums[2 * n] += loss[sp].sum()
-            self.sums[2 * n + 1] += sp.sum()
-            self.sums[2 * n + 2] += (out["sp_correct"] & sp).sum()
-            self.sums[2 * n + 3] += loss.sum()
-            self.sums[2 * n + 4] += loss.numel()
-            tok_src = batch["input_source"] if "input_source" in batch else batch["token_source"]
-            real = tok_src >= 0
-            self.tokens += int(real.sum())
-            cnt = torch.bincount(tok_src[real], minlength=n)[:n].double().cpu()
-            self.delivered[1] += cnt
-            first = tok_src[:, 0].clamp(min=0).cpu()
-            self.delivered[0] += torch.bincount(first, minlength=n)[:n].double()
+            rest = torch.stack([(loss * sp).sum(), sp.sum(), (out["sp_correct"] & sp).sum(), loss.sum(),
+                                loss.new_full((), float(loss.numel()))]).double()
+            self.sums += torch.cat([by_source.flatten(), rest])
 
     def report(self, world: int) -> dict:
         s = self.sums.clone()
@@ -249,20 +253,19 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     deadline = time.time() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     try:
         for step in range(start, end):
-            if deadline is not None and _out_of_time(deadline):
+            if deadline is not None and _out_of_time(deadline, step, cfg.log.every):
                 say(f"train.max_minutes ({cfg.train.max_minutes}) spent: stopping after step {step}")
                 end = step
                 break
             collator.set_sp_policy(sp_policy_at(cfg, step))
-            micro = [_to(next(batches), device) for _ in range(accum)]
-            forward_backward(trained, micro, world, meter, autocast)
+            forward_backward(trained, [next(batches) for _ in range(accum)], world, device, meter, autocast)
             grad_norm = _clip(trained, cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % cfg.log.every == 0 or step + 1 == end:
+            if (step + 1) % cfg.log.every == 0 or step + 1 == end:   # the only place the device is read
                 rec = {"step": step + 1, **meter.report(world), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "sp_policy": collator.policy.__str__(), "sources": info.sources}
+                       "grad_norm": _value(grad_norm), "sp_policy": str(collator.policy), "sources": info.sources}
                 if device.type == "cuda":
                     rec["mfu"] = mfu(rec["tokens_per_s"], model, info.seq_len)
                 records.append(rec)
@@ -285,33 +288,42 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     return records
 
 
-def forward_backward(trained, micro: list[dict], world: int, meter: Meter | None = None, autocast=None) -> None:
+def forward_backward(trained, micro: list[dict], world: int, device, meter: Meter | None = None,
+                     autocast=None) -> None:
     """Accumulate the gradients of one global batch's share on this rank: every token's loss divided by
-    the number of target tokens of the whole global batch (all ranks, all micro-batches)."""
+    the number of target tokens of the whole global batch (all ranks, all micro-batches). ``micro`` are host
+    batches: the target count and positions come from them, so nothing here waits for the device."""
     from contextlib import nullcontext
 
+    from .losses import label_positions
     from .parallelize import set_grad_sync
 
-    device = micro[0]["labels"].device
-    n_targets = torch.tensor(float(sum(int((m["labels"] != -100).sum()) for m in micro)), device=device)
+    targets = [label_positions(mb["labels"]) for mb in micro]
+    n_targets = torch.tensor(float(sum(len(t) for t in targets)), device=device)
     if dist.is_initialized():
         dist.all_reduce(n_targets)
-    for i, mb in enumerate(micro):
+    for i, (mb, at) in enumerate(zip(micro, targets)):
+        if meter is not None:
+            meter.count(mb)
         set_grad_sync(trained, i == len(micro) - 1)
         with autocast or nullcontext():
-            out = trained(mb)
+            out = trained(_to(dict(mb, target_index=at), device))
         # x world: DDP and FSDP average gradients over ranks, and each rank already divides by the global count
         (out["loss"].sum() * (world / n_targets.clamp(min=1))).backward()
         if meter is not None:
-            meter.add(out, mb)
+            meter.add(out)
 
 
-def _out_of_time(deadline: float) -> bool:
-    """The same answer on every rank (rank 0's clock decides), so all ranks stop at the same step."""
-    out = torch.tensor([float(time.time() >= deadline)],
-                       device="cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
-    if dist.is_initialized():
-        dist.broadcast(out, 0)
+def _out_of_time(deadline: float, step: int, every: int) -> bool:
+    """The time budget is spent. Several processes: rank 0's clock decides, broadcast at log steps only (a
+    broadcast each step would make the host wait for the GPU), so all ranks stop at the same step."""
+    late = time.time() >= deadline
+    if not dist.is_initialized():
+        return late
+    if step % every:
+        return False
+    out = torch.tensor([float(late)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(out, 0)
     return bool(out.item())
 
 
@@ -324,12 +336,14 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float) -> torch.Tensor:
+    """Clip and return the gradient norm as a tensor: reading it is left to the log steps."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def _value(norm: torch.Tensor) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
 
 
 def _print(rec: dict, cfg: Config, say) -> None:

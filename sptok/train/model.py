@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import BuildInfo
+from ..errors import SptokError
 from .config import ModelConfig
 
 PAD_MULTIPLE = 64
@@ -40,9 +41,20 @@ def hf_config(cfg: ModelConfig, info: BuildInfo):
                            pad_token_id=pad, eos_token_id=info.eos_id, bos_token_id=info.eos_id,
                            tie_word_embeddings=False, use_cache=False, attention_dropout=cfg.dropout, **cfg.extra)
     c.use_cache = False   # with the cache on, torch.compile recompiles per layer and falls back to eager
-    # T5 in transformers 4.x has only eager attention
-    c._attn_implementation = "eager" if cfg.family == "t5" else cfg.attn_implementation
+    c._attn_implementation = _attention(cfg, int(tf.__version__.split(".")[0]))
     return c
+
+
+def _attention(cfg: ModelConfig, tf_major: int) -> str:
+    """The attention implementation, checked against what the document masks and transformers support."""
+    impl = cfg.attn_implementation
+    if cfg.family == "t5" and impl == "flex_attention":
+        raise SptokError("model.attn_implementation: T5's document masks take sdpa or eager, not flex_attention")
+    if cfg.family == "t5" and tf_major < 5:
+        return "eager"    # transformers 4.x has only eager attention for T5
+    if cfg.family == "bert" and impl == "flex_attention" and tf_major < 5:
+        raise SptokError("model.attn_implementation: flex_attention for bert needs transformers >= 5; use sdpa")
+    return impl
 
 
 def build_model(cfg: ModelConfig, info: BuildInfo):
