@@ -140,7 +140,7 @@ def run_accounting(info: dict, stats: dict, logdir: str) -> list[dict]:
         with open(os.path.join(logdir, "run.json")) as f:
             run = json.load(f)
         with open(os.path.join(logdir, "metrics.jsonl")) as f:
-            last = [json.loads(line) for line in f if line.strip()][-1]
+            last = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"][-1]
     except (OSError, ValueError, IndexError) as e:
         raise SptokError(f"--run {logdir}: not a training log of sptok pretrain (run.json + metrics.jsonl): {e}") from None
     if run["fingerprint"] != info["fingerprint"]:

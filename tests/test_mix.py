@@ -53,3 +53,69 @@ def test_objective_weights_steer_the_proposal():
     only_first = search.propose(fit, prior, 3.0, np.array([1.0, 0, 0, 0]), 4, known=mixtures)
     only_last = search.propose(fit, prior, 3.0, np.array([0, 0, 0, 1.0]), 4, known=mixtures)
     assert only_first[0] > 0.5 and only_last[3] > 0.5
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    from conftest import SOURCES, TOKENIZER, demo_records, write_jsonl
+
+    from sptok.build import run_build
+
+    d = tmp_path_factory.mktemp("mix")
+    for name, n in zip(SOURCES, (40, 12, 400, 40)):
+        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
+    (d / "m.yaml").write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n"
+                                                      for n in SOURCES))
+    flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.3, holdout_docs=4)
+    run_build(str(d / "m.yaml"), str(d / "b"), flags, log=lambda m: None)
+    cfg = d / "proxy.yaml"
+    cfg.write_text("model: {family: bert, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}\n"
+                   "data: {build: b}\noptim: {lr: 3.0e-3, warmup_steps: 1}\n"
+                   "train: {steps: 3, global_batch_size: 4, micro_batch_size: 4}\n"
+                   "eval: {samples: 2}\nlog: {every: 3, tensorboard: false}\n")
+    return d
+
+
+@pytest.mark.slow
+def test_mix_end_to_end_resumes_after_an_interruption(build, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+    from sptok.train.config import load_config
+
+    out = tmp_path / "search"
+    cmd = [sys.executable, "-m", "sptok", "mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "6"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = out / "proxies" / "001" / "result.json"
+    deadline = time.time() + 300
+    while not first.exists() and p.poll() is None and time.time() < deadline:   # kill on progress, not a sleep
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = {k: os.stat(out / "proxies" / f"{k:03d}" / "result.json").st_mtime_ns for k in range(6)
+            if (out / "proxies" / f"{k:03d}" / "result.json").exists()}
+    assert 2 <= len(done) < 6 and not (out / "mixture.json").exists()
+    res = CliRunner().invoke(main, [str(a) for a in cmd[3:]], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert all(os.stat(out / "proxies" / f"{k:03d}" / "result.json").st_mtime_ns == t for k, t in done.items())
+    mix = json.loads((out / "mixture.json").read_text())
+    assert sum(mix["weights"].values()) == pytest.approx(1.0, abs=1e-5) and len(mix["proxies"]) == 6
+    assert set(mix["predicted"]) == {"proposed", "natural", "uniform"} and -1 <= mix["left_out"]["spearman"] <= 1
+    assert (out / "predicted_vs_actual.png").read_bytes()[:4] == b"\x89PNG"
+    override = (out / "proportion.txt").read_text().strip()
+    cfg = load_config(str(build / "proxy.yaml"), [override])
+    assert cfg.data.proportion == pytest.approx(mix["weights"], abs=1e-6)
+    res = CliRunner().invoke(main, ["report", str(build / "b"), "-o", str(tmp_path / "r.html"), "--mixture", str(out),
+                                    "--samples", "0"], catch_exceptions=False)
+    assert res.exit_code == 0 and 'id=mixture' in (tmp_path / "r.html").read_text()
+    res = CliRunner().invoke(main, [str(a) for a in cmd[3:5]] + ["--out", str(out), "--proxies", "7"])
+    assert res.exit_code == 2 and "holds another search" in res.output

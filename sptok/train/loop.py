@@ -207,6 +207,7 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     collator = make_collator(cfg, info)
     loader = Loader(ds, collator, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers)
     meter = Meter(len(info.sources), device)
+    evaluator = _evaluator(cfg, info, rank, world, device) if cfg.eval.every else None
     build_desc = {k: info.raw[k] for k in ("options", "manifest", "tokenizer", "inputs", "sptok_version")}
     meta = {"config": cfg.to_dict(), "fingerprint": info.fingerprint, "build": build_desc, "world_size": world}
 
@@ -242,6 +243,16 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     say(f"training {cfg.model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{cfg.data.build}: {world} process(es), {parallel}, {'bf16' if bf16 else 'fp32'}, {accum} micro-batch(es) "
         f"of {cfg.train.micro_batch_size} per step")
+    def emit(rec: dict) -> None:
+        """A record: returned, in metrics.jsonl, printed and in TensorBoard (rank 0)."""
+        records.append(rec)
+        if rank == 0:
+            logfile.write(json.dumps(rec) + "\n")
+            logfile.flush()
+            _print(rec, cfg, say)
+            if writer:
+                _tb(writer, rec)
+
     def save(step: int) -> None:
         extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
                  "loader": loader.state_dict(), "delivered": meter.delivered}
@@ -268,13 +279,9 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
                        "grad_norm": _value(grad_norm), "sp_policy": str(collator.policy), "sources": info.sources}
                 if device.type == "cuda":
                     rec["mfu"] = mfu(rec["tokens_per_s"], model, info.seq_len)
-                records.append(rec)
-                if rank == 0:
-                    logfile.write(json.dumps(rec) + "\n")
-                    logfile.flush()
-                    _print(rec, cfg, say)
-                    if writer:
-                        _tb(writer, rec)
+                emit(rec)
+            if evaluator and ((step + 1) % cfg.eval.every == 0 or step + 1 == end):
+                emit({"step": step + 1, "split": "validation", **evaluator(trained, autocast), "sources": info.sources})
             if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
                                        or step + 1 == end):
                 save(step + 1)
@@ -346,14 +353,25 @@ def _value(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
 
 
+def _evaluator(cfg: Config, info, rank: int, world: int, device):
+    """In-loop evaluation on the validation build, its samples collated once with ``eval.sp_policy``."""
+    from .evaluate import Evaluator
+
+    collator = make_collator(cfg, info)
+    collator.set_sp_policy(cfg.eval.sp_policy)
+    return Evaluator(cfg, info, collator, rank, world, device)
+
+
 def _print(rec: dict, cfg: Config, say) -> None:
-    parts = [f"step {rec['step']}/{cfg.train.steps}", f"loss {rec['loss']:.4f}"]
-    if rec["sp_acc"] is not None:
-        parts.append(f"{'msp' if cfg.model.family != 'llama' else 'sp'} acc {rec['sp_acc']:.3f}")
-    parts += [f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.2f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+    v = "val_" if rec.get("split") == "validation" else ""
+    parts = [f"{'eval at ' if v else ''}step {rec['step']}/{cfg.train.steps}", f"{v}loss {rec[v + 'loss']:.4f}"]
+    if rec[v + "sp_acc"] is not None:
+        parts.append(f"{v}{'msp' if cfg.model.family != 'llama' else 'sp'} acc {rec[v + 'sp_acc']:.3f}")
+    if not v:
+        parts += [f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.2f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
     if "mfu" in rec:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
-    by = "  ".join(f"{n} {v:.3f}" for n, v in zip(rec["sources"], rec["loss_by_source"]) if v is not None)
+    by = "  ".join(f"{n} {x:.3f}" for n, x in zip(rec["sources"], rec[v + "loss_by_source"]) if x is not None)
     say("  ".join(parts) + f"  | {by}")
 
 
@@ -368,10 +386,13 @@ def _tensorboard(cfg: Config, rank: int):
 
 
 def _tb(writer, rec: dict) -> None:
+    """Training scalars by their names; validation ones under val/ (val/loss, val/loss_by_source/<source>)."""
     step = rec["step"]
+    v = "val_" if rec.get("split") == "validation" else ""
+    tag = (lambda k: f"val/{k}") if v else (lambda k: k)
     for k in ("loss", "sp_loss", "sp_acc", "lr", "grad_norm", "tokens_per_s", "mfu"):
-        if rec.get(k) is not None:
-            writer.add_scalar(k, rec[k], step)
-    for name, v in zip(rec["sources"], rec["loss_by_source"]):
-        if v is not None:
-            writer.add_scalar(f"loss_by_source/{name}", v, step)
+        if rec.get(v + k) is not None:
+            writer.add_scalar(tag(k), rec[v + k], step)
+    for name, x in zip(rec["sources"], rec[v + "loss_by_source"]):
+        if x is not None:
+            writer.add_scalar(tag(f"loss_by_source/{name}"), x, step)
