@@ -196,6 +196,11 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(str(tmp_path / "c.yaml"))
     cfg = load_config(None, ["optim.lr=1e-4", "train.max_minutes=2", "optim.betas=[0.9, 0.99]", "data.build=x"])
     assert (cfg.optim.lr, cfg.train.max_minutes, cfg.optim.betas) == (1e-4, 2.0, (0.9, 0.99))
+    # a path in the file is relative to the file; one given with --set, to where the command runs
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("data: {build: b}\n")
+    assert load_config(str(tmp_path / "sub" / "c.yaml")).data.build == str(tmp_path / "sub" / "b")
+    assert load_config(str(tmp_path / "sub" / "c.yaml"), ["data.build=o/b"]).data.build == os.path.abspath("o/b")
 
 
 def _epoch_run(corpus, tmp_path, weights: bool):

@@ -244,11 +244,13 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
         except TypeError as e:
             raise SptokError(f"config: {section}: {e}") from None
     cfg = Config(**kwargs)
-    for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build")):   # relative to the file
+    # data paths in the file are relative to it; given with --set, relative to where the command runs
+    for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
+        base = os.getcwd() if isinstance((doc.get(sec) or {}).get(attr), _Raw) else root
         if v and not os.path.isabs(v) and "://" not in v:
-            setattr(obj, attr, os.path.normpath(os.path.join(root, v)))
+            setattr(obj, attr, os.path.normpath(os.path.join(base, v)))
     for sec, attr in (("checkpoint", "dir"), ("log", "dir")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
