@@ -233,15 +233,18 @@ def test_resume_mid_epoch_gives_the_same_batches(prefix_build, kind):
             return Loader(ds, coll, batch_size=4, num_workers=2)
         return StreamingDataLoader(ds, batch_size=4, num_workers=2, collate_fn=coll)
 
-    full = [b for b in loader()]
+    def kept(batch):   # a worker's tensor holds a file descriptor while it lives: keep copies, not them
+        return {k: v.clone() for k, v in batch.items()}
+
+    full = [kept(b) for b in loader()]
     first = loader()
     it = iter(first)
-    head = [next(it) for _ in range(5)]
+    head = [kept(next(it)) for _ in range(5)]
     state = first.state_dict()
     del it, first
     resumed = loader()
     resumed.load_state_dict(state)
-    tail = list(resumed)
+    tail = [kept(b) for b in resumed]
     assert len(head) + len(tail) == len(full)
     for a, b in zip(head + tail, full):
         for k in a:

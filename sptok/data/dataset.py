@@ -3,6 +3,7 @@ through `datasets`. Source proportions come from the manifest weights unless ove
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 
@@ -16,11 +17,49 @@ def _streaming_dataset_class():
     from streaming import StreamingDataset
 
     class SptokStreamingDataset(StreamingDataset):
-        """A StreamingDataset that knows its build (``.build``: SP table, special ids, fingerprint)."""
+        """A StreamingDataset that knows its build (``.build``: SP table, special ids, fingerprint) and gives
+        its shared memory back when it goes (``close()``, or when it is collected)."""
 
         build: BuildInfo
 
+        def __init__(self, *args, **kwargs):
+            self._owner_pid = os.getpid()
+            super().__init__(*args, **kwargs)
+
+        def close(self) -> None:
+            """Release the shared memory this process holds for the dataset now. streaming keeps every
+            segment open until the process exits (an ``atexit`` hook per segment), so a process that opens
+            many datasets (in-loop evaluation, tests) ran out of file descriptors. Only the process that made
+            the dataset acts: a worker's copy must not unlink what its parent still uses."""
+            if getattr(self, "_owner_pid", None) != os.getpid():
+                return
+            for shm in _shared_memory(self):
+                atexit.unregister(shm.cleanup)
+                try:
+                    shm.cleanup()
+                except BufferError:   # a numpy view still points into it: streaming's exit hook will do
+                    atexit.register(shm.cleanup)
+            self._owner_pid = None
+
+        def __del__(self) -> None:
+            super().__del__()
+            self.close()
+
     return SptokStreamingDataset
+
+
+def _shared_memory(ds) -> list:
+    """streaming's ``SharedMemory`` objects a dataset holds, directly or inside its shared arrays, scalars
+    and barrier (streaming/base/shared)."""
+    from streaming.base.shared import SharedMemory
+
+    found = []
+    for value in vars(ds).values():
+        for inner in (value, getattr(value, "shm", None), getattr(getattr(value, "arr", None), "shm", None),
+                      getattr(getattr(value, "_arr", None), "shm", None)):
+            if isinstance(inner, SharedMemory) and inner not in found:
+                found.append(inner)
+    return found
 
 
 def source_weights(info: BuildInfo, proportion: dict | None, repeat: dict | None, weights: bool) -> dict:
