@@ -2,8 +2,9 @@
 
 The collators send each token's document (``doc_ids``, B x L, -1 on padding); the mask is made from it on
 the model's device at every forward, in the form the attention kernel takes: a boolean B x 1 x L x L mask for
-sdpa (measured on CPU as fast as no mask, ``benchmarks/RESULTS.md``), a flex_attention ``BlockMask``, or an
-additive float mask for eager attention. Nothing of size L x L ever exists on the host or crosses to the device.
+sdpa (the default: the best candidate measured on CPU, ``benchmarks/RESULTS.md``), a flex_attention
+``BlockMask``, or an additive float mask for eager attention. Nothing of size L x L ever exists on the host or
+crosses to the device.
 
     model = apply_document_attention(BertForMaskedLM(config))   # Trainer / plain loop: the one line
     loss = model(**MLMCollator(info, extras=False)(samples)).loss
@@ -129,6 +130,8 @@ def apply_document_attention(model):
         def forward(self, input_ids=None, labels=None, doc_ids=None, decoder_doc_ids=None, num_items_in_batch=None,
                     **kwargs):
             if doc_ids is None:
+                if num_items_in_batch is not None:
+                    kwargs["num_items_in_batch"] = num_items_in_batch
                 return original(input_ids=input_ids, labels=labels, **kwargs)
             from transformers.modeling_outputs import Seq2SeqLMOutput
 
