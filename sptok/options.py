@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, fields
 
 from .encoders import CHOICES as ENCODERS
 from .errors import SptokError
-from .sp import POLICIES, POSITIONS
+from .sp import POLICIES
+from .sp_layout import POSITIONS
 from .tokenizer import DEFAULT_DELIMITER
+from .writers import FORMATS
 
-TAILS = ("keep", "pad", "drop")
-FORMATS = ("mds", "parquet", "arrow")
+TAILS = ("keep", "pad", "drop")   # the last short sample of a source (finalize._pack_streams)
 
 
 def parse_size(value, flag: str) -> int:

@@ -138,6 +138,62 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     return ids
 
 
+def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
+    """The SP strings of the manifest's sources, and the delimiter when it is a special token (else None): the
+    tokens sptok adds to a tokenizer for builds of ``manifest`` with ``opts`` (a ``BuildOptions``)."""
+    from .sp import sp_strings
+
+    sps = sp_strings([s.name for s in manifest.sources], opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    return sps, (opts.delimiter if opts.delimiter and is_special_delimiter(opts.delimiter) else None)
+
+
+def manifest_sp_tokens(manifest_path: str, policy: str | None, delimiter: str | None, seed: int | None):
+    """(manifest, SP strings, special delimiter or None) as a build of the manifest would have them: flags
+    given (not None) over the manifest's ``build:`` values over the defaults, as ``sptok build`` resolves them."""
+    from .manifest import load_manifest
+    from .options import BuildOptions
+
+    m = load_manifest(manifest_path)
+    opts = BuildOptions.resolve(m.build, {"policy": policy, "delimiter": delimiter, "seed": seed})
+    return (m, *sp_tokens(m, opts))
+
+
+def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int, max_bytes,
+                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None):
+    """`sptok tokenizer train`: train on at most ``max_bytes`` of the manifest's text (shared out between its
+    sources), add its SPs and special delimiter, write the tokenizer to ``out``. Returns (tokenizer, SPs,
+    delimiter or None)."""
+    from .options import parse_size
+    from .readers import sample_texts
+
+    m, sps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
+    budget = parse_size(max_bytes, "--max-bytes")
+    if vocab_size < 64:
+        raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
+    added = sps + ([delim] if delim else [])
+    tok = train(sample_texts(m, budget), model, vocab_size, added)
+    save_tokenizer_dir(tok, out, default_roles(tok), added)
+    return tok, sps, delim
+
+
+def extend_for(tokenizer_path: str, out: str, extra: list[str], manifest_path: str | None = None,
+               policy: str | None = None, delimiter: str | None = None, seed: int | None = None) -> dict[str, int]:
+    """`sptok tokenizer extend`: add the SPs of a manifest (and ``extra`` ones) and a special delimiter to a
+    tokenizer, written to ``out``; returns the added tokens' ids."""
+    sps, delim = list(extra), None
+    if manifest_path:
+        _, msps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
+        sps = msps + [s for s in sps if s not in msps]
+    elif delimiter is None or is_special_delimiter(delimiter or ""):
+        delim = delimiter if delimiter is not None else DEFAULT_DELIMITER
+    if not sps:
+        raise SptokError("nothing to add: give --manifest or --sp")
+    lt = load_tokenizer(tokenizer_path)
+    ids = extend(lt, sps, delim)
+    save_tokenizer_dir(lt.tok, out, {**default_roles(lt.tok), **lt.roles}, sps + ([delim] if delim else []))
+    return ids
+
+
 def train(texts: Iterable[str], model: str, vocab_size: int, extra_specials: list[str]):
     """Train a tokenizer: byte-level BPE (decoders), WordPiece (BERT-style) or Unigram (T5-style).
 

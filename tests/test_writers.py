@@ -53,7 +53,7 @@ def test_mds_bytes_equal_mdswriter(tmp_path, shard_size):
 def test_empty_sp_columns_round_trip(tmp_path):
     from streaming import StreamingDataset
 
-    from sptok.writers import write_mds_index
+    from sptok.layout import write_mds_index
 
     s = Stream(np.arange(10, dtype=np.uint32), np.array([0]), np.array([7], np.uint64), np.empty(0, np.int64),
                np.empty(0, np.uint8))
