@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import SptokError
+from .layout import TOKENIZER_JSON
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
@@ -45,7 +46,7 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     path = str(path)
     roles: dict = {}
     if os.path.isdir(path):
-        file = os.path.join(path, "tokenizer.json")
+        file = os.path.join(path, TOKENIZER_JSON)
         if not os.path.exists(file):
             raise SptokError(f"--tokenizer {path}: the directory has no tokenizer.json; sptok needs a fast "
                              f"tokenizer (save one with transformers: AutoTokenizer.from_pretrained(dir)"
@@ -237,11 +238,11 @@ def save_tokenizer_dir(tok, out_dir: str | os.PathLike, roles: dict, extra_speci
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        tok.save(str(out / "tokenizer.json"))
+        tok.save(str(out / TOKENIZER_JSON))
     except Exception as e:  # the Rust side raises a bare Exception carrying the OS error
         if "os error 28" in str(e):
-            raise OSError(28, "No space left on device", str(out / "tokenizer.json")) from None
-        raise SptokError(f"cannot write {out / 'tokenizer.json'}: {e}") from None
+            raise OSError(28, "No space left on device", str(out / TOKENIZER_JSON)) from None
+        raise SptokError(f"cannot write {out / TOKENIZER_JSON}: {e}") from None
     special_map = {k: v for k, v in roles.items() if v}
     if extra_specials:
         special_map["additional_special_tokens"] = list(extra_specials)

@@ -3,11 +3,11 @@ through `datasets`. Source proportions come from the manifest weights unless ove
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 
+from .. import layout
 from ..build_info import BuildInfo
 from ..errors import SptokError
 
@@ -142,9 +142,11 @@ def _read_table(info: BuildInfo, name: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(glob.glob(os.path.join(info.path, name, f"data-*.{info.format}")))
+    sdir = os.path.join(info.path, name)
+    pattern = layout.data_file_pattern(info.format)
+    files = sorted(os.path.join(sdir, f) for f in (os.listdir(sdir) if os.path.isdir(sdir) else ()) if pattern.match(f))
     if not files:
-        raise SptokError(f"{info.path}/{name}: no data-*.{info.format} files; the build is damaged "
+        raise SptokError(f"{info.path}/{name}: no {info.format} data files; the build is damaged "
                          f"(`sptok verify {info.path}` says what is missing)")
     try:
         if info.format == "parquet":

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ..errors import SptokError
+from ..layout import TOKENIZER_JSON
 from ..sp_layout import SPLayout
 from .table import SPTable
 
@@ -181,7 +182,7 @@ def _build_tokenizer(table: SPTable):
 
     d = table.model_dir
     try:
-        tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+        tok = Tokenizer.from_file(os.path.join(d, TOKENIZER_JSON))
     except Exception as e:  # tokenizers raises a bare Exception
         raise SptokError(f"--model {d}: cannot load tokenizer.json ({e})") from None
     for sp, i in zip(table.sps + ([table.delimiter] if len(table.delimiter_ids) == 1 else []),
