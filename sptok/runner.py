@@ -45,17 +45,19 @@ def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
         holdout_docs=o.get("holdout_docs"))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):   # not Linux: orphans finish their unit; commits are idempotent
-        pass
+        return
+    if os.getppid() != parent:   # the parent died before prctl (a build killed while its workers start):
+        os._exit(1)              # no signal will come, and an orphan would wait for work forever
 
 
-def _init_worker(queue) -> None:
-    _die_with_parent()
+def _init_worker(queue, parent: int) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides how to stop
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
     global _QUEUE
@@ -118,7 +120,7 @@ class WorkerPool:
         self.queue = ctx.Queue()
         self.workers = workers
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.queue,))
+                                        initargs=(self.queue, os.getpid()))
         for _ in range(workers):
             self.pool.submit(_ready)
 
