@@ -33,8 +33,11 @@ ZSTD_LEVEL = 3
 HASHES = ["xxh64"]
 
 
+ID_DTYPES = ("uint16", "uint32")   # input_ids: the smallest that holds every id of the vocabulary
+
+
 def ids_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65535 else "uint32"
+    return ID_DTYPES[0] if vocab_size <= 65535 else ID_DTYPES[1]
 
 
 def sample_columns(s: Stream, source_id: int, dtype: str) -> dict:
