@@ -25,6 +25,7 @@ class BuildInfo:
     seq_len: int
     position: str               # prefix | post | both
     sources: list[str]          # by source id
+    sps: list[str]              # SP string by source id
     weights: list[float]        # manifest weights, by source id
     sp_ids: np.ndarray          # SP token id by source id
     delimiter_ids: np.ndarray   # delimiter token ids (may be empty)
@@ -62,7 +63,7 @@ class BuildInfo:
         mask = spec.roles.get("mask_token")
         lay = spec.layout
         return cls(path=out, format=spec.format, fingerprint=spec.fingerprint, seq_len=spec.seq_len,
-                   position=lay.position, sources=spec.sources, weights=spec.weights, sp_ids=sp_ids,
+                   position=lay.position, sources=spec.sources, sps=spec.sps, weights=spec.weights, sp_ids=sp_ids,
                    delimiter_ids=np.array(lay.delimiter_ids, np.int64), delimiter_special=lay.delimiter_special,
                    eos_id=lay.eos_id, pad_id=spec.pad_id, mask_id=tok.token_to_id(mask) if mask else None,
                    vocab_size=vocab, special_ids=special_ids,

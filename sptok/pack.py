@@ -88,10 +88,20 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
     stream = Stream(out, doc_start, hashes.astype(np.uint64), pos[order].astype(np.int64), msk[order])
-    n_ins = int(ins.sum())
-    counts = {"text_tokens": total_text, "sp_inserted": n_ins * layout.sites, "sp_masked": int(msk.sum()),
-              "delimiter_tokens": n_ins * layout.sites * d, "eos_tokens": n}
-    return stream, counts
+    return stream, {k: int(v.sum()) for k, v in doc_counts(text_len, dec, layout).items()}
+
+
+def doc_counts(text_len: np.ndarray, dec: Decisions, layout: SPLayout) -> dict[str, np.ndarray]:
+    """What each document adds to the counts (int64 per document): text tokens, SPs inserted and masked,
+    delimiter tokens, EOS tokens."""
+    ins = dec.inserted
+    n_sp = ins.astype(np.int64) * layout.sites
+    masked = (dec.masked_prefix & ins).astype(np.int64) * layout.prefix + (dec.masked_post & ins) * layout.post
+    return {"text_tokens": np.asarray(text_len, np.int64),
+            "sp_inserted": n_sp,
+            "sp_masked": masked.astype(np.int64),
+            "delimiter_tokens": n_sp * len(layout.delimiter_ids),
+            "eos_tokens": np.ones(len(text_len), np.int64)}
 
 
 def concat(a: Stream, b: Stream) -> Stream:

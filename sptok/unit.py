@@ -22,7 +22,7 @@ from .errors import SptokError
 from .manifest import Unit
 from . import layout
 from .holdout import DOC_KEYS, Held, UnitHoldout
-from .pack import Packer, assemble
+from .pack import Packer, assemble, doc_counts
 from .readers import Rejects, read_unit
 from .sp import Decisions, decide, doc_hashes
 from .sp_layout import SPLayout
@@ -163,13 +163,8 @@ def _lay_out_held(ctx, unit, texts, flat, lens, hashes, dec, held, u) -> Held:
     counts each adds to whichever split it ends up in."""
     flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, texts, held)
     stream, _ = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
-    lay = ctx.layout
-    masked = dec.masked_prefix.astype(np.int64) * lay.prefix + dec.masked_post * lay.post
-    n_sp = dec.inserted.astype(np.int64) * lay.sites
-    per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts], "text_tokens": lens,
-               "sp_inserted": n_sp, "sp_masked": masked, "delimiter_tokens": n_sp * len(lay.delimiter_ids),
-               "eos_tokens": np.ones(len(lens), np.int64),
-               "sp_literals": [_literals(ctx, t) for t in texts]}
+    per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts],
+               "sp_literals": [_literals(ctx, t) for t in texts], **doc_counts(lens, dec, ctx.layout)}
     counts = np.stack([np.asarray(per_doc[k], np.int64) for k in DOC_KEYS], axis=1)
     return Held(stream, u[held], counts, np.minimum(_bit_length(lens), HIST_BINS - 1))
 

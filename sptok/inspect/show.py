@@ -79,7 +79,7 @@ class SampleReader:
                 raise SptokError(f"{out}/{n}: its shard index holds {len(r):,} samples, sptok.json says "
                                  f"{self.counts[n]:,}; run `sptok verify {out}`")
         self.tok = Tokenizer.from_file(f"{self.build.tokenizer_dir}/tokenizer.json")
-        self.sp_of = {e["token_id"]: e["sp"] for e in self.build.raw["sp_table"]}
+        self.sp_of = dict(zip(self.build.sp_ids.tolist(), self.build.sps))
 
     def get(self, source: str, index: int) -> dict:
         try:
