@@ -298,7 +298,7 @@ def test_plot_without_matplotlib_says_what_to_install(small_build, monkeypatch, 
 class Chromium:
     """A headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no network.
 
-    It can never hang the suite: every wait has a deadline (``select`` on the pipe, not a check between blocking
+    It can never hang the suite: every wait has a deadline (``poll`` on the pipe, not a check between blocking
     reads), and a watchdog kills Chromium's whole process group once ``LIFETIME`` seconds have passed, whatever
     the test is doing (a read then sees the pipe close)."""
 
@@ -319,6 +319,8 @@ class Chromium:
         os.close(their_r)
         os.close(their_w)
         self.buf, self.n, self.events = b"", 0, []
+        self.poll = select.poll()       # not select.select: a long test session's fds pass FD_SETSIZE
+        self.poll.register(self.r, select.POLLIN)
         self.watchdog = threading.Timer(self.LIFETIME, self.kill)
         self.watchdog.daemon = True
         self.watchdog.start()
@@ -349,7 +351,7 @@ class Chromium:
                 if pred(msg):
                     return msg
             left = end - time.time()
-            if left <= 0 or not select.select([self.r], [], [], left)[0]:
+            if left <= 0 or not self.poll.poll(left * 1000):
                 self.kill()
                 raise AssertionError(f"the browser did not answer in {timeout:g} s (killed)")
             chunk = os.read(self.r, 1 << 16)
