@@ -67,28 +67,6 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
     return res
 
 
-def partition_of(value: str | None, env) -> tuple[int, int] | None:
-    """--partition i/N, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE (from ``env``), else None: the whole
-    build."""
-    if value:
-        try:
-            i, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise SptokError(f"--partition: expected i/N such as 0/4, got {value!r}") from None
-        src = "--partition"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
-        src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-        src = "RANK/WORLD_SIZE"
-    else:
-        return None
-    if not (n >= 1 and 0 <= i < n):
-        raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
-    return (i, n) if n > 1 else None
-
-
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
            pool: WorkerPool | None) -> BuildResult:
     work = os.path.join(out, WORK)

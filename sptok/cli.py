@@ -15,7 +15,7 @@ from . import __version__
 from .encoders import CHOICES as ENCODERS
 from .errors import SptokError
 from .extras import available, require
-from .options import TAILS
+from .options import TAILS, partition_of
 from .sp import POLICIES
 from .sp_layout import POSITIONS
 from .tokenizer import MODELS
@@ -87,7 +87,7 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
 def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
-    from .build import partition_of, run_build
+    from .build import run_build
     from .encoders import describe
     from .remote import is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats

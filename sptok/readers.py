@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from .compression import sniff
 from .errors import SptokError
-from .manifest import Manifest, Unit, plan_units
+from .manifest import Unit
 
 BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
 READ_CHUNK = 4 << 20        # bytes read from a file at once
@@ -435,23 +435,6 @@ def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iter
     rejects = Rejects(source=unit.source)
     for batch in read_unit(unit, text_field, id_field, rejects):
         yield from batch.texts
-
-
-def sample_texts(manifest: Manifest, budget: int) -> Iterator[str]:
-    """The first texts of every source, about ``budget / sources`` characters of each, source after source:
-    every source is represented even under a small budget (what `sptok tokenizer train` learns from)."""
-    units = plan_units(manifest, 64 << 20)
-    per_source = budget // max(1, len(manifest.sources))
-    for src in manifest.sources:
-        used = 0
-        for u in (u for u in units if u.source == src.name):
-            for t in iter_texts(u, src.text_field):
-                yield t
-                used += len(t)
-                if used >= per_source:
-                    break
-            if used >= per_source:
-                break
 
 
 # Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes) -> batches. A new format needs

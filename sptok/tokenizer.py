@@ -14,7 +14,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import SptokError
 from .layout import TOKENIZER_JSON
@@ -165,16 +165,35 @@ def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int
     sources), add its SPs and special delimiter, write the tokenizer to ``out``. Returns (tokenizer, SPs,
     delimiter or None)."""
     from .options import parse_size
-    from .readers import sample_texts
 
     m, sps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
     budget = parse_size(max_bytes, "--max-bytes")
     if vocab_size < 64:
         raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
     added = sps + ([delim] if delim else [])
-    tok = train(sample_texts(m, budget), model, vocab_size, added)
+    tok = train(training_texts(m, budget), model, vocab_size, added)
     save_tokenizer_dir(tok, out, default_roles(tok), added)
     return tok, sps, delim
+
+
+def training_texts(manifest, budget: int) -> Iterator[str]:
+    """The first texts of every source, about ``budget / sources`` characters of each, source after source:
+    every source is represented even under a small budget (what `sptok tokenizer train` learns from)."""
+    from .manifest import plan_units
+    from .readers import iter_texts
+
+    units = plan_units(manifest, 64 << 20)
+    per_source = budget // max(1, len(manifest.sources))
+    for src in manifest.sources:
+        used = 0
+        for u in (u for u in units if u.source == src.name):
+            for t in iter_texts(u, src.text_field):
+                yield t
+                used += len(t)
+                if used >= per_source:
+                    break
+            if used >= per_source:
+                break
 
 
 def extend_for(tokenizer_path: str, out: str, extra: list[str], manifest_path: str | None = None,

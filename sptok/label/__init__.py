@@ -66,10 +66,8 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
     def warn(m):
         say(f"warning: {m}")
 
-    for flag, value, allowed in (("--device", device, DEVICES), ("--precision", precision, PRECISIONS)):
-        if value not in allowed:
-            raise SptokError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
-    in_fmt, out_fmt = _validate(input, out, mode, source_field, do_eval, predict, top_k, batch_size, input_format)
+    in_fmt, out_fmt = _validate(input, out, mode, source_field, do_eval, predict, top_k, batch_size, input_format,
+                                device, precision)
     table = load_table(model)
     scorer = Scorer(table, device=device, precision=precision, max_tokens=max_tokens, load_model=predict)
     note = training_warning(table) if predict else None
@@ -112,10 +110,12 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
 
 
 def _validate(input: str, out: str, mode, source_field, do_eval: bool, predict: bool, top_k: int, batch_size: int,
-              input_format) -> tuple[str, str]:
+              input_format, device: str, precision: str) -> tuple[str, str]:
     """Every check of the arguments that needs no file read; returns the input's and the output's formats."""
-    if mode is not None and mode not in MODES:
-        raise SptokError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    for flag, value, allowed in (("--mode", mode, MODES + (None,)), ("--device", device, DEVICES),
+                                 ("--precision", precision, PRECISIONS)):
+        if value not in allowed:
+            raise SptokError(f"{flag} {value!r}: expected one of {', '.join(a for a in allowed if a)}")
     if mode == "manual" and not source_field:
         raise SptokError("--mode manual needs --source-field: the field naming each row's source")
     if do_eval and not source_field:
