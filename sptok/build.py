@@ -8,7 +8,6 @@ plan order. So 1 or 8 workers, a resumed run, and a partitioned run merged after
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -19,13 +18,15 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SptokError
-from .finalize import FAILED, MARKER, PARTITION, WORK, clear_outputs, finalize, fingerprint_of, write_json
+from . import layout
+from .finalize import clear_outputs, finalize, fingerprint_of
+from .layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
-from .sp import SPEntry, sp_strings
+from .sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
-from .tokenizer import (default_roles, extend, find_eos, find_pad, is_special_delimiter, load_tokenizer,
-                        save_tokenizer_dir, literal_specials)
+from .tokenizer import (default_roles, extend, find_eos, find_pad, literal_specials, load_tokenizer,
+                        save_tokenizer_dir, sp_tokens)
 from .runner import WorkerPool, run_units
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
@@ -72,17 +73,16 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     plan, tok, units = make_plan(manifest, opts)
     state = _prepare_out(out, plan, overwrite, log)
     if state == "complete":
-        with open(os.path.join(out, MARKER)) as f:
-            info = json.load(f)
+        info = layout.read_json(os.path.join(out, MARKER))
         if opts.strict:
             _refuse_skipped(out)
         return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
-        save_tokenizer_dir(tok, os.path.join(work, "tokenizer"), plan["tokenizer"]["roles"],
+        save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
                            plan["tokenizer"]["added_specials"], model_max_length=opts.seq_len)
-        write_json(os.path.join(work, "plan.json"), plan)
-    shutil.rmtree(os.path.join(work, "tmp"), ignore_errors=True)
+        write_json(os.path.join(work, layout.PLAN), plan)
+    shutil.rmtree(os.path.join(work, layout.TMP), ignore_errors=True)
     part_file = os.path.join(work, PARTITION)
     if partition is not None and partition[1] > 1:   # what `sptok show` & co. say about this directory
         write_json(part_file, {"index": partition[0], "count": partition[1]})
@@ -104,7 +104,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units))
-    info = finalize(plan, {u.uid: unit_dir(work, u) for u in units}, out, os.path.join(work, "tokenizer"))
+    info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER))
     shutil.rmtree(work, ignore_errors=True)
     return BuildResult(out, info, committed, len(units))
 
@@ -119,7 +119,8 @@ def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: Buil
     except EncoderMismatch as e:
         if opts.encoder != "auto":
             raise
-        built = [u for u in mine if is_committed(work, u) and _unit_encoder(work, u).split()[0] == name]
+        built = [u for u in mine if is_committed(work, u)
+                 and layout.read_result(unit_dir(work, u))["encoder"].split()[0] == name]
         for u in built:
             shutil.rmtree(unit_dir(work, u))
         if not opts.quiet:
@@ -128,24 +129,18 @@ def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: Buil
         run_units(work, [u for u in mine if not is_committed(work, u)], opts, "hf", pool, on_done=watch.unit_done)
 
 
-def _unit_encoder(work: str, unit: Unit) -> str:
-    with open(os.path.join(unit_dir(work, unit), "result.json")) as f:
-        return json.load(f)["encoder"]
-
-
 # ------------------------------------------------------------------------------------------------ plan
 
 def make_plan(manifest: Manifest, opts: BuildOptions):
     """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs."""
-    names = [s.name for s in manifest.sources]
-    sps = sp_strings(names, opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    sps, special = sp_tokens(manifest, opts)
+    special_delim = special is not None
     if opts.policy != "custom" and any(s.sp for s in manifest.sources):
         print(f"note: `sp:` values in the manifest are used only with --policy custom (now {opts.policy})",
               file=sys.stderr)
     lt = load_tokenizer(opts.tokenizer)
     with open(lt.path, "rb") as f:
         base_sha = hashlib.sha256(f.read()).hexdigest()
-    special_delim = bool(opts.delimiter) and is_special_delimiter(opts.delimiter)
     if opts.delimiter in sps:
         raise SptokError(f"SP token clash: --delimiter {opts.delimiter} is also the SP of a source")
     ids = extend(lt, sps, opts.delimiter if special_delim else None)
@@ -195,12 +190,12 @@ def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
     """Fail before anything is written when a source cannot give a document: a field or column that is
     not there (checked in every table file's schema, and in the first JSONL records), or a first unit
     without one document when it is the source's only unit (then the whole source was read)."""
-    from .readers import Rejects, read_unit, schema_problem, table_schema
+    from .readers import TABLES, Rejects, read_unit, schema_problem, table_schema
 
     for src in manifest.sources:
         where = f"manifest {manifest.path}: source {src.name!r}"
         mine = [u for u in units if u.source == src.name]
-        if src.format in ("parquet", "hf"):
+        if src.format in TABLES:
             for path, rel in dict.fromkeys((u.path, u.relpath) for u in mine):
                 problem = schema_problem(table_schema(path, src.format, rel), src.text_field, src.id_field)
                 if problem:
@@ -253,7 +248,7 @@ class _SourceWatch:
             self._check(unit.source)
 
     def _check(self, name: str) -> None:
-        results = [_read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
+        results = [layout.read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
         problem = source_problem(name, results, self.holdout_docs)
         if problem:
             write_json(os.path.join(self.work, FAILED), {"error": problem})
@@ -276,11 +271,6 @@ def source_problem(name: str, results: list[dict], holdout_docs: int | None = No
         for k, v in r["examples"].items():
             examples.setdefault(k, v)
     return no_documents(name, dict(rejected), examples)
-
-
-def _read_result(d: str) -> dict:
-    with open(os.path.join(d, "result.json")) as f:
-        return json.load(f)
 
 
 def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> list[str]:
@@ -315,8 +305,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         return "fresh"
     if os.path.exists(marker):
         try:
-            with open(marker) as f:
-                old = json.load(f)
+            old = layout.read_json(marker)
         except (OSError, ValueError):
             old = {}
         if old.get("fingerprint") == plan["fingerprint"]:
@@ -324,8 +313,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         raise SptokError(f"--out {out}: already holds a complete build of different inputs or options "
                          f"({describe_changes(old, plan) or 'fingerprint differs'}); pass --overwrite to replace it")
     try:
-        with open(os.path.join(work, "plan.json")) as f:
-            old = json.load(f)
+        old = layout.read_json(os.path.join(work, layout.PLAN))
     except (OSError, ValueError):
         shutil.rmtree(work)
         return "fresh"
@@ -396,33 +384,31 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
     """
     plans = []
     for p in parts:
-        path = os.path.join(p, WORK, "plan.json")
+        path = os.path.join(p, WORK, layout.PLAN)
         if os.path.exists(os.path.join(p, MARKER)):
             raise SptokError(f"{p}: already a complete build, not a partition; merge only --partition outputs")
         try:
-            with open(path) as f:
-                plans.append(json.load(f))
+            plans.append(layout.read_json(path))
         except (OSError, ValueError):
-            raise SptokError(f"{p}: not a partition of an sptok build (no {WORK}/plan.json)") from None
+            raise SptokError(f"{p}: not a partition of an sptok build (no {WORK}/{layout.PLAN})") from None
     plan = plans[0]
     for p, other in zip(parts[1:], plans[1:]):
         if other["fingerprint"] != plan["fingerprint"]:
             raise SptokError(f"{p} is a partition of another build than {parts[0]}: "
                              f"{describe_changes(plan, other) or 'the plans differ'}")
-    unit_dirs: dict[str, str] = {}
+    unit_dirs: dict[int, str] = {}
     for p in parts:
         for u in plan["units"]:
-            uid = f"u{u['index']:06d}"
-            d = os.path.join(p, WORK, "units", uid)
-            if uid not in unit_dirs and os.path.exists(os.path.join(d, "result.json")):
-                unit_dirs[uid] = d
-    missing = [u for u in plan["units"] if f"u{u['index']:06d}" not in unit_dirs]
+            d = layout.unit_dir(os.path.join(p, WORK), u["index"])
+            if u["index"] not in unit_dirs and layout.is_committed(d):
+                unit_dirs[u["index"]] = d
+    missing = [u for u in plan["units"] if u["index"] not in unit_dirs]
     if missing:
         first = ", ".join(f"{u['file']} (unit {u['index']})" for u in missing[:3])
         raise SptokError(f"cannot merge: {len(missing)} of {len(plan['units'])} units are committed in none of the "
                          f"given directories (first: {first}); finish or add the missing partitions")
     for src in plan["manifest"]["sources"]:
-        problem = source_problem(src["name"], [_read_result(unit_dirs[f"u{u['index']:06d}"])
+        problem = source_problem(src["name"], [layout.read_result(unit_dirs[u["index"]])
                                                for u in plan["units"] if u["source"] == src["name"]],
                                  plan["options"].get("holdout_docs"))
         if problem:
@@ -433,4 +419,4 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
         if not overwrite:
             raise SptokError(f"--out {out}: already holds a complete build; pass --overwrite to replace it")
         shutil.rmtree(out)
-    return finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, "tokenizer"))
+    return finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, layout.TOKENIZER))

@@ -1,6 +1,8 @@
 """What a reader needs to know about a build: its SP table, special ids and layout, from sptok.json.
 
-Core (numpy and tokenizers only): ``sptok show`` and ``report`` use it as much as ``sptok.data`` does."""
+Core (numpy and tokenizers only): ``sptok show`` and ``report`` use it as much as ``sptok.data`` does. What
+sptok.json says is read once, by ``BuildSpec``; this adds what only the tokenizer knows (its vocabulary and
+special tokens)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import layout as build_dir
 from .errors import SptokError
-from .finalize import load_build
+from .sp_layout import SPLayout
+from .spec import BuildSpec
 
 
 @dataclass
@@ -21,6 +25,7 @@ class BuildInfo:
     seq_len: int
     position: str               # prefix | post | both
     sources: list[str]          # by source id
+    sps: list[str]              # SP string by source id
     weights: list[float]        # manifest weights, by source id
     sp_ids: np.ndarray          # SP token id by source id
     delimiter_ids: np.ndarray   # delimiter token ids (may be empty)
@@ -35,51 +40,36 @@ class BuildInfo:
     is_sp: np.ndarray = field(repr=False, default=None)          # bool by token id: an SP
     tokenizer_dir: str = ""
     raw: dict = field(repr=False, default_factory=dict)
+    layout: SPLayout = field(repr=False, default=None)           # where SPs, the delimiter and EOS sit
 
     @classmethod
     def load(cls, out: str) -> "BuildInfo":
         from tokenizers import Tokenizer
 
-        info = load_build(out)
-        tdir = os.path.join(out, "tokenizer")
+        spec = BuildSpec.parse(build_dir.load_build(out), os.path.join(out, build_dir.MARKER))
+        tdir = os.path.join(out, build_dir.TOKENIZER)
         try:
-            tok = Tokenizer.from_file(os.path.join(tdir, "tokenizer.json"))
+            tok = Tokenizer.from_file(os.path.join(tdir, build_dir.TOKENIZER_JSON))
         except Exception as e:  # tokenizers raises a bare Exception
             raise SptokError(f"{tdir}/tokenizer.json: cannot load the build's tokenizer ({e})") from None
-        roles = info["tokenizer"].get("roles", {})
-        n = len(info["sp_table"])
-        sp_ids = np.zeros(n, np.int64)
-        for e in info["sp_table"]:
-            sp_ids[e["source_id"]] = e["token_id"]
         vocab = tok.get_vocab_size(with_added_tokens=True)
+        sp_ids = spec.sp_ids
         special = sorted({i for i, t in tok.get_added_tokens_decoder().items() if t.special} | set(sp_ids.tolist()))
         special_ids = np.array(special, np.int64)
-        ordinary = np.setdiff1d(np.arange(vocab, dtype=np.int64), special_ids)
         is_special = np.zeros(vocab, bool)
         is_special[special_ids] = True
         is_sp = np.zeros(vocab, bool)
         is_sp[sp_ids] = True
-        sources = sorted(info["manifest"]["sources"], key=lambda s: s["source_id"])
-
-        def role(name):
-            tokstr = roles.get(name)
-            return tok.token_to_id(tokstr) if tokstr else None
-
-        return cls(path=out, format=info["format"], fingerprint=info["fingerprint"],
-                   seq_len=info["options"]["seq_len"], position=info["options"]["position"],
-                   sources=[s["name"] for s in sources], weights=[float(s.get("weight", 1.0)) for s in sources],
-                   sp_ids=sp_ids, delimiter_ids=np.array(info["delimiter"]["ids"], np.int64),
-                   delimiter_special=bool(info["delimiter"]["special"]), eos_id=int(info["eos"]["id"]),
-                   pad_id=info["pad"]["id"], mask_id=role("mask_token"), vocab_size=vocab,
-                   special_ids=special_ids, ordinary_ids=ordinary, is_special=is_special, is_sp=is_sp, tokenizer_dir=tdir,
-                   raw=info)
+        mask = spec.roles.get("mask_token")
+        lay = spec.layout
+        return cls(path=out, format=spec.format, fingerprint=spec.fingerprint, seq_len=spec.seq_len,
+                   position=lay.position, sources=spec.sources, sps=spec.sps, weights=spec.weights, sp_ids=sp_ids,
+                   delimiter_ids=np.array(lay.delimiter_ids, np.int64), delimiter_special=lay.delimiter_special,
+                   eos_id=lay.eos_id, pad_id=spec.pad_id, mask_id=tok.token_to_id(mask) if mask else None,
+                   vocab_size=vocab, special_ids=special_ids,
+                   ordinary_ids=np.setdiff1d(np.arange(vocab, dtype=np.int64), special_ids), is_special=is_special,
+                   is_sp=is_sp, tokenizer_dir=tdir, raw=spec.raw, layout=lay)
 
     def is_post(self, s: dict) -> np.ndarray:
-        """Which SPs of sample ``s`` are post SPs (text, delim, SP, EOS) rather than prefix SPs (SP, delim, text)."""
-        pos = s["sp_positions"]
-        if self.position != "both":
-            return np.full(len(pos), self.position == "post")
-        ids = s["input_ids"]
-        starts_doc = np.isin(pos, s["doc_offsets"][1:])       # a prefix SP begins its document's segment
-        next_is_eos = (pos + 1 < len(ids)) & (ids[np.minimum(pos + 1, len(ids) - 1)] == self.eos_id)
-        return ~starts_doc & ((pos > 0) | next_is_eos)        # at 0 (a continued segment) only EOS tells
+        """Which SPs of sample ``s`` are post SPs rather than prefix SPs (``SPLayout.is_post``)."""
+        return self.layout.is_post(s)

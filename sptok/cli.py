@@ -12,8 +12,14 @@ import sys
 import click
 
 from . import __version__
+from .encoders import CHOICES as ENCODERS
 from .errors import SptokError
 from .extras import available, require
+from .options import TAILS, partition_of
+from .sp import POLICIES
+from .sp_layout import POSITIONS
+from .tokenizer import MODELS
+from .writers import FORMATS as OUTPUT_FORMATS
 
 
 class _Group(click.Group):
@@ -46,28 +52,6 @@ def main():
     """Source-prompt tokenization of multi-source corpora (arXiv 2311.09732)."""
 
 
-def _partition(value: str | None) -> tuple[int, int] | None:
-    """--partition i/N, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else the whole build."""
-    env = os.environ
-    if value:
-        try:
-            i, n = (int(x) for x in value.split("/"))
-        except ValueError:
-            raise SptokError(f"--partition: expected i/N such as 0/4, got {value!r}") from None
-        src = "--partition"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
-        src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
-        src = "RANK/WORLD_SIZE"
-    else:
-        return None
-    if not (n >= 1 and 0 <= i < n):
-        raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
-    return (i, n) if n > 1 else None
-
-
 @main.command()
 @click.argument("manifest", type=click.Path())
 @click.option("--out", "-o", required=True, help="Output directory, or a remote such as s3://bucket/path (built in "
@@ -75,22 +59,21 @@ def _partition(value: str | None) -> tuple[int, int] | None:
 @click.option("--local", "local_dir", type=click.Path(), help="Local staging directory for a remote --out "
                                                                "[~/.cache/sptok/builds/...].")
 @click.option("--tokenizer", help="tokenizer.json or a Hugging Face tokenizer directory (local).")
-@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]),
-              help="SP naming policy [abbreviation].")
-@click.option("--position", type=click.Choice(["prefix", "post", "both"]), help="Where the SP goes [prefix].")
+@click.option("--policy", type=click.Choice(POLICIES), help="SP naming policy [abbreviation].")
+@click.option("--position", type=click.Choice(POSITIONS), help="Where the SP goes [prefix].")
 @click.option("--delimiter", help="Between SP and text: a special token like <SPSEP> [default], or plain text "
                                   "like ': '; '' for none.")
 @click.option("--insert-prob", type=float, help="Probability that a document gets its SP [1.0].")
 @click.option("--msp-prob", type=float, help="Probability that an inserted SP is masked for MSP [0.0].")
 @click.option("--seq-len", type=int, help="Tokens per sample [2048].")
 @click.option("--seed", type=int, help="Seed of every random decision [0].")
-@click.option("--tail", type=click.Choice(["keep", "pad", "drop"]), help="Last short sample of a source [keep].")
-@click.option("--format", "fmt", type=click.Choice(["mds", "parquet", "arrow"]), help="Shard format [mds].")
+@click.option("--tail", type=click.Choice(TAILS), help="Last short sample of a source [keep].")
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), help="Shard format [mds].")
 @click.option("--eos", help="End-of-document token [the tokenizer's eos, e.g. <|endoftext|>].")
 @click.option("--unit-size", help="Input bytes per work unit [16MB].")
 @click.option("--shard-size", help="Uncompressed bytes per MDS shard [64MiB].")
 @click.option("--workers", type=int, help="Worker processes [one per CPU].")
-@click.option("--encoder", type=click.Choice(["auto", "fast", "hf", "gigatoken", "riptoken", "tiktoken"]),
+@click.option("--encoder", type=click.Choice(ENCODERS),
               help="auto: the fastest exact encoder, else Hugging Face's; fast: the fastest exact one or stop; or "
                    "one by name [auto].")
 @click.option("--partition", help="Build only slice i/N of the work units (then `sptok merge`).")
@@ -110,7 +93,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     from .stats import format_table, load_stats
 
     flags["format"] = fmt
-    part = _partition(partition)
+    part = partition_of(partition, os.environ)
     remote = out if is_remote(out) else None
     if remote:
         require("remote", f"--out {remote}")
@@ -366,6 +349,8 @@ def export(checkpoint, out):
 @click.option("--pair-field", help="A second text field: the document is text + --pair-sep + pair.")
 @click.option("--pair-sep", default="\n", help="Joins --text-field and --pair-field [a newline].")
 @click.option("--source-field", help="The field naming each row's source (name or SP): for --mode manual, --eval.")
+# The label choices are written out here: sptok.label, where they live (MODES, DEVICES, PRECISIONS, FORMATS), needs
+# the train extra, and `sptok label --help` must work without it; tests/test_cli.py holds the two to each other.
 @click.option("--mode", type=click.Choice(["manual", "auto", "random", "none"]),
               help="Also write the fine-tuning input sp_input with this SP: the given source's (manual), the "
                    "predicted (auto), a seeded random one (random) or none.")
@@ -408,59 +393,22 @@ def tokenizer():
     """Train or extend tokenizers with SP tokens."""
 
 
-def _sp_and_delim(manifest_path, policy, delimiter, seed):
-    from .manifest import load_manifest
-    from .sp import sp_strings
-    from .tokenizer import DEFAULT_DELIMITER, is_special_delimiter
-
-    m = load_manifest(manifest_path)
-    policy = policy or m.build.get("policy", "abbreviation")
-    delimiter = m.build.get("delimiter", DEFAULT_DELIMITER) if delimiter is None else delimiter
-    sps = sp_strings([s.name for s in m.sources], policy, seed or m.build.get("seed", 0), [s.sp for s in m.sources])
-    return m, sps, (delimiter if delimiter and is_special_delimiter(delimiter) else None)
-
-
 @tokenizer.command("train")
 @click.argument("manifest", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="Directory for tokenizer.json and configs.")
 @click.option("--vocab-size", type=int, default=32000, show_default=True)
-@click.option("--model", type=click.Choice(["bpe", "wordpiece", "unigram"]), default="bpe", show_default=True,
+@click.option("--model", type=click.Choice(MODELS), default="bpe", show_default=True,
               help="bpe: byte-level BPE (decoders); wordpiece: BERT-style; unigram: T5-style.")
-@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]),
+@click.option("--policy", type=click.Choice(POLICIES),
               help="SP naming policy whose SP tokens to add [manifest's, else abbreviation].")
 @click.option("--delimiter", help="Delimiter to add when it is a special token [<SPSEP>].")
 @click.option("--seed", type=int, default=None)
 @click.option("--max-bytes", default="200MB", show_default=True, help="Train on at most this much text.")
 def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, max_bytes):
     """Train a tokenizer on MANIFEST's text, with SP, delimiter and the usual special tokens."""
-    from .manifest import plan_units
-    from .options import parse_size
-    from .readers import iter_texts
-    from .tokenizer import default_roles, save_tokenizer_dir, train
+    from .tokenizer import train_for_manifest
 
-    m, sps, delim = _sp_and_delim(manifest, policy, delimiter, seed)
-    budget = parse_size(max_bytes, "--max-bytes")
-    if vocab_size < 64:
-        raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
-    units = plan_units(m, 64 << 20)
-    srcs = {s.name: s for s in m.sources}
-
-    def texts():
-        # round-robin over sources so every source is represented even under a small budget
-        per_source = budget // max(1, len(m.sources))
-        for src in m.sources:
-            used = 0
-            for u in (u for u in units if u.source == src.name):
-                for t in iter_texts(u, srcs[u.source].text_field):
-                    yield t
-                    used += len(t)
-                    if used >= per_source:
-                        break
-                if used >= per_source:
-                    break
-
-    tok = train(texts(), model, vocab_size, sps + ([delim] if delim else []))
-    save_tokenizer_dir(tok, out, default_roles(tok), sps + ([delim] if delim else []))
+    tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed)
     got = tok.get_vocab_size()
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {got}, "
                f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))
@@ -475,25 +423,14 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
 @click.option("--manifest", type=click.Path(), help="Add the SPs of this manifest's sources.")
 @click.option("--sp", "extra", multiple=True, help="An SP string to add (repeatable).")
 @click.option("--out", "-o", required=True, type=click.Path())
-@click.option("--policy", type=click.Choice(["abbreviation", "alphabet", "misplaced", "custom"]))
+@click.option("--policy", type=click.Choice(POLICIES))
 @click.option("--delimiter", help="Delimiter to add when it is a special token [<SPSEP>].")
 @click.option("--seed", type=int, default=None)
 def tokenizer_extend(tokenizer_path, manifest, extra, out, policy, delimiter, seed):
     """Add SP tokens (and a special delimiter) to an existing tokenizer as special tokens."""
-    from .tokenizer import DEFAULT_DELIMITER, default_roles, extend, is_special_delimiter, load_tokenizer, \
-        save_tokenizer_dir
+    from .tokenizer import extend_for
 
-    sps, delim = list(extra), None
-    if manifest:
-        _, msps, delim = _sp_and_delim(manifest, policy, delimiter, seed)
-        sps = msps + [s for s in sps if s not in msps]
-    elif delimiter is None or is_special_delimiter(delimiter or ""):
-        delim = delimiter if delimiter is not None else DEFAULT_DELIMITER
-    if not sps:
-        raise SptokError("nothing to add: give --manifest or --sp")
-    lt = load_tokenizer(tokenizer_path)
-    ids = extend(lt, sps, delim)
-    save_tokenizer_dir(lt.tok, out, {**default_roles(lt.tok), **lt.roles}, sps + ([delim] if delim else []))
+    ids = extend_for(tokenizer_path, out, list(extra), manifest, policy, delimiter, seed)
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: " + ", ".join(f"{k}={v}" for k, v in ids.items()))
 
 

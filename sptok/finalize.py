@@ -16,47 +16,12 @@ from collections import Counter
 
 import numpy as np
 
-from . import __version__
-from .errors import SptokError
-from .holdout import FILE as HOLDOUT_FILE, SPLIT_DIR, Held, smallest
+from . import layout
+from .holdout import Held, smallest
+from .layout import MARKER, write_json
 from .pack import Packer, Stream, pad
 from .stats import HIST_BINS, source_stats, totals
-from .writers import open_writer, write_mds_index
-
-WORK = ".sptok"
-MARKER = "sptok.json"
-FAILED = "failed.json"         # in WORK: why the build cannot complete (a source without documents)
-PARTITION = "partition.json"   # in WORK: this directory builds partition i/N (join with `sptok merge`)
-# per-source list of Parquet/Arrow files with their bytes and xxh64 (what `sptok verify` checks); the leading
-# underscore keeps pyarrow's and datasets' directory discovery from taking it for a data file
-TABLE_INDEX = "_files.json"
-
-
-def load_build(out: str) -> dict:
-    """The ``sptok.json`` of a complete build, or a one-line error saying what the directory is."""
-    path = os.path.join(out, MARKER)
-    if not os.path.isdir(out):
-        raise SptokError(f"{out}: no such build directory")
-    if not os.path.exists(path):
-        work = os.path.join(out, WORK)
-        if os.path.exists(os.path.join(work, FAILED)):
-            raise SptokError(f"{out}: the build failed: {_read_json(os.path.join(work, FAILED))['error']}")
-        if os.path.exists(os.path.join(work, PARTITION)):
-            p = _read_json(os.path.join(work, PARTITION))
-            raise SptokError(f"{out}: partition {p['index']}/{p['count']} of a build, not a whole build: join all "
-                             f"{p['count']} partition directories with `sptok merge PART ... --out DIR` and read DIR")
-        if os.path.isdir(work):
-            raise SptokError(f"{out}: the build is incomplete (no {MARKER}); run the same `sptok build` "
-                             f"command again to resume it")
-        raise SptokError(f"{out}: not an sptok build (no {MARKER})")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SptokError(f"{path}: unreadable ({e})") from None
-    if not isinstance(info, dict) or "sp_table" not in info:
-        raise SptokError(f"{path}: not an sptok build description")
-    return info
+from .writers import open_writer
 
 
 def _link(src: str, dst: str) -> None:
@@ -66,9 +31,9 @@ def _link(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str) -> dict:
+def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str) -> dict:
     """Write the per-source shards, indexes, rejects, stats, tokenizer, the validation split when there is
-    one, and finally sptok.json."""
+    one, and finally sptok.json. ``unit_dirs``: the committed directory of each unit, by unit index."""
     opts = plan["options"]
     fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
@@ -78,28 +43,28 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
     for src in plan["manifest"]["sources"]:
         name = src["name"]
         units = [u for u in plan["units"] if u["source"] == name]
-        results = [_read_json(os.path.join(unit_dirs[_uid(u)], "result.json")) for u in units]
+        dirs = [unit_dirs[u["index"]] for u in units]
+        results = [layout.read_result(d) for d in dirs]
         encoders.update(r["encoder"] for r in results)
         sdir = os.path.join(out, name)
         os.makedirs(sdir)
         entries = []
-        for u, r in zip(units, results):
+        for d, r in zip(dirs, results):
             for f in r["files"]:
-                entries.append(_place(os.path.join(unit_dirs[_uid(u)], _basename(f, fmt)), sdir, f, fmt,
-                                      len(entries)))
+                entries.append(_place(os.path.join(d, _basename(f, fmt)), sdir, f, fmt, len(entries)))
         back = held[name][1] if held else [Held.empty()] * len(units)
-        streams = (s for u, b in zip(units, back) for s in (_load_tail(unit_dirs[_uid(u)]), b.stream))
+        streams = (s for d, b in zip(dirs, back) for s in (Stream.load(os.path.join(d, layout.TAIL)), b.stream))
         extra = _pack_streams(plan, streams, src, sdir, entries)
         for b in back:
             extra.update(b.totals())
         extra["hist"] = np.bincount(np.concatenate([b.bins for b in back]), minlength=HIST_BINS).tolist()
         indexes[name] = entries
-        _gather_rejects(out, name, [unit_dirs[_uid(u)] for u in units])
+        _gather_rejects(out, name, dirs)
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
     stats = {"sources": per_source, "totals": totals(per_source)}
-    write_json(os.path.join(out, "stats.json"), stats)
-    shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
+    write_json(os.path.join(out, layout.STATS), stats)
+    shutil.copytree(tokenizer_dir, os.path.join(out, layout.TOKENIZER))
     info = _describe(plan, per_source)
     # which encoder built how many units: how the build ran, the one record here that may differ between
     # builds of the same bytes (worker counts, resumes and partitions may each have used another encoder)
@@ -109,30 +74,12 @@ def finalize(plan: dict, unit_dirs: dict[str, str], out: str, tokenizer_dir: str
                                             info["encoder"])
     # What makes a directory readable (the MDS indexes) goes last, right before sptok.json, so an
     # interrupted finalize leaves nothing a reader would take for complete (a resume removes it all).
-    _write_indexes(out, fmt, indexes)
+    layout.write_indexes(out, fmt, indexes)
     write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
 
 
-def _write_indexes(out: str, fmt: str, indexes: dict[str, list[dict]]) -> None:
-    """Each source's index (MDS index.json, or _files.json), then the merged MDS index."""
-    merged = []
-    for name, entries in indexes.items():
-        sdir = os.path.join(out, name)
-        if fmt != "mds":
-            write_json(os.path.join(sdir, TABLE_INDEX), {"version": 1, "format": fmt, "files": entries})
-            continue
-        write_mds_index(sdir, entries)
-        for e in entries:
-            e = json.loads(json.dumps(e))
-            for part in ("raw_data", "zip_data"):
-                e[part]["basename"] = f"{name}/{e[part]['basename']}"
-            merged.append(e)
-    if fmt == "mds":
-        write_mds_index(out, merged)
-
-
-def _held_out(plan: dict, unit_dirs: dict[str, str]) -> dict | None:
+def _held_out(plan: dict, unit_dirs: dict[int, str]) -> dict | None:
     """Per source: (its validation documents, and for each unit the held documents trained on after all),
     or None when the build has no validation split."""
     opts = plan["options"]
@@ -140,7 +87,7 @@ def _held_out(plan: dict, unit_dirs: dict[str, str]) -> dict | None:
         return None
     out = {}
     for src in plan["manifest"]["sources"]:
-        helds = [Held.load(os.path.join(unit_dirs[_uid(u)], HOLDOUT_FILE))
+        helds = [Held.load(os.path.join(unit_dirs[u["index"]], layout.HOLDOUT))
                  for u in plan["units"] if u["source"] == src["name"]]
         chosen = smallest(helds, opts["holdout_docs"]) if opts.get("holdout_docs") else [
             np.ones(len(h), bool) for h in helds]
@@ -154,7 +101,7 @@ def _held_out(plan: dict, unit_dirs: dict[str, str]) -> dict | None:
 def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, encoder: dict) -> dict:
     """OUT/validation: the held-out documents as a build of their own (same tokenizer, SP table and
     options), its fingerprint derived from the training build's. Returns what sptok.json says of it."""
-    vdir = os.path.join(out, SPLIT_DIR)
+    vdir = os.path.join(out, layout.SPLIT_DIR)
     fmt = plan["options"]["format"]
     per_source, indexes = {}, {}
     for src in plan["manifest"]["sources"]:
@@ -166,21 +113,18 @@ def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, 
         extra["hist"] = np.bincount(docs.bins, minlength=HIST_BINS).tolist()
         per_source[name] = source_stats([], extra)
         per_source[name]["files"] = len(indexes[name])
-    write_json(os.path.join(vdir, "stats.json"), {"sources": per_source, "totals": totals(per_source)})
-    shutil.copytree(os.path.join(out, "tokenizer"), os.path.join(vdir, "tokenizer"))
+    write_json(os.path.join(vdir, layout.STATS), {"sources": per_source, "totals": totals(per_source)})
+    shutil.copytree(os.path.join(out, layout.TOKENIZER), os.path.join(vdir, layout.TOKENIZER))
     info = _describe(plan, per_source)
-    info.update(split=SPLIT_DIR, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": SPLIT_DIR}),
+    split = layout.SPLIT_DIR
+    info.update(split=split, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": split}),
                 encoder=encoder)
-    _write_indexes(vdir, fmt, indexes)
+    layout.write_indexes(vdir, fmt, indexes)
     write_json(os.path.join(vdir, MARKER), info)
     opts = plan["options"]
     rule = {"docs_per_source": opts["holdout_docs"]} if opts.get("holdout_docs") else {"fraction": opts["holdout"]}
-    return {**rule, "dir": SPLIT_DIR, "fingerprint": info["fingerprint"],
+    return {**rule, "dir": split, "fingerprint": info["fingerprint"],
             "docs": {n: s["docs"] for n, s in per_source.items()}}
-
-
-def _uid(u: dict) -> str:
-    return f"u{u['index']:06d}"
 
 
 def _basename(f: dict, fmt: str) -> str:
@@ -191,18 +135,12 @@ def _place(src_path: str, sdir: str, f: dict, fmt: str, k: int) -> dict:
     """Link one unit file into the source directory as file number k; return its index entry."""
     e = json.loads(json.dumps(f))
     if fmt == "mds":
-        e["raw_data"]["basename"] = f"shard.{k:05}.mds"
-        e["zip_data"]["basename"] = f"shard.{k:05}.mds.zstd"
-        _link(src_path, os.path.join(sdir, e["zip_data"]["basename"]))
+        e["raw_data"]["basename"] = layout.mds_shard(k)
+        e["zip_data"]["basename"] = layout.data_file(k, fmt)
     else:
-        e["basename"] = f"data-{k:05}.{fmt}"
-        _link(src_path, os.path.join(sdir, e["basename"]))
+        e["basename"] = layout.data_file(k, fmt)
+    _link(src_path, os.path.join(sdir, _basename(e, fmt)))
     return e
-
-
-def _load_tail(unit_dir: str) -> Stream:
-    with np.load(os.path.join(unit_dir, "tail.npz")) as z:
-        return Stream(**{k: z[k] for k in z.files})
 
 
 def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]) -> Counter:
@@ -210,7 +148,7 @@ def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]
     add the files to ``entries``; returns the samples and tokens this added."""
     opts = plan["options"]
     seq_len, fmt = opts["seq_len"], opts["format"]
-    tmp = os.path.join(sdir, ".stitch")
+    tmp = os.path.join(sdir, layout.STITCH)
     os.makedirs(tmp)
     writer = open_writer(fmt, tmp, plan["input_ids_dtype"], opts["shard_size"])
     sid = src["source_id"]
@@ -237,12 +175,12 @@ def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]
 
 def _gather_rejects(out: str, name: str, dirs: list[str]) -> None:
     """Concatenate the units' quarantine files (zstd frames concatenate into one valid stream)."""
-    parts = [os.path.join(d, "rejects.jsonl.zst") for d in dirs]
+    parts = [os.path.join(d, layout.QUARANTINE) for d in dirs]
     parts = [p for p in parts if os.path.exists(p)]
     if not parts:
         return
-    os.makedirs(os.path.join(out, "rejects"), exist_ok=True)
-    with open(os.path.join(out, "rejects", f"{name}.jsonl.zst"), "wb") as dst:
+    os.makedirs(os.path.join(out, layout.REJECTS), exist_ok=True)
+    with open(layout.rejects_path(out, name), "wb") as dst:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, dst)
@@ -250,8 +188,7 @@ def _gather_rejects(out: str, name: str, dirs: list[str]) -> None:
 
 def clear_outputs(out: str, plan: dict) -> None:
     """Remove what an interrupted finalize may have left, so it can run again from scratch."""
-    for p in [MARKER, "index.json", "stats.json", "tokenizer", "rejects", SPLIT_DIR] + \
-             [s["name"] for s in plan["manifest"]["sources"]]:
+    for p in list(layout.TOP_LEVEL) + [s["name"] for s in plan["manifest"]["sources"]]:
         full = os.path.join(out, p)
         if os.path.isdir(full):
             shutil.rmtree(full)
@@ -264,7 +201,7 @@ def _describe(plan: dict, per_source: dict) -> dict:
                                  "input_ids_dtype", "inputs")}
     info["sptok_version"] = plan["sptok_version"]
     info["format"] = plan["options"]["format"]
-    info["tokenizer"] = dict(plan["tokenizer"], path="tokenizer")
+    info["tokenizer"] = dict(plan["tokenizer"], path=layout.TOKENIZER)
     info["fingerprint"] = plan["fingerprint"]
     info["units"] = len(plan["units"])
     info["counts"] = {name: {k: s[k] for k in ("docs", "samples", "sample_tokens")} for name, s in per_source.items()}
@@ -272,22 +209,6 @@ def _describe(plan: dict, per_source: dict) -> dict:
     return info
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic: a reader sees the old file, or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def fingerprint_of(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-
-__all__ = ["finalize", "load_build", "fingerprint_of", "WORK", "MARKER", "TABLE_INDEX", "__version__"]

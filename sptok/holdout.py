@@ -9,7 +9,7 @@ every SP decision, so the split does not depend on reading order, workers or par
                       finalize keeps the source's N smallest of those and trains on the others.
 
 Held-out documents are laid out exactly as training documents (SPs, delimiters, EOS, MSP flags) and packed
-into ``OUT/validation``, a build of its own that ``open_dataset``, ``verify`` and ``stats`` read.
+into ``OUT/validation`` (``layout.SPLIT_DIR``), a build of its own that ``open_dataset``, ``verify`` and ``stats`` read.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import numpy as np
 from .pack import Stream, concat, take_docs
 from .sp import SLOT_HOLDOUT, uniforms
 
-SPLIT_DIR = "validation"       # OUT/validation
-FILE = "holdout.npz"           # a unit's held-out documents
 # per-document counts kept with each held-out document, so either split's stats.json adds up
 DOC_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
             "sp_literals")
@@ -59,8 +57,7 @@ class Held:
     @staticmethod
     def load(path: str) -> "Held":
         with np.load(path) as z:
-            stream = Stream(z["ids"], z["seg_starts"], z["seg_keys"], z["sp_pos"], z["sp_masked"])
-            return Held(stream, z["u"], z["counts"], z["bins"])
+            return Held(Stream.from_npz(z), z["u"], z["counts"], z["bins"])
 
 
 def smallest(helds: list[Held], n: int) -> list[np.ndarray]:

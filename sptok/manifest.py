@@ -14,19 +14,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
+from .compression import sniff_file, strip_extension
 from .errors import SptokError
+from .layout import TOP_LEVEL
 
-FORMATS = ("jsonl", "parquet", "text", "hf")
-# `jsonl.gz` / `jsonl.zst` are accepted for readability; compression is detected from magic bytes.
-FORMAT_ALIASES = {"jsonl.gz": "jsonl", "jsonl.zst": "jsonl"}
-_EXT_FORMAT = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet",
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
-}
-_COMPRESSED_EXT = (".gz", ".zst", ".zstd")
-RESERVED_NAMES = {"tokenizer", "rejects", "validation", "index.json", "stats.json", "sptok.json"}
 
 
 @dataclass(frozen=True)
@@ -69,10 +62,6 @@ class Unit:
     files: tuple[tuple[str, str], ...] = ()   # text format: (path, relpath) of each file
     size: int = 0           # input bytes, for scheduling and progress
 
-    @property
-    def uid(self) -> str:
-        return f"u{self.index:06d}"
-
     def to_json(self) -> dict:
         return {"index": self.index, "source": self.source, "format": self.format, "file": self.relpath,
                 "start": self.start, "stop": self.stop, "files": [r for _, r in self.files], "size": self.size}
@@ -91,7 +80,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         if s["name"] in names:
             raise SptokError(f"manifest {path}: sources[{i}].name: duplicate source name {s['name']!r} "
                              f"(also sources[{names[s['name']]}]); every source needs a unique name")
-        if s["name"] in RESERVED_NAMES:
+        if s["name"] in TOP_LEVEL:
             raise SptokError(f"manifest {path}: sources[{i}].name: {s['name']!r} is reserved (the output directory "
                              f"has a file or folder of that name); choose another name")
         names[s["name"]] = i
@@ -230,7 +219,7 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
         unknown = [f for f, v in inferred.items() if v is None]
         if unknown:
             raise SptokError(f"{key}: cannot infer the format of {os.path.relpath(unknown[0], root)}; "
-                             f"set format: to one of jsonl, jsonl.gz, jsonl.zst, parquet, text, hf")
+                             f"set format: to one of {', '.join(format_names())}")
         kinds = set(inferred.values())
         if len(kinds) > 1:
             raise SptokError(f"{key}: files of several formats ({', '.join(sorted(kinds))}); "
@@ -254,12 +243,7 @@ def _is_hf_dir(path: str) -> bool:
 def _infer_format(path: str) -> str | None:
     if _is_hf_dir(path):
         return "hf"
-    name = path.lower()
-    for ext in _COMPRESSED_EXT:
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return _EXT_FORMAT.get(os.path.splitext(name)[1])
+    return _EXT_FORMAT.get(os.path.splitext(strip_extension(path.lower()))[1])
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -267,50 +251,50 @@ def _infer_format(path: str) -> str | None:
 def plan_units(manifest: Manifest, unit_size: int) -> list[Unit]:
     """Split every source into units of about ``unit_size`` input bytes, in manifest then file order."""
     units: list[Unit] = []
-
-    def add(**kw):
-        units.append(Unit(index=len(units), **kw))
-
     for src in manifest.sources:
-        common = dict(source=src.name, source_id=src.source_id, format=src.format)
-        if src.format == "text":
-            group: list[tuple[str, str]] = []
-            size = 0
-            for f in src.files:
-                group.append((f, manifest.relpath(f)))
-                size += os.path.getsize(f)
-                if size >= unit_size:
-                    add(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size, **common)
-                    group, size = [], 0
-            if group:
-                add(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size, **common)
-            continue
-        for f in src.files:
-            rel = manifest.relpath(f)
-            if src.format == "jsonl":
-                size = os.path.getsize(f)
-                if _is_compressed(f) or size <= unit_size:
-                    add(path=f, relpath=rel, start=0, stop=-1, size=size, **common)
-                else:
-                    for a in range(0, size, unit_size):
-                        add(path=f, relpath=rel, start=a, stop=min(a + unit_size, size),
-                            size=min(unit_size, size - a), **common)
-            elif src.format == "parquet":
-                for a, b, size in _parquet_groups(f, rel, unit_size):
-                    add(path=f, relpath=rel, start=a, stop=b, size=size, **common)
-            elif src.format == "hf":
-                for arrow_file in _hf_arrow_files(f):
-                    add(path=arrow_file, relpath=manifest.relpath(arrow_file), size=os.path.getsize(arrow_file),
-                        **common)
-            else:  # pragma: no cover - the schema admits no other value
-                raise AssertionError(f"unknown format {src.format}")
+        for kw in FORMATS[src.format].plan(src, manifest.relpath, unit_size):
+            units.append(Unit(index=len(units), source=src.name, source_id=src.source_id, format=src.format, **kw))
     return units
 
 
-def _is_compressed(path: str) -> bool:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    return magic[:2] == b"\x1f\x8b" or magic == b"\x28\xb5\x2f\xfd"
+def _plan_text(src: Source, relpath, unit_size: int) -> Iterator[dict]:
+    """Text files, one document each, grouped into units of about ``unit_size`` bytes."""
+    group: list[tuple[str, str]] = []
+    size = 0
+    for f in src.files:
+        group.append((f, relpath(f)))
+        size += os.path.getsize(f)
+        if size >= unit_size:
+            yield dict(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size)
+            group, size = [], 0
+    if group:
+        yield dict(path=group[0][0], relpath=group[0][1], files=tuple(group), size=size)
+
+
+def _plan_jsonl(src: Source, relpath, unit_size: int) -> Iterator[dict]:
+    """Byte ranges of ``unit_size`` (a line belongs to the unit holding its first byte); a compressed file whole."""
+    for f in src.files:
+        rel, size = relpath(f), os.path.getsize(f)
+        if sniff_file(f) or size <= unit_size:
+            yield dict(path=f, relpath=rel, start=0, stop=-1, size=size)
+            continue
+        for a in range(0, size, unit_size):
+            yield dict(path=f, relpath=rel, start=a, stop=min(a + unit_size, size), size=min(unit_size, size - a))
+
+
+def _plan_parquet(src: Source, relpath, unit_size: int) -> Iterator[dict]:
+    """Groups of row groups of about ``unit_size`` bytes."""
+    for f in src.files:
+        rel = relpath(f)
+        for a, b, size in _parquet_groups(f, rel, unit_size):
+            yield dict(path=f, relpath=rel, start=a, stop=b, size=size)
+
+
+def _plan_hf(src: Source, relpath, unit_size: int) -> Iterator[dict]:
+    """Each Arrow file of a `datasets` directory."""
+    for f in src.files:
+        for arrow_file in _hf_arrow_files(f):
+            yield dict(path=arrow_file, relpath=relpath(arrow_file), size=os.path.getsize(arrow_file))
 
 
 def _parquet_groups(path: str, rel: str, unit_size: int):
@@ -341,6 +325,30 @@ def _hf_arrow_files(path: str) -> list[str]:
         if not os.path.exists(f):
             raise SptokError(f"{path}: state.json lists {os.path.basename(f)}, which is missing")
     return files
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    extensions: tuple[str, ...]     # file endings it is inferred from (after any .gz / .zst / .zstd)
+    plan: Callable[[Source, Callable[[str], str], int], Iterator[dict]]   # (source, relpath, unit_size) -> units
+
+
+# The input formats: a new one needs an entry here, its reader in readers.py (READERS) and its name in
+# schemas/manifest.schema.json (tests/test_cli.py holds the schema to this table).
+FORMATS = {
+    "jsonl": InputFormat((".jsonl", ".json", ".ndjson"), _plan_jsonl),
+    "parquet": InputFormat((".parquet", ".pq"), _plan_parquet),
+    "text": InputFormat((".txt", ".text", ".md", ".rst"), _plan_text),
+    "hf": InputFormat((), _plan_hf),     # a directory written by datasets' save_to_disk (it holds state.json)
+}
+# `jsonl.gz` / `jsonl.zst` are accepted for readability; compression is detected from magic bytes.
+FORMAT_ALIASES = {"jsonl.gz": "jsonl", "jsonl.zst": "jsonl"}
+_EXT_FORMAT = {ext: name for name, f in FORMATS.items() for ext in f.extensions}
+
+
+def format_names() -> list[str]:
+    """What `format:` accepts, each format followed by its aliases."""
+    return [n for name in FORMATS for n in [name] + [a for a, to in FORMAT_ALIASES.items() if to == name]]
 
 
 def describe_sources(manifest: Manifest) -> list[dict]:

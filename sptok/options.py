@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, fields
 
 from .encoders import CHOICES as ENCODERS
 from .errors import SptokError
-from .sp import POLICIES, POSITIONS
+from .sp import POLICIES
+from .sp_layout import POSITIONS
 from .tokenizer import DEFAULT_DELIMITER
+from .writers import FORMATS
 
-TAILS = ("keep", "pad", "drop")
-FORMATS = ("mds", "parquet", "arrow")
+TAILS = ("keep", "pad", "drop")   # the last short sample of a source (finalize._pack_streams)
 
 
 def parse_size(value, flag: str) -> int:
@@ -117,3 +118,25 @@ class BuildOptions:
         merged = {k: v for k, v in manifest_defaults.items() if k in names}
         merged.update({k: v for k, v in flags.items() if v is not None and k in names})
         return cls(**merged)
+
+
+def partition_of(value: str | None, env) -> tuple[int, int] | None:
+    """--partition i/N, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE (from ``env``), else None: the whole
+    build."""
+    if value:
+        try:
+            i, n = (int(x) for x in value.split("/"))
+        except ValueError:
+            raise SptokError(f"--partition: expected i/N such as 0/4, got {value!r}") from None
+        src = "--partition"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+        src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        src = "RANK/WORLD_SIZE"
+    else:
+        return None
+    if not (n >= 1 and 0 <= i < n):
+        raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
+    return (i, n) if n > 1 else None

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .sp import Decisions
+from .sp_layout import SPLayout
 
 
 @dataclass
@@ -35,28 +36,33 @@ class Stream:
     def to_npz(self) -> dict:
         return {k: getattr(self, k) for k in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked")}
 
+    @staticmethod
+    def from_npz(z) -> "Stream":
+        """The stream saved with ``to_npz`` (in an open ``np.load``, which may hold other arrays too)."""
+        return Stream(z["ids"], z["seg_starts"], z["seg_keys"], z["sp_pos"], z["sp_masked"])
 
-@dataclass(frozen=True)
-class Layout:
-    """Where SPs, delimiters and EOS go around each document's text."""
-    sp_ids: np.ndarray        # SP token id per source id
-    delim_ids: np.ndarray     # delimiter token ids (one special token, or the ids of plain text; may be empty)
-    eos_id: int
-    prefix: bool              # SP before the text (prefix or both)
-    post: bool                # SP after the text (post or both)
+    def save(self, path: str) -> None:
+        np.savez(path, **self.to_npz())
+
+    @staticmethod
+    def load(path: str) -> "Stream":
+        with np.load(path) as z:
+            return Stream.from_npz(z)
 
 
-def assemble(flat: np.ndarray, text_len: np.ndarray, source_id: int, hashes: np.ndarray, dec: Decisions,
-             layout: Layout) -> tuple[Stream, dict]:
-    """Lay out documents as [SP delim] text [delim SP] EOS, SPs only where inserted.
+def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndarray, dec: Decisions,
+             layout: SPLayout) -> tuple[Stream, dict]:
+    """Lay out documents as the SP layout says ([SP delim] text [delim SP] EOS), SPs only where inserted.
 
-    ``flat`` holds the text token ids of all documents back to back, ``text_len`` how many each has.
-    Returns the stream and counts (text tokens, SPs inserted / masked, delimiter tokens, EOS tokens).
+    ``flat`` holds the text token ids of all documents back to back, ``text_len`` how many each has; ``sp_id``
+    is their source's SP. Returns the stream and counts (text tokens, SPs inserted / masked, delimiter
+    tokens, EOS tokens).
     """
     n = len(text_len)
     text_len = text_len.astype(np.int64)
     total_text = int(text_len.sum())
-    d = len(layout.delim_ids)
+    delim = np.array(layout.delimiter_ids, np.uint32)
+    d = len(delim)
     ins = dec.inserted
     pre_len = np.where(ins & layout.prefix, 1 + d, 0).astype(np.int64)
     post_len = np.where(ins & layout.post, 1 + d, 0).astype(np.int64)
@@ -68,32 +74,34 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, source_id: int, hashes: np.
     text_src = np.zeros(n, np.int64)
     np.cumsum(text_len[:-1], out=text_src[1:])
     out[np.arange(total_text) + np.repeat(doc_start + pre_len - text_src, text_len)] = flat
-    sp_id = np.uint32(layout.sp_ids[source_id])
     sp_pos, sp_masked = [], []
-    if layout.prefix:
-        p = doc_start[ins]
-        out[p] = sp_id
-        for j in range(d):
-            out[p + 1 + j] = layout.delim_ids[j]
+    for post, on, masked in ((False, layout.prefix, dec.masked_prefix), (True, layout.post, dec.masked_post)):
+        if not on:
+            continue
+        p = doc_start[ins] + layout.post_sp_offset(text_len[ins]) if post else doc_start[ins]
+        out[p] = np.uint32(sp_id)
+        out[p[:, None] + layout.delimiter_offsets(post)] = delim
         sp_pos.append(p)
-        sp_masked.append(dec.masked_prefix[ins])
-    if layout.post:
-        q = (doc_start + pre_len + text_len)[ins]
-        for j in range(d):
-            out[q + j] = layout.delim_ids[j]
-        out[q + d] = sp_id
-        sp_pos.append(q + d)
-        sp_masked.append(dec.masked_post[ins])
+        sp_masked.append(masked[ins])
     out[doc_start + doc_len - 1] = layout.eos_id
     pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
     stream = Stream(out, doc_start, hashes.astype(np.uint64), pos[order].astype(np.int64), msk[order])
-    n_ins = int(ins.sum())
-    sites = int(layout.prefix) + int(layout.post)
-    counts = {"text_tokens": total_text, "sp_inserted": n_ins * sites, "sp_masked": int(msk.sum()),
-              "delimiter_tokens": n_ins * sites * d, "eos_tokens": n}
-    return stream, counts
+    return stream, {k: int(v.sum()) for k, v in doc_counts(text_len, dec, layout).items()}
+
+
+def doc_counts(text_len: np.ndarray, dec: Decisions, layout: SPLayout) -> dict[str, np.ndarray]:
+    """What each document adds to the counts (int64 per document): text tokens, SPs inserted and masked,
+    delimiter tokens, EOS tokens."""
+    ins = dec.inserted
+    n_sp = ins.astype(np.int64) * layout.sites
+    masked = (dec.masked_prefix & ins).astype(np.int64) * layout.prefix + (dec.masked_post & ins) * layout.post
+    return {"text_tokens": np.asarray(text_len, np.int64),
+            "sp_inserted": n_sp,
+            "sp_masked": masked.astype(np.int64),
+            "delimiter_tokens": n_sp * len(layout.delimiter_ids),
+            "eos_tokens": np.ones(len(text_len), np.int64)}
 
 
 def concat(a: Stream, b: Stream) -> Stream:

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .compression import sniff
 from .errors import SptokError
 from .manifest import Unit
 
@@ -62,8 +63,7 @@ class Rejects:
 def read_unit(unit: Unit, text_field: str, id_field: str | None, rejects: Rejects,
               batch_bytes: int = BATCH_BYTES) -> Iterator[Batch]:
     """Yield batches of documents of one unit, in file order."""
-    readers = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
-    yield from readers[unit.format](unit, text_field, id_field, rejects, batch_bytes)
+    yield from READERS[unit.format](unit, text_field, id_field, rejects, batch_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ JSONL
@@ -124,7 +124,7 @@ class _JsonlLines:
             magic = f.read(4)
             f.seek(0)
             skip_first, stop, pos = False, None, 0
-            if is_compressed(magic):
+            if sniff(magic):
                 chunks = _Decompressed(f, magic)
             else:
                 if unit.start > 0:   # start one byte early: if that byte is a newline, nothing is skipped
@@ -178,16 +178,12 @@ class _JsonlLines:
         return self._base + local_line + 1
 
 
-def is_compressed(magic: bytes) -> bool:
-    return magic[:2] == b"\x1f\x8b" or magic[:4] == b"\x28\xb5\x2f\xfd"
-
-
 class _Decompressed:
     """The decompressed chunks of a gzip or zstd file (several members / frames). A truncated or corrupt
     archive yields what came before the break and sets ``broken`` to (decompressed offset, why)."""
 
     def __init__(self, f, magic: bytes):
-        self.f, self.gz = f, magic[:2] == b"\x1f\x8b"
+        self.f, self.gz = f, sniff(magic) == "gzip"
         self.broken: tuple[int, str] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -264,10 +260,10 @@ def _valid_unicode(text: str) -> bool:
 
 # ------------------------------------------------------------------------------- Parquet and HF (Arrow)
 
-def _read_table(unit, text_field, id_field, rejects, batch_bytes):
+def _open_table(unit, columns: list[str]):
+    """(schema, index of the unit's first row in its file, record batches of ``columns``) of a table unit."""
     import pyarrow as pa
 
-    columns = [text_field] + ([id_field] if id_field else [])
     if unit.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -275,18 +271,21 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
             pf = pq.ParquetFile(unit.path)
         except Exception as e:
             raise SptokError(f"{unit.relpath}: not a readable Parquet file ({e})") from None
-        schema = pf.schema_arrow
         groups = list(range(unit.start, unit.stop if unit.stop >= 0 else pf.metadata.num_row_groups))
         row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        batches = pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096) if groups else iter(())
-    else:
-        try:
-            reader = pa.ipc.open_stream(pa.memory_map(unit.path))
-        except Exception as e:
-            raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
-        schema = reader.schema
-        row0 = 0
-        batches = (b.select(columns) for b in reader)
+        return pf.schema_arrow, row0, (pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096)
+                                       if groups else iter(()))
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(unit.path))
+    except Exception as e:
+        raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
+    return reader.schema, 0, (b.select(columns) for b in reader)
+
+
+def _read_table(unit, text_field, id_field, rejects, batch_bytes):
+    import pyarrow as pa
+
+    schema, row0, batches = _open_table(unit, [text_field] + ([id_field] if id_field else []))
     problem = schema_problem(schema, text_field, id_field)
     if problem:
         raise SptokError(f"{unit.relpath}: {problem}")
@@ -355,7 +354,8 @@ def schema_problem(schema, text_field: str, id_field: str | None) -> str | None:
 
 
 def table_schema(path: str, fmt: str, relpath: str):
-    """The Arrow schema of a Parquet file or a `datasets` Arrow stream file, read from its header only."""
+    """The Arrow schema of a Parquet file or a `datasets` Arrow stream file (a format in ``TABLES``), read from
+    its header only."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -402,7 +402,7 @@ def _read_text(unit, text_field, id_field, rejects, batch_bytes):
             done += os.fstat(f.fileno()).st_size
             magic = f.read(4)
             f.seek(0)
-            chunks = _Decompressed(f, magic) if is_compressed(magic) else [f.read()]
+            chunks = _Decompressed(f, magic) if sniff(magic) else [f.read()]
             data = b"".join(chunks)
         broken = getattr(chunks, "broken", None)
         if broken is not None:
@@ -431,9 +431,13 @@ def _read_text(unit, text_field, id_field, rejects, batch_bytes):
 
 
 def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iterator[str]:
-    """Just the texts of a unit, skipping bad records (used to train tokenizers)."""
+    """Just the texts of a unit, skipping bad records."""
     rejects = Rejects(source=unit.source)
     for batch in read_unit(unit, text_field, id_field, rejects):
         yield from batch.texts
 
 
+# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes) -> batches. A new format needs
+# one here, its entry in manifest.FORMATS and its name in the manifest schema.
+READERS = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
+TABLES = ("parquet", "hf")   # formats with columns: their schema is checked for the fields before a build starts

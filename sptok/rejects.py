@@ -14,11 +14,8 @@ from typing import Iterator
 
 from .errors import SptokError
 from .readers import REASONS
+from .layout import rejects_path
 from .stats import load_stats
-
-
-def rejects_path(out: str, source: str) -> str:
-    return os.path.join(out, "rejects", f"{source}.jsonl.zst")
 
 
 def select(out: str, sources=(), reasons=()) -> tuple[list[str], list[str], dict]:

@@ -9,7 +9,7 @@ import urllib.parse
 
 from .errors import SptokError
 from .extras import require
-from .finalize import MARKER, WORK
+from .layout import MARKER, WORK
 
 
 def is_remote(out: str) -> bool:

@@ -7,18 +7,17 @@ committing units. Ctrl-C or SIGTERM stops the pool, keeps what was committed, an
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from contextlib import contextmanager
 
-import numpy as np
 
+from . import layout
 from .errors import SptokError
 from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
-from .pack import Layout
 from .progress import Progress
+from .spec import BuildSpec
 from .unit import UnitContext, process_unit
 
 PROGRESS_EVERY = 0.5   # seconds between a worker's progress messages
@@ -31,37 +30,34 @@ def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
     """A worker's context, rebuilt from ``.sptok/plan.json`` and ``.sptok/tokenizer``."""
     from tokenizers import Tokenizer
 
-    with open(os.path.join(work, "plan.json")) as f:
-        plan = json.load(f)
-    tok = Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json"))
-    o = plan["options"]
-    sp_ids = np.zeros(len(plan["sp_table"]), np.uint32)
-    for e in plan["sp_table"]:
-        sp_ids[e["source_id"]] = e["token_id"]
-    layout = Layout(sp_ids=sp_ids, delim_ids=np.array(plan["delimiter"]["ids"], np.uint32),
-                    eos_id=plan["eos"]["id"], prefix=o["position"] in ("prefix", "both"),
-                    post=o["position"] in ("post", "both"))
-    literals = [e["sp"] for e in plan["sp_table"]] + ([plan["delimiter"]["text"]] if plan["delimiter"]["special"] else [])
+    path = os.path.join(work, layout.PLAN)
+    spec = BuildSpec.parse(layout.read_json(path), path)
+    tok = Tokenizer.from_file(layout.tokenizer_json(work))
+    o, lay = spec.options, spec.layout
+    literals = spec.sps + ([lay.delimiter] if lay.delimiter_special else [])   # counted where text holds them
     return UnitContext(
-        work=work, fmt=o["format"], dtype=plan["input_ids_dtype"], seq_len=o["seq_len"], shard_size=o["shard_size"],
-        seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"], layout=layout,
+        work=work, fmt=spec.format, dtype=spec.raw["input_ids_dtype"], seq_len=spec.seq_len,
+        shard_size=o["shard_size"], seed=o["seed"], insert_prob=o["insert_prob"], msp_prob=o["msp_prob"],
+        layout=lay, sp_ids=spec.sp_ids,
         sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
-                 for s in plan["manifest"]["sources"]},
+                 for s in spec.raw["manifest"]["sources"]},
         literals=literals, strict=strict, encoder=make_encoder(tok, encoder), holdout=o.get("holdout"),
         holdout_docs=o.get("holdout_docs"))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):   # not Linux: orphans finish their unit; commits are idempotent
-        pass
+        return
+    if os.getppid() != parent:   # the parent died before prctl (a build killed while its workers start):
+        os._exit(1)              # no signal will come, and an orphan would wait for work forever
 
 
-def _init_worker(queue) -> None:
-    _die_with_parent()
+def _init_worker(queue, parent: int) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process decides how to stop
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
     global _QUEUE
@@ -110,7 +106,7 @@ def _ready() -> None:
 def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
     from tokenizers import Tokenizer
 
-    return choose_encoder(Tokenizer.from_file(os.path.join(work, "tokenizer", "tokenizer.json")), kind, sample)
+    return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
 
 
 class WorkerPool:
@@ -124,7 +120,7 @@ class WorkerPool:
         self.queue = ctx.Queue()
         self.workers = workers
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.queue,))
+                                        initargs=(self.queue, os.getpid()))
         for _ in range(workers):
             self.pool.submit(_ready)
 

@@ -8,13 +8,12 @@ resumes; this reader only decodes the columns ``writers.py`` writes, for random 
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .errors import SptokError
-from .finalize import TABLE_INDEX
+from . import layout
 
 
 def as_arrays(sample: dict) -> dict:
@@ -38,10 +37,9 @@ class ShardReader:
 
     def __init__(self, sdir: str, fmt: str):
         self.sdir, self.fmt = sdir, fmt
-        index = os.path.join(sdir, "index.json" if fmt == "mds" else TABLE_INDEX)
+        index = os.path.join(sdir, layout.index_name(fmt))
         try:
-            with open(index) as f:
-                self.files = json.load(f)["shards" if fmt == "mds" else "files"]
+            self.files = layout.read_index(sdir, fmt)
         except (OSError, ValueError, KeyError) as e:
             raise SptokError(f"{index}: cannot read the shard index ({e})") from None
         self.ends = np.cumsum([int(e["samples"]) for e in self.files])

@@ -2,7 +2,12 @@
 
 Pure functions of (names, options, seed) with numpy arrays in and out. Every random decision about a
 document comes from a counter-based RNG keyed by (seed, source, document key): a document gets the same
-SP decisions whichever worker reads it, in whatever order, on a resumed or partitioned run.
+SP decisions whichever worker reads it, in whatever order, on a resumed or partitioned run. The same
+counter-based draws serve the load-time SP policy and ``sptok label`` (``mix64``, ``uniforms``), each in its
+own slot, all listed here so that no two decisions share one.
+
+Adding a naming policy: a function ``names -> SP strings`` in ``POLICIES``, and its name in the schemas'
+``policy`` enums (``tests/test_cli.py`` holds them to ``POLICIES``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ import numpy as np
 
 from .errors import SptokError
 
-POLICIES = ("abbreviation", "alphabet", "misplaced", "custom")
-POSITIONS = ("prefix", "post", "both")
-
-# Decision slots: each draws an independent uniform for the same document.
-SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST, SLOT_HOLDOUT = 0, 1, 2, 3
+# Decision slots: each draws an independent uniform for the same key.
+SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST, SLOT_HOLDOUT = 0, 1, 2, 3   # the build, keyed by document
+SLOT_LOAD_INSERT, SLOT_LOAD_MSP, SLOT_LOAD_MLM = 10, 11, 12               # load time (data/), keyed by sample
+SLOT_LABEL_RANDOM = 30                                                    # sptok label --mode random, by row
 
 
 # ------------------------------------------------------------------------------------------------ naming
@@ -53,24 +57,34 @@ def derangement(n: int, seed: int) -> list[int]:
             return perm.tolist()
 
 
+def _misplaced(names: list[str], seed: int, custom) -> list[str]:
+    own = [abbreviation(n) for n in names]
+    return [own[j] for j in derangement(len(names), seed)]
+
+
+def _custom(names: list[str], seed: int, custom) -> list[str]:
+    custom = custom or [None] * len(names)
+    missing = [n for n, c in zip(names, custom) if not c]
+    if missing:
+        raise SptokError(f"--policy custom: source {missing[0]!r} has no `sp:` in the manifest; give every "
+                         f"source one (e.g. sp: \"<NEWS>\") or choose another --policy")
+    return list(custom)
+
+
+# naming policy -> (source names, seed, the manifest's `sp:` values) -> SP strings in manifest order
+POLICIES = {
+    "abbreviation": lambda names, seed, custom: [abbreviation(n) for n in names],
+    "alphabet": lambda names, seed, custom: [alphabet(i) for i in range(len(names))],
+    "misplaced": _misplaced,
+    "custom": _custom,
+}
+
+
 def sp_strings(names: list[str], policy: str, seed: int, custom: list[str | None] | None = None) -> list[str]:
     """The SP string of every source, in manifest order; two sources never share one."""
-    if policy == "abbreviation":
-        sps = [abbreviation(n) for n in names]
-    elif policy == "alphabet":
-        sps = [alphabet(i) for i in range(len(names))]
-    elif policy == "misplaced":
-        own = [abbreviation(n) for n in names]
-        sps = [own[j] for j in derangement(len(names), seed)]
-    elif policy == "custom":
-        custom = custom or [None] * len(names)
-        missing = [n for n, c in zip(names, custom) if not c]
-        if missing:
-            raise SptokError(f"--policy custom: source {missing[0]!r} has no `sp:` in the manifest; give every "
-                             f"source one (e.g. sp: \"<NEWS>\") or choose another --policy")
-        sps = list(custom)
-    else:
+    if policy not in POLICIES:
         raise SptokError(f"--policy: unknown naming policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    sps = POLICIES[policy](names, seed, custom)
     seen: dict[str, str] = {}
     for n, s in zip(names, sps):
         if s in seen:
@@ -93,7 +107,7 @@ class SPEntry:
 
 # ----------------------------------------------------------------------------------------------- decisions
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)   # 2**64 / phi: spreads consecutive counters over the 64 bits
 
 
 def doc_hashes(source: str, keys: list[str]) -> np.ndarray:
@@ -106,7 +120,7 @@ def doc_hashes(source: str, keys: list[str]) -> np.ndarray:
     return out
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective, well-mixed map of uint64. Arrays wrap on overflow silently."""
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -115,12 +129,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _slot_key(seed: int, slot: int) -> np.uint64:
-    return _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(slot + 1))[0]
+    return mix64(np.array([seed], dtype=np.uint64) * GOLDEN + np.uint64(slot + 1))[0]
 
 
 def uniforms(hashes: np.ndarray, seed: int, slot: int) -> np.ndarray:
     """One uniform float in [0, 1) per document for decision ``slot``: a pure function of its inputs."""
-    bits = _mix64(np.asarray(hashes, dtype=np.uint64) ^ _slot_key(seed, slot))
+    bits = mix64(np.asarray(hashes, dtype=np.uint64) ^ _slot_key(seed, slot))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 from .errors import SptokError
+from .layout import STATS, load_build
 
 HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
@@ -55,10 +56,8 @@ def totals(per_source: dict) -> dict:
 
 def load_stats(out: str) -> tuple[dict, dict]:
     """(sptok.json, stats.json) of a complete build, or a clear error."""
-    from .finalize import load_build
-
     info = load_build(out)
-    path = os.path.join(out, "stats.json")
+    path = os.path.join(out, STATS)
     try:
         with open(path) as f:
             return info, json.load(f)

@@ -14,9 +14,10 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import SptokError
+from .layout import TOKENIZER_JSON
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
@@ -45,7 +46,7 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     path = str(path)
     roles: dict = {}
     if os.path.isdir(path):
-        file = os.path.join(path, "tokenizer.json")
+        file = os.path.join(path, TOKENIZER_JSON)
         if not os.path.exists(file):
             raise SptokError(f"--tokenizer {path}: the directory has no tokenizer.json; sptok needs a fast "
                              f"tokenizer (save one with transformers: AutoTokenizer.from_pretrained(dir)"
@@ -138,6 +139,81 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     return ids
 
 
+def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
+    """The SP strings of the manifest's sources, and the delimiter when it is a special token (else None): the
+    tokens sptok adds to a tokenizer for builds of ``manifest`` with ``opts`` (a ``BuildOptions``)."""
+    from .sp import sp_strings
+
+    sps = sp_strings([s.name for s in manifest.sources], opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    return sps, (opts.delimiter if opts.delimiter and is_special_delimiter(opts.delimiter) else None)
+
+
+def manifest_sp_tokens(manifest_path: str, policy: str | None, delimiter: str | None, seed: int | None):
+    """(manifest, SP strings, special delimiter or None) as a build of the manifest would have them: flags
+    given (not None) over the manifest's ``build:`` values over the defaults, as ``sptok build`` resolves them."""
+    from .manifest import load_manifest
+    from .options import BuildOptions
+
+    m = load_manifest(manifest_path)
+    opts = BuildOptions.resolve(m.build, {"policy": policy, "delimiter": delimiter, "seed": seed})
+    return (m, *sp_tokens(m, opts))
+
+
+def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int, max_bytes,
+                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None):
+    """`sptok tokenizer train`: train on at most ``max_bytes`` of the manifest's text (shared out between its
+    sources), add its SPs and special delimiter, write the tokenizer to ``out``. Returns (tokenizer, SPs,
+    delimiter or None)."""
+    from .options import parse_size
+
+    m, sps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
+    budget = parse_size(max_bytes, "--max-bytes")
+    if vocab_size < 64:
+        raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
+    added = sps + ([delim] if delim else [])
+    tok = train(training_texts(m, budget), model, vocab_size, added)
+    save_tokenizer_dir(tok, out, default_roles(tok), added)
+    return tok, sps, delim
+
+
+def training_texts(manifest, budget: int) -> Iterator[str]:
+    """The first texts of every source, about ``budget / sources`` characters of each, source after source:
+    every source is represented even under a small budget (what `sptok tokenizer train` learns from)."""
+    from .manifest import plan_units
+    from .readers import iter_texts
+
+    units = plan_units(manifest, 64 << 20)
+    per_source = budget // max(1, len(manifest.sources))
+    for src in manifest.sources:
+        used = 0
+        for u in (u for u in units if u.source == src.name):
+            for t in iter_texts(u, src.text_field):
+                yield t
+                used += len(t)
+                if used >= per_source:
+                    break
+            if used >= per_source:
+                break
+
+
+def extend_for(tokenizer_path: str, out: str, extra: list[str], manifest_path: str | None = None,
+               policy: str | None = None, delimiter: str | None = None, seed: int | None = None) -> dict[str, int]:
+    """`sptok tokenizer extend`: add the SPs of a manifest (and ``extra`` ones) and a special delimiter to a
+    tokenizer, written to ``out``; returns the added tokens' ids."""
+    sps, delim = list(extra), None
+    if manifest_path:
+        _, msps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
+        sps = msps + [s for s in sps if s not in msps]
+    elif delimiter is None or is_special_delimiter(delimiter or ""):
+        delim = delimiter if delimiter is not None else DEFAULT_DELIMITER
+    if not sps:
+        raise SptokError("nothing to add: give --manifest or --sp")
+    lt = load_tokenizer(tokenizer_path)
+    ids = extend(lt, sps, delim)
+    save_tokenizer_dir(lt.tok, out, {**default_roles(lt.tok), **lt.roles}, sps + ([delim] if delim else []))
+    return ids
+
+
 def train(texts: Iterable[str], model: str, vocab_size: int, extra_specials: list[str]):
     """Train a tokenizer: byte-level BPE (decoders), WordPiece (BERT-style) or Unigram (T5-style).
 
@@ -181,11 +257,11 @@ def save_tokenizer_dir(tok, out_dir: str | os.PathLike, roles: dict, extra_speci
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        tok.save(str(out / "tokenizer.json"))
+        tok.save(str(out / TOKENIZER_JSON))
     except Exception as e:  # the Rust side raises a bare Exception carrying the OS error
         if "os error 28" in str(e):
-            raise OSError(28, "No space left on device", str(out / "tokenizer.json")) from None
-        raise SptokError(f"cannot write {out / 'tokenizer.json'}: {e}") from None
+            raise OSError(28, "No space left on device", str(out / TOKENIZER_JSON)) from None
+        raise SptokError(f"cannot write {out / TOKENIZER_JSON}: {e}") from None
     special_map = {k: v for k, v in roles.items() if v}
     if extra_specials:
         special_map["additional_special_tokens"] = list(extra_specials)

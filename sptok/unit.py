@@ -20,10 +20,12 @@ import numpy as np
 from .encoders import version
 from .errors import SptokError
 from .manifest import Unit
-from .holdout import DOC_KEYS, FILE as HOLDOUT_FILE, Held, UnitHoldout
-from .pack import Layout, Packer, assemble
+from . import layout
+from .holdout import DOC_KEYS, Held, UnitHoldout
+from .pack import Packer, assemble, doc_counts
 from .readers import Rejects, read_unit
 from .sp import Decisions, decide, doc_hashes
+from .sp_layout import SPLayout
 from .stats import HIST_BINS
 from .writers import open_writer
 
@@ -40,7 +42,8 @@ class UnitContext:
     seed: int
     insert_prob: float
     msp_prob: float
-    layout: Layout
+    layout: SPLayout
+    sp_ids: np.ndarray        # SP token id by source id
     sources: dict             # name -> {"text_field", "id_field"}
     literals: list[str]       # SP / delimiter strings to count when found in text
     strict: bool
@@ -50,28 +53,28 @@ class UnitContext:
 
 
 def unit_dir(work: str, unit: Unit) -> str:
-    return os.path.join(work, "units", unit.uid)
+    return layout.unit_dir(work, unit.index)
 
 
 def is_committed(work: str, unit: Unit) -> bool:
-    return os.path.exists(os.path.join(unit_dir(work, unit), "result.json"))
+    return layout.is_committed(unit_dir(work, unit))
 
 
 def process_unit(ctx: UnitContext, unit: Unit, progress=None) -> dict:
     """Build one unit and commit it; returns its result (counts, files)."""
     final = unit_dir(ctx.work, unit)
-    tmp = os.path.join(ctx.work, "tmp", f"{unit.uid}.{os.getpid()}")
+    tmp = layout.unit_tmp(ctx.work, unit.index, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
         result = _build(ctx, unit, tmp, progress)
-        with open(os.path.join(tmp, "result.json"), "w") as f:
+        with open(os.path.join(tmp, layout.RESULT), "w") as f:   # last: what the rename commits
             json.dump(result, f, sort_keys=True)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         try:
             os.rename(tmp, final)          # the commit
         except OSError:
-            if not os.path.exists(os.path.join(final, "result.json")):
+            if not layout.is_committed(final):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)   # committed meanwhile by another process: same bytes
         return result
@@ -90,7 +93,7 @@ def process_unit(ctx: UnitContext, unit: Unit, progress=None) -> dict:
 
 def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     src = ctx.sources[unit.source]
-    quarantine = _Quarantine(os.path.join(tmp, "rejects.jsonl.zst"))
+    quarantine = _Quarantine(os.path.join(tmp, layout.QUARANTINE))
     rejects = Rejects(source=unit.source, strict=ctx.strict, sink=quarantine.add)
     writer = open_writer(ctx.fmt, tmp, ctx.dtype, ctx.shard_size)
     packer = Packer(ctx.seq_len, emit=lambda s: writer.write(s, unit.source_id))
@@ -109,7 +112,7 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
             flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, batch.texts, ~held)
         else:
             texts = batch.texts
-        stream, c = assemble(flat, lens, unit.source_id, hashes, dec, ctx.layout)
+        stream, c = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
         counts.update(c)
         counts["docs"] += len(texts)
         counts["text_chars"] += sum(map(len, texts))
@@ -128,9 +131,9 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         counts.update(late.totals())
         np.add.at(hist, late.bins, 1)
     if holdout.active:
-        holdout.held.save(os.path.join(tmp, HOLDOUT_FILE))
+        holdout.held.save(os.path.join(tmp, layout.HOLDOUT))
     tail = packer.take_tail()
-    np.savez(os.path.join(tmp, "tail.npz"), **tail.to_npz())
+    tail.save(os.path.join(tmp, layout.TAIL))
     files = writer.finish()
     quarantine.close()
     counts["samples"] = packer.samples
@@ -159,14 +162,9 @@ def _lay_out_held(ctx, unit, texts, flat, lens, hashes, dec, held, u) -> Held:
     """The documents set aside for the validation split, laid out as training documents are, with the
     counts each adds to whichever split it ends up in."""
     flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, texts, held)
-    stream, _ = assemble(flat, lens, unit.source_id, hashes, dec, ctx.layout)
-    sites = int(ctx.layout.prefix) + int(ctx.layout.post)
-    masked = dec.masked_prefix.astype(np.int64) * ctx.layout.prefix + dec.masked_post * ctx.layout.post
-    n_sp = dec.inserted.astype(np.int64) * sites
-    per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts], "text_tokens": lens,
-               "sp_inserted": n_sp, "sp_masked": masked, "delimiter_tokens": n_sp *
-               len(ctx.layout.delim_ids), "eos_tokens": np.ones(len(lens), np.int64),
-               "sp_literals": [_literals(ctx, t) for t in texts]}
+    stream, _ = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
+    per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts],
+               "sp_literals": [_literals(ctx, t) for t in texts], **doc_counts(lens, dec, ctx.layout)}
     counts = np.stack([np.asarray(per_doc[k], np.int64) for k in DOC_KEYS], axis=1)
     return Held(stream, u[held], counts, np.minimum(_bit_length(lens), HIST_BINS - 1))
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from .errors import SptokError
-from .finalize import TABLE_INDEX, load_build
+from . import layout
+from .layout import load_build
 from .manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
 
 CHUNK = 8 << 20
@@ -96,18 +95,16 @@ def _check_split(out: str, holdout: dict, rep: Report) -> None:
 
 def _check_outputs(out: str, info: dict, rep: Report) -> None:
     fmt = info["format"]
-    merged = []
+    indexes = {}
     for src in info["manifest"]["sources"]:
         name = src["name"]
-        index_name = "index.json" if fmt == "mds" else TABLE_INDEX
+        index_name = layout.index_name(fmt)
         index_rel = f"{name}/{index_name}"
         if not os.path.isdir(os.path.join(out, name)):
             rep.problems.append(Problem("shard", f"{name}/", "missing", f"the directory of source {name!r} is gone"))
             continue
         try:
-            with open(os.path.join(out, index_rel)) as f:
-                index = json.load(f)
-            entries = index["shards"] if fmt == "mds" else index["files"]
+            entries = layout.read_index(os.path.join(out, name), fmt)
             if not isinstance(entries, list) or not all(_entry_ok(e, fmt) for e in entries):
                 raise ValueError("an entry lacks its basename, bytes, hashes.xxh64 or samples")
         except FileNotFoundError:
@@ -121,12 +118,9 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
             rep.outputs_checked += 1
             if fmt == "mds":
                 _check_mds_shard(out, name, e, rep)
-                e = json.loads(json.dumps(e))
-                for part in ("raw_data", "zip_data"):
-                    e[part]["basename"] = f"{name}/{e[part]['basename']}"
-                merged.append(e)
             else:
                 _check_file(out, f"{name}/{e['basename']}", e["bytes"], e["hashes"]["xxh64"], index_rel, rep)
+        indexes[name] = entries
         samples = sum(e["samples"] for e in entries)
         want = info.get("counts", {}).get(name, {}).get("samples")
         if want is not None and samples != want:
@@ -135,23 +129,27 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
         # streaming decompresses a shard it reads into `shard.N.mds` beside it: a listed file too
         listed = {e[part]["basename"] for e in entries for part in ("zip_data", "raw_data")} if fmt == "mds" \
             else {e["basename"] for e in entries}
-        pattern = re.compile(r"shard\.\d+\.mds(\.zstd)?$" if fmt == "mds" else rf"data-\d+\.{fmt}$")
+        pattern = layout.data_file_pattern(fmt)
         sdir = os.path.join(out, name)
         for extra in sorted(set(os.listdir(sdir)) - listed if os.path.isdir(sdir) else ()):
             if pattern.match(extra):
                 rep.problems.append(Problem("shard", f"{name}/{extra}", "unlisted",
                                             f"a data file that {index_name} does not list (not written by this build)"))
     if fmt == "mds":
-        try:
-            with open(os.path.join(out, "index.json")) as f:
-                top = json.load(f)["shards"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            rep.problems.append(Problem("index", "index.json", "corrupt", f"cannot read the merged index ({e})"))
-        else:
-            if top != merged:
-                rep.problems.append(Problem("index", "index.json", "mismatch",
-                                            "the merged index differs from the per-source index.json files"))
+        _check_merged_index(out, indexes, rep)
     _check_tokenizer(out, info, rep)
+
+
+def _check_merged_index(out: str, indexes: dict[str, list], rep: Report) -> None:
+    top = layout.MDS_INDEX
+    try:
+        entries = layout.read_index(out, "mds")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.problems.append(Problem("index", top, "corrupt", f"cannot read the merged index ({e})"))
+        return
+    if entries != layout.merged_index(indexes):
+        rep.problems.append(Problem("index", top, "mismatch",
+                                    f"the merged index differs from the per-source {top} files"))
 
 
 def _entry_ok(e, fmt: str) -> bool:
@@ -214,7 +212,7 @@ def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: 
 def _check_tokenizer(out: str, info: dict, rep: Report) -> None:
     from tokenizers import Tokenizer
 
-    rel = "tokenizer/tokenizer.json"
+    rel = f"{layout.TOKENIZER}/{layout.TOKENIZER_JSON}"
     rep.outputs_checked += 1
     try:
         tok = Tokenizer.from_file(os.path.join(out, rel))

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from . import layout
 from .pack import Stream
 
 # name -> (MDS encoding, meaning). MDS needs sorted names; `bytes` because MDS ndarrays cannot be empty.
@@ -26,13 +27,17 @@ COLUMNS = {
     "source_id": ("int", "source of the sample (packing is source-pure)"),
     "sp_positions": ("bytes", "little-endian uint32 positions of SP tokens in input_ids"),
 }
+FORMATS = ("mds", "parquet", "arrow")   # --format: MDSShardWriter, or TableWriter for the other two
 SHARD_SIZE = 1 << 26
 ZSTD_LEVEL = 3
 HASHES = ["xxh64"]
 
 
+ID_DTYPES = ("uint16", "uint32")   # input_ids: the smallest that holds every id of the vocabulary
+
+
 def ids_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65535 else "uint32"
+    return ID_DTYPES[0] if vocab_size <= 65535 else ID_DTYPES[1]
 
 
 def sample_columns(s: Stream, source_id: int, dtype: str) -> dict:
@@ -112,13 +117,14 @@ class MDSShardWriter:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint32)
         offsets += np.uint32(4 + 4 * (n + 1) + len(self.config_data))
         raw = np.uint32(n).tobytes() + offsets.tobytes() + self.config_data + b"".join(self.samples)
-        raw_name = f"shard.{len(self.shards):05}.mds"
+        k = len(self.shards)
         zipped = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
-        with open(os.path.join(self.out_dir, raw_name + ".zstd"), "wb") as f:
+        with open(os.path.join(self.out_dir, layout.data_file(k, "mds")), "wb") as f:
             f.write(zipped)
         entry = {"samples": n,
-                 "raw_data": {"basename": raw_name, "bytes": len(raw), "hashes": {"xxh64": xxhash.xxh64(raw).hexdigest()}},
-                 "zip_data": {"basename": raw_name + ".zstd", "bytes": len(zipped),
+                 "raw_data": {"basename": layout.mds_shard(k), "bytes": len(raw),
+                              "hashes": {"xxh64": xxhash.xxh64(raw).hexdigest()}},
+                 "zip_data": {"basename": layout.data_file(k, "mds"), "bytes": len(zipped),
                               "hashes": {"xxh64": xxhash.xxh64(zipped).hexdigest()}}}
         entry.update(self.config)
         self.shards.append(entry)
@@ -127,11 +133,6 @@ class MDSShardWriter:
     def finish(self) -> list[dict]:
         self._flush()
         return self.shards
-
-
-def write_mds_index(out_dir: str, shards: list[dict]) -> None:
-    with open(os.path.join(out_dir, "index.json"), "w") as f:
-        json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------- Arrow/Parquet
@@ -174,7 +175,7 @@ class TableWriter:
         if not self.rows:
             return
         if self.writer is None:
-            name = f"data-{len(self.files):05}.{self.fmt}"
+            name = layout.data_file(len(self.files), self.fmt)
             path = os.path.join(self.out_dir, name)
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq

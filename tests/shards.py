@@ -6,18 +6,30 @@ import glob
 import json
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 
 
-def mds_samples(local: str) -> list[dict]:
-    """Every sample of an MDS directory (a build or one source of it), in order, via StreamingDataset."""
+@contextmanager
+def streaming_dataset(**kwargs):
+    """A real ``streaming.StreamingDataset`` whose shared memory is given back on leaving (streaming holds it
+    until exit: a test session would run out of file descriptors)."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=local, shuffle=False, batch_size=1)
-    out = [normalize(ds[i]) for i in range(len(ds))]
-    del ds
-    return out
+    from sptok.data.dataset import release_shared_memory
+
+    ds = StreamingDataset(**kwargs)
+    try:
+        yield ds
+    finally:
+        release_shared_memory(ds)
+
+
+def mds_samples(local: str) -> list[dict]:
+    """Every sample of an MDS directory (a build or one source of it), in order, via StreamingDataset."""
+    with streaming_dataset(local=local, shuffle=False, batch_size=1) as ds:
+        return [normalize(ds[i]) for i in range(len(ds))]
 
 
 def table_samples(out: str, fmt: str) -> list[dict]:

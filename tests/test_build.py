@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
 from conftest import SOURCES, TOKENIZER, small_sources, tree_bytes
-from shards import documents, mds_samples, table_samples
+from shards import documents, mds_samples, streaming_dataset, table_samples
 
 from sptok.errors import SptokError
 from sptok.manifest import validate_document
@@ -75,7 +76,7 @@ def test_roundtrip_through_streaming_dataset(tmp_path, small_corpus, manifest, b
 
 
 def test_each_source_is_a_stream(tmp_path, small_corpus, manifest, build):
-    from streaming import Stream, StreamingDataset
+    from streaming import Stream
 
     out, info = build(manifest(small_sources(tmp_path)), seq_len=64)
     for e in info["sp_table"]:
@@ -83,9 +84,9 @@ def test_each_source_is_a_stream(tmp_path, small_corpus, manifest, build):
         assert len(samples) == info["counts"][e["source"]]["samples"]
         assert {s["source_id"] for s in samples} == {e["source_id"]}
     streams = [Stream(local=os.path.join(out, n), proportion=0.25) for n in SOURCES]
-    ds = StreamingDataset(streams=streams, shuffle=False, batch_size=1, epoch_size=40)
-    assert len({ds[i]["source_id"] for i in range(len(ds))}) >= 1
-    del ds
+    with streaming_dataset(streams=streams, shuffle=False, batch_size=1, epoch_size=40) as ds:
+        # one StreamingDataset over the per-source directories: its epoch takes a quarter from each source
+        assert Counter(int(x["source_id"]) for x in ds) == {e["source_id"]: 10 for e in info["sp_table"]}
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])

@@ -37,3 +37,78 @@ def test_help_imports_nothing_heavy():
 def test_python_dash_m_and_version():
     out = subprocess.run([sys.executable, "-m", "sptok", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("sptok, version")
+
+
+# ------------------------------------------------------------------------------- one definition of each enum
+
+def _choices(group: click.Group, prefix=()):
+    """(command path, parameter name) -> choices, for every click.Choice of every command."""
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _choices(cmd, prefix + (name,))
+            continue
+        for p in cmd.params:
+            if isinstance(p.type, click.Choice):
+                yield (" ".join(prefix + (name,)), p.name), tuple(p.type.choices)
+
+
+def test_cli_choices_are_the_code_s():
+    import sptok.label as label
+    from sptok import encoders, options, sp, sp_layout, tokenizer, writers
+
+    want = {("build", "policy"): sp.POLICIES, ("build", "position"): sp_layout.POSITIONS,
+            ("build", "tail"): options.TAILS, ("build", "fmt"): writers.FORMATS, ("build", "encoder"): encoders.CHOICES,
+            ("tokenizer train", "model"): tokenizer.MODELS, ("tokenizer train", "policy"): sp.POLICIES,
+            ("tokenizer extend", "policy"): sp.POLICIES,
+            # written out in cli.py (sptok.label needs the train extra, `sptok label --help` must not): held here
+            ("label", "mode"): label.MODES, ("label", "device"): label.DEVICES,
+            ("label", "precision"): label.PRECISIONS, ("label", "input_format"): label.FORMATS}
+    got = dict(_choices(main))
+    got.pop(("mix", "prior"))   # sptok/mix keeps its own list (mix/__init__.py), outside this check for now
+    assert got == {k: tuple(v) for k, v in want.items()}
+
+
+def _enums(doc, path=()):
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from [(path, tuple(v))] if k == "enum" else _enums(v, path + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _enums(v, path + (i,))
+
+
+def test_schema_enums_are_the_code_s():
+    """Every enum of schemas/ equals the tuple the code checks against, so neither can change alone."""
+    import json
+
+    from sptok import manifest, options, readers, sp, sp_layout, writers
+    from sptok.manifest import schema_path
+
+    build = {"policy": sp.POLICIES, "position": sp_layout.POSITIONS, "tail": options.TAILS, "format": writers.FORMATS}
+    want = {("files", ("properties", "format")): tuple(f for f in writers.FORMATS if f != "mds"),
+            ("manifest", ("$defs", "source", "properties", "format")): manifest.format_names(),
+            ("sptok", ("properties", "format")): writers.FORMATS,
+            ("sptok", ("properties", "manifest", "properties", "sources", "items", "properties", "format")):
+                manifest.FORMATS,
+            ("sptok", ("properties", "input_ids_dtype")): writers.ID_DTYPES,
+            ("stats", ("$defs", "counts", "properties", "rejected", "propertyNames")): readers.REASONS}
+    want.update({("manifest", ("$defs", "build", "properties", k)): v for k, v in build.items()})
+    want.update({("sptok", ("properties", "options", "properties", k)): v for k, v in build.items()})
+    got = {(name, path): values for name in ("files", "manifest", "sptok", "stats")
+           for path, values in _enums(json.loads(schema_path(f"{name}.schema.json").read_text()))}
+    assert got == {k: tuple(v) for k, v in want.items()}
+
+
+def test_data_file_names_are_what_the_schema_allows():
+    import json
+    import re
+
+    from sptok import layout
+    from sptok.manifest import schema_path
+
+    files = json.loads(schema_path("files.schema.json").read_text())
+    pattern = files["properties"]["files"]["items"]["properties"]["basename"]["pattern"]
+    for fmt in files["properties"]["format"]["enum"]:
+        assert re.match(pattern, layout.data_file(7, fmt)) and layout.data_file_pattern(fmt).match(layout.data_file(7, fmt))
+    assert layout.data_file_pattern("mds").match(layout.data_file(7, "mds"))
+    assert layout.data_file_pattern("mds").match(layout.mds_shard(7))

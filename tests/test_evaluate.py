@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SOURCES, TOKENIZER, demo_records, write_jsonl
+from shards import streaming_dataset
 
 from sptok.data import IGNORE, open_dataset
 from sptok.train.config import load_config
@@ -54,14 +55,13 @@ def test_eval_numbers_are_the_hand_computed_ones(build, tmp_path):
 
     # by hand: the first 3 samples of each source of the validation split, the plain transformers model with
     # its attention confined to each document, cross-entropy at every label
-    from streaming import StreamingDataset
 
     hf = apply_document_attention(model).eval()
     sp_ids = torch.as_tensor(info.sp_ids)
     sums, counts, sp_right, sp_all = [], [], 0, 0
     for name in SOURCES:
-        ds = StreamingDataset(local=str(build / "validation" / name), batch_size=1)
-        batch = collator([ds[i] for i in range(min(3, len(ds)))])
+        with streaming_dataset(local=str(build / "validation" / name), batch_size=1) as ds:
+            batch = collator([ds[i] for i in range(min(3, len(ds)))])
         with torch.no_grad():
             logits = hf(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"]).logits
         target = batch["labels"] != IGNORE

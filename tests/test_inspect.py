@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -293,7 +296,13 @@ def test_plot_without_matplotlib_says_what_to_install(small_build, monkeypatch, 
 # ----------------------------------------------------------------------------------------------- report
 
 class Chromium:
-    """A headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no network."""
+    """A headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no network.
+
+    It can never hang the suite: every wait has a deadline (``poll`` on the pipe, not a check between blocking
+    reads), and a watchdog kills Chromium's whole process group once ``LIFETIME`` seconds have passed, whatever
+    the test is doing (a read then sees the pipe close)."""
+
+    LIFETIME = 180
 
     def __init__(self, binary: str, profile: str):
         their_r, self.w = os.pipe()    # commands: we write, the browser reads its fd 3
@@ -306,17 +315,28 @@ class Chromium:
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--remote-debugging-pipe",
              "about:blank"], pass_fds=(3, 4), preexec_fn=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            stderr=subprocess.DEVNULL, start_new_session=True)   # its own process group: killed as one
         os.close(their_r)
         os.close(their_w)
         self.buf, self.n, self.events = b"", 0, []
+        self.poll = select.poll()       # not select.select: a long test session's fds pass FD_SETSIZE
+        self.poll.register(self.r, select.POLLIN)
+        self.watchdog = threading.Timer(self.LIFETIME, self.kill)
+        self.watchdog.daemon = True
+        self.watchdog.start()
 
-    def call(self, method: str, session: str | None = None, **params) -> dict:
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def call(self, method: str, session: str | None = None, timeout: float = 60, **params) -> dict:
         self.n += 1
         n = self.n
         os.write(self.w, json.dumps({"id": n, "method": method, "params": params,
                                      **({"sessionId": session} if session else {})}).encode() + b"\0")
-        reply = self.until(lambda m: m.get("id") == n)
+        reply = self.until(lambda m: m.get("id") == n, timeout)
         assert "error" not in reply, reply
         return reply.get("result", {})
 
@@ -330,20 +350,27 @@ class Chromium:
                     self.events.append(msg)
                 if pred(msg):
                     return msg
-            assert time.time() < end, "the browser did not answer in time"
+            left = end - time.time()
+            if left <= 0 or not self.poll.poll(left * 1000):
+                self.kill()
+                raise AssertionError(f"the browser did not answer in {timeout:g} s (killed)")
             chunk = os.read(self.r, 1 << 16)
-            assert chunk, "the browser exited"
+            assert chunk, f"the browser exited (or was killed after {self.LIFETIME} s)"
             self.buf += chunk
 
     def close(self):
         try:
-            self.call("Browser.close")
-        except AssertionError:
+            self.call("Browser.close", timeout=10)
+        except (AssertionError, OSError):
             pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        finally:
+            self.watchdog.cancel()
+            self.kill()        # whatever of its process group is left
+            self.proc.wait()
         os.close(self.w)
         os.close(self.r)
 

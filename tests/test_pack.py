@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sptok.pack import Layout, Packer, Stream, assemble, concat, cut, take_docs
+from sptok.pack import Packer, Stream, assemble, concat, cut, take_docs
 from sptok.sp import Decisions
+from sptok.sp_layout import SPLayout
 
 
 def _layout(position, delim=(90, 91)):
-    return Layout(sp_ids=np.array([100, 101], np.uint32), delim_ids=np.array(delim, np.uint32), eos_id=99,
-                  prefix=position in ("prefix", "both"), post=position in ("post", "both"))
+    return SPLayout(position=position, delimiter_ids=delim, delimiter_special=False, eos_id=99)
 
 
 def _docs():
@@ -30,7 +30,7 @@ def _docs():
 ])
 def test_assemble_layout(position, ids, sp_pos, masked):
     flat, lens, dec = _docs()
-    s, counts = assemble(flat, lens, 1, np.array([7, 8, 9], np.uint64), dec, _layout(position))
+    s, counts = assemble(flat, lens, 101, np.array([7, 8, 9], np.uint64), dec, _layout(position))
     assert s.ids.tolist() == ids
     assert s.sp_pos.tolist() == sp_pos and s.sp_masked.tolist() == masked
     assert s.seg_keys.tolist() == [7, 8, 9]
@@ -48,7 +48,7 @@ def test_packer_cuts_keep_everything():
         flat = rng.integers(0, 80, size=int(lens.sum())).astype(np.uint32)
         ins = rng.random(n) < 0.7
         dec = Decisions(ins, ins & (rng.random(n) < 0.5), np.zeros(n, bool))
-        s, _ = assemble(flat, lens, 0, rng.integers(0, 2**62, size=n).astype(np.uint64), dec, _layout("prefix"))
+        s, _ = assemble(flat, lens, 100, rng.integers(0, 2**62, size=n).astype(np.uint64), dec, _layout("prefix"))
         pieces.append(s)
     p = Packer(64, emitted.append)
     for s in pieces:
@@ -83,10 +83,10 @@ def test_cut_continues_segment_at_zero():
 def test_take_docs_is_assembling_only_those_documents(position, keep):
     flat, lens, dec = _docs()
     keys = np.array([7, 8, 9], np.uint64)
-    whole, _ = assemble(flat, lens, 1, keys, dec, _layout(position))
+    whole, _ = assemble(flat, lens, 101, keys, dec, _layout(position))
     k = np.array(keep)
     sub = Decisions(dec.inserted[k], dec.masked_prefix[k], dec.masked_post[k])
-    want, _ = assemble(flat[np.repeat(k, lens)], lens[k], 1, keys[k], sub, _layout(position))
+    want, _ = assemble(flat[np.repeat(k, lens)], lens[k], 101, keys[k], sub, _layout(position))
     got = take_docs(whole, k)
     for field in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked"):
         assert getattr(got, field).tolist() == getattr(want, field).tolist(), field

@@ -61,10 +61,41 @@ def test_same_bytes_for_any_worker_count(corpus, reference, tmp_path, workers):
     assert build_bytes(tmp_path / "o") == reference
 
 
-def _wait_for_units(out, k: int, p) -> None:
-    """Wait until k units are committed (the build is mid-way), or the process ended."""
-    units = out / ".sptok" / "units"
-    while p.poll() is None and (not units.is_dir() or len(os.listdir(units)) < k):
+def _wait_for_progress(out, k: int, p) -> None:
+    """Block until the build is mid-way: its plan written (k = 0, before the first unit) or k units committed.
+    Fails if the build ended first: the interruption must land in the middle of a build."""
+    work = out / ".sptok"
+
+    def reached() -> bool:
+        if k == 0:
+            return (work / "plan.json").exists()
+        return (work / "units").is_dir() and len(os.listdir(work / "units")) >= k
+
+    end = time.time() + 300
+    while not reached():
+        assert p.poll() is None, f"the build ended before {k} units were committed: {p.stderr.read()}"
+        assert time.time() < end, f"the build committed no {k} units in 300 s"
+        time.sleep(0.005)
+    assert p.poll() is None, "the build ended before it could be interrupted"
+
+
+def _workers(p) -> list[int]:
+    """The worker processes of a running build (spawned children of its main process)."""
+    children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+    return [int(c) for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+
+
+def _wait_gone(pids: list[int], timeout: float = 60) -> None:
+    """Until every process in ``pids`` has exited (a zombie no init reaps counts as exited)."""
+    def gone(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+
+    end = time.time() + timeout
+    while not all(gone(pid) for pid in pids):
+        assert time.time() < end, f"processes {pids} outlived the build they worked for"
         time.sleep(0.01)
 
 
@@ -73,14 +104,15 @@ def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, afte
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_units(out, after_units, p) if after_units else time.sleep(0.5)
+    _wait_for_progress(out, after_units, p)
+    workers = _workers(p)
+    assert len(workers) == 2
     p.send_signal(signal.SIGKILL)     # the main process only: workers must die with it
     p.wait()
-    if not (out / "sptok.json").exists():
-        # nothing that looks complete: no index a reader would take for a finished dataset
-        assert not (out / "index.json").exists()
-        assert not any((out / s / "index.json").exists() for s in SOURCES)
-    time.sleep(0.3)
+    _wait_gone(workers)
+    # nothing that looks complete: no index a reader would take for a finished dataset
+    assert not (out / "sptok.json").exists() and not (out / "index.json").exists()
+    assert not any((out / s / "index.json").exists() for s in SOURCES)
     r = sptok(*build_cmd(corpus, out, "--workers", "2"))
     assert "Traceback" not in r.stderr
     assert build_bytes(out) == reference
@@ -93,11 +125,9 @@ def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_units(out, 2, p)
+    _wait_for_progress(out, 2, p)
     os.killpg(p.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole process group
     _, err = p.communicate(timeout=60)
-    if p.returncode == 0:
-        pytest.skip("the build finished before the interrupt arrived")
     assert p.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert not (out / "sptok.json").exists()
@@ -168,12 +198,10 @@ def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path)
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_units(out, 2, p)
-    children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
-    workers = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
-    if p.poll() is not None or not workers:
-        pytest.skip("the build finished before a worker could be killed")
-    os.kill(int(workers[0]), signal.SIGKILL)
+    _wait_for_progress(out, 2, p)
+    workers = _workers(p)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "Traceback" not in err and "a worker process died" in err, err
     sptok(*build_cmd(corpus, out, "--workers", "2"))

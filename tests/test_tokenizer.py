@@ -71,3 +71,22 @@ def test_extend_adds_specials_and_refuses_ordinary_tokens(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "x" / "special_tokens_map.json").read_text())
     assert "<NEWS>" in cfg["additional_special_tokens"]
+
+
+@pytest.mark.parametrize("seed", ["0", "3"])
+def test_an_explicit_seed_overrides_the_manifest_s_even_zero(tmp_path, small_corpus, manifest, seed):
+    """The tokenizer commands resolve policy and seed as `sptok build` does: a flag given, 0 included, wins over
+    the manifest's `build:` value (`--seed 0` used to fall back to the manifest's seed)."""
+    from conftest import SOURCES
+
+    from sptok.sp import sp_strings
+
+    m = manifest(small_sources(tmp_path), policy="misplaced", seed=5)
+    assert sp_strings(list(SOURCES), "misplaced", int(seed)) != sp_strings(list(SOURCES), "misplaced", 5)
+    for args, want in ((["--seed", seed], int(seed)), ([], 5)):
+        out = tmp_path / f"x{len(args)}"
+        res = CliRunner().invoke(main, ["tokenizer", "extend", str(TOKENIZER), "--manifest", str(m), "--out", str(out),
+                                        *args], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        added = json.loads((out / "special_tokens_map.json").read_text())["additional_special_tokens"]
+        assert added == sp_strings(list(SOURCES), "misplaced", want) + ["<SPSEP>"]

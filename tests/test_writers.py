@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import zstandard
 
+from shards import streaming_dataset
+
 from sptok.pack import Stream
 from sptok.writers import COLUMNS, MDSShardWriter, sample_columns
 
@@ -51,21 +53,59 @@ def test_mds_bytes_equal_mdswriter(tmp_path, shard_size):
 
 
 def test_empty_sp_columns_round_trip(tmp_path):
-    from streaming import StreamingDataset
 
-    from sptok.writers import write_mds_index
+    from sptok.layout import write_mds_index
 
     s = Stream(np.arange(10, dtype=np.uint32), np.array([0]), np.array([7], np.uint64), np.empty(0, np.int64),
                np.empty(0, np.uint8))
     w = MDSShardWriter(str(tmp_path), "uint16")
     w.write(s, 1)
     write_mds_index(str(tmp_path), w.finish())
-    ds = StreamingDataset(local=str(tmp_path), shuffle=False, batch_size=1)
-    x = ds[0]
+    with streaming_dataset(local=str(tmp_path), shuffle=False, batch_size=1) as ds:
+        x = ds[0]
     assert x["sp_positions"] == b"" and x["msp_mask"] == b"" and x["source_id"] == 1
     assert x["input_ids"].tolist() == list(range(10))
-    del ds
 
 
-def test_column_names_are_defined_once():
-    assert sorted(COLUMNS) == list(COLUMNS)   # MDS requires sorted names; the dict is the one definition
+# what each column's values are, by its MDS encoding: an ndarray of its dtype, or bytes of a fixed dtype
+_BYTES = {"sp_positions": "uint32", "msp_mask": "uint8"}
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet", "arrow"])
+def test_columns_are_defined_once(tmp_path, fmt):
+    """COLUMNS is the one definition: every writer writes exactly its columns, with its types, and the shards
+    read back (sptok's reader, pyarrow) hold exactly those columns."""
+    import pyarrow as pa
+
+    from sptok.layout import data_file
+    from sptok.shards import ShardReader, as_arrays
+    from sptok.writers import arrow_schema, open_writer
+
+    assert sorted(COLUMNS) == list(COLUMNS)   # MDS requires sorted names
+    s = _streams(1, np.random.default_rng(1))[0]
+    assert set(sample_columns(s, 2, "uint16")) == set(COLUMNS)
+    w = open_writer(fmt, str(tmp_path), "uint16")
+    w.write(s, 2)
+    files = w.finish()
+    if fmt == "mds":
+        assert files[0]["column_names"] == list(COLUMNS)
+        assert files[0]["column_encodings"] == [e.format(dtype="uint16") for e, _ in COLUMNS.values()]
+        from sptok.layout import write_mds_index
+
+        write_mds_index(str(tmp_path), files)
+    else:
+        from sptok.layout import write_index
+
+        schema = arrow_schema("uint16")
+        assert set(schema.names) == set(COLUMNS)
+        for name, (enc, _) in COLUMNS.items():
+            t = schema.field(name).type
+            want = "int64" if enc == "int" else _BYTES.get(name) or enc.format(dtype="uint16").split(":")[1]
+            assert (t.value_type if pa.types.is_list(t) else t) == pa.from_numpy_dtype(np.dtype(want)), name
+        write_index(str(tmp_path), fmt, files)
+        assert files[0]["basename"] == data_file(0, fmt)
+    back = ShardReader(str(tmp_path), fmt)[0]
+    assert set(back) == set(COLUMNS)
+    got = as_arrays(back)
+    assert got["input_ids"].tolist() == s.ids.tolist() and got["sp_positions"].tolist() == s.sp_pos.tolist()
+    assert got["doc_keys"].tolist() == s.seg_keys.tolist() and got["source_id"] == 2

@@ -4,11 +4,12 @@ through `datasets`. Source proportions come from the manifest weights unless ove
 from __future__ import annotations
 
 import atexit
-import glob
 import os
+import sys
 
 import numpy as np
 
+from .. import layout
 from ..build_info import BuildInfo
 from ..errors import SptokError
 
@@ -27,39 +28,40 @@ def _streaming_dataset_class():
             super().__init__(*args, **kwargs)
 
         def close(self) -> None:
-            """Release the shared memory this process holds for the dataset now. streaming keeps every
-            segment open until the process exits (an ``atexit`` hook per segment), so a process that opens
-            many datasets (in-loop evaluation, tests) ran out of file descriptors. Only the process that made
-            the dataset acts: a worker's copy must not unlink what its parent still uses."""
-            if getattr(self, "_owner_pid", None) != os.getpid():
-                return
-            for shm in _shared_memory(self):
-                atexit.unregister(shm.cleanup)
-                try:
-                    shm.cleanup()
-                except BufferError:   # a numpy view still points into it: streaming's exit hook will do
-                    atexit.register(shm.cleanup)
-            self._owner_pid = None
+            """Release the shared memory this process holds for the dataset now (see
+            ``release_shared_memory``). Only the process that made the dataset acts: a worker's copy must not
+            unlink what its parent still uses."""
+            if getattr(self, "_owner_pid", None) == os.getpid():
+                release_shared_memory(self)
+                self._owner_pid = None
 
         def __del__(self) -> None:
             super().__del__()
-            self.close()
+            if not sys.is_finalizing():   # at exit streaming's own hooks release everything
+                self.close()
 
     return SptokStreamingDataset
 
 
-def _shared_memory(ds) -> list:
-    """streaming's ``SharedMemory`` objects a dataset holds, directly or inside its shared arrays, scalars
-    and barrier (streaming/base/shared)."""
+def release_shared_memory(ds) -> None:
+    """Close (and, where this process made them, unlink) the shared-memory segments of a
+    ``streaming.StreamingDataset`` now. streaming keeps each one open until the process exits (an ``atexit``
+    hook per segment), so a process that opens many datasets (in-loop evaluation, tests) runs out of file
+    descriptors. The dataset must not be used afterwards."""
     from streaming.base.shared import SharedMemory
 
-    found = []
+    found = []   # directly, or inside its shared arrays, scalars and barrier (streaming/base/shared)
     for value in vars(ds).values():
         for inner in (value, getattr(value, "shm", None), getattr(getattr(value, "arr", None), "shm", None),
                       getattr(getattr(value, "_arr", None), "shm", None)):
             if isinstance(inner, SharedMemory) and inner not in found:
                 found.append(inner)
-    return found
+    for shm in found:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except BufferError:   # a numpy view still points into it: streaming's exit hook will do it
+            atexit.register(shm.cleanup)
 
 
 def source_weights(info: BuildInfo, proportion: dict | None, repeat: dict | None, weights: bool) -> dict:
@@ -181,9 +183,11 @@ def _read_table(info: BuildInfo, name: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(glob.glob(os.path.join(info.path, name, f"data-*.{info.format}")))
+    sdir = os.path.join(info.path, name)
+    pattern = layout.data_file_pattern(info.format)
+    files = sorted(os.path.join(sdir, f) for f in (os.listdir(sdir) if os.path.isdir(sdir) else ()) if pattern.match(f))
     if not files:
-        raise SptokError(f"{info.path}/{name}: no data-*.{info.format} files; the build is damaged "
+        raise SptokError(f"{info.path}/{name}: no {info.format} data files; the build is damaged "
                          f"(`sptok verify {info.path}` says what is missing)")
     try:
         if info.format == "parquet":

@@ -19,9 +19,10 @@ import numpy as np
 
 from ..build_info import BuildInfo
 from ..errors import SptokError
-from ..sp import _mix64, uniforms
+from ..sp import GOLDEN, SLOT_LOAD_INSERT as SLOT_INSERT, SLOT_LOAD_MLM as SLOT_MLM, SLOT_LOAD_MSP as SLOT_MSP, \
+    mix64, uniforms
 
-SLOT_INSERT, SLOT_MSP, SLOT_MLM = 10, 11, 12   # distinct from the build's slots
+__all__ = ["SPPolicy", "apply_policy", "draws", "sample_key", "SLOT_INSERT", "SLOT_MSP", "SLOT_MLM"]
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,11 @@ def draws(key, n: int, slot: int) -> np.ndarray:
     """n uniforms in [0, 1) for the sample with ``key``, one per SP (or token) rank; with an array of keys,
     one row per key."""
     keys = np.asarray(key, np.uint64)
-    return uniforms(_mix64(keys[..., None] + _RANKS[:n] if n <= len(_RANKS) else
-                           keys[..., None] + np.arange(n, dtype=np.uint64) * _GOLDEN), 0, slot)
+    return uniforms(mix64(keys[..., None] + _RANKS[:n] if n <= len(_RANKS) else
+                          keys[..., None] + np.arange(n, dtype=np.uint64) * GOLDEN), 0, slot)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_RANKS = np.arange(1 << 16, dtype=np.uint64) * _GOLDEN
+_RANKS = np.arange(1 << 16, dtype=np.uint64) * GOLDEN
 
 
 def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, length: int | None = None,
@@ -114,18 +114,12 @@ def _remove(s: dict, drop: np.ndarray, info: BuildInfo, length: int | None) -> d
     ids, pos = s["input_ids"], s["sp_positions"]
     n = len(ids)
     cut = np.zeros(n, bool)
-    d = len(info.delimiter_ids)
     gone = pos[drop]
     cut[gone] = True
-    if d and len(gone):   # each removed SP takes its delimiter: after a prefix SP, before a post SP
-        post = info.is_post(s)[drop]
-        idx = gone[:, None] + np.where(post[:, None], np.arange(d) - d, np.arange(d) + 1)
-        inside = (idx >= 0) & (idx < n)
-        same = ids[np.clip(idx, 0, n - 1)] == info.delimiter_ids[None, :]
-        whole = (same | ~inside).all(axis=1, keepdims=True)   # the part inside the sample is the delimiter
-        cut[idx[inside & same & whole]] = True
-    if drop.all() and info.delimiter_special and d:
-        cut |= ids == info.delimiter_ids[0]   # a special delimiter is only ever a delimiter: orphans go too
+    lay = info.layout   # each removed SP takes its delimiter
+    cut[lay.delimiter_positions(ids, gone, lay.is_post(s)[drop])] = True
+    if drop.all():
+        cut |= lay.stray_delimiters(ids)   # a special delimiter is only ever a delimiter: orphans go too
     before = np.concatenate([[0], np.cumsum(cut)])   # removed tokens before each index
     kept_ids = ids[~cut]
     starts = s["doc_offsets"]

@@ -16,6 +16,7 @@ import numpy as np
 from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..shards import ShardReader, as_arrays
+from ..sp_layout import SPLayout
 
 TEXT, SP, MSP, DELIM, EOS = range(5)
 KINDS = ("text", "sp", "msp", "delim", "eos")
@@ -78,7 +79,7 @@ class SampleReader:
                 raise SptokError(f"{out}/{n}: its shard index holds {len(r):,} samples, sptok.json says "
                                  f"{self.counts[n]:,}; run `sptok verify {out}`")
         self.tok = Tokenizer.from_file(f"{self.build.tokenizer_dir}/tokenizer.json")
-        self.sp_of = {e["token_id"]: e["sp"] for e in self.build.raw["sp_table"]}
+        self.sp_of = dict(zip(self.build.sp_ids.tolist(), self.build.sps))
 
     def get(self, source: str, index: int) -> dict:
         try:
@@ -113,29 +114,30 @@ def pick(counts: dict[str, int], n: int, seed: int, sources: list[str] | None = 
     return [(names[w], int(g - (bounds[w] - sizes[w]))) for g, w in zip(chosen, which)]
 
 
+def mark_tokens(s: dict, lay: SPLayout, real: int) -> np.ndarray:
+    """The kind of each token of sample ``s`` (TEXT, SP, MSP, DELIM, EOS), from its metadata and the SP layout;
+    ``real``: the tokens before any padding."""
+    ids, pos, starts = s["input_ids"], s["sp_positions"], s["doc_offsets"]
+    kind = np.full(len(ids), TEXT, np.int8)
+    kind[lay.delimiter_positions(ids, pos, lay.is_post(s), real)] = DELIM
+    kind[:real][lay.stray_delimiters(ids[:real])] = DELIM   # also the half of a pair cut off from its SP
+    kind[pos] = np.where(s["msp_mask"], MSP, SP)
+    last = np.append(starts[1:], real) - 1
+    kind[last[(last >= starts) & (ids[np.maximum(last, 0)] == lay.eos_id)]] = EOS
+    return kind
+
+
 def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> SampleView:
     """Cut one sample into document segments and marked pieces (SP, masked SP, delimiter, EOS, text)."""
     b = reader.build
-    ids, pos, msk, starts = s["input_ids"], s["sp_positions"], s["msp_mask"], s["doc_offsets"]
+    ids, starts = s["input_ids"], s["doc_offsets"]
     n = len(ids)
     padding = 0
     if b.raw["options"].get("tail") == "pad" and b.pad_id is not None:
         padding = n - len(np.trim_zeros(ids != b.pad_id, "b"))
     real = n - padding
-    kind = np.full(n, TEXT, np.int8)
-    d = len(b.delimiter_ids)
-    if d and len(pos):   # each SP's delimiter: after a prefix SP, before a post SP
-        post = b.is_post(s)
-        idx = pos[:, None] + np.where(post[:, None], np.arange(d) - d, np.arange(d) + 1)
-        ok = (idx >= 0) & (idx < real)
-        ok &= ids[np.clip(idx, 0, n - 1)] == b.delimiter_ids[None, :]
-        kind[idx[ok]] = DELIM
-    if d and b.delimiter_special:   # a special delimiter is never text: also the half cut off from its SP
-        kind[ids[:real] == b.delimiter_ids[0]] = DELIM
-    kind[pos] = np.where(msk, MSP, SP)
+    kind = mark_tokens(s, b.layout, real)
     ends = np.append(starts[1:], real)
-    last = ends - 1
-    kind[last[(last >= starts) & (ids[np.maximum(last, 0)] == b.eos_id)]] = EOS
     segs = []
     keys = s["doc_keys"].tolist() if "doc_keys" in s else [0] * len(starts)
     for k, (a, e) in enumerate(zip(starts.tolist(), ends.tolist())):

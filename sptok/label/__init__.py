@@ -21,6 +21,7 @@ from collections import Counter
 
 import numpy as np
 
+from ..compression import is_compressed_name
 from ..errors import SptokError
 from ..extras import require
 
@@ -29,10 +30,11 @@ require("train", "sptok.label")
 from .evaluate import evaluate, format_report, write_eval  # noqa: E402 - after the check, which names the extra
 from .modes import MODES, place, place_ids, random_sources  # noqa: E402
 from .rows import FORMATS, Writer, format_of, parquet_rows, read_chunks  # noqa: E402
-from .scoring import Scorer  # noqa: E402
+from .scoring import DEVICES, PRECISIONS, Scorer  # noqa: E402
 from .table import SPTable, load_table, training_warning  # noqa: E402
 
-__all__ = ["run_label", "load_table", "Scorer", "SPTable", "evaluate", "training_warning", "MODES", "FORMATS"]
+__all__ = ["run_label", "load_table", "Scorer", "SPTable", "evaluate", "training_warning", "MODES", "FORMATS", "DEVICES",
+           "PRECISIONS"]
 
 
 def _values(chunk, name: str, what: str, required: bool = True) -> list:
@@ -56,14 +58,64 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
               max_tokens: int | None = None, device: str = "auto", precision: str = "fp32",
               input_format: str | None = None, do_eval: bool = False, eval_out: str | None = None,
               quiet: bool = False, log=None) -> dict:
-    """Label ``input`` into ``out``; returns a summary (rows, seconds, predicted counts, eval, report, files)."""
+    """Label ``input`` into ``out``; returns a summary (rows, seconds, predicted counts, eval, report, files).
+
+    Per chunk of rows: predict the source (the model), choose each row's SP (``--mode``), place it."""
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
 
     def warn(m):
         say(f"warning: {m}")
 
-    if mode is not None and mode not in MODES:
-        raise SptokError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    in_fmt, out_fmt = _validate(input, out, mode, source_field, do_eval, predict, top_k, batch_size, input_format,
+                                device, precision)
+    table = load_table(model)
+    scorer = Scorer(table, device=device, precision=precision, max_tokens=max_tokens, load_model=predict)
+    note = training_warning(table) if predict else None
+    if note:
+        warn(note)
+    run = _Run(table, scorer, min(top_k, len(table.sources)), source_field, do_eval)
+    writer = Writer(out, out_fmt)
+    from tqdm import tqdm
+
+    bar = tqdm(total=parquet_rows(input) if in_fmt == "parquet" else None, unit=" rows", disable=quiet,
+               file=sys.stderr, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="labelling")
+    t0 = time.perf_counter()
+    try:
+        for chunk in read_chunks(input, in_fmt, max(8 * batch_size, 512)):
+            texts = _values(chunk, text_field, "--text-field")
+            pairs = _values(chunk, pair_field, "--pair-field") if pair_field else None
+            new, text_ids, pred = {}, None, None
+            if predict:
+                text_ids, pred = run.predict([a + pair_sep + b for a, b in zip(texts, pairs)] if pairs else texts,
+                                             batch_size, new)
+            given = run.given(chunk) if source_field else None
+            if mode:
+                choice = _choose_sps(mode, chunk, given, pred, seed, table, source_field)
+                new.update(_place(table, scorer, choice, texts, pairs, text_ids if not pairs else None, ids))
+            if run.n == 0:
+                clash = [f for f in new if f in (chunk.fields or chunk.rows[0])]
+                if clash:
+                    warn(f"the input already has field(s) {', '.join(clash)}: this run's values replace them")
+            writer.write(chunk, new)
+            run.n += len(chunk.rows)
+            bar.update(len(chunk.rows))
+        run.check(input)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return _summarize(run, model, input, out, mode, time.perf_counter() - t0, predict, eval_out, quiet, say, warn)
+
+
+def _validate(input: str, out: str, mode, source_field, do_eval: bool, predict: bool, top_k: int, batch_size: int,
+              input_format, device: str, precision: str) -> tuple[str, str]:
+    """Every check of the arguments that needs no file read; returns the input's and the output's formats."""
+    for flag, value, allowed in (("--mode", mode, MODES + (None,)), ("--device", device, DEVICES),
+                                 ("--precision", precision, PRECISIONS)):
+        if value not in allowed:
+            raise SptokError(f"{flag} {value!r}: expected one of {', '.join(a for a in allowed if a)}")
     if mode == "manual" and not source_field:
         raise SptokError("--mode manual needs --source-field: the field naming each row's source")
     if do_eval and not source_field:
@@ -77,127 +129,119 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
     if in_fmt is None:
         raise SptokError(f"--input {input}: cannot tell the format from the extension; name it .jsonl, .parquet or "
                          f".csv, or pass --input-format {'|'.join(FORMATS)}")
-    low = out.lower()
-    if low.endswith((".gz", ".zst", ".zstd")):
+    if is_compressed_name(out):
         raise SptokError(f"--out {out}: compressed output is not written; give a .jsonl, .parquet or .csv name")
-    out_fmt = format_of(out) or in_fmt
     if os.path.abspath(out) == os.path.abspath(input):
         raise SptokError(f"--out {out} is the input file; write the labels to another file")
+    return in_fmt, format_of(out) or in_fmt
 
-    table = load_table(model)
-    scorer = Scorer(table, device=device, precision=precision, max_tokens=max_tokens, load_model=predict)
-    K = len(table.sources)
-    k = min(top_k, K)
-    if predict:
-        note = training_warning(table)
-        if note:
-            warn(note)
-    total = parquet_rows(input) if in_fmt == "parquet" else None
-    from tqdm import tqdm
 
-    writer = Writer(out, out_fmt)
-    bar = tqdm(total=total, unit=" rows", disable=quiet, file=sys.stderr, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 10.0, desc="labelling")
-    t0 = time.perf_counter()
-    n, predicted = 0, Counter()
-    true_all, probs_all, unknown = [], [], Counter()
-    first = True
-    try:
-        for chunk in read_chunks(input, in_fmt, max(8 * batch_size, 512)):
-            texts = _values(chunk, text_field, "--text-field")
-            pairs = _values(chunk, pair_field, "--pair-field") if pair_field else None
-            joined = [a + pair_sep + b for a, b in zip(texts, pairs)] if pairs else texts
-            new: dict[str, list] = {}
-            text_ids = None
-            if predict:
-                text_ids = scorer.encode(joined)
-                P = scorer.probs(text_ids, batch_size)
-                pred = P.argmax(1)
-                top = np.argsort(-P, axis=1, kind="stable")[:, :k]
-                new["sp_pred"] = [table.sources[j] for j in pred]
-                new["sp_prob"] = [float(P[i, j]) for i, j in enumerate(pred)]
-                new["sp_topk"] = [[{"source": table.sources[j], "prob": float(P[i, j])} for j in row]
-                                  for i, row in enumerate(top)]
-                predicted.update(new["sp_pred"])
-            given = None
-            if source_field:
-                for row, where in zip(chunk.rows, chunk.where):
-                    if source_field not in row:
-                        raise SptokError(f"{where}: no field {source_field!r} (--source-field); the row's fields: "
-                                         f"{', '.join(map(repr, list(row)[:12]))}")
-                values = [row[source_field] for row in chunk.rows]
-                given = [table.source_index(v) for v in values]
-                if do_eval:
-                    for i, (g, v) in enumerate(zip(given, values)):
-                        if g is None:
-                            unknown[str(v)] += 1
-                        else:
-                            true_all.append(g)
-                            probs_all.append(P[i])
-            if mode:
-                if mode == "manual":
-                    bad = next((i for i, g in enumerate(given) if g is None), None)
-                    if bad is not None:
-                        raise SptokError(f"{chunk.where[bad]}: source {chunk.rows[bad].get(source_field)!r} "
-                                         f"(--source-field {source_field}) is not one of the model's sources: "
-                                         f"{', '.join(table.sources)} (or their SPs {' '.join(table.sps)})")
-                    choice = given
-                elif mode == "auto":
-                    choice = pred.tolist()
-                elif mode == "random":
-                    choice = random_sources(seed, chunk.start, len(texts), K).tolist()
+class _Run:
+    """What a labelling run gathers over the chunks: rows, predicted sources, and the rows to evaluate."""
+
+    def __init__(self, table: SPTable, scorer: Scorer, k: int, source_field: str | None, do_eval: bool):
+        self.table, self.scorer, self.k = table, scorer, k
+        self.source_field, self.do_eval = source_field, do_eval
+        self.n, self.predicted = 0, Counter()
+        self.true, self.probs, self.unknown = [], [], Counter()
+        self._P = None
+
+    def predict(self, texts: list[str], batch_size: int, new: dict) -> tuple[list[list[int]], np.ndarray]:
+        """The model's sources for ``texts``, added to ``new`` (sp_pred, sp_prob, sp_topk); returns the text
+        ids and the predicted source ids."""
+        sources = self.table.sources
+        text_ids = self.scorer.encode(texts)
+        P = self._P = self.scorer.probs(text_ids, batch_size)
+        pred = P.argmax(1)
+        top = np.argsort(-P, axis=1, kind="stable")[:, :self.k]
+        new["sp_pred"] = [sources[j] for j in pred]
+        new["sp_prob"] = [float(P[i, j]) for i, j in enumerate(pred)]
+        new["sp_topk"] = [[{"source": sources[j], "prob": float(P[i, j])} for j in row] for i, row in enumerate(top)]
+        self.predicted.update(new["sp_pred"])
+        return text_ids, pred
+
+    def given(self, chunk) -> list[int | None]:
+        """The source id each row names in --source-field (None: one the model does not know); with --eval,
+        the rows that name one are kept with their predictions."""
+        field = self.source_field
+        for row, where in zip(chunk.rows, chunk.where):
+            if field not in row:
+                raise SptokError(f"{where}: no field {field!r} (--source-field); the row's fields: "
+                                 f"{', '.join(map(repr, list(row)[:12]))}")
+        values = [row[field] for row in chunk.rows]
+        given = [self.table.source_index(v) for v in values]
+        if self.do_eval:
+            for i, (g, v) in enumerate(zip(given, values)):
+                if g is None:
+                    self.unknown[str(v)] += 1
                 else:
-                    choice = [None] * len(texts)
-                new["sp_used"] = [None if c is None else table.sps[c] for c in choice]
-                placed = [place(table.position, table.delimiter, s, a, b)
-                          for s, a, b in zip(new["sp_used"], texts, pairs or [None] * len(texts))]
-                new["sp_input"] = [p[0] for p in placed]
-                if pairs:
-                    new["sp_input_pair"] = [p[1] for p in placed]
-                if ids:
-                    a_ids = text_ids if (text_ids is not None and not pairs) else scorer.encode(texts)
-                    b_ids = scorer.encode(pairs) if pairs else [None] * len(texts)
-                    placed_ids = [place_ids(table.position, table.delimiter_ids,
-                                            None if c is None else table.sp_ids[c], a, b, table.eos_id)
-                                  for c, a, b in zip(choice, a_ids, b_ids)]
-                    new["sp_input_ids"] = [p[0] for p in placed_ids]
-                    if pairs:
-                        new["sp_input_pair_ids"] = [p[1] for p in placed_ids]
-            if first:
-                clash = [f for f in new if f in (chunk.fields or chunk.rows[0])]
-                if clash:
-                    warn(f"the input already has field(s) {', '.join(clash)}: this run's values replace them")
-                first = False
-            writer.write(chunk, new)
-            n += len(chunk.rows)
-            bar.update(len(chunk.rows))
-        if n == 0:
+                    self.true.append(g)
+                    self.probs.append(self._P[i])
+        return given
+
+    def check(self, input: str) -> None:
+        if self.n == 0:
             raise SptokError(f"--input {input}: no rows to label")
-        if do_eval and not true_all:
+        if self.do_eval and not self.true:
             raise SptokError(f"--eval: no row of {input} names one of the model's sources "
-                             f"({', '.join(table.sources)}) in field {source_field!r}")
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    summary = {"rows": n, "out": out, "seconds": seconds, "predicted": dict(predicted), "mode": mode,
+                             f"({', '.join(self.table.sources)}) in field {self.source_field!r}")
+
+
+def _choose_sps(mode: str, chunk, given, pred, seed: int, table: SPTable, source_field) -> list[int | None]:
+    """The source id whose SP each row gets (None: no SP), as --mode says."""
+    if mode == "manual":
+        bad = next((i for i, g in enumerate(given) if g is None), None)
+        if bad is not None:
+            raise SptokError(f"{chunk.where[bad]}: source {chunk.rows[bad].get(source_field)!r} "
+                             f"(--source-field {source_field}) is not one of the model's sources: "
+                             f"{', '.join(table.sources)} (or their SPs {' '.join(table.sps)})")
+        return given
+    if mode == "auto":
+        return pred.tolist()
+    if mode == "random":
+        return random_sources(seed, chunk.start, len(chunk.rows), len(table.sources)).tolist()
+    return [None] * len(chunk.rows)
+
+
+def _place(table: SPTable, scorer: Scorer, choice: list, texts: list[str], pairs: list[str] | None,
+           text_ids: list | None, ids: bool) -> dict[str, list]:
+    """The fine-tuning input fields: sp_used, sp_input (+ sp_input_pair), and with ``ids`` their token ids
+    (``text_ids``: the texts' ids when the model already encoded them)."""
+    lay = table.layout
+    new = {"sp_used": [None if c is None else table.sps[c] for c in choice]}
+    placed = [place(lay, s, a, b) for s, a, b in zip(new["sp_used"], texts, pairs or [None] * len(texts))]
+    new["sp_input"] = [p[0] for p in placed]
+    if pairs:
+        new["sp_input_pair"] = [p[1] for p in placed]
+    if ids:
+        a_ids = text_ids if text_ids is not None else scorer.encode(texts)
+        b_ids = scorer.encode(pairs) if pairs else [None] * len(texts)
+        placed_ids = [place_ids(lay, None if c is None else table.sp_ids[c], a, b)
+                      for c, a, b in zip(choice, a_ids, b_ids)]
+        new["sp_input_ids"] = [p[0] for p in placed_ids]
+        if pairs:
+            new["sp_input_pair_ids"] = [p[1] for p in placed_ids]
+    return new
+
+
+def _summarize(run: _Run, model: str, input: str, out: str, mode, seconds: float, predict: bool, eval_out,
+               quiet: bool, say, warn) -> dict:
+    """The summary line, and with --eval the metrics and their files."""
+    table, n = run.table, run.n
+    summary = {"rows": n, "out": out, "seconds": seconds, "predicted": dict(run.predicted), "mode": mode,
                "files": [out], "eval": None, "report": None}
     line = f"labelled {n:,} rows of {input} -> {out} in {seconds:.1f}s ({n / max(seconds, 1e-9):,.0f} rows/s)"
     if predict:
-        line += "; predicted: " + ", ".join(f"{s} {predicted[s]:,}" for s in table.sources if predicted[s])
+        line += "; predicted: " + ", ".join(f"{s} {run.predicted[s]:,}" for s in table.sources if run.predicted[s])
     if not quiet:
         say(line)
-    if do_eval:
-        if unknown:
-            warn(f"{sum(unknown.values()):,} rows name a source the model does not know "
-                 f"({', '.join(sorted(unknown)[:5])}): left out of the evaluation")
-        ev = evaluate(table.sources, np.array(true_all), np.stack(probs_all), dict(unknown), top_k=k)
-        ev.update(model=os.path.abspath(model), input=os.path.abspath(input), source_field=source_field,
-                  max_tokens=scorer.max_tokens)
-        eval_dir = eval_out or (os.path.splitext(out)[0] + ".eval")
-        summary["files"] += write_eval(ev, eval_dir, warn)
+    if run.do_eval:
+        if run.unknown:
+            warn(f"{sum(run.unknown.values()):,} rows name a source the model does not know "
+                 f"({', '.join(sorted(run.unknown)[:5])}): left out of the evaluation")
+        ev = evaluate(table.sources, np.array(run.true), np.stack(run.probs), dict(run.unknown), top_k=run.k)
+        ev.update(model=os.path.abspath(model), input=os.path.abspath(input), source_field=run.source_field,
+                  max_tokens=run.scorer.max_tokens)
+        summary["files"] += write_eval(ev, eval_out or (os.path.splitext(out)[0] + ".eval"), warn)
         summary["eval"], summary["report"] = ev, format_report(ev)
     return summary

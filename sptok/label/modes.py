@@ -6,8 +6,8 @@
            whatever the batch size
   none     no SP: the text as it is
 
-The SP string is placed as the build places it: prefix ``SP delim text``, post ``text delim SP``, both
-``SP delim text delim SP``. With a pair of fields, the prefix SP goes before the first field (``sp_input``)
+The SP string is placed as the build places it (``SPLayout``): prefix ``SP delim text``, post ``text delim SP``,
+both ``SP delim text delim SP``. With a pair of fields, the prefix SP goes before the first field (``sp_input``)
 and the post SP after the second (``sp_input_pair``), so a pair tokenizer still sees two segments.
 """
 
@@ -15,36 +15,34 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..sp import SLOT_LABEL_RANDOM, uniforms
+from ..sp_layout import SPLayout
+
 MODES = ("manual", "auto", "random", "none")
-SLOT_RANDOM = 30   # distinct from the build's and the loader's decision slots
 
 
 def random_sources(seed: int, start: int, n: int, k: int) -> np.ndarray:
     """A source id in [0, k) for rows start .. start + n - 1, a pure function of (seed, row index)."""
-    from ..sp import uniforms
-
-    u = uniforms(np.arange(start, start + n, dtype=np.uint64), seed, SLOT_RANDOM)
+    u = uniforms(np.arange(start, start + n, dtype=np.uint64), seed, SLOT_LABEL_RANDOM)
     return np.minimum((u * k).astype(np.int64), k - 1)
 
 
-def place(position: str, delimiter: str, sp: str | None, text: str, pair: str | None) -> tuple[str, str | None]:
+def place(layout: SPLayout, sp: str | None, text: str, pair: str | None) -> tuple[str, str | None]:
     """(first field with its SP, second field with its SP or None) as strings; ``sp`` None leaves them bare."""
     if sp is None:
         return text, pair
-    before = position in ("prefix", "both")
-    after = position in ("post", "both")
+    before, after = layout.blocks(sp, layout.delimiter)
     if pair is None:
-        return (sp + delimiter if before else "") + text + (delimiter + sp if after else ""), None
-    return (sp + delimiter if before else "") + text, pair + (delimiter + sp if after else "")
+        return before + text + after, None
+    return before + text, pair + after
 
 
-def place_ids(position: str, delim_ids: list[int], sp_id: int | None, text: list[int],
-              pair: list[int] | None, eos_id: int) -> tuple[list[int], list[int] | None]:
+def place_ids(layout: SPLayout, sp_id: int | None, text: list[int],
+              pair: list[int] | None) -> tuple[list[int], list[int] | None]:
     """The same with token ids, laid out as a build lays out a document: the SP's own id and the
     delimiter's ids around text ids encoded as a build encodes them (a literal SP string in the text stays
     text), and the build's EOS at the end (after the second field of a pair), as in pre-training."""
-    pre = [sp_id] + delim_ids if sp_id is not None and position in ("prefix", "both") else []
-    post = delim_ids + [sp_id] if sp_id is not None and position in ("post", "both") else []
+    before, after = layout.blocks([sp_id], list(layout.delimiter_ids)) if sp_id is not None else ([], [])
     if pair is None:
-        return pre + list(text) + post + [eos_id], None
-    return pre + list(text), list(pair) + post + [eos_id]
+        return before + list(text) + after + [layout.eos_id], None
+    return before + list(text), list(pair) + after + [layout.eos_id]

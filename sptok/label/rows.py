@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..compression import open_decompressed, strip_extension
 from ..errors import SptokError
 
 FORMATS = ("jsonl", "parquet", "csv")
@@ -20,11 +21,7 @@ _EXT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "pa
 
 
 def format_of(path: str) -> str | None:
-    name = path.lower()
-    for z in (".gz", ".zst", ".zstd"):
-        if name.endswith(z):
-            name = name[: -len(z)]
-    return _EXT.get(os.path.splitext(name)[1])
+    return _EXT.get(os.path.splitext(strip_extension(path.lower()))[1])
 
 
 @dataclass
@@ -52,27 +49,11 @@ def read_chunks(path: str, fmt: str, chunk_rows: int) -> Iterator[Chunk]:
         raise SptokError(f"--input {path}: cannot read it ({e.strerror})") from None
 
 
-def _open_binary(path: str):
-    """The file's bytes, gzip / zstd decompressed when its first bytes say so; closing it closes the file."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        import gzip
-
-        return gzip.open(path, "rb")
-    if magic == b"\x28\xb5\x2f\xfd":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                                             closefd=True))
-    return open(path, "rb")
-
-
 def _jsonl(path: str, chunk_rows: int) -> Iterator[Chunk]:
     import zstandard
 
     rows, where, start, n = [], [], 0, 0
-    with _open_binary(path) as f:
+    with open_decompressed(path) as f:
         lineno = 0
         try:
             for raw in f:
@@ -105,7 +86,7 @@ def _jsonl(path: str, chunk_rows: int) -> Iterator[Chunk]:
 
 def _csv(path: str, chunk_rows: int) -> Iterator[Chunk]:
     csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
-    with _open_binary(path) as b:
+    with open_decompressed(path) as b:
         f = io.TextIOWrapper(b, encoding="utf-8-sig", newline="")
         reader = csv.reader(f)
         try:

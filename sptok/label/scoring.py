@@ -22,27 +22,21 @@ import os
 import numpy as np
 
 from ..errors import SptokError
+from ..layout import TOKENIZER_JSON
+from ..sp_layout import SPLayout
 from .table import SPTable
+
+DEVICES = ("auto", "cpu", "cuda")   # auto: the GPU when there is one
+PRECISIONS = ("fp32", "bf16")
 
 
 class Scorer:
     def __init__(self, table: SPTable, device: str = "auto", precision: str = "fp32", max_tokens: int | None = None,
                  load_model: bool = True):
-        from tokenizers import Tokenizer
-
         from ..tokenizer import text_encoder
 
         self.table = table
-        d = table.model_dir
-        try:
-            tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
-        except Exception as e:  # tokenizers raises a bare Exception
-            raise SptokError(f"--model {d}: cannot load tokenizer.json ({e})") from None
-        for sp, i in zip(table.sps + ([table.delimiter] if len(table.delimiter_ids) == 1 else []),
-                         table.sp_ids + table.delimiter_ids[:1]):
-            if tok.token_to_id(sp) != i:
-                raise SptokError(f"--model {d}: tokenizer.json gives {sp} the id {tok.token_to_id(sp)}, sptok.json "
-                                 f"says {i}: the tokenizer is not the build's")
+        tok = _build_tokenizer(table)
         self.enc = text_encoder(tok)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.sp_ids = np.array(table.sp_ids, np.int64)
@@ -52,31 +46,26 @@ class Scorer:
             self.max_tokens = max_tokens
             return
         self.kind = table.kind
-        pos = table.position
-        if self.kind == "decoder" and pos != "post":
-            why = ("the SP opens each document, and a decoder never predicts a document's first token" if
-                   pos == "prefix" else "it saw the SP before the text too, so it learned to copy it, not to name "
-                   "the source")
-            raise SptokError(f"--model {d}: a decoder trained on a build with position {pos} cannot name a source "
-                             f"({why}); label with one trained on a position: post build")
-        if self.kind != "decoder":
-            if self.kind == "encoder":
-                if table.mask_token is None or tok.token_to_id(table.mask_token) is None:
-                    raise SptokError(f"--model {d}: the tokenizer has no mask token, which the SP slot needs")
-                self.slot_id = tok.token_to_id(table.mask_token)
-            else:   # SpanCorruptionCollator's sentinels: ids from the tokenizer's vocabulary size upward
-                self.slot_id = self.vocab_size
-        self.slots = 1 + (pos == "both") if self.kind == "encoder" else 1
-        d_len = len(self.delim)
+        _check_position(table, self.kind)
+        if self.kind == "encoder":
+            if table.mask_token is None or tok.token_to_id(table.mask_token) is None:
+                raise SptokError(f"--model {table.model_dir}: the tokenizer has no mask token, which the SP slot needs")
+            self.slot_id = tok.token_to_id(table.mask_token)
+        elif self.kind == "seq2seq":   # SpanCorruptionCollator's sentinels: ids from the vocabulary size upward
+            self.slot_id = self.vocab_size
+        else:                          # a decoder's SP slot is the position after the input
+            self.slot_id = None
         # positions beside the text: SP slot(s), delimiter(s), EOS; a decoder feeds only text + delimiter
-        if self.kind == "decoder":
-            self.overhead = d_len
-        else:
-            self.overhead = (2 if pos == "both" else 1) * (1 + d_len) + 1
+        lay = table.layout
+        self.overhead = len(self.delim) if self.kind == "decoder" else lay.sites * (1 + len(self.delim)) + 1
         self._load(device, precision)
+        self.max_tokens = self._text_room(max_tokens)
+
+    def _text_room(self, max_tokens: int | None) -> int:
+        """How many text tokens a scored input holds: --max-tokens, else what seq_len (or the model) leaves."""
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) if self.kind != "seq2seq" else None
-        room = min(table.seq_len, limit) if limit else table.seq_len
+        room = min(self.table.seq_len, limit) if limit else self.table.seq_len
         if max_tokens is None:
             max_tokens = room - self.overhead
         elif limit and max_tokens + self.overhead > limit:
@@ -85,7 +74,7 @@ class Scorer:
                              f"{limit - self.overhead}")
         if max_tokens < 1:
             raise SptokError(f"--max-tokens: the model's {room} positions leave no room for text")
-        self.max_tokens = max_tokens
+        return max_tokens
 
     # ------------------------------------------------------------------------------------------- model
 
@@ -117,23 +106,7 @@ class Scorer:
 
     def layout(self, text_ids: list[int]) -> tuple[list[int], list[int]]:
         """(model input ids, the positions to score) for one text."""
-        t = list(text_ids[: self.max_tokens])
-        whole = len(text_ids) <= self.max_tokens
-        d, pos = self.delim, self.table.position
-        if self.kind == "decoder":
-            ids = t + d
-            if not ids:
-                raise SptokError("an empty text with no delimiter leaves the decoder nothing to predict the SP from")
-            return ids, [len(ids) - 1]
-        m, eos = self.slot_id, self.table.eos_id
-        if pos == "prefix":
-            return [m] + d + t + ([eos] if whole else []), [0]
-        if pos == "post":
-            return t + d + [m, eos], [len(t) + len(d)]
-        if self.kind == "encoder":
-            ids = [m] + d + t + d + [m, eos]
-            return ids, [0, len(ids) - 2]
-        return [m] + d + t + d + [m + 1, eos], [0]    # T5: sentinels 0 and 1; the decoder names the first SP
+        return slot_input(self.kind, self.table.layout, text_ids, self.max_tokens, self.slot_id)
 
     # ------------------------------------------------------------------------------------------- scoring
 
@@ -182,3 +155,50 @@ class Scorer:
             logits = m(input_ids=ids, attention_mask=att, decoder_input_ids=dec).logits[:, 1:2]
         return torch.log_softmax(logits[..., sp].double(), -1)   # fp64: the K probabilities sum to 1
 
+
+def slot_input(kind: str, lay: SPLayout, text_ids: list[int], max_tokens: int,
+               slot_id: int | None) -> tuple[list[int], list[int]]:
+    """(model input ids, the positions to score) for one text: the build's document (``SPLayout.blocks``) with
+    the SP slot(s) in place of the SP(s), its text cut to ``max_tokens``."""
+    t = list(text_ids[:max_tokens])
+    d = list(lay.delimiter_ids)
+    if kind == "decoder":   # the document up to its post SP: the logits at its last token name the SP
+        ids = t + lay.blocks([slot_id], d)[1][:-1]
+        if not ids:
+            raise SptokError("an empty text with no delimiter leaves the decoder nothing to predict the SP from")
+        return ids, [len(ids) - 1]
+    # T5: sentinel 0 in the first SP slot and 1 in a second; the decoder names the first SP
+    second = slot_id + 1 if kind == "seq2seq" and lay.prefix else slot_id
+    whole = len(text_ids) <= max_tokens   # EOS ends the text only when it fits whole, or a post SP ends it
+    ids = lay.blocks([slot_id], d)[0] + t + lay.blocks([second], d)[1] + ([lay.eos_id] if whole or lay.post else [])
+    slots = lay.sp_offsets(len(t))
+    return ids, slots if kind == "encoder" else slots[:1]
+
+
+def _build_tokenizer(table: SPTable):
+    """The model directory's tokenizer.json, checked to give the SPs (and a special delimiter) the ids of
+    sptok.json."""
+    from tokenizers import Tokenizer
+
+    d = table.model_dir
+    try:
+        tok = Tokenizer.from_file(os.path.join(d, TOKENIZER_JSON))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise SptokError(f"--model {d}: cannot load tokenizer.json ({e})") from None
+    for sp, i in zip(table.sps + ([table.delimiter] if len(table.delimiter_ids) == 1 else []),
+                     table.sp_ids + table.delimiter_ids[:1]):
+        if tok.token_to_id(sp) != i:
+            raise SptokError(f"--model {d}: tokenizer.json gives {sp} the id {tok.token_to_id(sp)}, sptok.json "
+                             f"says {i}: the tokenizer is not the build's")
+    return tok
+
+
+def _check_position(table: SPTable, kind: str) -> None:
+    """A decoder names the source only from a post SP."""
+    pos = table.position
+    if kind == "decoder" and pos != "post":
+        why = ("the SP opens each document, and a decoder never predicts a document's first token" if
+               pos == "prefix" else "it saw the SP before the text too, so it learned to copy it, not to name "
+               "the source")
+        raise SptokError(f"--model {table.model_dir}: a decoder trained on a build with position {pos} cannot name "
+                         f"a source ({why}); label with one trained on a position: post build")

@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass
 
 from ..errors import SptokError
+from ..layout import MARKER, TRAIN_CONFIG
+from ..sp_layout import SPLayout
+from ..spec import BuildSpec
 
 # transformers model_type -> how the SP is scored
 KINDS = {"bert": "encoder", "t5": "seq2seq", "llama": "decoder"}
@@ -16,19 +19,57 @@ KINDS = {"bert": "encoder", "t5": "seq2seq", "llama": "decoder"}
 @dataclass
 class SPTable:
     model_dir: str
-    sources: list[str]          # by source id
-    sps: list[str]              # SP string by source id
-    sp_ids: list[int]           # SP token id by source id
-    position: str               # prefix | post | both
-    delimiter: str              # as text ('' for none)
-    delimiter_ids: list[int]
-    eos_id: int
-    pad_id: int | None
-    mask_token: str | None
-    seq_len: int
-    options: dict               # the build's options (msp_prob, insert_prob, ...)
+    spec: BuildSpec             # what the build's sptok.json says: SP table, layout, options
     train: dict | None          # the training config (sptok_train.json), when the export recorded it
     model_type: str | None      # config.json's model_type
+
+    @property
+    def sources(self) -> list[str]:        # by source id
+        return self.spec.sources
+
+    @property
+    def sps(self) -> list[str]:            # SP string by source id
+        return self.spec.sps
+
+    @property
+    def sp_ids(self) -> list[int]:         # SP token id by source id
+        return self.spec.sp_ids.tolist()
+
+    @property
+    def layout(self) -> SPLayout:
+        return self.spec.layout
+
+    @property
+    def position(self) -> str:             # prefix | post | both
+        return self.spec.layout.position
+
+    @property
+    def delimiter(self) -> str:            # as text ('' for none)
+        return self.spec.layout.delimiter
+
+    @property
+    def delimiter_ids(self) -> list[int]:
+        return list(self.spec.layout.delimiter_ids)
+
+    @property
+    def eos_id(self) -> int:
+        return self.spec.layout.eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.spec.pad_id
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.spec.roles.get("mask_token")
+
+    @property
+    def seq_len(self) -> int:
+        return self.spec.seq_len
+
+    @property
+    def options(self) -> dict:             # the build's options (msp_prob, insert_prob, ...)
+        return self.spec.options
 
     @property
     def kind(self) -> str:
@@ -69,39 +110,21 @@ def _read_json(path: str) -> dict:
 def load_table(model_dir: str) -> SPTable:
     if not os.path.isdir(model_dir):
         raise SptokError(f"--model {model_dir}: no such directory (give a directory written by `sptok export`)")
-    path = os.path.join(model_dir, "sptok.json")
+    path = os.path.join(model_dir, MARKER)
     if not os.path.exists(path):
-        raise SptokError(f"--model {model_dir}: no sptok.json, so this is not a model exported by sptok: labelling "
+        raise SptokError(f"--model {model_dir}: no {MARKER}, so this is not a model exported by sptok: labelling "
                          f"needs the SP table and layout of the build it was trained on. Export the checkpoint with "
                          f"`sptok export CHECKPOINT --out DIR`")
-    info = _read_json(path)
-    try:
-        table = sorted(info["sp_table"], key=lambda e: e["source_id"])
-        options = info["options"]
-        delim = info.get("delimiter") or {"text": "", "ids": []}
-        roles = info.get("tokenizer", {}).get("roles", {})
-        sources = [e["source"] for e in table]
-        sps = [e["sp"] for e in table]
-        sp_ids = [int(e["token_id"]) for e in table]
-        position, seq_len = options["position"], int(options["seq_len"])
-        eos_id = int(info["eos"]["id"])
-        pad_id = (info.get("pad") or {}).get("id")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SptokError(f"{path}: not an sptok build description (missing or malformed {e})") from None
-    if not sources:
-        raise SptokError(f"{path}: the SP table is empty")
+    spec = BuildSpec.parse(_read_json(path), path)
     train = None
-    tpath = os.path.join(model_dir, "sptok_train.json")
+    tpath = os.path.join(model_dir, TRAIN_CONFIG)
     if os.path.exists(tpath):
         train = _read_json(tpath).get("config")
     model_type = None
     cpath = os.path.join(model_dir, "config.json")
     if os.path.exists(cpath):
         model_type = _read_json(cpath).get("model_type")
-    return SPTable(model_dir=model_dir, sources=sources, sps=sps, sp_ids=sp_ids, position=position,
-                   delimiter=delim.get("text") or "", delimiter_ids=[int(i) for i in delim.get("ids") or []],
-                   eos_id=eos_id, pad_id=pad_id, mask_token=roles.get("mask_token"), seq_len=seq_len,
-                   options=options, train=train, model_type=model_type)
+    return SPTable(model_dir=model_dir, spec=spec, train=train, model_type=model_type)
 
 
 def _policies(table: SPTable) -> list[str] | None:

@@ -34,7 +34,7 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
     """Write (or, when it is the same, reuse) ``OUT/plan.json`` and one config per proxy."""
     import yaml
 
-    from ..finalize import write_json
+    from ..layout import write_json
     from ..train.config import load_config
     from ..train.loop import ensure_build
     from .search import sample_mixtures
@@ -87,7 +87,7 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
 
 def run_proxy(out: str, k: int, log=print) -> dict:
     """Train proxy ``k`` of the plan in ``out`` (resuming from its checkpoints); write and return its result."""
-    from ..finalize import write_json
+    from ..layout import write_json
     from ..train.config import load_config
     from ..train.loop import pretrain
 
@@ -112,7 +112,7 @@ def run_proxy(out: str, k: int, log=print) -> dict:
 
 def fit_search(out: str, log=print) -> dict:
     """Fit the finished proxies, check the fit on left-out ones, propose a mixture; write the outputs."""
-    from ..finalize import write_json
+    from ..layout import write_json
     from . import search
 
     plan = load_plan(out)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .. import layout
 from ..errors import SptokError
 
 META = "meta.json"
@@ -80,11 +81,11 @@ def save(root: str, step: int, model, optimizer, extra: dict, meta: dict) -> str
 def keep_build(root: str, build: str) -> None:
     """Copy the build's identity and tokenizer next to the checkpoints, so an export needs nothing else."""
     dst = os.path.join(root, "build")
-    if os.path.exists(os.path.join(dst, "sptok.json")):
+    if os.path.exists(os.path.join(dst, layout.MARKER)):
         return
     os.makedirs(dst, exist_ok=True)
     shutil.copytree(os.path.join(build, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
-    for name in ("stats.json", "sptok.json"):   # sptok.json last: the copy is complete
+    for name in (layout.STATS, layout.MARKER):   # sptok.json last: the copy is complete
         shutil.copyfile(os.path.join(build, name), os.path.join(dst, name))
 
 

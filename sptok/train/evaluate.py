@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import layout
 from ..errors import SptokError
 
 
@@ -22,7 +23,7 @@ def validation_build(cfg) -> str | None:
     if cfg.eval.build:
         return cfg.eval.build
     own = os.path.join(cfg.data.build, "validation")
-    return own if os.path.exists(os.path.join(own, "sptok.json")) else None
+    return own if os.path.exists(os.path.join(own, layout.MARKER)) else None
 
 
 class Evaluator:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+from .. import layout
 from ..errors import SptokError
 
 
@@ -25,7 +26,7 @@ def export(checkpoint: str, out: str) -> str:
     root = os.path.dirname(path)
     meta = ckpt.load_meta(path)
     build_dir = os.path.join(root, "build")
-    if not os.path.exists(os.path.join(build_dir, "sptok.json")):
+    if not os.path.exists(os.path.join(build_dir, layout.MARKER)):
         raise SptokError(f"{root}: the checkpoints lack the copy of their build (build/sptok.json)")
     info = BuildInfo.load(build_dir)
     cfg = load_config(None, base={k: v for k, v in meta["config"].items()})
@@ -34,7 +35,7 @@ def export(checkpoint: str, out: str) -> str:
     model.save_pretrained(out)
     for f in os.listdir(info.tokenizer_dir):
         shutil.copyfile(os.path.join(info.tokenizer_dir, f), os.path.join(out, f))
-    shutil.copyfile(os.path.join(build_dir, "sptok.json"), os.path.join(out, "sptok.json"))
+    shutil.copyfile(os.path.join(build_dir, layout.MARKER), os.path.join(out, layout.MARKER))
     # how it was trained (load-time SP policy and schedule included): `sptok label` tells an MSP model from one
     # that never learned to fill the SP slot
     with open(os.path.join(out, "sptok_train.json"), "w") as f:

@@ -40,9 +40,9 @@ def init_distributed(device_kind: str) -> tuple[int, int, torch.device]:
 def ensure_build(cfg: Config, rank: int, log) -> None:
     """Build the data first when the config names a manifest and the build is not there yet; then check
     it is a build the trainer reads."""
-    from ..finalize import load_build
+    from ..layout import MARKER, load_build
 
-    if not os.path.exists(os.path.join(cfg.data.build, "sptok.json")) and cfg.data.manifest:
+    if not os.path.exists(os.path.join(cfg.data.build, MARKER)) and cfg.data.manifest:
         if rank == 0:
             from ..build import run_build
 
