@@ -124,7 +124,10 @@ def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, afte
 def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT as a terminal gives it, even when this session runs in the background (where the shell
+    # ignores SIGINT, and Python then installs no KeyboardInterrupt handler)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_progress(out, 2, p)
     os.killpg(p.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole process group
     _, err = p.communicate(timeout=60)

@@ -28,17 +28,30 @@ def _streaming_dataset_class():
             super().__init__(*args, **kwargs)
 
         def close(self) -> None:
-            """Release the shared memory this process holds for the dataset now (see
-            ``release_shared_memory``). Only the process that made the dataset acts: a worker's copy must not
-            unlink what its parent still uses."""
+            """Stop the threads of an epoch iterated in this process and release the shared memory it holds
+            for the dataset (see ``release_shared_memory``). An epoch left half-read keeps streaming's two
+            threads polling, and they keep the dataset alive, for good."""
+            if getattr(self, "_owner_pid", None) != os.getpid():
+                return
+            if hasattr(self, "_iterator"):
+                self._iterator.exit()
+            if hasattr(self, "_executor"):
+                self._executor.shutdown(wait=True)   # the threads read the shared memory: they end first
+            self._release()
+
+        def _release(self) -> None:
+            """Only the process that made the dataset acts: a worker's copy must not unlink what its parent
+            still uses."""
             if getattr(self, "_owner_pid", None) == os.getpid():
-                release_shared_memory(self)
                 self._owner_pid = None
+                release_shared_memory(self)
 
         def __del__(self) -> None:
             super().__del__()
-            if not sys.is_finalizing():   # at exit streaming's own hooks release everything
-                self.close()
+            # no thread refers to it any more (this may be the last one, ending: it must not wait for itself);
+            # at exit streaming's own hooks release everything
+            if not sys.is_finalizing():
+                self._release()
 
     return SptokStreamingDataset
 

@@ -75,14 +75,17 @@ def _held(dirs: tuple[str, ...]) -> set[str]:
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
             with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    at = line.find("/")
-                    if at >= 0 and line.startswith(prefixes, at):
-                        held.add(line[at:].split()[0])
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(prefixes):
-                    held.add(target.split()[0])
+                targets = [line[line.find("/"):].rstrip("\n") for line in f if "/" in line]
+            targets += [_readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            # "NAME (deleted)" is an unlinked segment that once had the name, not the one there now
+            held.update(t for t in targets if t.startswith(prefixes) and not t.endswith(" (deleted)"))
         except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
             continue   # the process ended, or is not ours to read
     return held
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:   # closed since it was listed (the listing's own descriptor, for one)
+        return ""

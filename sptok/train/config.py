@@ -195,56 +195,68 @@ def _checked(key: str, value, hint, from_set: bool):
 
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """YAML file (relative paths in it are relative to the file), then `key.sub=value` overrides."""
+    doc: dict = _read_yaml(path) if path else copy.deepcopy(base or {})
+    _override(doc, overrides)
+    unknown = set(doc) - set(_SECTIONS)
+    if unknown:
+        raise SptokError(f"config: unknown section {sorted(unknown)[0]!r}; sections are {', '.join(_SECTIONS)}")
+    cfg = Config(**{section: _section(section, cls, doc.get(section) or {}) for section, cls in _SECTIONS.items()})
+    _resolve_paths(cfg, doc, os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
+    return cfg
+
+
+def _read_yaml(path: str) -> dict:
     import yaml
 
-    doc: dict = copy.deepcopy(base or {})
-    root = os.getcwd()
-    if path:
-        if not os.path.exists(path):
-            raise SptokError(f"config not found: {path}")
-        try:
-            with open(path) as f:
-                doc = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise SptokError(f"config {path}: invalid YAML ({e})") from None
-        if not isinstance(doc, dict):
-            raise SptokError(f"config {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
-        root = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(path):
+        raise SptokError(f"config not found: {path}")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise SptokError(f"config {path}: invalid YAML ({e})") from None
+    if not isinstance(doc, dict):
+        raise SptokError(f"config {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
+    return doc
+
+
+def _override(doc: dict, overrides) -> None:
+    """``section.key=value`` (``section.key.sub=value`` into a mapping) into ``doc``, values kept raw: they are
+    typed by the setting they land in."""
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:
             raise SptokError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
         section, _, name = key.partition(".")
-        doc.setdefault(section, {})
-        target = doc[section]
+        target = doc.setdefault(section, {})
         parts = name.split(".")
         for p in parts[:-1]:
             target = target.setdefault(p, {})
         target[parts[-1]] = _Raw(value)
-    unknown = set(doc) - set(_SECTIONS)
-    if unknown:
-        raise SptokError(f"config: unknown section {sorted(unknown)[0]!r}; sections are {', '.join(_SECTIONS)}")
-    kwargs = {}
-    for section, cls in _SECTIONS.items():
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        given = doc.get(section) or {}
-        if not isinstance(given, dict):
-            raise SptokError(f"config: {section}: expected a mapping of settings, got {given!r}")
-        values = {k: _typed(v, types.get(k, "")) for k, v in given.items()}
-        names = set(types)
-        bad = set(values) - names
-        if bad:
-            raise SptokError(f"config: {section}.{sorted(bad)[0]} is not a setting; {section} has: "
-                             f"{', '.join(sorted(names))}")
-        hints = typing.get_type_hints(cls)
-        for k, v in values.items():
-            values[k] = _checked(f"{section}.{k}", v, hints[k], isinstance(given[k], _Raw))
-        try:
-            kwargs[section] = cls(**values)
-        except TypeError as e:
-            raise SptokError(f"config: {section}: {e}") from None
-    cfg = Config(**kwargs)
-    # data paths in the file are relative to it; given with --set, relative to where the command runs
+
+
+def _section(section: str, cls, given) -> object:
+    """One section's dataclass from its mapping: unknown keys and wrong types named."""
+    if not isinstance(given, dict):
+        raise SptokError(f"config: {section}: expected a mapping of settings, got {given!r}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values = {k: _typed(v, types.get(k, "")) for k, v in given.items()}
+    bad = set(values) - set(types)
+    if bad:
+        raise SptokError(f"config: {section}.{sorted(bad)[0]} is not a setting; {section} has: "
+                         f"{', '.join(sorted(types))}")
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        values[k] = _checked(f"{section}.{k}", v, hints[k], isinstance(given[k], _Raw))
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise SptokError(f"config: {section}: {e}") from None
+
+
+def _resolve_paths(cfg: Config, doc: dict, root: str) -> None:
+    """Data paths in the file are relative to it (``root``); given with --set, to where the command runs.
+    Output directories are relative to where the command runs."""
     for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
@@ -256,4 +268,3 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
         v = getattr(obj, attr)
         if v and not os.path.isabs(v):
             setattr(obj, attr, os.path.normpath(os.path.join(os.getcwd(), v)))
-    return cfg

@@ -12,7 +12,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from .. import layout
 from ..errors import SptokError
@@ -47,6 +46,8 @@ class Evaluator:
         n = cfg.eval.samples
         ids = [i for s, c in zip(starts, counts) for i in range(s, s + (min(c, n) if n else c))]
         mine = [ds[i] for i in ids[rank::world]]
+        if hasattr(ds, "close"):   # an MDS build: give its shared memory back now
+            ds.close()
         bs = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
         self.batches = [collator(mine[j:j + bs]) for j in range(0, len(mine), bs)]
         # every rank runs as many forward passes as the rank with the most samples
@@ -59,8 +60,9 @@ class Evaluator:
 
         from .losses import label_positions
 
-        n = self.n_sources
-        sums = torch.zeros(2 * n + 3, dtype=torch.float64, device=self.device)
+        from .meters import LossSums
+
+        sums = LossSums(self.n_sources, self.device)
         was_training = model.training
         model.eval()
         for k in range(self.steps):
@@ -70,17 +72,7 @@ class Evaluator:
             batch["target_index"] = label_positions(batch["labels"])
             with autocast or nullcontext():
                 out = model(batch)
-            if not real:
-                continue
-            loss, src, sp = out["loss"].double(), out["source"].clamp(min=0), out["sp"]
-            sums[:n].index_add_(0, src, loss)
-            sums[n:2 * n].index_add_(0, src, torch.ones_like(loss))
-            sums[2 * n:] += torch.stack([(loss * sp).sum(), sp.sum(), (out["sp_correct"] & sp).sum()]).double()
+            if real:
+                sums.add(out)
         model.train(was_training)
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        s = sums.tolist()
-        by_source = [a / c if c else None for a, c in zip(s[:n], s[n:2 * n])]
-        return {"val_loss": sum(s[:n]) / max(1.0, sum(s[n:2 * n])), "val_loss_by_source": by_source,
-                "val_targets_by_source": s[n:2 * n], "val_sp_loss": s[2 * n] / s[2 * n + 1] if s[2 * n + 1] else None,
-                "val_sp_acc": s[2 * n + 2] / s[2 * n + 1] if s[2 * n + 1] else None, "val_sp_targets": int(s[2 * n + 1])}
+        return {f"val_{k}": v for k, v in sums.read().items()}

@@ -11,12 +11,15 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from ..errors import SptokError
 from .config import FAMILIES, Config
+from .meters import Meter
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -94,65 +97,6 @@ def make_collator(cfg: Config, info):
 
 # ------------------------------------------------------------------------------------------------ metrics
 
-class Meter:
-    """Sums over the steps since the last log line (reduced over ranks when logged), and delivered
-    per-source counts since the start of training (saved in checkpoints).
-
-    Nothing here reads the device: per-target sums accumulate on it (``add``) and are read at log steps only
-    (``report``); token counts come from the host batch (``count``)."""
-
-    def __init__(self, n_sources: int, device):
-        self.n, self.device = n_sources, device
-        self.delivered = torch.zeros(2, n_sources, dtype=torch.float64)   # samples, tokens (this rank)
-        self.reset()
-
-    def reset(self):
-        self.sums = torch.zeros(2 * self.n + 5, dtype=torch.float64, device=self.device)
-        self.tokens, self.t0 = 0, time.perf_counter()
-
-    def count(self, batch: dict) -> None:
-        """Delivered samples and tokens per source, from a host batch."""
-        n = self.n
-        tok_src = batch["input_source"] if "input_source" in batch else batch["token_source"]
-        real = tok_src >= 0
-        self.tokens += int(real.sum())
-        self.delivered[1] += torch.bincount(tok_src[real], minlength=n)[:n].double()
-        self.delivered[0] += torch.bincount(tok_src[:, 0].clamp(min=0), minlength=n)[:n].double()
-
-    def add(self, out: dict) -> None:
-        """Per-target loss, per source and for SPs, from LossModel's output (device tensors)."""
-        with torch.no_grad():
-            loss = out["loss"].detach().double()
-            by_source = torch.zeros(2, self.n, dtype=torch.float64, device=loss.device)
-            src = out["source"].clamp(min=0)
-            by_source[0].index_add_(0, src, loss)              # index_add_, not bincount: no device read
-            by_source[1].index_add_(0, src, torch.ones_like(loss))
-            sp = out["sp"]
-            rest = torch.stack([(loss * sp).sum(), sp.sum(), (out["sp_correct"] & sp).sum(), loss.sum(),
-                                loss.new_full((), float(loss.numel()))]).double()
-            self.sums += torch.cat([by_source.flatten(), rest])
-
-    def report(self, world: int) -> dict:
-        s = self.sums.clone()
-        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
-        delivered = self.delivered.to(self.device)
-        if dist.is_initialized():
-            for t in (s, tokens, delivered):
-                dist.all_reduce(t)
-        n = self.n
-        seconds = time.perf_counter() - self.t0
-        out = {"loss": (s[2 * n + 3] / s[2 * n + 4].clamp(min=1)).item(),
-               "loss_by_source": [(a / c) if c > 0 else None for a, c in zip(s[:n].tolist(), s[n:2 * n].tolist())],
-               "targets_by_source": s[n:2 * n].tolist(),
-               "sp_loss": (s[2 * n] / s[2 * n + 1].clamp(min=1)).item() if s[2 * n + 1] > 0 else None,
-               "sp_acc": (s[2 * n + 2] / s[2 * n + 1]).item() if s[2 * n + 1] > 0 else None,
-               "sp_targets": int(s[2 * n + 1].item()),
-               "tokens_per_s": tokens.item() / max(seconds, 1e-9),
-               "delivered_samples": delivered[0].tolist(), "delivered_tokens": delivered[1].tolist()}
-        self.reset()
-        return out
-
-
 def mfu(tokens_per_s: float, model, seq_len: int) -> float:
     """Model FLOPs utilisation against H100/H200 dense bf16 peak (989.4 TFLOP/s)."""
     from .model import non_embedding_params
@@ -168,9 +112,41 @@ def mfu(tokens_per_s: float, model, seq_len: int) -> float:
 
 def pretrain(cfg: Config, log=print) -> list[dict]:
     """Train; return the logged records (also written to ``log.dir/metrics.jsonl``)."""
-    from ..build import describe_changes
+    run = setup(cfg, log)
+    try:
+        start = resume(run)
+        with Records(run) as emit:
+            train(run, start, emit)
+    finally:
+        run.loader.dataset.close()   # streaming's threads and shared memory would outlive the run
+    return emit.records
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` makes and the loop uses."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    say: Callable
+    info: object          # the build's BuildInfo
+    loader: object        # sptok.data.Loader: collated host batches, resumable mid-epoch
+    collator: object
+    model: object         # the transformers model
+    trained: object       # LossModel around it, under DDP / FSDP2 / as is
+    optimizer: object
+    scheduler: object
+    autocast: object
+    accum: int            # micro-batches per step on each rank
+    meter: Meter
+    evaluator: object     # in-loop evaluation, or None
+    meta: dict            # what every checkpoint records about the run
+
+
+def setup(cfg: Config, log=print) -> Run:
+    """Processes, data, model, optimizer: a run ready to start (or resume)."""
     from ..data import Loader, open_dataset
-    from . import checkpoint as ckpt
     from .losses import LossModel
     from .model import build_model
     from .parallelize import parallelize
@@ -182,15 +158,8 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
                       shuffle_seed=cfg.train.seed, proportion=cfg.data.proportion, repeat=cfg.data.repeat,
                       weights=cfg.data.weights, expected_fingerprint=cfg.data.expected_fingerprint)
     info = ds.build
-    per_step = cfg.train.micro_batch_size * world
-    if cfg.train.global_batch_size % per_step:
-        raise SptokError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-                         f"train.micro_batch_size x processes ({per_step})")
-    accum = cfg.train.global_batch_size // per_step
+    accum, parallel = _accumulation(cfg, world), _parallel(cfg, world)
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-    parallel = cfg.train.parallel if cfg.train.parallel != "auto" else ("ddp" if world > 1 else "none")
-    if parallel in ("ddp", "fsdp") and world == 1:
-        parallel = "none"
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, info)
@@ -198,101 +167,153 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     # bf16: FSDP2 casts parameters itself (MixedPrecisionPolicy); DDP / one process use autocast
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and parallel != "fsdp")
     trained = parallelize(loss_model, parallel, device, bf16, cfg.train.activation_checkpointing, cfg.train.compile)
-    decay = [p for n, p in trained.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in trained.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer, scheduler = make_optimizer(cfg, trained, device)
     collator = make_collator(cfg, info)
     loader = Loader(ds, collator, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers)
-    meter = Meter(len(info.sources), device)
     evaluator = _evaluator(cfg, info, rank, world, device) if cfg.eval.every else None
     build_desc = {k: info.raw[k] for k in ("options", "manifest", "tokenizer", "inputs", "sptok_version")}
     meta = {"config": cfg.to_dict(), "fingerprint": info.fingerprint, "build": build_desc, "world_size": world}
-
-    start = 0
-    resume_from = ckpt.latest(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
-    if resume_from:
-        old = ckpt.load_meta(resume_from)
-        if old["fingerprint"] != info.fingerprint:
-            raise SptokError(f"cannot resume {resume_from}: it trained on build {old['fingerprint'][:12]}, "
-                             f"{cfg.data.build} is build {info.fingerprint[:12]} "
-                             f"({describe_changes(old.get('build', {}), build_desc) or 'they differ'}); use "
-                             f"another checkpoint.dir or the original build")
-        extra = ckpt.load(resume_from, trained, optimizer)
-        scheduler.load_state_dict(extra["scheduler"])
-        ckpt.set_rng_state(extra["rng"])
-        loader.load_state_dict(extra["loader"])
-        meter.delivered = extra["delivered"].clone()
-        start = int(extra["step"])
-        say(f"resumed from {resume_from} at step {start}")
-
-    os.makedirs(cfg.log.dir, exist_ok=True)
-    if rank == 0:   # what `sptok stats BUILD --run LOGDIR` compares the delivered counts with
-        from ..data import source_weights
-
-        requested = source_weights(info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
-        with open(os.path.join(cfg.log.dir, "run.json"), "w") as f:
-            json.dump({"config": cfg.to_dict(), "fingerprint": info.fingerprint, "sources": info.sources,
-                       "requested": requested, "world_size": world}, f, indent=1, sort_keys=True)
-    records: list[dict] = []
-    writer = _tensorboard(cfg, rank)
-    logfile = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a") if rank == 0 else None
-    batches = _endless(loader)
     say(f"training {cfg.model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{cfg.data.build}: {world} process(es), {parallel}, {'bf16' if bf16 else 'fp32'}, {accum} micro-batch(es) "
         f"of {cfg.train.micro_batch_size} per step")
-    def emit(rec: dict) -> None:
-        """A record: returned, in metrics.jsonl, printed and in TensorBoard (rank 0)."""
-        records.append(rec)
-        if rank == 0:
-            logfile.write(json.dumps(rec) + "\n")
-            logfile.flush()
-            _print(rec, cfg, say)
-            if writer:
-                _tb(writer, rec)
+    return Run(cfg, rank, world, device, say, info, loader, collator, model, trained, optimizer, scheduler,
+               autocast, accum, Meter(len(info.sources), device), evaluator, meta)
 
-    def save(step: int) -> None:
-        extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-                 "loader": loader.state_dict(), "delivered": meter.delivered}
-        ckpt.save(cfg.checkpoint.dir, step, trained, optimizer, extra, meta)
-        if rank == 0:
-            ckpt.keep_build(cfg.checkpoint.dir, cfg.data.build)
 
+def _accumulation(cfg: Config, world: int) -> int:
+    per_step = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size % per_step:
+        raise SptokError(f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+                         f"train.micro_batch_size x processes ({per_step})")
+    return cfg.train.global_batch_size // per_step
+
+
+def _parallel(cfg: Config, world: int) -> str:
+    """ddp, fsdp or none: ``auto`` is DDP over several processes; one process needs no wrapper."""
+    parallel = cfg.train.parallel if cfg.train.parallel != "auto" else ("ddp" if world > 1 else "none")
+    return "none" if world == 1 else parallel
+
+
+def make_optimizer(cfg: Config, trained, device):
+    """AdamW (no weight decay on biases and norms) and the warm-up + decay schedule."""
+    decay = [p for p in trained.parameters() if p.ndim >= 2]
+    no_decay = [p for p in trained.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def resume(run: Run) -> int:
+    """Load the latest checkpoint of ``checkpoint.dir`` when asked to (model, optimizer, schedule, RNG, the
+    loader's place in the epoch, delivered counts); return the step to start from."""
+    from ..build import describe_changes
+    from . import checkpoint as ckpt
+
+    cfg = run.cfg
+    path = ckpt.latest(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    if not path:
+        return 0
+    old = ckpt.load_meta(path)
+    if old["fingerprint"] != run.info.fingerprint:
+        raise SptokError(f"cannot resume {path}: it trained on build {old['fingerprint'][:12]}, "
+                         f"{cfg.data.build} is build {run.info.fingerprint[:12]} "
+                         f"({describe_changes(old.get('build', {}), run.meta['build']) or 'they differ'}); use "
+                         f"another checkpoint.dir or the original build")
+    extra = ckpt.load(path, run.trained, run.optimizer)
+    run.scheduler.load_state_dict(extra["scheduler"])
+    ckpt.set_rng_state(extra["rng"])
+    run.loader.load_state_dict(extra["loader"])
+    run.meter.delivered = extra["delivered"].clone()
+    run.say(f"resumed from {path} at step {int(extra['step'])}")
+    return int(extra["step"])
+
+
+def train(run: Run, start: int, emit) -> None:
+    """Steps ``start`` .. ``train.steps`` (or ``stop_at``, or until ``max_minutes``): a log line every
+    ``log.every`` steps, an evaluation every ``eval.every``, a checkpoint every ``checkpoint.every``, and all
+    three at the end."""
+    cfg, info = run.cfg, run.info
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     deadline = time.time() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
-    try:
-        for step in range(start, end):
-            if deadline is not None and _out_of_time(deadline, step, cfg.log.every):
-                say(f"train.max_minutes ({cfg.train.max_minutes}) spent: stopping after step {step}")
-                end = step
-                break
-            collator.set_sp_policy(sp_policy_at(cfg, step))
-            forward_backward(trained, [next(batches) for _ in range(accum)], world, device, meter, autocast)
-            grad_norm = _clip(trained, cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % cfg.log.every == 0 or step + 1 == end:   # the only place the device is read
-                rec = {"step": step + 1, **meter.report(world), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": _value(grad_norm), "sp_policy": str(collator.policy), "sources": info.sources}
-                if device.type == "cuda":
-                    rec["mfu"] = mfu(rec["tokens_per_s"], model, info.seq_len)
-                emit(rec)
-            if evaluator and ((step + 1) % cfg.eval.every == 0 or step + 1 == end):
-                emit({"step": step + 1, "split": "validation", **evaluator(trained, autocast), "sources": info.sources})
-            if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0)
-                                       or step + 1 == end):
-                save(step + 1)
-        if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
-            save(end)   # stopped by the time budget: keep what was trained
-    finally:
-        if logfile:
-            logfile.close()
-        if writer:
-            writer.close()
-    return records
+    batches = _endless(run.loader)
+    for step in range(start, end):
+        if deadline is not None and _out_of_time(deadline, step, cfg.log.every):
+            run.say(f"train.max_minutes ({cfg.train.max_minutes}) spent: stopping after step {step}")
+            end = step
+            break
+        run.collator.set_sp_policy(sp_policy_at(cfg, step))
+        forward_backward(run.trained, [next(batches) for _ in range(run.accum)], run.world, run.device, run.meter,
+                         run.autocast)
+        grad_norm = _clip(run.trained, cfg.optim.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        last = step + 1 == end
+        if (step + 1) % cfg.log.every == 0 or last:   # the only place the device is read
+            rec = {"step": step + 1, **run.meter.report(run.world), "lr": run.scheduler.get_last_lr()[0],
+                   "grad_norm": _value(grad_norm), "sp_policy": str(run.collator.policy), "sources": info.sources}
+            if run.device.type == "cuda":
+                rec["mfu"] = mfu(rec["tokens_per_s"], run.model, info.seq_len)
+            emit(rec)
+        if run.evaluator and ((step + 1) % cfg.eval.every == 0 or last):
+            emit({"step": step + 1, "split": "validation", **run.evaluator(run.trained, run.autocast),
+                  "sources": info.sources})
+        if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last):
+            save(run, step + 1)
+    from . import checkpoint as ckpt
+
+    if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
+        save(run, end)   # stopped by the time budget: keep what was trained
+
+
+def save(run: Run, step: int) -> None:
+    """A checkpoint of everything ``resume`` needs, and (rank 0) the copy of the build it trained on."""
+    from . import checkpoint as ckpt
+
+    extra = {"step": step, "scheduler": run.scheduler.state_dict(), "rng": ckpt.rng_state(),
+             "loader": run.loader.state_dict(), "delivered": run.meter.delivered}
+    ckpt.save(run.cfg.checkpoint.dir, step, run.trained, run.optimizer, extra, run.meta)
+    if run.rank == 0:
+        ckpt.keep_build(run.cfg.checkpoint.dir, run.cfg.data.build)
+
+
+class Records:
+    """Where records go (rank 0): ``metrics.jsonl``, the console, TensorBoard; every rank keeps them in
+    ``.records``. Entering writes ``run.json``, what `sptok stats BUILD --run LOGDIR` compares the delivered
+    counts with."""
+
+    def __init__(self, run: Run):
+        self.run, self.records = run, []
+        self.logfile = self.writer = None
+
+    def __enter__(self):
+        run, cfg = self.run, self.run.cfg
+        os.makedirs(cfg.log.dir, exist_ok=True)
+        if run.rank == 0:
+            from ..data import source_weights
+
+            requested = source_weights(run.info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
+            with open(os.path.join(cfg.log.dir, "run.json"), "w") as f:
+                json.dump({"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,
+                           "requested": requested, "world_size": run.world}, f, indent=1, sort_keys=True)
+            self.logfile = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a")
+            self.writer = _tensorboard(cfg, run.rank)
+        return self
+
+    def __call__(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.logfile:
+            self.logfile.write(json.dumps(rec) + "\n")
+            self.logfile.flush()
+            _print(rec, self.run.cfg, self.run.say)
+            if self.writer:
+                _tb(self.writer, rec)
+
+    def __exit__(self, *exc) -> None:
+        for f in (self.logfile, self.writer):
+            if f:
+                f.close()
 
 
 def forward_backward(trained, micro: list[dict], world: int, device, meter: Meter | None = None,

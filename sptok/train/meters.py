@@ -1,0 +1,93 @@
+"""What a training run measures: loss sums per source and for SPs (training and in-loop evaluation alike),
+and the samples and tokens of each source delivered.
+
+Nothing here reads the device while a step runs: sums accumulate on it and are read when a line is logged;
+token counts come from the host batch."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class LossSums:
+    """Per-target loss sums in one device vector, so that one all-reduce sums them all: per source
+    (``source_loss``, ``source_targets``), then SCALARS. ``fields`` names its parts."""
+
+    SCALARS = ("loss", "targets", "sp_loss", "sp_targets", "sp_correct")
+
+    def __init__(self, n_sources: int, device):
+        self.n, self.device = n_sources, device
+        self.sums = torch.zeros(2 * n_sources + len(self.SCALARS), dtype=torch.float64, device=device)
+
+    def fields(self, sums) -> dict:
+        """The named parts of ``sums`` (a tensor: views into it; a list: its values)."""
+        n = self.n
+        return {"source_loss": sums[:n], "source_targets": sums[n:2 * n],
+                **{k: sums[2 * n + i] for i, k in enumerate(self.SCALARS)}}
+
+    @torch.no_grad()
+    def add(self, out: dict) -> None:
+        """The per-target losses of LossModel's output (device tensors), by source and for SP targets."""
+        loss = out["loss"].detach().double()
+        f = self.fields(self.sums)
+        src = out["source"].clamp(min=0)
+        f["source_loss"].index_add_(0, src, loss)             # index_add_, not bincount: no device read
+        f["source_targets"].index_add_(0, src, torch.ones_like(loss))
+        sp = out["sp"]
+        scalars = {"loss": loss.sum(), "targets": loss.new_full((), float(loss.numel())),
+                   "sp_loss": (loss * sp).sum(), "sp_targets": sp.sum(), "sp_correct": (out["sp_correct"] & sp).sum()}
+        self.sums[2 * self.n:] += torch.stack([scalars[k].double() for k in self.SCALARS])
+
+    def read(self) -> dict:
+        """Mean losses and SP accuracy, summed over ranks (one all-reduce, one device read), then zeroed."""
+        s = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(s)
+        self.sums.zero_()
+        f = self.fields(s.tolist())
+        sp_n = f["sp_targets"]
+        return {"loss": f["loss"] / max(f["targets"], 1),
+                "loss_by_source": [(a / c) if c > 0 else None for a, c in zip(f["source_loss"], f["source_targets"])],
+                "targets_by_source": f["source_targets"],
+                "sp_loss": f["sp_loss"] / sp_n if sp_n > 0 else None,
+                "sp_acc": f["sp_correct"] / sp_n if sp_n > 0 else None,
+                "sp_targets": int(sp_n)}
+
+
+class Meter:
+    """A training run's numbers between two log lines (``LossSums``, tokens per second), and the samples and
+    tokens of each source delivered since the start of training (``delivered``, saved in checkpoints)."""
+
+    def __init__(self, n_sources: int, device):
+        self.n, self.device = n_sources, device
+        self.delivered = torch.zeros(2, n_sources, dtype=torch.float64)   # samples, tokens (this rank)
+        self.losses = LossSums(n_sources, device)
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def count(self, batch: dict) -> None:
+        """Delivered samples and tokens per source, from a host batch."""
+        n = self.n
+        tok_src = batch["input_source"] if "input_source" in batch else batch["token_source"]
+        real = tok_src >= 0
+        self.tokens += int(real.sum())
+        self.delivered[1] += torch.bincount(tok_src[real], minlength=n)[:n].double()
+        self.delivered[0] += torch.bincount(tok_src[:, 0].clamp(min=0), minlength=n)[:n].double()
+
+    def add(self, out: dict) -> None:
+        self.losses.add(out)
+
+    def report(self, world: int) -> dict:
+        """The log line's numbers, over all ranks; starts the next interval."""
+        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
+        delivered = self.delivered.to(self.device)
+        if dist.is_initialized():
+            for t in (tokens, delivered):
+                dist.all_reduce(t)
+        seconds = time.perf_counter() - self.t0
+        out = {**self.losses.read(), "tokens_per_s": tokens.item() / max(seconds, 1e-9),
+               "delivered_samples": delivered[0].tolist(), "delivered_tokens": delivered[1].tolist()}
+        self.tokens, self.t0 = 0, time.perf_counter()
+        return out
