@@ -1,6 +1,6 @@
 """Choosing the mixture end to end: does `sptok mix` find a mixture at least as good as natural and uniform?
 
-    python pipelines/mixture.py [--corpus ../shared/corpus] [--work out/mixture] [--proxies 24]
+    python pipelines/mixture.py [--corpus ../shared/corpus] [--work out/mixture] [--proxies 16] [--fresh]
 
 1. Build the four shared sources with a validation split (`--holdout-docs`, by each document's draw).
 2. `sptok mix`: proxy runs of a small BERT (pipelines/mixture.yaml) on random mixtures around the natural
@@ -10,12 +10,16 @@
    mixture, the natural one and the uniform one, evaluated on the same validation samples.
 Prints their per-source and mean validation losses side by side with the left-out rank correlation, and
 writes confirmation.json next to mixture.json (`sptok report BUILD --mixture DIR` shows both).
+A rerun keeps the finished proxies and resumes an interrupted one; --fresh starts over (needed once the corpus
+changed: the build, and so every proxy, is of other inputs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -91,12 +95,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "mixture")
-    ap.add_argument("--proxies", type=int, default=16)
+    ap.add_argument("--proxies", type=int, default=32)
     ap.add_argument("--holdout-docs", type=int, default=64)
-    ap.add_argument("--confirm-steps", type=int, default=240)
+    ap.add_argument("--confirm-steps", type=int, default=1200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh", action="store_true", help="delete --work first: a new build, new proxies")
     args = ap.parse_args(argv)
+    from sptok.errors import SptokError
+
+    try:
+        run(args)
+    except SptokError as e:
+        hint = " (here: python pipelines/mixture.py --fresh)" if "--overwrite" in e.message else ""
+        sys.exit(f"error: {e.message}{hint}")
+
+
+def run(args) -> None:
     t0 = time.time()
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     out = build(args.corpus, args.work, args.holdout_docs)
     from sptok.mix import fit_search, plan_search, run_proxy
