@@ -283,6 +283,41 @@ time.sleep(600)
 """
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_a_dataset_gives_back_its_threads_and_shared_memory(prefix_build):
+    """streaming keeps every shared-memory segment open until the process exits, and the two threads of an
+    epoch left half-read poll for good: a process that opens datasets one after another (evaluation, a
+    mixture search, a test session) ran out of file descriptors. close() and collection give them back."""
+    import gc
+    import threading
+
+    def shm_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
+            except OSError:
+                pass
+        return n
+
+    fds, threads = shm_fds(), threading.active_count()
+    for _ in range(2):
+        ds = open_dataset(prefix_build, batch_size=4)
+        it = iter(ds)
+        next(it)                                   # half an epoch: streaming's threads are running
+        assert shm_fds() > fds and threading.active_count() > threads
+        ds.close()
+        assert shm_fds() == fds
+        del it, ds
+    for _ in range(2):                             # never iterated, never closed: collected
+        ds = open_dataset(prefix_build)
+        assert len(ds) and shm_fds() > fds
+        del ds
+        gc.collect()
+        assert shm_fds() == fds
+    assert threading.active_count() <= threads + 2   # the executor's idle threads at most; none polling
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm: streaming keeps no POSIX shared memory")
 def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
     """kill -9 of a reader with 2 loader workers leaks streaming's /dev/shm segments; the next
