@@ -6,8 +6,9 @@
 2. `sptok mix`: proxy runs of a small BERT (pipelines/mixture.yaml) on random mixtures around the natural
    token shares, a regression from mixture to per-source validation loss, checked on proxies left out of the
    fit, and the mixture it predicts best (mean per-source validation loss).
-3. Three confirmation models trained from scratch with the same token budget (--confirm-steps): the proposed
-   mixture, the natural one and the uniform one, evaluated on the same validation samples.
+3. Three confirmation models trained from scratch with the same token budget (--confirm-steps, by default the
+   proxies' own: the budget the search optimised): the proposed mixture, the natural one and the uniform one,
+   evaluated on the same validation samples.
 Prints their per-source and mean validation losses side by side with the left-out rank correlation, and
 writes confirmation.json next to mixture.json (`sptok report BUILD --mixture DIR` shows both).
 A rerun keeps the finished proxies and resumes an interrupted one; --fresh starts over (needed once the corpus
@@ -53,6 +54,7 @@ def confirm(search: Path, steps: int, log) -> dict:
     for name in ("proposed", "natural", "uniform"):
         weights = mix["predicted"][name]["weights"]
         d = search / "confirm" / name
+        shutil.rmtree(d, ignore_errors=True)   # from scratch: the proposal may have changed since the last run
         cfg = load_config(None, [f"train.steps={steps}", f"eval.every={steps}", f"log.dir={d / 'log'}",
                                  f"checkpoint.dir={d / 'ckpt'}"], base=_without_dirs(plan["config"]))
         cfg.data.proportion = weights
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "mixture")
     ap.add_argument("--proxies", type=int, default=32)
     ap.add_argument("--holdout-docs", type=int, default=64)
-    ap.add_argument("--confirm-steps", type=int, default=1200)
+    ap.add_argument("--confirm-steps", type=int, default=None,
+                    help="steps of each confirmation run (default: the proxies' own, the budget the search optimised)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="delete --work first: a new build, new proxies")
     args = ap.parse_args(argv)
@@ -126,8 +129,9 @@ def run(args) -> None:
         r = run_proxy(str(search), k, log=lambda m: None)
         print(f"proxy {k + 1}/{len(plan['mixtures'])}: loss {r['loss']:.4f} ({time.time() - t:.0f} s)", flush=True)
     mix = fit_search(str(search), log=print)
-    print(f"confirmation: {args.confirm_steps} steps each, from scratch")
-    conf = confirm(search, args.confirm_steps, print)
+    steps = args.confirm_steps or plan["config"]["train"]["steps"]
+    print(f"confirmation: {steps} steps each, from scratch")
+    conf = confirm(search, steps, print)
     (search / "confirmation.json").write_text(json.dumps(conf, indent=1) + "\n")
     print("\n" + table(mix, conf))
     best_baseline = min(conf["runs"]["natural"]["mean"], conf["runs"]["uniform"]["mean"])

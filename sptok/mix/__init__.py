@@ -129,7 +129,7 @@ def fit_search(out: str, log=print) -> dict:
     check = search.left_out(mixtures, losses, w, LEFT_OUT, plan["seed"])
     f = search.fit(mixtures, losses)
     prior = np.array(plan["prior_shares"])
-    best = search.propose(f, prior, plan["concentration"], w, plan["seed"] + 1, known=mixtures)
+    best = search.propose(f, prior, plan["concentration"], w, plan["seed"] + 1, known=mixtures, losses=losses)
     names = plan["sources"]
     k = len(names)
     compare = {"proposed": best, "natural": search.normalize(prior), "uniform": np.full(k, 1.0 / k)}
