@@ -289,7 +289,6 @@ def test_a_dataset_gives_back_its_threads_and_shared_memory(prefix_build):
     epoch left half-read poll for good: a process that opens datasets one after another (evaluation, a
     mixture search, a test session) ran out of file descriptors. close() and collection give them back."""
     import gc
-    import threading
 
     def shm_fds() -> int:
         n = 0
@@ -300,14 +299,15 @@ def test_a_dataset_gives_back_its_threads_and_shared_memory(prefix_build):
                 pass
         return n
 
-    fds, threads = shm_fds(), threading.active_count()
+    fds = shm_fds()
     for _ in range(2):
         ds = open_dataset(prefix_build, batch_size=4)
         it = iter(ds)
         next(it)                                   # half an epoch: streaming's threads are running
-        assert shm_fds() > fds and threading.active_count() > threads
+        epoch_threads = list(ds._executor._threads)
+        assert shm_fds() > fds and epoch_threads and all(t.is_alive() for t in epoch_threads)
         ds.close()
-        assert shm_fds() == fds
+        assert shm_fds() == fds and not any(t.is_alive() for t in epoch_threads)
         del it, ds
     for _ in range(2):                             # never iterated, never closed: collected
         ds = open_dataset(prefix_build)
@@ -315,7 +315,6 @@ def test_a_dataset_gives_back_its_threads_and_shared_memory(prefix_build):
         del ds
         gc.collect()
         assert shm_fds() == fds
-    assert threading.active_count() <= threads + 2   # the executor's idle threads at most; none polling
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm: streaming keeps no POSIX shared memory")
