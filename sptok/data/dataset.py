@@ -28,40 +28,36 @@ def _streaming_dataset_class():
             super().__init__(*args, **kwargs)
 
         def close(self) -> None:
-            """Stop the threads of an epoch iterated in this process and release the shared memory it holds
-            for the dataset (see ``release_shared_memory``). An epoch left half-read keeps streaming's two
-            threads polling, and they keep the dataset alive, for good."""
-            if getattr(self, "_owner_pid", None) != os.getpid():
-                return
-            if hasattr(self, "_iterator"):
-                self._iterator.exit()
-            if hasattr(self, "_executor"):
-                self._executor.shutdown(wait=True)   # the threads read the shared memory: they end first
-            self._release()
-
-        def _release(self) -> None:
-            """Only the process that made the dataset acts: a worker's copy must not unlink what its parent
-            still uses."""
+            """Stop the threads of an epoch iterated in this process and give back the shared memory (see
+            ``release_shared_memory``). Only the process that made the dataset acts: a worker's copy must not
+            unlink what its parent still uses."""
             if getattr(self, "_owner_pid", None) == os.getpid():
                 self._owner_pid = None
                 release_shared_memory(self)
 
         def __del__(self) -> None:
             super().__del__()
-            # no thread refers to it any more (this may be the last one, ending: it must not wait for itself);
-            # at exit streaming's own hooks release everything
-            if not sys.is_finalizing():
-                self._release()
+            # at exit streaming's own hooks release everything; before, no thread refers to the dataset any
+            # more (the last one may be ending here: it must not wait for itself)
+            if not sys.is_finalizing() and getattr(self, "_owner_pid", None) == os.getpid():
+                self._owner_pid = None
+                release_shared_memory(self, wait=False)
 
     return SptokStreamingDataset
 
 
-def release_shared_memory(ds) -> None:
-    """Close (and, where this process made them, unlink) the shared-memory segments of a
-    ``streaming.StreamingDataset`` now. streaming keeps each one open until the process exits (an ``atexit``
-    hook per segment), so a process that opens many datasets (in-loop evaluation, tests) runs out of file
-    descriptors. The dataset must not be used afterwards."""
+def release_shared_memory(ds, wait: bool = True) -> None:
+    """Stop the threads of an epoch a ``streaming.StreamingDataset`` is iterating in this process, then close
+    (and, where this process made them, unlink) its shared-memory segments. streaming keeps each segment open
+    until the process exits (an ``atexit`` hook per segment), and an epoch left half-read keeps its two threads
+    polling, which keep the dataset alive: a process that opens many datasets (in-loop evaluation, tests) runs
+    out of file descriptors. The dataset must not be used afterwards."""
     from streaming.base.shared import SharedMemory
+
+    if hasattr(ds, "_iterator"):
+        ds._iterator.exit()
+    if wait and hasattr(ds, "_executor"):
+        ds._executor.shutdown(wait=True)   # the threads read the shared memory: they end first
 
     found = []   # directly, or inside its shared arrays, scalars and barrier (streaming/base/shared)
     for value in vars(ds).values():
