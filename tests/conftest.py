@@ -62,6 +62,17 @@ def small_corpus(tmp_path):
     return out
 
 
+def demo_corpus(d: Path, counts=(40, 12, 400, 40), weights=None) -> Path:
+    """The first ``counts`` documents of each demo source as JSONL files in ``d``, and their manifest
+    (``d/m.yaml``, with ``weights`` when given); returns the manifest's path."""
+    for name, n in zip(SOURCES, counts):
+        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
+    weight = (lambda i: f", weight: {weights[i]}") if weights else (lambda i: "")
+    (d / "m.yaml").write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id{weight(i)}}}\n"
+                                                      for i, n in enumerate(SOURCES)))
+    return d / "m.yaml"
+
+
 def small_sources(tmp_path) -> list[dict]:
     return [{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES]
 

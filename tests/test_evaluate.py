@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SOURCES, TOKENIZER, demo_records, write_jsonl
+from conftest import SOURCES, TOKENIZER, demo_corpus
 from shards import streaming_dataset
 
 from sptok.data import IGNORE, open_dataset
@@ -24,10 +24,7 @@ def build(tmp_path_factory):
     from sptok.build import run_build
 
     d = tmp_path_factory.mktemp("eval")
-    for name, n in zip(SOURCES, (40, 12, 400, 40)):
-        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
-    (d / "m.yaml").write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n"
-                                                      for n in SOURCES))
+    demo_corpus(d)
     flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.5, holdout_docs=6)
     run_build(str(d / "m.yaml"), str(d / "b"), flags, log=lambda m: None)
     return d / "b"

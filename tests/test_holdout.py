@@ -8,7 +8,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import SOURCES, TOKENIZER, demo_records, tree_bytes, write_jsonl
+from conftest import SOURCES, TOKENIZER, demo_corpus, tree_bytes
 from shards import documents, mds_samples
 
 from sptok.build import run_build, run_merge
@@ -21,10 +21,7 @@ FLAGS = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_pr
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("holdout")
-    for name, n in zip(SOURCES, (30, 8, 300, 30)):
-        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
-    (d / "m.yaml").write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n"
-                                                      for n in SOURCES))
+    demo_corpus(d, (30, 8, 300, 30))
     return d
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import SOURCES, TOKENIZER, demo_records, write_jsonl
+from conftest import SOURCES, TOKENIZER, demo_corpus
 
 from sptok.cli import main
 from sptok.data import MLMCollator, open_dataset
@@ -28,11 +28,7 @@ def sptok(*args):
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     d = tmp_path_factory.mktemp("matrix")
-    for name, n in zip(SOURCES, (30, 8, 300, 30)):
-        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
-    (d / "m.yaml").write_text("sources:\n" + "".join(
-        f"  - {{name: {n}, paths: {n}.jsonl, id_field: id, weight: {w}}}\n"
-        for n, w in zip(SOURCES, (1, 1, 0.5, 0.5))))
+    demo_corpus(d, (30, 8, 300, 30), weights=(1, 1, 0.5, 0.5))
     out = {}
     for fmt in FORMATS:
         out[fmt] = str(d / fmt)

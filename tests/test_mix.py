@@ -79,15 +79,12 @@ def test_the_proposal_stays_where_the_proxies_agree():
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    from conftest import SOURCES, TOKENIZER, demo_records, write_jsonl
+    from conftest import TOKENIZER, demo_corpus
 
     from sptok.build import run_build
 
     d = tmp_path_factory.mktemp("mix")
-    for name, n in zip(SOURCES, (40, 12, 400, 40)):
-        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
-    (d / "m.yaml").write_text("sources:\n" + "".join(f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n"
-                                                      for n in SOURCES))
+    demo_corpus(d)
     flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.3, holdout_docs=4)
     run_build(str(d / "m.yaml"), str(d / "b"), flags, log=lambda m: None)
     cfg = d / "proxy.yaml"

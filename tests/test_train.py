@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SOURCES, TOKENIZER, demo_records, write_jsonl
+from conftest import ROOT, TOKENIZER, demo_corpus
 
 from sptok.errors import SptokError
 from sptok.train.config import load_config
@@ -23,10 +23,7 @@ TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size":
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("train-corpus")
-    for name, n in zip(SOURCES, (40, 12, 400, 40)):
-        write_jsonl(d / f"{name}.jsonl", demo_records(name, n))
-    (d / "m.yaml").write_text("sources:\n" + "".join(
-        f"  - {{name: {n}, paths: {n}.jsonl, id_field: id}}\n" for n in SOURCES))
+    demo_corpus(d)
     return d
 
 
