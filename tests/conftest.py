@@ -73,6 +73,15 @@ def demo_corpus(d: Path, counts=(40, 12, 400, 40), weights=None) -> Path:
     return d / "m.yaml"
 
 
+def demo_build(d: Path, **flags) -> Path:
+    """``demo_corpus(d)`` built into ``d/b`` with the test tokenizer, seq 64, one worker, and ``flags``."""
+    from sptok.build import run_build
+
+    flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, **flags)
+    run_build(str(demo_corpus(d)), str(d / "b"), flags, log=lambda m: None)
+    return d / "b"
+
+
 def small_sources(tmp_path) -> list[dict]:
     return [{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES]
 

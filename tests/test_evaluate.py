@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SOURCES, TOKENIZER, demo_corpus
+from conftest import SOURCES, TOKENIZER, demo_build
 from shards import streaming_dataset
 
 from sptok.data import IGNORE, open_dataset
@@ -21,13 +21,7 @@ TINY = {"family": "bert", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "i
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    from sptok.build import run_build
-
-    d = tmp_path_factory.mktemp("eval")
-    demo_corpus(d)
-    flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.5, holdout_docs=6)
-    run_build(str(d / "m.yaml"), str(d / "b"), flags, log=lambda m: None)
-    return d / "b"
+    return demo_build(tmp_path_factory.mktemp("eval"), msp_prob=0.5, holdout_docs=6)
 
 
 def _doc(build, tmp_path, **train):

@@ -79,14 +79,10 @@ def test_the_proposal_stays_where_the_proxies_agree():
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    from conftest import TOKENIZER, demo_corpus
-
-    from sptok.build import run_build
+    from conftest import demo_build
 
     d = tmp_path_factory.mktemp("mix")
-    demo_corpus(d)
-    flags = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.3, holdout_docs=4)
-    run_build(str(d / "m.yaml"), str(d / "b"), flags, log=lambda m: None)
+    demo_build(d, msp_prob=0.3, holdout_docs=4)
     cfg = d / "proxy.yaml"
     cfg.write_text("model: {family: bert, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}\n"
                    "data: {build: b}\noptim: {lr: 3.0e-3, warmup_steps: 1}\n"

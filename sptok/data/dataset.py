@@ -29,19 +29,22 @@ def _streaming_dataset_class():
 
         def close(self) -> None:
             """Stop the threads of an epoch iterated in this process and give back the shared memory (see
-            ``release_shared_memory``). Only the process that made the dataset acts: a worker's copy must not
-            unlink what its parent still uses."""
-            if getattr(self, "_owner_pid", None) == os.getpid():
-                self._owner_pid = None
-                release_shared_memory(self)
+            ``release_shared_memory``)."""
+            self._release(wait=True)
 
         def __del__(self) -> None:
             super().__del__()
             # at exit streaming's own hooks release everything; before, no thread refers to the dataset any
             # more (the last one may be ending here: it must not wait for itself)
-            if not sys.is_finalizing() and getattr(self, "_owner_pid", None) == os.getpid():
+            if not sys.is_finalizing():
+                self._release(wait=False)
+
+        def _release(self, wait: bool) -> None:
+            """Once, and only in the process that made the dataset: a worker's copy must not unlink what its
+            parent still uses."""
+            if getattr(self, "_owner_pid", None) == os.getpid():
                 self._owner_pid = None
-                release_shared_memory(self, wait=False)
+                release_shared_memory(self, wait=wait)
 
     return SptokStreamingDataset
 

@@ -140,7 +140,8 @@ def fit_search(out: str, log=print) -> dict:
            "objective_weights": dict(zip(names, w.tolist())), "left_out": check,
            "proxies": [{"mixture": dict(zip(names, r["mixture"])), "loss_by_source": dict(zip(names, r["losses"])),
                         "objective": float(search.objective(np.array(r["losses"]), w))} for r in results],
-           "regression": "sklearn RidgeCV on (r, r^2, log r), one output per source"}
+           "regression": f"sklearn RidgeCV on (r, r^2, log r), one output per source; proposal scored by the "
+                         f"predicted objective + {search.DOUBT:g} sd over {search.BOOTSTRAP} bootstrap refits"}
     write_json(os.path.join(out, "mixture.json"), doc)
     override = "data.proportion={" + ", ".join(f"{n}: {v:.6f}" for n, v in doc["weights"].items()) + "}"
     with open(os.path.join(out, "proportion.txt"), "w") as fh:

@@ -59,7 +59,6 @@ class Evaluator:
         from contextlib import nullcontext
 
         from .losses import label_positions
-
         from .meters import LossSums
 
         sums = LossSums(self.n_sources, self.device)
