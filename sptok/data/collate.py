@@ -197,76 +197,99 @@ class SpanCorruptionCollator(_Base):
         self.noise_density, self.mean_span = noise_density, mean_span
         self.doc_attention = doc_attention
         self.sentinels = np.arange(info.vocab_size, info.vocab_size + max_sentinels, dtype=np.int64)
-        self._alternate = np.tile([False, True], max_sentinels)
 
-    def _noise(self, n: int, u: np.ndarray) -> np.ndarray:
-        """T5's random_spans_noise_mask over n ordinary tokens, from the sample's uniforms ``u``."""
-        num_noise = int(round(n * self.noise_density))
-        num_noise = min(max(num_noise, 1), n - 1) if n > 1 else 0
-        num_spans = max(1, int(round(num_noise / self.mean_span))) if num_noise else 0
-        if not num_spans:
-            return np.zeros(n, bool)
+    def _noise(self, ordinary: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """T5's random_spans_noise_mask over each row's ordinary tokens (B x L bool), from the rows' uniforms.
 
-        def segment(total, parts, v):
-            """``total`` items in ``parts`` non-empty runs, cut at random points."""
-            cuts = np.sort(np.argpartition(v[: total - 1], parts - 2)[: parts - 1] + 1) if parts > 1 else \
-                np.empty(0, np.int64)
-            return np.diff(np.concatenate([[0], cuts, [total]]).astype(np.int64))
+        Per row: ``n`` ordinary tokens hold ``num_noise`` noise tokens in ``num_spans`` runs, alternating with
+        as many keep runs (keep first). Each kind is cut into runs where its ``num_spans - 1`` smallest
+        uniforms fall (noise: ``u[:num_noise - 1]``, keep: the uniforms after those). Vectorized over the
+        batch: a per-sample loop was 4x slower than reading (issue 24)."""
+        B, L = ordinary.shape
+        n = ordinary.sum(axis=1)
+        num_noise = np.rint(n * self.noise_density).astype(np.int64)
+        num_noise = np.where(n > 1, np.clip(num_noise, 1, np.maximum(n - 1, 1)), 0)
+        num_spans = np.where(num_noise > 0, np.maximum(1, np.rint(num_noise / self.mean_span)), 0).astype(np.int64)
+        num_keep = n - num_noise
+        col = np.arange(L)[None, :]
 
-        noise_len = segment(num_noise, num_spans, u[:num_noise])
-        keep_len = segment(n - num_noise, num_spans, u[num_noise: n])
-        lens = np.stack([keep_len, noise_len], axis=1).ravel()
-        return np.repeat(self._alternate[: 2 * num_spans], lens)
+        def cuts(v: np.ndarray, total: np.ndarray) -> np.ndarray:
+            """Where runs start (B x L, column j = a run starts at item j + 1): the num_spans - 1 smallest of
+            the first total - 1 uniforms of each row."""
+            v = np.where(col < (total - 1)[:, None], v, np.inf)
+            k = np.maximum(num_spans - 2, 0)
+            kth = np.take_along_axis(np.sort(v, axis=1), k[:, None], axis=1)
+            return (v <= kth) & (num_spans > 1)[:, None]
 
-    def _corrupt(self, x: np.ndarray, s: dict, u: np.ndarray):
-        """One sample -> (input, target, target is an SP, document of each input token, of each target token)."""
-        eos = self.info.eos_id
-        noise = np.zeros(len(x), bool)
-        ordinary_pos = np.flatnonzero(~self.info.is_special[x])
-        noise[ordinary_pos] = self._noise(len(ordinary_pos), u)
-        msp_pos = s["sp_positions"][s["msp_mask"]]
-        doc_start = np.zeros(len(x), bool)
-        doc_start[s["doc_offsets"]] = True
-        span_start = noise & (~np.concatenate([[False], noise[:-1]]) | doc_start)   # no span crosses documents
-        span_start[msp_pos] = True          # a masked SP starts a span of its own
-        noise[msp_pos] = True
-        n_spans = int(span_start.sum())
-        if n_spans > len(self.sentinels):
-            raise SptokError(f"{n_spans} noise spans in one sample exceed max_sentinels={len(self.sentinels)}; "
-                             f"raise it")
-        span_id = np.cumsum(span_start) - 1
-        kept = ~noise | span_start
-        inp = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], x)[kept]
-        # the target: each span's tokens, its sentinel first
-        at = np.flatnonzero(span_start[noise])           # where each span begins among the noise tokens
-        at += np.arange(n_spans)                          # ... and where its sentinel goes in the target
-        tgt = np.empty(int(noise.sum()) + n_spans + 1, np.int64)
-        body = np.ones(len(tgt), bool)
-        body[at] = False
-        body[-1] = False
-        tgt[body], tgt[at], tgt[-1] = x[noise], self.sentinels[:n_spans], eos
-        sp_t = np.zeros(len(tgt), bool)
-        sp_t[body] = self.info.is_sp[x[noise]]
-        doc = np.cumsum(doc_start) - 1                    # each token's document; the final EOS: the last one
-        tgt_doc = np.empty(len(tgt), np.int32)
-        tgt_doc[body], tgt_doc[at], tgt_doc[-1] = doc[noise], doc[span_start], doc[-1]
-        return np.append(inp, eos), tgt, sp_t, np.append(doc[kept], doc[-1]), tgt_doc
+        noise_cut = cuts(u, num_noise)
+        keep_cut = cuts(np.take_along_axis(u, np.minimum(col + num_noise[:, None], L - 1), axis=1), num_keep)
+        has = num_spans > 0
+        # the runs' ends in their own coordinates, one per span in (row, span) order: the cuts, then the total
+        ends_at = np.zeros((B, L + 1), bool)
+
+        def run_ends(cut: np.ndarray, total: np.ndarray) -> np.ndarray:
+            ends_at[:] = False
+            ends_at[:, 1:] = cut
+            ends_at[np.flatnonzero(has), total[has]] = True
+            return np.nonzero(ends_at)[1]
+
+        keep_end = run_ends(keep_cut, num_keep)            # keep run r ends where noise run r starts
+        noise_end = run_ends(noise_cut, num_noise)
+        noise_start = np.concatenate([[0], noise_end[:-1]])
+        first = np.concatenate([[0], np.cumsum(num_spans)[:-1]])[has]
+        noise_start[first] = 0                              # a row's first noise run starts at 0
+        rows = np.repeat(np.arange(B), num_spans)
+        edge = np.zeros((B, L + 1), np.int64)               # +1 where a noise run starts, -1 where it ends
+        np.add.at(edge, (rows, keep_end + noise_start), 1)
+        np.add.at(edge, (rows, keep_end + noise_end), -1)
+        noise_ord = np.cumsum(edge, axis=1)[:, :L] > 0       # noise, by rank among the row's ordinary tokens
+        rank = np.maximum(np.cumsum(ordinary, axis=1) - 1, 0)
+        return ordinary & np.take_along_axis(noise_ord, rank, axis=1)
 
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, keys = self._prepare(samples)
-        u = draws(keys, ids.shape[1], SLOT_MLM + 1)     # all the batch's random numbers at once
-        parts = [self._corrupt(ids[b, : lengths[b]], s, u[b]) for b, s in enumerate(rows)]
-        Li, Lo = max(len(p[0]) for p in parts), max(len(p[1]) for p in parts)
+        B, L = ids.shape
+        u = draws(keys, L, SLOT_MLM + 1)                  # all the batch's random numbers at once
+        real = self._real(lengths, L)
+        noise = self._noise(real & ~self.info.is_special[ids], u)
+        doc_start, doc = self._segments(rows, lengths, L)   # each token's document (padding: one more)
+        msp = self._sp_grid(rows, (B, L), masked_only=True)
+        prev = np.zeros_like(noise)
+        prev[:, 1:] = noise[:, :-1]
+        span_start = (noise & (~prev | doc_start)) | msp    # no span crosses documents; a masked SP is its own
+        noise |= msp
+        n_spans = span_start.sum(axis=1)
+        if n_spans.max(initial=0) > len(self.sentinels):
+            raise SptokError(f"{n_spans.max()} noise spans in one sample exceed max_sentinels="
+                             f"{len(self.sentinels)}; raise it")
+        span_id = np.cumsum(span_start, axis=1) - 1
+        last_doc = doc[np.arange(B), np.maximum(lengths - 1, 0)]
         pad = self.info.pad_id if self.info.pad_id is not None else self.info.eos_id
-        B = len(rows)
-        inp = np.full((B, Li), pad, np.int64)
-        lab = np.full((B, Lo), IGNORE, np.int64)
-        msp = np.zeros((B, Lo), bool)
-        inp_doc = np.full((B, Li), -1, np.int32)
-        tgt_doc = np.full((B, Lo), -1, np.int32)
-        for b, (i, t, m, di, dt) in enumerate(parts):
-            inp[b, : len(i)], inp_doc[b, : len(i)] = i, di
-            lab[b, : len(t)], msp[b, : len(t)], tgt_doc[b, : len(t)] = t, m, dt
+        rows_ = np.arange(B)
+        # the input: kept tokens, each span's first token replaced by its sentinel, then EOS
+        kept = real & (~noise | span_start)
+        n_in = kept.sum(axis=1)
+        src, dst = _compact(kept, n_in.max() + 1)
+        inp = np.full((B, n_in.max() + 1), pad, np.int64)
+        inp_doc = np.full(inp.shape, -1, np.int32)
+        inp.ravel()[dst] = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], ids).ravel()[src]
+        inp_doc.ravel()[dst] = doc.ravel()[src]
+        inp[rows_, n_in], inp_doc[rows_, n_in] = self.info.eos_id, last_doc
+        # the target: each span's sentinel, then its tokens; EOS at the end
+        n_noise = noise.sum(axis=1)
+        W = (n_noise + n_spans).max() + 1
+        lab = np.full((B, W), IGNORE, np.int64)
+        msp_t = np.zeros(lab.shape, bool)
+        tgt_doc = np.full(lab.shape, -1, np.int32)
+        src, dst = _compact(noise, W, shift=span_id + 1)          # a span's tokens come after its sentinel
+        lab.ravel()[dst] = ids.ravel()[src]
+        msp_t.ravel()[dst] = self.info.is_sp[ids.ravel()[src]]
+        tgt_doc.ravel()[dst] = doc.ravel()[src]
+        src, dst = _compact(noise, W, shift=span_id, where=span_start)
+        lab.ravel()[dst] = self.sentinels[span_id.ravel()[src]]
+        tgt_doc.ravel()[dst] = doc.ravel()[src]
+        end = n_noise + n_spans
+        lab[rows_, end], tgt_doc[rows_, end] = self.info.eos_id, last_doc
         batch = {"input_ids": inp, "labels": lab}
         if self.doc_attention:
             batch["doc_ids"], batch["decoder_doc_ids"] = inp_doc, tgt_doc
@@ -274,7 +297,17 @@ class SpanCorruptionCollator(_Base):
             batch["attention_mask"] = (inp_doc >= 0).astype(np.int64)
         if self.extras:
             src = np.array([s["source_id"] for s in rows])[:, None]
-            batch["msp_target"] = msp
+            batch["msp_target"] = msp_t
             batch["token_source"] = np.where(lab != IGNORE, src, -1)
             batch["input_source"] = np.where(inp_doc >= 0, src, -1)
         return self._torch(batch)
+
+
+def _compact(mask: np.ndarray, width: int, shift: np.ndarray | None = None, where: np.ndarray | None = None):
+    """Flat (source, destination) indices that move each row's ``mask``-ed entries to the front of a row of
+    ``width`` (in order, each moved right by ``shift``), for those also in ``where`` (default: all)."""
+    at = np.cumsum(mask, axis=1) - 1
+    if shift is not None:
+        at += shift
+    src = np.flatnonzero(mask if where is None else where)
+    return src, src // mask.shape[1] * width + at.ravel()[src]
