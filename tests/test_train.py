@@ -4,6 +4,7 @@ processes (torch.distributed.run, gloo), export loadable by transformers offline
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,8 +62,13 @@ def test_tiny_bert_learns_and_logs_every_metric(corpus, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_llama_and_t5_train(corpus, tmp_path, family):
+    from sptok.data import BuildInfo
+    from sptok.train.model import padded_vocab
+
     recs = _run(_cfg(corpus, tmp_path, family=family, steps=25, build=f"{family}-b"))
     assert sum(r["loss"] for r in recs[-3:]) / 3 < sum(r["loss"] for r in recs[:3]) / 3 - 0.3
+    # an untrained model is near uniform over the vocabulary (T5's untied head started at 30+ nats)
+    assert abs(recs[0]["loss"] - math.log(padded_vocab(BuildInfo.load(corpus / f"{family}-b"), family))) < 1
     if family == "llama":   # post SP: the decoder is scored on naming the source after the text
         assert recs[-1]["sp_targets"] > 0
 

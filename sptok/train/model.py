@@ -64,7 +64,20 @@ def build_model(cfg: ModelConfig, info: BuildInfo):
     cls = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}[cfg.family]
     model = cls(c)
     model.tie_weights()
+    if cfg.family == "t5":
+        _init_t5_head(model)
     return model
+
+
+def _init_t5_head(model) -> None:
+    """T5's untied output head gets std d_model**-0.5, so the first loss is near ln(vocab) as BERT's and Llama's.
+
+    transformers draws it with std 1.0 and scales the decoder output by d_model**-0.5 only when the head is
+    tied: untied, logits have std ~sqrt(d_model) and the first loss was 30-100 nats (ln(vocab) ~ 9)."""
+    import torch
+
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, model.config.d_model ** -0.5)
 
 
 def blocks(model):
