@@ -25,9 +25,9 @@ CHUNK = 8 << 20
 
 @dataclass
 class Problem:
-    kind: str      # shard | index | tokenizer | input | manifest | split
+    kind: str      # shard | index | tokenizer | rejects | stats | input | manifest | split
     path: str      # relative to OUT (outputs) or to the manifest's directory (inputs)
-    what: str      # changed | missing | new | unlisted | corrupt | mismatch
+    what: str      # changed | missing | new | unlisted | corrupt | mismatch | unreadable
     detail: str
 
     def line(self) -> str:
@@ -138,6 +138,7 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
     if fmt == "mds":
         _check_merged_index(out, indexes, rep)
     _check_tokenizer(out, info, rep)
+    _check_rejects(out, [s["name"] for s in info["manifest"]["sources"]], rep)
 
 
 def _check_merged_index(out: str, indexes: dict[str, list], rep: Report) -> None:
@@ -193,20 +194,56 @@ def _check_mds_shard(out: str, name: str, e: dict, rep: Report) -> None:
                     note="streaming's decompressed copy of the shard, read instead of it")
 
 
-def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report, note: str = "") -> bool:
+def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report, note: str = "",
+                kind: str = "shard") -> bool:
     path = os.path.join(out, rel)
     if not os.path.exists(path):
-        rep.problems.append(Problem("shard", rel, "missing", f"listed in {index_rel}, not on disk"))
+        rep.problems.append(Problem(kind, rel, "missing", f"listed in {index_rel}, not on disk"))
         return False
     got_size = os.path.getsize(path)
     got = file_xxh64(path)
     if got_size != size or got != xxh64:
         sizes = f"{got_size:,} bytes, {index_rel} says {size:,}; " if got_size != size else ""
         what = f" ({note})" if note else ""
-        rep.problems.append(Problem("shard", rel, "changed", f"{sizes}xxh64 {got} differs from {index_rel}'s "
+        rep.problems.append(Problem(kind, rel, "changed", f"{sizes}xxh64 {got} differs from {index_rel}'s "
                                                              f"{xxh64} (modified after the build){what}"))
         return False
     return True
+
+
+def _check_rejects(out: str, names: list[str], rep: Report) -> None:
+    """Each quarantine file against stats.json: the size and xxh64 the build recorded (builds before that was
+    recorded: none), and its number of records against the rejected count, so a cut, deleted or replaced
+    file cannot hide skipped records."""
+    from .rejects import read_quarantine
+
+    try:
+        stats = layout.read_json(os.path.join(out, layout.STATS))["sources"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.problems.append(Problem("stats", layout.STATS, "corrupt", f"cannot read it ({e})"))
+        return
+    for name in names:
+        rel = os.path.relpath(layout.rejects_path(out, name), out)
+        s = stats.get(name, {})
+        want = sum(s.get("rejected", {}).values())
+        recorded = s.get("rejects_file")
+        if not os.path.exists(os.path.join(out, rel)):
+            if want or recorded:
+                rep.problems.append(Problem("rejects", rel, "missing", f"stats.json counts {want} rejected records "
+                                                                       f"of source {name!r}"))
+            continue
+        rep.outputs_checked += 1
+        if recorded and not _check_file(out, rel, recorded["bytes"], recorded["xxh64"], layout.STATS, rep,
+                                        kind="rejects"):
+            continue
+        try:
+            n = sum(1 for _ in read_quarantine(os.path.join(out, rel)))
+        except SptokError as e:
+            rep.problems.append(Problem("rejects", rel, "corrupt", e.message.split(": ", 1)[-1]))
+            continue
+        if n != want:
+            rep.problems.append(Problem("rejects", rel, "mismatch", f"holds {n} records, stats.json counts {want} "
+                                                                    f"rejected records of source {name!r}"))
 
 
 def _check_tokenizer(out: str, info: dict, rep: Report) -> None:
