@@ -21,6 +21,7 @@ from .layout import load_build
 from .manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
 
 CHUNK = 8 << 20
+LISTED = 5   # problems of one kind listed one per line; more are summed up in one line (--json lists each)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Report:
     inputs_checked: int | None = None     # None: inputs not checked
     inputs_mode: str = ""
     problems: list[Problem] = field(default_factory=list)
+    hint: str = ""                        # what to try, when the problems suggest it (--inputs after a move)
 
     @property
     def ok(self) -> bool:
@@ -58,8 +60,25 @@ class Report:
         if self.ok:
             return f"ok: {head}: {checked} match the build"
         n = len(self.problems)
-        lines = [f"{head}: {n} problem{'s' if n > 1 else ''}"] + [f"  {p.line()}" for p in self.problems]
-        return "\n".join(lines + [f"checked {checked}"])
+        lines = [f"{head}: {n} problem{'s' if n > 1 else ''}"] + [f"  {x}" for x in _summed_up(self.problems)]
+        return "\n".join(lines + [f"checked {checked}"] + ([f"hint: {self.hint}"] if self.hint else []))
+
+
+def _summed_up(problems: list[Problem]) -> list[str]:
+    """One line per problem, but one line for all problems of a (kind, what) with more than LISTED of them:
+    608 missing inputs are one fact (the corpus moved), not a screenful."""
+    groups: dict[tuple, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.kind, p.what), []).append(p)
+    lines = []
+    for p in problems:
+        g = groups[p.kind, p.what]
+        if len(g) <= LISTED:
+            lines.append(p.line())
+        elif p is g[0]:
+            lines.append(f"{p.kind:<9} {len(g):,} files {p.what}: {', '.join(q.path for q in g[:3])} and "
+                         f"{len(g) - 3:,} more (--json lists each)")
+    return lines
 
 
 def verify_build(out: str, inputs_root: str | None = None, check_inputs: bool = True) -> Report:
@@ -288,6 +307,10 @@ def _check_inputs(info: dict, inputs_root: str | None, rep: Report) -> None:
             continue
         if new != list(old):
             rep.problems.append(Problem("input", rel, "changed", _describe_change(old, new)))
+    gone = sum(p.kind == "input" and p.what == "missing" for p in rep.problems)
+    if gone and not inputs_root:
+        rep.hint = (f"{gone:,} of {len(recorded):,} input files are gone from {root}; if the corpus moved, "
+                    f"pass --inputs DIR, the manifest's directory now")
     _check_manifest(info, root, recorded, rep)
     _check_base_tokenizer(info, root, recorded_root, rep)
 

@@ -282,3 +282,27 @@ def test_rejects_files_are_checked_against_stats(with_rejects):
         assert code == 2 and f"rejects/s.jsonl.zst: {why}" in stderr, stderr
     path.write_bytes(good)
     assert verify(out)[0] == 0
+
+
+def test_a_moved_corpus_is_one_summed_up_line_and_a_hint(tmp_path):
+    """Every input gone is one fact: a line with the count and a few names, and one line naming --inputs."""
+    from conftest import demo_records
+
+    corpus = tmp_path / "corpus"
+    (corpus / "many").mkdir(parents=True)
+    for i, r in enumerate(demo_records("fortunes", 40)):
+        (corpus / "many" / f"f{i:03}.txt").write_text(r["text"])
+    (corpus / "m.yaml").write_text("sources:\n  - {name: many, paths: many}\n")
+    out = tmp_path / "out"
+    _build(corpus / "m.yaml", out)
+    shutil.move(corpus, tmp_path / "moved")
+    code, _, err = verify(out)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) <= 6, err
+    assert "  input     40 files missing: many/f000.txt, many/f001.txt, many/f002.txt and 37 more (--json lists " \
+           "each)" in lines, err
+    assert lines[-1] == (f"hint: 40 of 40 input files are gone from {corpus}; if the corpus moved, pass --inputs DIR, "
+                         f"the manifest's directory now"), err
+    rep = json.loads(verify(out, "--json")[1])
+    assert sum(p["what"] == "missing" for p in rep["problems"]) == 40 and "--inputs DIR" in rep["hint"]
+    assert verify(out, "--inputs", tmp_path / "moved")[0] == 0
