@@ -150,9 +150,10 @@ def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):
         samples = [sum(c["samples"] for c in json.load(open(f"{d}/sptok.json"))["counts"].values())
                    for d in (out, f"{out}/validation")]
         want[fmt] = samples
-    code = block + ("\nimport json\nprint(json.dumps({'parquet': [train.num_rows, validation.num_rows, "
-                    "splits['train'].num_rows, splits['validation'].num_rows], 'arrow': [train_arrow.num_rows, "
-                    "validation_arrow.num_rows, splits_arrow['train'].num_rows, splits_arrow['validation'].num_rows]}))")
+    code = block + ("\nimport json\nprint(json.dumps({"
+                    "'parquet': [train.num_rows, validation.num_rows, splits['train'].num_rows, "
+                    "splits['validation'].num_rows], 'arrow': [train_arrow.num_rows, validation_arrow.num_rows, "
+                    "splits_arrow['train'].num_rows, splits_arrow['validation'].num_rows]}))")
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
