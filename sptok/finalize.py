@@ -19,6 +19,7 @@ import numpy as np
 from . import layout
 from .holdout import Held, smallest
 from .layout import MARKER, write_json
+from .manifest import file_xxh64
 from .pack import Packer, Stream, pad
 from .stats import HIST_BINS, source_stats, totals
 from .writers import open_writer
@@ -59,9 +60,9 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
             extra.update(b.totals())
         extra["hist"] = np.bincount(np.concatenate([b.bins for b in back]), minlength=HIST_BINS).tolist()
         indexes[name] = entries
-        _gather_rejects(out, name, dirs)
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
+        per_source[name]["rejects_file"] = _gather_rejects(out, name, dirs)
     stats = {"sources": per_source, "totals": totals(per_source)}
     write_json(os.path.join(out, layout.STATS), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, layout.TOKENIZER))
@@ -173,17 +174,20 @@ def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]
     return extra
 
 
-def _gather_rejects(out: str, name: str, dirs: list[str]) -> None:
-    """Concatenate the units' quarantine files (zstd frames concatenate into one valid stream)."""
+def _gather_rejects(out: str, name: str, dirs: list[str]) -> dict | None:
+    """Concatenate the units' quarantine files (zstd frames concatenate into one valid stream); returns its
+    size and xxh64 for stats.json (what `sptok verify` checks it against), or None when nothing was rejected."""
     parts = [os.path.join(d, layout.QUARANTINE) for d in dirs]
     parts = [p for p in parts if os.path.exists(p)]
     if not parts:
-        return
+        return None
     os.makedirs(os.path.join(out, layout.REJECTS), exist_ok=True)
-    with open(layout.rejects_path(out, name), "wb") as dst:
+    path = layout.rejects_path(out, name)
+    with open(path, "wb") as dst:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, dst)
+    return {"bytes": os.path.getsize(path), "xxh64": file_xxh64(path)}
 
 
 def clear_outputs(out: str, plan: dict) -> None:

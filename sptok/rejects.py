@@ -7,13 +7,12 @@ reason and location, so a bad record can be found, fixed at its source and count
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 from typing import Iterator
 
 from .errors import SptokError
-from .readers import REASONS
+from .readers import REASONS, _Decompressed
 from .layout import rejects_path
 from .stats import load_stats
 
@@ -38,25 +37,49 @@ def expected(stats: dict, sources: list[str], reasons: list[str]) -> int:
 
 
 def iter_rejects(out: str, sources: list[str], reasons: list[str], stats: dict) -> Iterator[dict]:
-    """The quarantined records of ``sources`` whose reason is in ``reasons``, in build order."""
-    import zstandard
-
+    """The quarantined records of ``sources`` whose reason is in ``reasons``, in build order. A file that
+    holds another number of records than stats.json counts is an error, not a shorter list."""
     for name in sources:
         path = rejects_path(out, name)
+        want = sum(stats["sources"].get(name, {}).get("rejected", {}).values())
         if not os.path.exists(path):
-            n = sum(stats["sources"].get(name, {}).get("rejected", {}).values())
-            if n:
-                raise SptokError(f"{path}: missing, but stats.json counts {n} rejected records of source {name!r}")
+            if want:
+                raise SptokError(f"{path}: missing, but stats.json counts {want} rejected records of source {name!r}")
             continue
-        try:
-            with open(path, "rb") as f:
-                reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-                for line in io.BufferedReader(reader):
-                    rec = json.loads(line)
-                    if rec.get("reason") in reasons:
-                        yield rec
-        except (zstandard.ZstdError, ValueError, OSError) as e:
-            raise SptokError(f"{path}: unreadable quarantine file ({e})") from None
+        n = 0
+        for rec in read_quarantine(path):
+            n += 1
+            if rec.get("reason") in reasons:
+                yield rec
+        if n != want:
+            raise SptokError(f"{path}: holds {n} records, but stats.json counts {want} rejected records of source "
+                             f"{name!r} (changed after the build)")
+
+
+def read_quarantine(path: str) -> Iterator[dict]:
+    """Every record of one quarantine file (zstd frames of JSON lines). A file cut short or not zstd at all
+    raises SptokError naming it: zstandard's stream reader would end quietly at the cut and hide the rest."""
+    try:
+        with open(path, "rb") as f:
+            chunks = _Decompressed(f, f.read(4))
+            f.seek(0)
+            rest = b""
+            for chunk in chunks:
+                *lines, rest = (rest + chunk).split(b"\n")
+                yield from map(_record, lines)
+            if chunks.broken:
+                raise ValueError(chunks.broken[1])
+            if rest:
+                raise ValueError("its last line has no end (truncated)")
+    except (ValueError, OSError) as e:
+        raise SptokError(f"{path}: unreadable quarantine file ({e})") from None
+
+
+def _record(line: bytes) -> dict:
+    rec = json.loads(line)
+    if not isinstance(rec, dict):
+        raise ValueError(f"a line holds {type(rec).__name__}, not a quarantined record")
+    return rec
 
 
 def raw_bytes(rec: dict) -> bytes | None:

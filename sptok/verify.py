@@ -21,13 +21,14 @@ from .layout import load_build
 from .manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
 
 CHUNK = 8 << 20
+LISTED = 5   # problems of one kind listed one per line; more are summed up in one line (--json lists each)
 
 
 @dataclass
 class Problem:
-    kind: str      # shard | index | tokenizer | input | manifest | split
+    kind: str      # shard | index | tokenizer | rejects | stats | input | manifest | split
     path: str      # relative to OUT (outputs) or to the manifest's directory (inputs)
-    what: str      # changed | missing | new | unlisted | corrupt | mismatch
+    what: str      # changed | missing | new | unlisted | corrupt | mismatch | unreadable
     detail: str
 
     def line(self) -> str:
@@ -42,6 +43,7 @@ class Report:
     inputs_checked: int | None = None     # None: inputs not checked
     inputs_mode: str = ""
     problems: list[Problem] = field(default_factory=list)
+    hint: str = ""                        # what to try, when the problems suggest it (--inputs after a move)
 
     @property
     def ok(self) -> bool:
@@ -58,8 +60,25 @@ class Report:
         if self.ok:
             return f"ok: {head}: {checked} match the build"
         n = len(self.problems)
-        lines = [f"{head}: {n} problem{'s' if n > 1 else ''}"] + [f"  {p.line()}" for p in self.problems]
-        return "\n".join(lines + [f"checked {checked}"])
+        lines = [f"{head}: {n} problem{'s' if n > 1 else ''}"] + [f"  {x}" for x in _summed_up(self.problems)]
+        return "\n".join(lines + [f"checked {checked}"] + ([f"hint: {self.hint}"] if self.hint else []))
+
+
+def _summed_up(problems: list[Problem]) -> list[str]:
+    """One line per problem, but one line for all problems of a (kind, what) with more than LISTED of them:
+    608 missing inputs are one fact (the corpus moved), not a screenful."""
+    groups: dict[tuple, list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.kind, p.what), []).append(p)
+    lines = []
+    for p in problems:
+        g = groups[p.kind, p.what]
+        if len(g) <= LISTED:
+            lines.append(p.line())
+        elif p is g[0]:
+            lines.append(f"{p.kind:<9} {len(g):,} files {p.what}: {', '.join(q.path for q in g[:3])} and "
+                         f"{len(g) - 3:,} more (--json lists each)")
+    return lines
 
 
 def verify_build(out: str, inputs_root: str | None = None, check_inputs: bool = True) -> Report:
@@ -138,6 +157,7 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
     if fmt == "mds":
         _check_merged_index(out, indexes, rep)
     _check_tokenizer(out, info, rep)
+    _check_rejects(out, [s["name"] for s in info["manifest"]["sources"]], rep)
 
 
 def _check_merged_index(out: str, indexes: dict[str, list], rep: Report) -> None:
@@ -193,20 +213,56 @@ def _check_mds_shard(out: str, name: str, e: dict, rep: Report) -> None:
                     note="streaming's decompressed copy of the shard, read instead of it")
 
 
-def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report, note: str = "") -> bool:
+def _check_file(out: str, rel: str, size: int, xxh64: str, index_rel: str, rep: Report, note: str = "",
+                kind: str = "shard") -> bool:
     path = os.path.join(out, rel)
     if not os.path.exists(path):
-        rep.problems.append(Problem("shard", rel, "missing", f"listed in {index_rel}, not on disk"))
+        rep.problems.append(Problem(kind, rel, "missing", f"listed in {index_rel}, not on disk"))
         return False
     got_size = os.path.getsize(path)
     got = file_xxh64(path)
     if got_size != size or got != xxh64:
         sizes = f"{got_size:,} bytes, {index_rel} says {size:,}; " if got_size != size else ""
         what = f" ({note})" if note else ""
-        rep.problems.append(Problem("shard", rel, "changed", f"{sizes}xxh64 {got} differs from {index_rel}'s "
+        rep.problems.append(Problem(kind, rel, "changed", f"{sizes}xxh64 {got} differs from {index_rel}'s "
                                                              f"{xxh64} (modified after the build){what}"))
         return False
     return True
+
+
+def _check_rejects(out: str, names: list[str], rep: Report) -> None:
+    """Each quarantine file against stats.json: the size and xxh64 the build recorded (builds before that was
+    recorded: none), and its number of records against the rejected count, so a cut, deleted or replaced
+    file cannot hide skipped records."""
+    from .rejects import read_quarantine
+
+    try:
+        stats = layout.read_json(os.path.join(out, layout.STATS))["sources"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.problems.append(Problem("stats", layout.STATS, "corrupt", f"cannot read it ({e})"))
+        return
+    for name in names:
+        rel = os.path.relpath(layout.rejects_path(out, name), out)
+        s = stats.get(name, {})
+        want = sum(s.get("rejected", {}).values())
+        recorded = s.get("rejects_file")
+        if not os.path.exists(os.path.join(out, rel)):
+            if want or recorded:
+                rep.problems.append(Problem("rejects", rel, "missing", f"stats.json counts {want} rejected records "
+                                                                       f"of source {name!r}"))
+            continue
+        rep.outputs_checked += 1
+        if recorded and not _check_file(out, rel, recorded["bytes"], recorded["xxh64"], layout.STATS, rep,
+                                        kind="rejects"):
+            continue
+        try:
+            n = sum(1 for _ in read_quarantine(os.path.join(out, rel)))
+        except SptokError as e:
+            rep.problems.append(Problem("rejects", rel, "corrupt", e.message.split(": ", 1)[-1]))
+            continue
+        if n != want:
+            rep.problems.append(Problem("rejects", rel, "mismatch", f"holds {n} records, stats.json counts {want} "
+                                                                    f"rejected records of source {name!r}"))
 
 
 def _check_tokenizer(out: str, info: dict, rep: Report) -> None:
@@ -251,6 +307,10 @@ def _check_inputs(info: dict, inputs_root: str | None, rep: Report) -> None:
             continue
         if new != list(old):
             rep.problems.append(Problem("input", rel, "changed", _describe_change(old, new)))
+    gone = sum(p.kind == "input" and p.what == "missing" for p in rep.problems)
+    if gone and not inputs_root:
+        rep.hint = (f"{gone:,} of {len(recorded):,} input files are gone from {root}; if the corpus moved, "
+                    f"pass --inputs DIR, the manifest's directory now")
     _check_manifest(info, root, recorded, rep)
     _check_base_tokenizer(info, root, recorded_root, rep)
 

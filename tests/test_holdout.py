@@ -129,3 +129,34 @@ def test_holdout_options_are_checked(corpus, tmp_path):
                          (dict(holdout="1%", holdout_docs=3), "give one of them")):
         with pytest.raises(SptokError, match=match):
             run_build(str(corpus / "m.yaml"), str(tmp_path / "x"), dict(FLAGS, **flags), log=lambda m: None)
+
+
+def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):
+    """The README's Parquet / Arrow block, run as written on real builds: training rows are the training
+    samples only (not the validation split's too), and the validation split is read on its own."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    marker = "<!-- tests/test_holdout.py runs this block"
+    assert marker in readme, "the README lost its Parquet / Arrow recipe"
+    block = readme.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    want = {}
+    for fmt, name in (("parquet", "demo-pq"), ("arrow", "demo-arrow")):
+        out = build(corpus, f"readme-{fmt}", format=fmt, holdout_docs=3)
+        os.makedirs(tmp_path / "out", exist_ok=True)
+        os.symlink(out, tmp_path / "out" / name)
+        samples = [sum(c["samples"] for c in json.load(open(f"{d}/sptok.json"))["counts"].values())
+                   for d in (out, f"{out}/validation")]
+        want[fmt] = samples
+    code = block + ("\nimport json\nprint(json.dumps({"
+                    "'parquet': [train.num_rows, validation.num_rows, splits['train'].num_rows, "
+                    "splits['validation'].num_rows], 'arrow': [train_arrow.num_rows, validation_arrow.num_rows, "
+                    "splits_arrow['train'].num_rows, splits_arrow['validation'].num_rows]}))")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    for fmt, (train, validation) in want.items():
+        assert validation > 0 and got[fmt] == [train, validation, train, validation], (fmt, got, want)

@@ -465,3 +465,57 @@ def test_not_a_build_is_a_one_line_error(tmp_path, small_build):
     code, msg = sptok("report", out, "-o", tmp_path / "r.html")
     assert code == 2 and "stats.json" in msg and msg.strip().count("\n") == 0, msg
     assert not (tmp_path / "r.html").exists()
+
+
+# ------------------------------------------------------------------------------------- hostile or large builds
+
+def test_report_sums_up_many_files_and_shows_the_validation_split(small_corpus, manifest, build, tmp_path):
+    """Forty input files are a count and three names, not forty names in one cell; the validation split has
+    its own table, per source, from its own stats.json."""
+    from conftest import demo_records
+
+    (tmp_path / "many").mkdir()
+    for i, r in enumerate(demo_records("fortunes", 40)):
+        (tmp_path / "many" / f"f{i:03}.txt").write_text(r["text"])
+    srcs = small_sources(tmp_path) + [{"name": "many", "paths": "many"}]
+    out, info = build(manifest(srcs), seq_len=64, holdout_docs=2)
+    ok("report", out, "-o", tmp_path / "r.html", "--samples", "0")
+    html = (tmp_path / "r.html").read_text()
+    assert "40 files matched by many: many/f000.txt, many/f001.txt, many/f002.txt, …" in html
+    assert "many/f003.txt" not in html and "code.jsonl" in html          # few files: every one named
+    table = html.split("<h2>Validation split</h2>", 1)[1].split("</table>", 1)[0]
+    val = json.load(open(os.path.join(out, "validation", "stats.json")))["sources"]
+    for name in [e["source"] for e in info["sp_table"]]:
+        tokens = val[name]["sample_tokens"] - val[name]["padding_tokens"]
+        assert f"<td>{name}</td><td class=n>2</td><td class=n>{tokens:,}</td>" in table, (name, table)
+    assert "2 documents of each source held out" in html
+
+
+def test_bidi_and_control_characters_are_shown_escaped(manifest, build, tmp_path):
+    """A right-to-left override makes "\\u202eevil\\u202c" read as "live": show and report write such characters
+    as visible escapes (and file names in the report too), never raw."""
+    hostile = "\u202eevil\u202c zero\u200bwidth bell\x07 return\r"
+    write_jsonl(tmp_path / "h.jsonl", [{"id": "a", "text": hostile}, {"id": "b", "text": "plain words " * 10}])
+    out, _ = build(manifest([{"name": "h", "paths": "h.jsonl", "id_field": "id"}]), seq_len=256)
+    shown = ok("show", out, "--no-color", "-n", "1")
+    ok("report", out, "-o", tmp_path / "r.html", "--samples", "1")
+    html = (tmp_path / "r.html").read_text()
+    for text in (shown, html):
+        assert r"\u202eevil\u202c zero\u200bwidth bell\x07 return\r" in text
+        assert not set("\u202e\u202c\u200b\x07\r") & set(text)
+
+
+def test_report_refuses_a_mixture_searched_on_another_build(small_build, tmp_path):
+    out = small_build()
+    mix = tmp_path / "search"
+    mix.mkdir()
+    (mix / "mixture.json").write_text(json.dumps({"sources": [], "predicted": {}}))
+    (mix / "plan.json").write_text(json.dumps({"fingerprint": "ab" * 32}))
+    fingerprint = load(out)[0]["fingerprint"]
+    code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
+    assert code == 2 and msg.strip().count("\n") == 0, msg
+    assert f"that search ran on build abababababab, not on this one ({fingerprint[:12]})" in msg
+    assert not (tmp_path / "r.html").exists()
+    (mix / "plan.json").unlink()
+    code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
+    assert code == 2 and "not the --out directory of a finished `sptok mix`" in msg and "Traceback" not in msg

@@ -289,3 +289,22 @@ def test_every_frame_is_read_when_one_ends_on_a_feed_boundary(tmp_path, monkeypa
     monkeypatch.setattr(readers, "FEED_SLICE", len(first))
     dec = readers._Decompressed(io.BytesIO(first + comp(b)), first[:4])
     assert b"".join(dec) == a + b and dec.broken is None
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "fewer"])
+def test_a_damaged_quarantine_file_is_an_error(corpus, tmp_path, damage):
+    """A quarantine file cut to 100 bytes, replaced by garbage, or holding fewer records than stats.json counts
+    is one error line, not a shorter list ("0 of 9 shown")."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(corpus[0], out)
+    path = out / "rejects" / "jsonl.jsonl.zst"
+    good = path.read_bytes()
+    fewer = zstandard.ZstdCompressor().compress(b"".join(
+        json.dumps(r).encode() + b"\n" for r in _quarantine(corpus[0], "jsonl")[:3]))
+    path.write_bytes({"cut": good[:100], "garbage": b"garbage" * 30, "fewer": fewer}[damage])
+    code, stdout, err = sptok("rejects", out, "--source", "jsonl")
+    assert code == 2 and err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
+    assert {"cut": "zstd archive ends in the middle of a frame (truncated)", "garbage": "corrupt zstd data",
+            "fewer": "holds 3 records, but stats.json counts 9 rejected records of source 'jsonl'"}[damage] in err

@@ -234,3 +234,75 @@ def test_a_damaged_index_is_named_not_a_traceback(built):
     assert "index     fortunes/index.json: corrupt: cannot read it" in err
     assert "index     chinese/index.json: corrupt: cannot read it (an entry lacks" in err
     assert "index     index.json: mismatch: the merged index differs" in err
+
+
+@pytest.fixture
+def with_rejects(tmp_path):
+    """A build whose one source has 9 bad lines among real documents: (out, its quarantine file)."""
+    from conftest import demo_records
+
+    lines = [json.dumps(r) for r in demo_records("fortunes", 30)] + [f'{{"id": "bad{i}", "text": ' for i in range(9)]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: s, paths: s.jsonl, id_field: id}\n")
+    out = tmp_path / "out"
+    _build(tmp_path / "m.yaml", out)
+    return str(out), out / "rejects" / "s.jsonl.zst"
+
+
+def test_rejects_files_are_checked_against_stats(with_rejects):
+    """A quarantine file cut short, deleted, replaced by garbage or by a valid file of fewer records is named:
+    it must not hide records the build skipped (stats.json records its size and xxh64)."""
+    import zstandard
+
+    out, path = with_rejects
+    stats = json.load(open(f"{out}/stats.json"))
+    assert sum(stats["sources"]["s"]["rejected"].values()) == 9
+    assert stats["sources"]["s"]["rejects_file"]["bytes"] == path.stat().st_size
+    validate_document(stats, "stats.schema.json", "stats.json")
+    code, stdout, stderr = verify(out)
+    assert code == 0, stderr
+    good = path.read_bytes()
+    fewer = zstandard.ZstdCompressor().compress(b"".join(zstandard.ZstdDecompressor().stream_reader(
+        good, read_across_frames=True).read().splitlines(keepends=True)[:4]))
+    for damaged, what in ((good[:100], "changed"), (None, "missing"), (b"garbage" * 30, "changed"),
+                          (fewer, "changed")):
+        path.unlink(missing_ok=True)
+        if damaged is not None:
+            path.write_bytes(damaged)
+        code, _, stderr = verify(out, "--outputs-only")
+        assert code == 2 and f"rejects   rejects/s.jsonl.zst: {what}: " in stderr, stderr
+    # a build before stats.json recorded the file: the count of its records is checked
+    del stats["sources"]["s"]["rejects_file"]
+    json.dump(stats, open(f"{out}/stats.json", "w"))
+    for damaged, why in ((good[:100], "corrupt: unreadable quarantine file (zstd archive ends in the middle"),
+                         (b"garbage" * 30, "corrupt: unreadable quarantine file (corrupt zstd data"),
+                         (fewer, "mismatch: holds 4 records, stats.json counts 9 rejected records of source 's'")):
+        path.write_bytes(damaged)
+        code, _, stderr = verify(out, "--outputs-only")
+        assert code == 2 and f"rejects/s.jsonl.zst: {why}" in stderr, stderr
+    path.write_bytes(good)
+    assert verify(out)[0] == 0
+
+
+def test_a_moved_corpus_is_one_summed_up_line_and_a_hint(tmp_path):
+    """Every input gone is one fact: a line with the count and a few names, and one line naming --inputs."""
+    from conftest import demo_records
+
+    corpus = tmp_path / "corpus"
+    (corpus / "many").mkdir(parents=True)
+    for i, r in enumerate(demo_records("fortunes", 40)):
+        (corpus / "many" / f"f{i:03}.txt").write_text(r["text"])
+    (corpus / "m.yaml").write_text("sources:\n  - {name: many, paths: many}\n")
+    out = tmp_path / "out"
+    _build(corpus / "m.yaml", out)
+    shutil.move(corpus, tmp_path / "moved")
+    code, _, err = verify(out)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) <= 6, err
+    assert "  input     40 files missing: many/f000.txt, many/f001.txt, many/f002.txt and 37 more (--json lists " \
+           "each)" in lines, err
+    assert lines[-1] == (f"hint: 40 of 40 input files are gone from {corpus}; if the corpus moved, pass --inputs DIR, "
+                         f"the manifest's directory now"), err
+    rep = json.loads(verify(out, "--json")[1])
+    assert sum(p["what"] == "missing" for p in rep["problems"]) == 40 and "--inputs DIR" in rep["hint"]
+    assert verify(out, "--inputs", tmp_path / "moved")[0] == 0

@@ -1,6 +1,7 @@
 """One self-contained HTML page about a build: identity, per-source table, figures, skipped records and
 decoded samples. Figures are inlined as data URIs and there is no script or external resource, so the file
-can be mailed, attached to an experiment log or opened offline. All corpus text is escaped.
+can be mailed, attached to an experiment log or opened offline. All corpus text is escaped, control and
+invisible format characters (bidi overrides...) written as visible escapes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import os
 from html import escape
 
 from ..errors import SptokError
+from ..layout import STATS, read_json
 from ..stats import load_stats, real_tokens, table_rows
 from .figures import figure_data
-from .show import SampleReader, SampleView, pick
+from .show import SampleReader, SampleView, pick, printable
+
+LISTED_FILES = 3   # input files named per source; the rest are counted (20,000 names fill no table cell usefully)
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
@@ -31,10 +35,15 @@ pre.doc{white-space:pre-wrap;word-break:break-word;margin:0;padding:.3em .6em}
 """
 
 
+def _text(s) -> str:
+    """HTML for text that may come from the corpus: escaped, its invisible characters shown as escapes."""
+    return escape(printable(str(s)))
+
+
 def _table(head: list[str] | None, rows: list[list], numeric: set[int] = frozenset(), total: list | None = None,
            tid: str = "") -> str:
     def tr(cells, cls=""):
-        tds = "".join(f'<td{" class=n" if i in numeric else ""}>{escape(str(c))}</td>' for i, c in enumerate(cells))
+        tds = "".join(f'<td{" class=n" if i in numeric else ""}>{_text(c)}</td>' for i, c in enumerate(cells))
         return f"<tr{cls}>{tds}</tr>"
     body = "".join(tr(r) for r in rows) + (tr(total, ' class="total"') if total else "")
     top = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>" if head else ""
@@ -58,7 +67,7 @@ def identity(out: str, info: dict) -> str:
              ("padding", f"{info['pad'].get('token')} (id {info['pad'].get('id')})"),
              ("input_ids dtype", info.get("input_ids_dtype", ""))]
     sources = [[s["name"], e["sp"], e["token_id"], s.get("weight", 1.0), s.get("format", ""), s.get("text_field", ""),
-                s.get("id_field") or "", ", ".join(s.get("files", s.get("paths", [])))]
+                s.get("id_field") or "", _files(s)]
                for s, e in zip(sorted(info["manifest"]["sources"], key=lambda s: s["source_id"]),
                                sorted(info["sp_table"], key=lambda e: e["source_id"]))]
     opts = sorted(info["options"].items())
@@ -66,6 +75,15 @@ def identity(out: str, info: dict) -> str:
             + "<h3>Manifest sources</h3>"
             + _table(["source", "SP", "SP id", "weight", "format", "text field", "id field", "files"], sources, {2, 3})
             + "<h3>Options</h3>" + _table(["option", "value"], [[k, json.dumps(v)] for k, v in opts]))
+
+
+def _files(src: dict) -> str:
+    """A source's input files for a table cell: all of them when few, else their count and the first few."""
+    files = src.get("files", src.get("paths", []))
+    if len(files) <= LISTED_FILES:
+        return ", ".join(files)
+    return (f"{len(files):,} files matched by {', '.join(src.get('paths', []))}: "
+            f"{', '.join(files[:LISTED_FILES])}, …")
 
 
 def source_table(info: dict, stats: dict) -> str:
@@ -136,8 +154,8 @@ def sample_html(v: SampleView) -> str:
                 ("; cut: continues in another sample" if g.cut else "")
         parts.append(f'<div class="doc-head">doc {i} of {len(v.segments)} · tokens {g.start}–{g.end - 1}'
                      f"{notes}</div>")
-        body = "".join(escape(p.text) if p.kind == "text" else
-                       f'<span class="{p.kind}" title="{_TITLES[p.kind]}">{escape(p.text)}</span>' for p in g.pieces)
+        body = "".join(_text(p.text) if p.kind == "text" else
+                       f'<span class="{p.kind}" title="{_TITLES[p.kind]}">{_text(p.text)}</span>' for p in g.pieces)
         parts.append(f'<pre class="doc">{body}</pre>')
     if v.padding:
         parts.append(f'<pre class="doc"><span class="pad">[PAD] × {v.padding}</span></pre>')
@@ -161,15 +179,43 @@ def samples_html(out: str, per_source: int, seed: int) -> str:
     return "".join(parts)
 
 
-def mixture_html(path: str) -> str:
+def validation_html(out: str, info: dict) -> str:
+    """The validation split (--holdout / --holdout-docs), per source, from its own stats.json."""
+    h = info.get("holdout")
+    if not h:
+        return ""
+    path = os.path.join(out, h["dir"], STATS)
+    try:
+        per = read_json(path)["sources"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SptokError(f"{path}: cannot read the validation split's statistics ({e})") from None
+    names = [e["source"] for e in info["sp_table"]]
+    rows = [[n] + [f"{x:,}" for x in (per[n]["docs"], real_tokens(per[n]), per[n]["samples"])] for n in names]
+    total = ["total"] + [f"{sum(x):,}" for x in zip(*[(per[n]["docs"], real_tokens(per[n]), per[n]["samples"])
+                                                      for n in names])]
+    rule = f"{100 * h['fraction']:g}% of each source" if "fraction" in h else \
+        f"{h['docs_per_source']:,} documents of each source"
+    return ("<h2>Validation split</h2>"
+            f'<p class="note">{rule} held out of the training samples, in <code>{_text(h["dir"])}/</code> '
+            f"(fingerprint <code>{h['fingerprint'][:12]}</code>).</p>"
+            + _table(["source", "docs", "tokens", "samples"], rows, {1, 2, 3}, total, tid="validation"))
+
+
+def mixture_html(path: str, info: dict) -> str:
     """The result of ``sptok mix`` (its OUT directory or its mixture.json): weights, predicted losses, how
-    well the fit ranked proxies it had not seen, and, when a confirmation was run, the measured losses."""
+    well the fit ranked proxies it had not seen, and, when a confirmation was run, the measured losses.
+    Refused unless the search ran on this build (the fingerprint in its plan.json)."""
     d = path if os.path.isdir(path) else os.path.dirname(path)
     try:
         with open(os.path.join(d, "mixture.json")) as f:
             mix = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SptokError(f"--mixture {path}: no readable mixture.json ({e})") from None
+        searched = read_json(os.path.join(d, "plan.json"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SptokError(f"--mixture {path}: not the --out directory of a finished `sptok mix` (mixture.json and "
+                         f"plan.json: {e})") from None
+    if searched != info["fingerprint"]:
+        raise SptokError(f"--mixture {path}: that search ran on build {str(searched)[:12]}, not on this one "
+                         f"({info['fingerprint'][:12]})")
     names, pred = mix["sources"], mix["predicted"]
     kinds = [k for k in ("proposed", "natural", "uniform") if k in pred]
     rows = [[n] + [f"{pred[k]['weights'][n]:.3f}" for k in kinds] + [f"{pred[k]['loss_by_source'][n]:.4f}"
@@ -210,7 +256,8 @@ def render_report(out: str, samples: int = 2, seed: int = 0, mixture: str | None
             f"<h1>{escape(title)}</h1><p class=note>{len(info['sp_table'])} sources · "
             f"{real_tokens(stats['totals']):,} tokens · {stats['totals']['samples']:,} samples of "
             f"{info['options']['seq_len']} tokens · fingerprint <code>{info['fingerprint'][:12]}</code></p>"
-            + identity(out, info) + source_table(info, stats) + (mixture_html(mixture) if mixture else "")
+            + identity(out, info) + source_table(info, stats) + validation_html(out, info)
+            + (mixture_html(mixture, info) if mixture else "")
             + figures_html(info, stats) + skipped_html(stats) + samples_html(out, samples, seed)
             + f'<p class="note">Written by sptok {escape(info.get("sptok_version", ""))}.</p></body></html>\n')
 

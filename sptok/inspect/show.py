@@ -162,12 +162,16 @@ def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> 
 
 # ------------------------------------------------------------------------------------------------ text
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0/C1 controls but tab and newline; bidi overrides, embeddings and isolates, which reorder what follows
+# ("\u202eevil\u202c" shows as "live"); zero-width and other invisible format characters; line separators
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f"
+                      "\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 ANSI = {"sp": "1;32", "msp": "1;97;45", "delim": "36", "eos": "2;33", "pad": "2", "head": "1;34", "doc": "34"}
 
 
 def printable(text: str) -> str:
-    """Document text with control characters (ESC, CR...) escaped, so a corpus cannot drive the terminal."""
+    """Document text with control and invisible format characters (ESC, CR, bidi overrides...) written as
+    escapes, so a corpus can neither drive the terminal nor make text read as something else (``report`` too)."""
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
