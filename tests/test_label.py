@@ -532,3 +532,17 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
           match="late.jsonl line 601: no field 'text'")
     assert not list(tmp_path.glob("late-out*"))
     assert not o.exists()
+
+
+def test_a_build_or_a_checkpoint_given_as_model_says_what_to_give_instead(models, held_out, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", held_out[:3])
+    o = tmp_path / "o.jsonl"
+    build = models["build-prefix"]
+    fails("--model", build, "--input", good, "--out", o, match=f"--model {build}: this is an sptok build, not a model")
+    root = Path(models["bert"]).parent / "ckpt-bert"
+    step = sorted(root.glob("step-*"))[-1]
+    for ckpt in (root, step):
+        err = fails("--model", ckpt, "--input", good, "--out", o, match=f"this is a training checkpoint, not a model: "
+                                                                        f"export it with `sptok export {ckpt} --out DIR`")
+        assert "tokenizer.json" not in err
+    assert not o.exists()
