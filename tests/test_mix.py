@@ -218,3 +218,20 @@ def test_the_left_out_check_takes_a_quarter_and_at_least_three(k):
     losses = _surface("power-law", np.random.default_rng(0))(mixtures)
     check = search.left_out(mixtures, losses, np.ones(4), 0.25, 0)
     assert len(check["proxies"]) == max(3, round(k / 4)) and -1 <= check["spearman"] <= 1
+
+
+def test_a_diverged_proxy_is_named_not_written_as_nan(build, tmp_path):
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "search"
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "6"]
+    assert CliRunner().invoke(main, cmd + ["--plan"]).exit_code == 0
+    _finish_proxies(out)
+    result = out / "proxies" / "002" / "result.json"
+    doc = json.loads(result.read_text())
+    result.write_text(json.dumps(dict(doc, losses=[float("nan")] + doc["losses"][1:])))   # as json writes a NaN
+    res = CliRunner().invoke(main, cmd + ["--collect"])
+    assert res.exit_code == 2 and "proxy 2: its validation loss is not finite" in res.output, res.output
+    assert not (out / "mixture.json").exists()
