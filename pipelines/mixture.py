@@ -123,7 +123,7 @@ def run(args) -> None:
 
     search = args.work / "search"
     plan = plan_search(str(ROOT / "pipelines/mixture.yaml"), [f"data.build={out}"], str(search), args.proxies, 5.0,
-                       "natural", None, args.seed, log=print)
+                       "natural", args.seed, log=print)
     for k in range(len(plan["mixtures"])):
         t = time.time()
         r = run_proxy(str(search), k, log=lambda m: None)

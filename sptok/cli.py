@@ -287,7 +287,8 @@ def pretrain(config, overrides):
               help="Dirichlet concentration around the prior: smaller spreads the mixtures wider.")
 @click.option("--prior", type=click.Choice(["natural", "manifest"]), default="natural", show_default=True,
               help="Mixtures are drawn around the build's token shares (natural) or the manifest weights.")
-@click.option("--objective", help="Weights of the sources' validation losses, e.g. code=2,pydocs=1 [equal].")
+@click.option("--objective", help="Weights of the sources' validation losses, e.g. code=2,pydocs=1 [equal]; "
+                                  "used by the fit only, so --collect refits a search under another objective.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mixtures and the check.")
 @click.option("--plan", "plan_only", is_flag=True, help="Only write the plan and the proxies' configs (for a Slurm "
                                                           "array or torchrun: --proxy K), then stop.")
@@ -300,31 +301,33 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
     Needs a validation split (build with --holdout / --holdout-docs) and an `eval:` section. Resumable:
     finished proxies are kept. Writes OUT/mixture.json, OUT/proportion.txt and OUT/predicted_vs_actual.png."""
     require("train", "sptok mix")
-    from .mix import fit_search, plan_search, run_proxy
+    from .mix import fit_search, objective_weights, plan_search, run_proxy
 
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     if proxy is not None:
         run_proxy(out, proxy, log=say)
         return
+    weights = None
+    if objective:
+        try:
+            weights = {k.strip(): float(v) for k, v in (p.split("=") for p in objective.split(","))}
+        except ValueError:
+            raise SptokError(f"--objective: expected source=weight,... such as code=2,pydocs=1, got "
+                             f"{objective!r}") from None
     if not collect:
-        weights = None
-        if objective:
-            try:
-                weights = {k.strip(): float(v) for k, v in (p.split("=") for p in objective.split(","))}
-            except ValueError:
-                raise SptokError(f"--objective: expected source=weight,... such as code=2,pydocs=1, got "
-                                 f"{objective!r}") from None
-        plan = plan_search(config, list(overrides), out, proxies, concentration, prior, weights, seed, log=say)
+        plan = plan_search(config, list(overrides), out, proxies, concentration, prior, seed, log=say)
+        objective_weights(weights, plan["sources"])        # a misspelt source stops here, not after the proxies
         k = len(plan["mixtures"])
         if plan_only:
+            again = f" --objective {objective}" if objective else ""
             say(f"planned {k} proxies in {out}: run each with `sptok mix {config} --out {out} --proxy K` (K = 0 .. "
                 f"{k - 1}; e.g. a Slurm array: sbatch --array=0-{k - 1}, or under torchrun), then collect with "
-                f"`sptok mix {config} --out {out} --collect`")
+                f"`sptok mix {config} --out {out} --collect{again}`")
             return
         for i in range(k):
             say(f"proxy {i + 1}/{k}")
             run_proxy(out, i, log=lambda m: None)
-    fit_search(out, log=say)
+    fit_search(out, weights, log=say)
 
 
 @main.command()

@@ -112,11 +112,12 @@ def read_json(path: str):
         return json.load(f)
 
 
-def write_json(path: str, obj) -> None:
-    """Atomic: a reader sees the old file, or the whole new one."""
+def write_json(path: str, obj, allow_nan: bool = True) -> None:
+    """Atomic: a reader sees the old file, or the whole new one. ``allow_nan=False`` refuses NaN and infinity,
+    which Python writes but strict JSON parsers reject."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=allow_nan)
         f.write("\n")
     os.replace(tmp, path)
 

@@ -79,3 +79,31 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command 1" in ci and "readme_command 2" in ci and "core_only.py" in ci
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_readme_names_every_package_of_the_core_and_of_each_extra():
+    """The README's core sentence and extras table name what pyproject.toml installs: each extra has a row whose
+    'adds' cell names each of its packages (an extra it includes as `name`, or as 'every extra above')."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    readme = (ROOT / "README.md").read_text()
+    table = re.search(r"^\| extra \| adds \| for \|\n(?:\|.*\n)+", readme, re.M).group(0)
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| ([^|]*) \|", table, re.M))
+    order = list(rows)
+
+    def name(req):
+        return re.match(r"[A-Za-z0-9._-]+", req).group(0).lower()
+
+    for extra, reqs in project["optional-dependencies"].items():
+        assert extra in rows, f"the README's extras table has no row for {extra!r}"
+        adds = rows[extra].lower()
+        for req in reqs:
+            included = re.match(r"sptok\[(.+)\]", req)
+            if included:
+                for inner in included.group(1).split(","):
+                    assert f"`{inner}`" in adds or ("every extra above" in adds and
+                                                    order.index(inner) < order.index(extra)), (extra, inner)
+            else:
+                assert name(req) in adds, f"the README's row for {extra!r} does not name {name(req)}"
+    core = re.search(r"The core \(`pip install sptok`: ([^)]*)\)", readme).group(1).lower()
+    assert [name(r) for r in project["dependencies"] if name(r) not in core] == []

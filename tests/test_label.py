@@ -377,6 +377,28 @@ def test_modes_write_the_papers_fine_tuning_inputs(models, held_out, tmp_path):
         [r["text"] + "<SPSEP>" + s["sps"][r["source"]] for r in held]
 
 
+def test_the_readmes_sp_input_recipe_and_ids_on_a_literal_sp(models, tmp_path):
+    """The README's word on a literal SP string in the text: the exported tokenizer turns it into the SP in
+    ``sp_input``, and ``--ids`` keeps it text, as a build does."""
+    from conftest import ROOT
+    from transformers import AutoTokenizer
+
+    text = "print('<CODE>')  # not the code source"
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": text, "source": "pydocs"}])
+    label("--model", models["bert"], "--input", inp, "--out", tmp_path / "o.jsonl", "--mode", "manual",
+          "--source-field", "source", "--ids", "--no-predict", "-q")
+    row = read_jsonl(tmp_path / "o.jsonl")[0]
+    s = specials(models["bert"])
+    tok = AutoTokenizer.from_pretrained(models["bert"], local_files_only=True)     # the README's recipe
+    ids = tok(row["sp_input"], add_special_tokens=False)["input_ids"]
+    assert ids[0] == s["sp"]["pydocs"] and s["sp"]["code"] in ids
+    assert row["sp_input_ids"] == [s["sp"]["pydocs"]] + s["delim"] + text_ids(models["bert"], text) + [s["eos"]]
+    assert s["sp"]["code"] not in row["sp_input_ids"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "a literal SP string of the text (a `<PYDOCS>` written in the document) becomes that SP too" in readme
+    assert "For exact ids, `--ids` adds `sp_input_ids`" in readme
+
+
 def _source(s, sp):
     return next(k for k, v in s["sps"].items() if v == sp)
 
@@ -531,4 +553,18 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     fails("--model", m, "--input", write_jsonl(tmp_path / "late.jsonl", many), "--out", tmp_path / "late-out.jsonl",
           match="late.jsonl line 601: no field 'text'")
     assert not list(tmp_path.glob("late-out*"))
+    assert not o.exists()
+
+
+def test_a_build_or_a_checkpoint_given_as_model_says_what_to_give_instead(models, held_out, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", held_out[:3])
+    o = tmp_path / "o.jsonl"
+    build = models["build-prefix"]
+    fails("--model", build, "--input", good, "--out", o, match=f"--model {build}: this is an sptok build, not a model")
+    root = Path(models["bert"]).parent / "ckpt-bert"
+    step = sorted(root.glob("step-*"))[-1]
+    for ckpt in (root, step):
+        err = fails("--model", ckpt, "--input", good, "--out", o, match=f"this is a training checkpoint, not a model: "
+                                                                        f"export it with `sptok export {ckpt} --out DIR`")
+        assert "tokenizer.json" not in err
     assert not o.exists()

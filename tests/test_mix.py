@@ -132,3 +132,106 @@ def test_mix_end_to_end_resumes_after_an_interruption(build, tmp_path):
     assert res.exit_code == 0 and 'id=mixture' in (tmp_path / "r.html").read_text()
     res = CliRunner().invoke(main, [str(a) for a in cmd[3:5]] + ["--out", str(out), "--proxies", "7"])
     assert res.exit_code == 2 and "holds another search" in res.output
+
+
+def _finish_proxies(out: Path, seed: int = 3) -> dict:
+    """Give every proxy of the plan in ``out`` the result a known loss surface gives its mixture, as a
+    finished ``run_proxy`` writes it (the proxies' training is what the end-to-end test covers)."""
+    plan = json.loads((out / "plan.json").read_text())
+    true = _surface("power-law", np.random.default_rng(seed))
+    for k, mix in enumerate(plan["mixtures"]):
+        losses = true(np.array([mix]))[0].tolist()
+        d = out / "proxies" / f"{k:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "result.json").write_text(json.dumps({"proxy": k, "mixture": mix, "step": 3, "losses": losses,
+                                                   "loss": float(np.mean(losses))}))
+    return plan
+
+
+def _strict_json(path: Path) -> dict:
+    """Parsed as a strict JSON parser does: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{path.name} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_the_objective_belongs_to_the_fit_so_collect_refits_under_a_new_one(build, tmp_path):
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "search"
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "8", "--plan"]
+    assert CliRunner().invoke(main, cmd).exit_code == 0
+    res = CliRunner().invoke(main, cmd + ["--objective", "code=1"])      # the same proxies: not another search
+    assert res.exit_code == 0 and "--collect --objective code=1" in res.output, res.output
+    plan = _finish_proxies(out)
+    names = plan["sources"]
+    collect = cmd[:-1] + ["--collect"]
+    assert CliRunner().invoke(main, collect).exit_code == 0
+    equal = _strict_json(out / "mixture.json")
+    assert equal["objective_weights"] == {n: 1.0 for n in names}
+    for name in ("code", "chinese"):
+        res = CliRunner().invoke(main, collect + ["--objective", f"{name}=1"])
+        assert res.exit_code == 0, res.output
+        doc = _strict_json(out / "mixture.json")
+        assert doc["objective_weights"] == {n: float(n == name) for n in names}
+        assert doc["weights"][name] > max(0.5, equal["weights"][name]), (name, doc["weights"], equal["weights"])
+        assert doc["proxies"][0]["objective"] == pytest.approx(doc["proxies"][0]["loss_by_source"][name])
+    res = CliRunner().invoke(main, collect + ["--objective", "kode=1"])
+    assert res.exit_code == 2 and "--objective: no source 'kode'" in res.output
+    res = CliRunner().invoke(main, cmd + ["--seed", "1"])                # a changed search is named for what changed
+    assert res.exit_code == 2 and "holds another search (its plan.json differs in --seed)" in res.output, res.output
+
+
+@pytest.mark.parametrize("proxies", [4, 5])
+def test_too_few_proxies_skip_the_left_out_check_with_one_warning_and_strict_json(build, tmp_path, proxies):
+    import warnings
+
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "search"
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", str(proxies)]
+    assert CliRunner().invoke(main, cmd + ["--plan"]).exit_code == 0
+    _finish_proxies(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CliRunner().invoke(main, cmd + ["--collect"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    warned = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: too few proxies for the left-out check ({proxies}; it needs at least 6)"]
+    doc = _strict_json(out / "mixture.json")
+    assert doc["left_out"]["spearman"] is None and doc["left_out"]["proxies"] == []
+    assert sum(doc["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert not (out / "predicted_vs_actual.png").exists()
+    res = CliRunner().invoke(main, ["report", str(build / "b"), "-o", str(tmp_path / "r.html"), "--mixture", str(out),
+                                    "--samples", "0"], catch_exceptions=False)
+    assert res.exit_code == 0 and "too few proxies for the left-out check" in (tmp_path / "r.html").read_text()
+
+
+@pytest.mark.parametrize("k", [6, 7, 12, 20])
+def test_the_left_out_check_takes_a_quarter_and_at_least_three(k):
+    mixtures = search.sample_mixtures(np.full(4, 0.25), k, 5.0, 0)
+    losses = _surface("power-law", np.random.default_rng(0))(mixtures)
+    check = search.left_out(mixtures, losses, np.ones(4), 0.25, 0)
+    assert len(check["proxies"]) == max(3, round(k / 4)) and -1 <= check["spearman"] <= 1
+
+
+def test_a_diverged_proxy_is_named_not_written_as_nan(build, tmp_path):
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "search"
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "6"]
+    assert CliRunner().invoke(main, cmd + ["--plan"]).exit_code == 0
+    _finish_proxies(out)
+    result = out / "proxies" / "002" / "result.json"
+    doc = json.loads(result.read_text())
+    result.write_text(json.dumps(dict(doc, losses=[float("nan")] + doc["losses"][1:])))   # as json writes a NaN
+    res = CliRunner().invoke(main, cmd + ["--collect"])
+    assert res.exit_code == 2 and "proxy 2: its validation loss is not finite" in res.output, res.output
+    assert not (out / "mixture.json").exists()

@@ -223,10 +223,11 @@ def mixture_html(path: str, info: dict) -> str:
     total = ["objective", *[""] * len(kinds), *[f"{pred[k]['objective']:.4f}" for k in kinds]]
     head = ["source"] + [f"{k} share" for k in kinds] + [f"{k} predicted loss" for k in kinds]
     check = mix["left_out"]
+    verdict = (escape(check.get("skipped", "")) if check["spearman"] is None else
+               f'rank correlation of predicted and actual objective on the {len(check["proxies"])} proxies left out '
+               f'of the fit: {check["spearman"]:.2f}')
     parts = ["<h2>Mixture search</h2>",
-             f'<p class="note">{len(mix["proxies"])} proxy runs; {escape(mix["regression"])}; rank correlation of '
-             f'predicted and actual objective on the {len(check["proxies"])} proxies left out of the fit: '
-             f'{check["spearman"]:.2f}.</p>',
+             f'<p class="note">{len(mix["proxies"])} proxy runs; {escape(mix["regression"])}; {verdict}.</p>',
              _table(head, rows, set(range(1, len(head))), total, tid="mixture")]
     confirm = os.path.join(d, "confirmation.json")
     if os.path.exists(confirm):

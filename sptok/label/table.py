@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import SptokError
-from ..layout import MARKER, TRAIN_CONFIG
+from ..layout import MARKER, STATS, TRAIN_CONFIG
 from ..sp_layout import SPLayout
 from ..spec import BuildSpec
 
@@ -107,9 +107,26 @@ def _read_json(path: str) -> dict:
     return doc
 
 
+def _not_a_model(d: str) -> str | None:
+    """What to pass instead when ``d`` is one of the other sptok directories a user may mistake for a model:
+    a build (its ``sptok.json`` beside ``stats.json``), or a checkpoint root or step directory of
+    ``sptok pretrain`` (the root keeps the copy of its build in ``build/``)."""
+    if os.path.exists(os.path.join(d, MARKER)) and os.path.exists(os.path.join(d, STATS)):
+        return (f"--model {d}: this is an sptok build, not a model: pre-train on it (sptok pretrain), export the "
+                f"checkpoint with `sptok export CHECKPOINT --out DIR` and give DIR")
+    root = os.path.dirname(os.path.normpath(d)) if os.path.basename(os.path.normpath(d)).startswith("step-") else d
+    if os.path.exists(os.path.join(root, "build", MARKER)):
+        return (f"--model {d}: this is a training checkpoint, not a model: export it with `sptok export {d} --out "
+                f"DIR` and give DIR")
+    return None
+
+
 def load_table(model_dir: str) -> SPTable:
     if not os.path.isdir(model_dir):
         raise SptokError(f"--model {model_dir}: no such directory (give a directory written by `sptok export`)")
+    instead = _not_a_model(model_dir)
+    if instead:
+        raise SptokError(instead)
     path = os.path.join(model_dir, MARKER)
     if not os.path.exists(path):
         raise SptokError(f"--model {model_dir}: no {MARKER}, so this is not a model exported by sptok: labelling "

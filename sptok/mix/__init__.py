@@ -9,8 +9,11 @@ last in-loop evaluation on the build's validation split. The steps, each resumab
   proxies  each proxy trains and writes ``OUT/proxies/NNN/result.json`` when done; a rerun skips the done
            ones (and resumes an interrupted one from its checkpoints)
   fit      the regression (``search.py``), its rank correlation on proxies left out of the fit, and the
-           proposed mixture: ``OUT/mixture.json``, ``OUT/proportion.txt`` (a ``--set`` override) and
-           ``OUT/predicted_vs_actual.png``
+           proposed mixture under the objective: ``OUT/mixture.json``, ``OUT/proportion.txt`` (a ``--set``
+           override) and ``OUT/predicted_vs_actual.png``
+
+The objective (the weights of the sources' losses) belongs to the fit, not to the plan: the proxies do not
+depend on it, so one search can be refitted under any objective (``--collect --objective ...``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ LEFT_OUT = 0.25      # share of the proxies each fit is checked on
 
 
 def plan_search(config: str, overrides: list[str], out: str, proxies: int, concentration: float, prior: str,
-                objective: dict | None, seed: int, log=print) -> dict:
+                seed: int, log=print) -> dict:
     """Write (or, when it is the same, reuse) ``OUT/plan.json`` and one config per proxy."""
     import yaml
 
@@ -56,10 +59,9 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
     info = BuildInfo.load(cfg.data.build)
     names = info.sources
     shares = _prior(info, prior)
-    weights = _objective(objective, names)
     base = cfg.to_dict()
     plan = {"version": 1, "sources": names, "prior": prior, "prior_shares": shares.tolist(),
-            "concentration": concentration, "seed": seed, "objective": weights.tolist(), "fingerprint": info.fingerprint,
+            "concentration": concentration, "seed": seed, "fingerprint": info.fingerprint,
             "config": base,
             "mixtures": sample_mixtures(shares, proxies, concentration, seed).tolist()}
     path = os.path.join(out, "plan.json")
@@ -67,8 +69,8 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         with open(path) as f:
             old = json.load(f)
         if _key(old) != _key(plan):
-            raise SptokError(f"{out} holds another search (its plan.json differs: config, build, sources, prior or "
-                             f"proxies); choose another --out, or delete {out} to start over")
+            raise SptokError(f"{out} holds another search (its plan.json differs in {', '.join(_differences(old, plan))})"
+                             f"; choose another --out, or delete {out} to start over")
         plan = old
     os.makedirs(os.path.join(out, "proxies"), exist_ok=True)
     for k, mix in enumerate(plan["mixtures"]):
@@ -110,8 +112,9 @@ def run_proxy(out: str, k: int, log=print) -> dict:
     return result
 
 
-def fit_search(out: str, log=print) -> dict:
-    """Fit the finished proxies, check the fit on left-out ones, propose a mixture; write the outputs."""
+def fit_search(out: str, objective: dict | None = None, log=print) -> dict:
+    """Fit the finished proxies, check the fit on left-out ones, propose the mixture that minimises
+    ``objective`` (source -> weight of its validation loss; equal weights when None); write the outputs."""
     from ..layout import write_json
     from . import search
 
@@ -123,9 +126,13 @@ def fit_search(out: str, log=print) -> dict:
                          f"(sptok mix ... --proxy K), then collect again")
     if any(v is None for r in results for v in r["losses"]):
         raise SptokError("a proxy's evaluation has a source without validation targets: raise eval.samples")
+    diverged = [k for k, r in enumerate(results) if not np.isfinite(r["losses"]).all()]
+    if diverged:
+        raise SptokError(f"proxy {diverged[0]}: its validation loss is not finite (the run diverged): lower "
+                         f"optim.lr, delete {proxy_dir(out, diverged[0])} and run it again")
     mixtures = np.array([r["mixture"] for r in results])
     losses = np.array([r["losses"] for r in results])
-    w = np.array(plan["objective"])
+    w = objective_weights(objective, plan["sources"])
     check = search.left_out(mixtures, losses, w, LEFT_OUT, plan["seed"])
     f = search.fit(mixtures, losses)
     prior = np.array(plan["prior_shares"])
@@ -142,15 +149,18 @@ def fit_search(out: str, log=print) -> dict:
                         "objective": float(search.objective(np.array(r["losses"]), w))} for r in results],
            "regression": f"sklearn RidgeCV on (r, r^2, log r), one output per source; proposal scored by the "
                          f"predicted objective + {search.DOUBT:g} sd over {search.BOOTSTRAP} bootstrap refits"}
-    write_json(os.path.join(out, "mixture.json"), doc)
+    write_json(os.path.join(out, "mixture.json"), doc, allow_nan=False)   # strict JSON: no NaN, ever
     override = "data.proportion={" + ", ".join(f"{n}: {v:.6f}" for n, v in doc["weights"].items()) + "}"
     with open(os.path.join(out, "proportion.txt"), "w") as fh:
         fh.write(override + "\n")
     figure = _plot(check, os.path.join(out, "predicted_vs_actual.png"))
+    if check["spearman"] is None:
+        log(f"warning: {check['skipped']}")
     log(f"proposed mixture: {', '.join(f'{n} {v:.3f}' for n, v in doc['weights'].items())}  (predicted objective "
         f"{doc['predicted']['proposed']['objective']:.4f}; natural {doc['predicted']['natural']['objective']:.4f}, "
-        f"uniform {doc['predicted']['uniform']['objective']:.4f}); left-out rank correlation "
-        f"{check['spearman']:.2f} over {len(check['proxies'])} proxies")
+        f"uniform {doc['predicted']['uniform']['objective']:.4f})" + (
+            "" if check["spearman"] is None else
+            f"; left-out rank correlation {check['spearman']:.2f} over {len(check['proxies'])} proxies"))
     log(f"wrote {out}/mixture.json, {out}/proportion.txt" + (f", {figure}" if figure else "") +
         f"; train with it: sptok pretrain CONFIG --set \"$(cat {out}/proportion.txt)\"")
     return doc
@@ -187,14 +197,29 @@ def _records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _identity(plan: dict) -> dict:
+    """What makes two plans the same search, flat (``config.train``...): not where its logs go, nor the
+    objective that plans written before it moved to the fit recorded."""
+    keep = {k: v for k, v in plan.items() if k not in ("config", "objective")}
+    keep.update({f"config.{sec}": v for sec, v in plan["config"].items() if sec not in ("log", "checkpoint")})
+    return keep
+
+
 def _key(plan: dict) -> str:
-    """What makes two plans the same search (not where its logs go)."""
-    keep = {k: v for k, v in plan.items() if k != "config"}
-    cfg = copy.deepcopy(plan["config"])
-    for sec in ("log", "checkpoint"):
-        cfg.pop(sec, None)
-    keep["config"] = cfg
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_identity(plan), sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """What the user changed between two plans, named as the options and config keys that set it (the
+    mixtures and prior shares follow from those)."""
+    a, b = (json.loads(json.dumps(_identity(p))) for p in (old, new))     # as stored: tuples become lists
+    names = {"fingerprint": "the build", "prior": "--prior", "concentration": "--concentration", "seed": "--seed",
+             "sources": "the sources", "version": "the plan's version"}
+    found = [names.get(k, f"config {k[7:]}") for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and k not in ("mixtures", "prior_shares")]
+    if len(old["mixtures"]) != len(new["mixtures"]):
+        found.insert(0, f"--proxies ({len(old['mixtures'])}, now {len(new['mixtures'])})")
+    return found or ["its mixtures"]
 
 
 def _prior(info, prior: str) -> np.ndarray:
@@ -206,7 +231,8 @@ def _prior(info, prior: str) -> np.ndarray:
     raise SptokError(f"--prior: {prior!r} is not one of natural, manifest")
 
 
-def _objective(given: dict | None, names: list[str]) -> np.ndarray:
+def objective_weights(given: dict | None, names: list[str]) -> np.ndarray:
+    """The weight of each source's validation loss in the objective, in the order of ``names``."""
     if not given:
         return np.ones(len(names))
     unknown = sorted(set(given) - set(names))
@@ -225,7 +251,10 @@ def _rank() -> int:
 
 
 def _plot(check: dict, path: str) -> str | None:
-    """Predicted against actual objective of the proxies left out of the fit (needs matplotlib)."""
+    """Predicted against actual objective of the proxies left out of the fit (needs matplotlib); none where
+    the check was skipped."""
+    if check["spearman"] is None:
+        return None
     try:
         import matplotlib
 

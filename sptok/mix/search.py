@@ -25,6 +25,7 @@ import numpy as np
 FLOOR = 1e-3          # the smallest share a proxy or a proposal gives a source (log(0) is no feature)
 ALPHAS = np.logspace(-4, 3, 15)
 BOOTSTRAP, DOUBT = 16, 2.0   # refits on resampled proxies, and how many of their standard deviations count
+CHECK_MIN = 3         # proxies left out, and left to fit on, for a rank correlation to mean anything
 
 
 def sample_mixtures(prior: np.ndarray, k: int, concentration: float, seed: int) -> np.ndarray:
@@ -95,14 +96,24 @@ def propose(f: Fit, prior: np.ndarray, concentration: float, weights: np.ndarray
 
 
 def left_out(mixtures: np.ndarray, losses: np.ndarray, weights: np.ndarray, share: float, seed: int) -> dict:
-    """Fit on all proxies but a seeded ``share`` of them, predict those: the rank correlation of predicted
-    and actual objective says whether the fit can be trusted to rank mixtures it has not seen."""
+    """Fit on all proxies but a seeded ``share`` of them (at least CHECK_MIN), predict those: the rank
+    correlation of predicted and actual objective says whether the fit can be trusted to rank mixtures it has
+    not seen. ``spearman`` is None, with the reason in ``skipped``, where it would mean nothing: fewer than
+    CHECK_MIN proxies left to fit on (the fit on one proxy is undefined), or a constant objective."""
     from scipy.stats import spearmanr
 
     k = len(mixtures)
-    out = np.sort(np.random.default_rng(seed).permutation(k)[:max(3, round(share * k))])
+    n = max(CHECK_MIN, round(share * k))
+    if k - n < CHECK_MIN:
+        return {"proxies": [], "predicted": [], "actual": [], "predicted_by_source": [], "spearman": None,
+                "skipped": f"too few proxies for the left-out check ({k}; it needs at least {2 * CHECK_MIN})"}
+    out = np.sort(np.random.default_rng(seed).permutation(k)[:n])
     keep = np.setdiff1d(np.arange(k), out)
     predicted = fit(mixtures[keep], losses[keep]).predict(mixtures[out])
     p, a = objective(predicted, weights), objective(losses[out], weights)
-    return {"proxies": out.tolist(), "predicted": p.tolist(), "actual": a.tolist(),
-            "predicted_by_source": predicted.tolist(), "spearman": float(spearmanr(p, a).statistic)}
+    check = {"proxies": out.tolist(), "predicted": p.tolist(), "actual": a.tolist(),
+             "predicted_by_source": predicted.tolist(), "spearman": None}
+    if np.ptp(p) == 0 or np.ptp(a) == 0:
+        return check | {"skipped": "the left-out check is undefined: the proxies left out have the same actual or "
+                                   "predicted objective"}
+    return check | {"spearman": float(spearmanr(p, a).statistic)}
