@@ -36,8 +36,9 @@ class _Group(click.Group):
             sys.exit(130)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                click.echo(f"error: disk full ({e.filename or ''}): free some space and run the same command "
-                           f"again; committed work is kept", err=True)
+                where = getattr(e, "filename2", None) or e.filename   # a copy names its source, then its target
+                click.echo(f"error: disk full ({where or ''}): free some space and run the same command again; "
+                           f"committed work is kept", err=True)
                 sys.exit(2)
             if e.filename is None:   # not about a path the user gave: a bug, keep the traceback
                 raise
