@@ -142,7 +142,8 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     with open(lt.path, "rb") as f:
         base_sha = hashlib.sha256(f.read()).hexdigest()
     if opts.delimiter in sps:
-        raise SptokError(f"SP token clash: --delimiter {opts.delimiter} is also the SP of a source")
+        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
+                         f"delimiter")
     ids = extend(lt, sps, opts.delimiter if special_delim else None)
     tok = lt.tok
     if special_delim:
@@ -341,9 +342,14 @@ def describe_changes(old: dict, new: dict) -> str:
     """Name what differs between two plans, the way a person would look for it."""
     changes = []
     oo, no = old.get("options", {}), new.get("options", {})
-    for k in sorted(set(oo) | set(no)):
+    rehashed = oo.get("hash_inputs") != no.get("hash_inputs")
+    for k in sorted((set(oo) | set(no)) - {"hash_inputs"}):
         if oo.get(k) != no.get(k):
             changes.append(f"option {k}: {oo.get(k)!r} -> {no.get(k)!r}")
+    if rehashed:   # every input's fingerprint changes form: the files themselves may not have
+        how = {True: "content (xxh64)", False: "size + mtime"}
+        changes.append(f"the --hash-inputs option changed: inputs were fingerprinted by "
+                       f"{how[bool(oo.get('hash_inputs'))]}, now by {how[bool(no.get('hash_inputs'))]}")
     om, nm = old.get("manifest", {}).get("sources"), new.get("manifest", {}).get("sources")
     if om != nm:
         changes.append("the manifest's sources changed")
@@ -351,7 +357,8 @@ def describe_changes(old: dict, new: dict) -> str:
         changes.append("the tokenizer changed")
     oi = {r[0]: r[1:] for r in old.get("inputs", [])}
     ni = {r[0]: r[1:] for r in new.get("inputs", [])}
-    changed = sorted(p for p in set(oi) | set(ni) if oi.get(p) != ni.get(p))
+    changed = sorted(p for p in set(oi) | set(ni) if oi.get(p) != ni.get(p)
+                     and not (rehashed and p in oi and p in ni and oi[p][0] == ni[p][0]))
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         changes.append(f"input files changed: {', '.join(changed[:3])}{more}")

@@ -117,6 +117,26 @@ def test_sp_clashes(tmp_path, manifest, small_corpus):
     fails(*build_args(m, tmp_path / "o", "--policy", "misplaced"), match="needs at least two sources")
 
 
+def test_a_delimiter_clash_is_about_the_delimiter(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    out = fails(*build_args(m, tmp_path / "o", "--delimiter", "[SEP]"),
+                match="delimiter clash: --delimiter [SEP] is the tokenizer's own special token; choose another "
+                      "delimiter")
+    assert "--policy" not in out and "SP token" not in out
+    fails(*build_args(m, tmp_path / "o", "--delimiter", "<CODE>"),
+          match="delimiter clash: --delimiter <CODE> is also the SP of a source; choose another delimiter")
+
+
+def test_toggling_hash_inputs_is_named_as_such(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
+    out = fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--hash-inputs"),
+                match="the --hash-inputs option changed: inputs were fingerprinted by size + mtime, now by content")
+    assert "input files changed" not in out
+    (tmp_path / "code.jsonl").write_text((tmp_path / "code.jsonl").read_text() + '{"text": "one more"}\n')
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--hash-inputs"), match="input files changed: code.jsonl")
+
+
 def test_bad_flags(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     fails(*build_args(m, tmp_path / "o", "--msp-prob", "1.5"), match="--msp-prob: must be a probability")
