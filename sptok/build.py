@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SptokError
-from . import layout
+from . import layout, outdir
 from .finalize import clear_outputs, finalize, fingerprint_of
 from .layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
@@ -69,14 +69,45 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
            pool: WorkerPool | None) -> BuildResult:
-    work = os.path.join(out, WORK)
     plan, tok, units = make_plan(manifest, opts)
-    state = _prepare_out(out, plan, overwrite, log)
+    _refuse_foreign(out)
+    with outdir.writing(out, "build") as held:
+        state = _prepare_out(out, plan, overwrite, log)
+        if state == "complete":
+            info = layout.read_json(os.path.join(out, MARKER))
+            if opts.strict:
+                _refuse_skipped(out)
+            return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
+        if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces nothing whole
+            outdir.clear_dir(out)
+            state = "fresh"
+        if state != "replace":
+            return _fill(out, state, plan, tok, units, manifest, opts, partition, log, pool)
+        return _replace(held, lambda new: _fill(new, _prepare_beside(new, plan), plan, tok, units, manifest,
+                                                opts, None, log, pool))
+
+
+def _replace(held: "outdir.Held", build_into) -> BuildResult:
+    """--overwrite of a complete build: ``build_into`` a directory beside it, then exchange the two, so that a
+    reader finds the old build or the new one, never a mix; the old one is removed after. An interrupted
+    --overwrite resumes beside, and the old build stays whole until the exchange."""
+    new = outdir.beside(held.out)
+    _refuse_foreign(new)
+    with outdir.writing(new, "build") as mine:
+        res = build_into(new)
+        outdir.exchange(mine, held)
+    shutil.rmtree(new)   # the old build, now there
+    res.out = held.out
+    return res
+
+
+def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Manifest, opts: BuildOptions,
+          partition, log, pool: WorkerPool | None) -> BuildResult:
+    """Run the units of ``out`` not yet committed (state 'fresh' or 'resume'), then finalize, unless it is one
+    partition of the build; a 'complete' directory (a finished --overwrite not yet swapped in) is kept."""
+    work = os.path.join(out, WORK)
     if state == "complete":
-        info = layout.read_json(os.path.join(out, MARKER))
-        if opts.strict:
-            _refuse_skipped(out)
-        return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
+        return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
@@ -105,7 +136,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units))
     info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER))
-    shutil.rmtree(work, ignore_errors=True)
+    outdir.clear_work(out)   # the writer's lock goes last, when the writer lets go
     return BuildResult(out, info, committed, len(units))
 
 
@@ -291,36 +322,32 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
 
 
 def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
-    """'fresh', 'resume' or 'complete'; refuses a foreign directory or a changed resume."""
+    """'fresh', 'resume', 'complete' or 'replace' (--overwrite of a complete build); refuses a changed resume.
+    Called with the writer's lock held."""
     work = os.path.join(out, WORK)
     marker = os.path.join(out, MARKER)
-    if not _has_entries(out):
-        return "fresh"
-    if not os.path.exists(marker) and not os.path.isdir(work):
-        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
-                         f"or new directory (sptok never deletes files it did not write)")
-    if overwrite:
-        for name in os.listdir(out):
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-        return "fresh"
     if os.path.exists(marker):
         try:
             old = layout.read_json(marker)
         except (OSError, ValueError):
             old = {}
+        if overwrite:
+            return "replace"
         if old.get("fingerprint") == plan["fingerprint"]:
             return "complete"
         raise SptokError(f"--out {out}: already holds a complete build of different inputs or options "
                          f"({describe_changes(old, plan) or 'fingerprint differs'}); pass --overwrite to replace it")
     try:
         old = layout.read_json(os.path.join(work, layout.PLAN))
-    except (OSError, ValueError):
-        shutil.rmtree(work)
+    except (OSError, ValueError):   # nothing of a build yet (a new directory, or only a lock left)
+        outdir.clear_work(out)
+        return "fresh"
+    if overwrite:
+        outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
         log(f"note: {out} held a build that failed; starting over with the changed inputs or options")
-        shutil.rmtree(work)
+        outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"]:
         raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
@@ -329,6 +356,32 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
     # a resumed build first removes what an interrupted finalize wrote, so nothing looks complete
     clear_outputs(out, plan)
     return "resume"
+
+
+def _prepare_beside(new: str, plan: dict) -> str:
+    """The state of the directory an --overwrite builds in: kept or resumed when it holds this build (an
+    interrupted --overwrite), else started over (it is sptok's own scratch)."""
+    for path in (os.path.join(new, MARKER), os.path.join(new, WORK, layout.PLAN)):
+        try:
+            same = layout.read_json(path).get("fingerprint") == plan["fingerprint"]
+        except (OSError, ValueError, AttributeError):
+            continue
+        if same and path.endswith(MARKER):
+            return "complete"
+        if same:
+            clear_outputs(new, plan)
+            return "resume"
+        break
+    outdir.clear_dir(new)
+    return "fresh"
+
+
+def _refuse_foreign(out: str) -> None:
+    """Before anything is written: a directory holding files but no sptok build is never touched."""
+    if _has_entries(out) and not os.path.exists(os.path.join(out, MARKER)) \
+            and not os.path.isdir(os.path.join(out, WORK)):
+        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
+                         f"or new directory (sptok never deletes files it did not write)")
 
 
 def _has_entries(out: str) -> bool:
@@ -383,8 +436,9 @@ def _refuse_skipped(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ merge
 
-def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
-    """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``.
+def run_merge(parts: list[str], out: str, overwrite: bool = False) -> BuildResult:
+    """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``; a no-op
+    where ``out`` already holds this build, as for `sptok build`.
 
     Finalize reads only the plan and the committed units, so the result is byte-identical to a build of
     the whole corpus on one machine.
@@ -392,6 +446,10 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
     plans = []
     for p in parts:
         path = os.path.join(p, WORK, layout.PLAN)
+        writer = layout.writer_of(p)
+        if writer is not None:
+            raise SptokError(f"{p}: a partition still being built ({layout.describe_writer(writer)} is writing it); "
+                             f"merge once it is done")
         if os.path.exists(os.path.join(p, MARKER)):
             raise SptokError(f"{p}: already a complete build, not a partition; merge only --partition outputs")
         try:
@@ -420,10 +478,34 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
                                  plan["options"].get("holdout_docs"))
         if problem:
             raise SptokError(problem)
-    if _has_entries(out) and os.path.abspath(out) not in map(os.path.abspath, parts):
-        if not os.path.exists(os.path.join(out, MARKER)):
-            raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
-        if not overwrite:
-            raise SptokError(f"--out {out}: already holds a complete build; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    return finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, layout.TOKENIZER))
+    tokenizer_dir = os.path.join(parts[0], WORK, layout.TOKENIZER)
+    if os.path.abspath(out) in map(os.path.abspath, parts):   # into one of the partitions: finalize beside its units
+        with outdir.writing(out, "merge"):
+            return BuildResult(out, finalize(plan, unit_dirs, out, tokenizer_dir), len(unit_dirs), len(unit_dirs))
+    marker = os.path.join(out, MARKER)
+    if not os.path.exists(marker) and not _merge_leftovers_only(out, plan):
+        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
+    with outdir.writing(out, "merge") as held:
+        state = _prepare_out(out, plan, overwrite) if os.path.exists(marker) else "fresh"
+        if state == "complete":
+            return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(unit_dirs), len(unit_dirs),
+                               skipped=True)
+
+        def merge_into(d: str) -> BuildResult:
+            info = finalize(plan, unit_dirs, d, tokenizer_dir)
+            outdir.clear_work(d)
+            return BuildResult(d, info, len(unit_dirs), len(unit_dirs))
+
+        if state == "replace":
+            return _replace(held, merge_into)
+        return merge_into(out)
+
+
+def _merge_leftovers_only(out: str, plan: dict) -> bool:
+    """Whether ``out`` is empty or holds only what an interrupted merge of ``plan`` left (finalize's outputs,
+    which finalize clears first, and a lock): a merge may start over there."""
+    if not _has_entries(out):
+        return True
+    work = os.path.join(out, WORK)
+    ours = set(layout.TOP_LEVEL) | {s["name"] for s in plan["manifest"]["sources"]} | {WORK}
+    return set(os.listdir(out)) <= ours and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
