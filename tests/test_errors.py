@@ -304,6 +304,9 @@ def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
     got = d.decompress(prefix)
     assert stats["docs"] == got.count(b"\n") > 0
     assert "truncated" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("t "))
+    assert row[3] == "0"                     # the "skipped" column counts records, and a break is not one
+    assert "t: archive breaks 1 (truncated_archive: not records" in out
     fails(*build_args(m, tmp_path / "o2", "--strict"), match="truncated")
 
 

@@ -154,6 +154,11 @@ def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
     r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")
     assert r.stdout == "" and r.stderr == ""
     assert build_bytes(tmp_path / "m") == reference
+    r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")    # the same merge again: a no-op, as for build
+    assert r.stderr.startswith(f"{tmp_path / 'm'} already holds this exact build (fingerprint ")
+    assert "nothing to do" in r.stderr and build_bytes(tmp_path / "m") == reference
+    r = sptok("merge", *parts, "--out", tmp_path / "m", "-q", "--overwrite")
+    assert r.stderr == "" and build_bytes(tmp_path / "m") == reference and not (tmp_path / ".m.sptok-overwrite").exists()
 
 
 def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
