@@ -90,7 +90,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
     from .encoders import describe
-    from .remote import is_remote, staging_dir, upload_build
+    from .remote import check_remote, is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
     flags["format"] = fmt
@@ -101,6 +101,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
         if part:
             raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
                              "then upload the merged build")
+        check_remote(remote)
         out = local_dir or staging_dir(remote)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)

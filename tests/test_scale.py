@@ -201,6 +201,25 @@ def test_remote_output_goes_through_streaming_uploader(corpus, reference, tmp_pa
     assert build_bytes(tmp_path / "bucket") == reference
 
 
+def test_a_remote_out_that_cannot_be_reached_is_refused_before_building(corpus, tmp_path):
+    """No credentials, or an endpoint that refuses: one line and exit 2 before anything is built (there is no
+    network here, so nothing may wait on one)."""
+    pytest.importorskip("boto3")
+    bare = {k: "" for k in os.environ if k.startswith("AWS_")}
+    env = {**bare, "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for extra, says in (({}, "no AWS credentials found"),
+                        ({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1",
+                          "S3_ENDPOINT_URL": "http://127.0.0.1:9"}, "streaming cannot upload there (")):
+        t = time.time()
+        r = sptok(*build_cmd(corpus, "s3://bucket/x", "--local", tmp_path / "l", "--quiet"), env={**env, **extra},
+                  check=False, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"error: --out s3://bucket/x: {says}") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "nothing was built" in r.stderr and not (tmp_path / "l").exists()
+        assert time.time() - t < 120
+
+
 def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path):
     """SIGKILL of one worker (as the OOM killer would): one readable error, then a resume completes."""
     out = tmp_path / "o"
