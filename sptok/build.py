@@ -78,20 +78,25 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
             if opts.strict:
                 _refuse_skipped(out)
             return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
-        if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces nothing whole
+        if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces no whole build
             outdir.clear_dir(out)
             state = "fresh"
         if state != "replace":
             return _fill(out, state, plan, tok, units, manifest, opts, partition, log, pool)
         return _replace(held, lambda new: _fill(new, _prepare_beside(new, plan), plan, tok, units, manifest,
-                                                opts, None, log, pool))
+                                                opts, None, log, pool), log)
 
 
-def _replace(held: "outdir.Held", build_into) -> BuildResult:
+def _replace(held: "outdir.Held", build_into, log) -> BuildResult:
     """--overwrite of a complete build: ``build_into`` a directory beside it, then exchange the two, so that a
     reader finds the old build or the new one, never a mix; the old one is removed after. An interrupted
     --overwrite resumes beside, and the old build stays whole until the exchange."""
     new = outdir.beside(held.out)
+    if new is None:
+        log(f"note: {held.out} is a mount point, so no build can be made beside it: --overwrite replaces it in "
+            f"place, not in one step")
+        outdir.clear_dir(held.out)
+        return build_into(held.out)
     _refuse_foreign(new)
     with outdir.writing(new, "build") as mine:
         res = build_into(new)
@@ -436,7 +441,7 @@ def _refuse_skipped(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ merge
 
-def run_merge(parts: list[str], out: str, overwrite: bool = False) -> BuildResult:
+def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) -> BuildResult:
     """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``; a no-op
     where ``out`` already holds this build, as for `sptok build`.
 
@@ -497,7 +502,7 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> BuildResul
             return BuildResult(d, info, len(unit_dirs), len(unit_dirs))
 
         if state == "replace":
-            return _replace(held, merge_into)
+            return _replace(held, merge_into, log)
         return merge_into(out)
 
 

@@ -132,7 +132,7 @@ def merge(parts, out, overwrite, quiet):
     from .build import run_merge
     from .stats import format_table, load_stats
 
-    res = run_merge(list(parts), out, overwrite=overwrite)
+    res = run_merge(list(parts), out, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     if res.skipped:
         click.echo(f"{out} already holds this exact build (fingerprint {res.info['fingerprint'][:12]}); nothing to "
                    f"do. Pass --overwrite to merge again.", err=True)

@@ -101,10 +101,13 @@ def clear_dir(out: str) -> None:
     clear_work(out)
 
 
-def beside(out: str) -> str:
-    """Where ``--overwrite`` builds the replacement of the complete build in ``out``: on the same filesystem,
-    so the two can be exchanged, and named for it, so an interrupted --overwrite resumes there."""
-    parent, name = os.path.split(os.path.abspath(out))
+def beside(out: str) -> str | None:
+    """Where ``--overwrite`` builds the replacement of the complete build in ``out`` (the directory, where ``out``
+    is a link to it): named for it, so an interrupted --overwrite resumes there, and on the same filesystem, so
+    the two can be exchanged; None where ``out`` is a mount point and no such place exists."""
+    parent, name = os.path.split(os.path.realpath(out))
+    if os.stat(parent).st_dev != os.stat(out).st_dev:
+        return None
     return os.path.join(parent, f".{name}.sptok-overwrite")
 
 
@@ -116,7 +119,7 @@ def exchange(new: Held, out: Held) -> None:
         raise SptokError(f"--overwrite: {out.out} is open for reading (pid {', '.join(map(str, pids))}), so it was "
                          f"not replaced: a reader would see a mix of two builds. The new build is complete in "
                          f"{new.out}; stop the readers, then run the same command again to swap it in")
-    _exchange_paths(new.out, out.out)
+    _exchange_paths(new.out, os.path.realpath(out.out))
     new.fd, out.fd = out.fd, new.fd
 
 
@@ -142,9 +145,9 @@ def readers(out: str) -> list[int]:
     """The processes reading the build in ``out``: a live StreamingDataset whose local directory is ``out`` or
     inside it (streaming names them in its ``/dev/shm/NNNNNN_locals`` segment), or a process that maps or holds
     open a file under it (memory-mapped Arrow shards). Empty where there is no /proc."""
-    root = os.path.realpath(out)
-    inside = lambda p: p == root or p.startswith(root + os.sep)  # noqa: E731
-    me = os.getpid()
+    roots = {os.path.realpath(out), os.path.abspath(out)}   # streaming records the path it was given, made absolute
+    inside = lambda p: any(p == r or p.startswith(r + os.sep) for r in roots)  # noqa: E731
+    root, me = os.path.realpath(out), os.getpid()
     pids = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
         try:

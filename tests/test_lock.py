@@ -135,3 +135,22 @@ def test_a_killed_overwrite_leaves_the_old_build_whole(tmp_path):
     assert json.loads((out / "sptok.json").read_text())["options"]["seq_len"] == 256
     assert not (tmp_path / ".o.sptok-overwrite").exists() and not (out / ".sptok").exists()
     assert cli("verify", out).returncode == 0
+
+
+def test_overwrite_of_a_mount_point_replaces_in_place(tmp_path):
+    """No directory beside a mount point shares its filesystem, so there the build is replaced in place."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+    try:
+        m = str(demo_corpus(tmp_path))
+        run_build(m, str(mnt), _flags(seq_len=64), log=lambda x: None)
+        logs = []
+        info = run_build(m, str(mnt), _flags(seq_len=32), overwrite=True, log=logs.append).info
+        assert info["options"]["seq_len"] == 32 and any("is a mount point" in x for x in logs)
+        run_build(m, str(tmp_path / "ref"), _flags(seq_len=32), log=lambda x: None)
+        assert build_bytes(str(mnt)) == build_bytes(str(tmp_path / "ref"))
+    finally:
+        subprocess.run(["umount", str(mnt)])
