@@ -352,7 +352,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
         log(f"note: {out} held a build that failed; starting over with the changed inputs or options")
-        outdir.clear_dir(out)
+        outdir.clear_work(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"]:
         raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
@@ -497,6 +497,7 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
                                skipped=True)
 
         def merge_into(d: str) -> BuildResult:
+            outdir.clear_dir(d)   # what an interrupted merge left (here, or beside for --overwrite)
             info = finalize(plan, unit_dirs, d, tokenizer_dir)
             outdir.clear_work(d)
             return BuildResult(d, info, len(unit_dirs), len(unit_dirs))

@@ -62,6 +62,8 @@ def test_a_second_writer_is_refused_and_readers_are_told(tmp_path):
             r = cli(cmd, out)
             assert r.returncode == 2 and "Traceback" not in r.stderr
             assert f"a build is in progress (sptok build (pid {a.pid}" in r.stderr, r.stderr
+        r = cli("merge", out, "--out", tmp_path / "m")
+        assert r.returncode == 2 and f"{out}: a partition still being built (sptok build (pid {a.pid}" in r.stderr
     finally:
         a.send_signal(signal.SIGCONT)
     assert a.wait(timeout=300) == 0, a.communicate()
