@@ -71,13 +71,12 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
            pool: WorkerPool | None) -> BuildResult:
     plan, tok, units = make_plan(manifest, opts)
     _refuse_foreign(out)
+    if not overwrite and _holds(out, plan):   # nothing to write, so no lock either: it may be a read-only copy
+        return _already(out, plan, opts.strict)
     with outdir.writing(out, "build") as held:
         state = _prepare_out(out, plan, overwrite, log)
         if state == "complete":
-            info = layout.read_json(os.path.join(out, MARKER))
-            if opts.strict:
-                _refuse_skipped(out)
-            return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
+            return _already(out, plan, opts.strict)
         if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces no whole build
             outdir.clear_dir(out)
             state = "fresh"
@@ -85,6 +84,22 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
             return _fill(out, state, plan, tok, units, manifest, opts, partition, log, pool)
         return _replace(held, lambda new: _fill(new, _prepare_beside(new, plan), plan, tok, units, manifest,
                                                 opts, None, log, pool), log)
+
+
+def _holds(out: str, plan: dict) -> bool:
+    """Whether ``out`` holds the complete build of ``plan``."""
+    try:
+        return layout.read_json(os.path.join(out, MARKER)).get("fingerprint") == plan["fingerprint"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _already(out: str, plan: dict, strict: bool = False) -> BuildResult:
+    """The result of a build or merge that finds its build complete in ``out``: nothing to do."""
+    if strict:
+        _refuse_skipped(out)
+    n = len(plan["units"])
+    return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), n, n, skipped=True)
 
 
 def _replace(held: "outdir.Held", build_into, log) -> BuildResult:
@@ -490,11 +505,12 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
     marker = os.path.join(out, MARKER)
     if not os.path.exists(marker) and not _merge_leftovers_only(out, plan):
         raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
+    if not overwrite and _holds(out, plan):
+        return _already(out, plan)
     with outdir.writing(out, "merge") as held:
         state = _prepare_out(out, plan, overwrite) if os.path.exists(marker) else "fresh"
         if state == "complete":
-            return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(unit_dirs), len(unit_dirs),
-                               skipped=True)
+            return _already(out, plan)
 
         def merge_into(d: str) -> BuildResult:
             outdir.clear_dir(d)   # what an interrupted merge left (here, or beside for --overwrite)

@@ -139,20 +139,33 @@ def test_a_killed_overwrite_leaves_the_old_build_whole(tmp_path):
     assert cli("verify", out).returncode == 0
 
 
-def test_overwrite_of_a_mount_point_replaces_in_place(tmp_path):
-    """No directory beside a mount point shares its filesystem, so there the build is replaced in place."""
+@pytest.fixture
+def mount(tmp_path):
+    """A tmpfs of its own: skipped where mounting is not allowed."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
-    try:
-        m = str(demo_corpus(tmp_path))
-        run_build(m, str(mnt), _flags(seq_len=64), log=lambda x: None)
-        logs = []
-        info = run_build(m, str(mnt), _flags(seq_len=32), overwrite=True, log=logs.append).info
-        assert info["options"]["seq_len"] == 32 and any("is a mount point" in x for x in logs)
-        run_build(m, str(tmp_path / "ref"), _flags(seq_len=32), log=lambda x: None)
-        assert build_bytes(str(mnt)) == build_bytes(str(tmp_path / "ref"))
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_overwrite_of_a_mount_point_replaces_in_place(tmp_path, mount):
+    """No directory beside a mount point shares its filesystem, so there the build is replaced in place."""
+    m = str(demo_corpus(tmp_path))
+    run_build(m, str(mount), _flags(seq_len=64), log=lambda x: None)
+    logs = []
+    info = run_build(m, str(mount), _flags(seq_len=32), overwrite=True, log=logs.append).info
+    assert info["options"]["seq_len"] == 32 and any("is a mount point" in x for x in logs)
+    run_build(m, str(tmp_path / "ref"), _flags(seq_len=32), log=lambda x: None)
+    assert build_bytes(str(mount)) == build_bytes(str(tmp_path / "ref"))
+
+
+def test_the_same_build_on_a_read_only_copy_is_still_a_no_op(tmp_path, mount):
+    """Finding its build complete, a build writes nothing, not even its lock."""
+    m = str(demo_corpus(tmp_path))
+    out = mount / "o"
+    run_build(m, str(out), _flags(seq_len=64), log=lambda x: None)
+    assert subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode == 0
+    assert run_build(m, str(out), _flags(seq_len=64), log=lambda x: None).skipped
