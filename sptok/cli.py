@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 
 import click
@@ -35,6 +36,11 @@ class _Group(click.Group):
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
             sys.exit(130)
         except OSError as e:
+            if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):   # copytree's OSErrors,
+                # gathered as text: their errno is lost
+                full = [dst for _, dst, why in e.args[0] if os.strerror(errno.ENOSPC) in str(why)]
+                if full:
+                    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), full[0])
             if e.errno == errno.ENOSPC:
                 where = getattr(e, "filename2", None) or e.filename   # a copy names its source, then its target
                 click.echo(f"error: disk full ({where or ''}): free some space and run the same command again; "

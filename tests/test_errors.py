@@ -361,6 +361,29 @@ def test_disk_full_in_finalize_is_one_line(tmp_path, manifest, small_corpus, sma
     assert not (small_disk / "o" / "sptok.json").exists()
 
 
+def test_a_full_disk_in_any_copytree_is_one_line(tmp_path, small_disk):
+    """shutil.copytree gathers its OSErrors into one shutil.Error without errno: the CLI still reads a full disk
+    in it (the checkpoint's copy of the tokenizer uses it)."""
+    import shutil
+
+    import click
+
+    from sptok.cli import _Group
+
+    @click.group(cls=_Group)
+    def group():
+        pass
+
+    @group.command()
+    def copy():
+        shutil.copytree(TOKENIZER, small_disk / "tok")
+
+    fill(small_disk, 64 << 10)
+    res = CliRunner().invoke(group, ["copy"], catch_exceptions=False)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: disk full ({small_disk / 'tok'}") and len(res.output.splitlines()) == 1
+
+
 def test_no_traceback_from_real_process(tmp_path):
     """The installed entry point, in a real process: a bad manifest gives one line and exit 2."""
     p = tmp_path / "m.json"
