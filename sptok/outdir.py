@@ -45,7 +45,7 @@ def writing(out: str, command: str):
         yield held
     finally:
         try:
-            if os.stat(held.path).st_ino == os.fstat(held.fd).st_ino:   # still ours: see exchange()
+            if os.path.samestat(os.stat(held.path), os.fstat(held.fd)):   # still ours: see exchange()
                 os.remove(held.path)
                 os.rmdir(os.path.dirname(held.path))
         except OSError:
@@ -71,7 +71,7 @@ def _acquire(out: str, command: str, patience: float = 1.0) -> int:
             raise SptokError(f"another {describe_writer(writer_of(out) or {})} is writing {out}; wait for it to end, "
                              f"or choose another --out") from None
         try:
-            ours = os.stat(path).st_ino == os.fstat(fd).st_ino
+            ours = os.path.samestat(os.stat(path), os.fstat(fd))
         except FileNotFoundError:
             ours = False
         if ours:
