@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SptokError
-from . import layout
+from . import layout, outdir
 from .finalize import clear_outputs, finalize, fingerprint_of
 from .layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
@@ -69,14 +69,65 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
            pool: WorkerPool | None) -> BuildResult:
-    work = os.path.join(out, WORK)
     plan, tok, units = make_plan(manifest, opts)
-    state = _prepare_out(out, plan, overwrite, log)
+    _refuse_foreign(out)
+    if not overwrite and _holds(out, plan):   # nothing to write, so no lock either: it may be a read-only copy
+        return _already(out, plan, opts.strict)
+    with outdir.writing(out, "build") as held:
+        state = _prepare_out(out, plan, overwrite, log)
+        if state == "complete":
+            return _already(out, plan, opts.strict)
+        if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces no whole build
+            outdir.clear_dir(out)
+            state = "fresh"
+        if state != "replace":
+            return _fill(out, state, plan, tok, units, manifest, opts, partition, log, pool)
+        return _replace(held, lambda new: _fill(new, _prepare_beside(new, plan), plan, tok, units, manifest,
+                                                opts, None, log, pool), log)
+
+
+def _holds(out: str, plan: dict) -> bool:
+    """Whether ``out`` holds the complete build of ``plan``."""
+    try:
+        return layout.read_json(os.path.join(out, MARKER)).get("fingerprint") == plan["fingerprint"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _already(out: str, plan: dict, strict: bool = False) -> BuildResult:
+    """The result of a build or merge that finds its build complete in ``out``: nothing to do."""
+    if strict:
+        _refuse_skipped(out)
+    n = len(plan["units"])
+    return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), n, n, skipped=True)
+
+
+def _replace(held: "outdir.Held", build_into, log) -> BuildResult:
+    """--overwrite of a complete build: ``build_into`` a directory beside it, then exchange the two, so that a
+    reader finds the old build or the new one, never a mix; the old one is removed after. An interrupted
+    --overwrite resumes beside, and the old build stays whole until the exchange."""
+    new = outdir.beside(held.out)
+    if new is None:
+        log(f"note: {held.out} is a mount point, so no build can be made beside it: --overwrite replaces it in "
+            f"place, not in one step")
+        outdir.clear_dir(held.out)
+        return build_into(held.out)
+    _refuse_foreign(new)
+    with outdir.writing(new, "build") as mine:
+        res = build_into(new)
+        outdir.exchange(mine, held)
+    shutil.rmtree(new)   # the old build, now there
+    res.out = held.out
+    return res
+
+
+def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Manifest, opts: BuildOptions,
+          partition, log, pool: WorkerPool | None) -> BuildResult:
+    """Run the units of ``out`` not yet committed (state 'fresh' or 'resume'), then finalize, unless it is one
+    partition of the build; a 'complete' directory (a finished --overwrite not yet swapped in) is kept."""
+    work = os.path.join(out, WORK)
     if state == "complete":
-        info = layout.read_json(os.path.join(out, MARKER))
-        if opts.strict:
-            _refuse_skipped(out)
-        return BuildResult(out, info, len(plan["units"]), len(plan["units"]), skipped=True)
+        return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
@@ -105,7 +156,7 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units))
     info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER))
-    shutil.rmtree(work, ignore_errors=True)
+    outdir.clear_work(out)   # the writer's lock goes last, when the writer lets go
     return BuildResult(out, info, committed, len(units))
 
 
@@ -142,7 +193,8 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     with open(lt.path, "rb") as f:
         base_sha = hashlib.sha256(f.read()).hexdigest()
     if opts.delimiter in sps:
-        raise SptokError(f"SP token clash: --delimiter {opts.delimiter} is also the SP of a source")
+        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
+                         f"delimiter")
     ids = extend(lt, sps, opts.delimiter if special_delim else None)
     tok = lt.tok
     if special_delim:
@@ -290,36 +342,32 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
 
 
 def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
-    """'fresh', 'resume' or 'complete'; refuses a foreign directory or a changed resume."""
+    """'fresh', 'resume', 'complete' or 'replace' (--overwrite of a complete build); refuses a changed resume.
+    Called with the writer's lock held."""
     work = os.path.join(out, WORK)
     marker = os.path.join(out, MARKER)
-    if not _has_entries(out):
-        return "fresh"
-    if not os.path.exists(marker) and not os.path.isdir(work):
-        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
-                         f"or new directory (sptok never deletes files it did not write)")
-    if overwrite:
-        for name in os.listdir(out):
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-        return "fresh"
     if os.path.exists(marker):
         try:
             old = layout.read_json(marker)
         except (OSError, ValueError):
             old = {}
+        if overwrite:
+            return "replace"
         if old.get("fingerprint") == plan["fingerprint"]:
             return "complete"
         raise SptokError(f"--out {out}: already holds a complete build of different inputs or options "
                          f"({describe_changes(old, plan) or 'fingerprint differs'}); pass --overwrite to replace it")
     try:
         old = layout.read_json(os.path.join(work, layout.PLAN))
-    except (OSError, ValueError):
-        shutil.rmtree(work)
+    except (OSError, ValueError):   # nothing of a build yet (a new directory, or only a lock left)
+        outdir.clear_work(out)
+        return "fresh"
+    if overwrite:
+        outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
         log(f"note: {out} held a build that failed; starting over with the changed inputs or options")
-        shutil.rmtree(work)
+        outdir.clear_work(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"]:
         raise SptokError(f"--out {out}: cannot resume: {describe_changes(old, plan) or 'the build differs'} since "
@@ -328,6 +376,32 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
     # a resumed build first removes what an interrupted finalize wrote, so nothing looks complete
     clear_outputs(out, plan)
     return "resume"
+
+
+def _prepare_beside(new: str, plan: dict) -> str:
+    """The state of the directory an --overwrite builds in: kept or resumed when it holds this build (an
+    interrupted --overwrite), else started over (it is sptok's own scratch)."""
+    for path in (os.path.join(new, MARKER), os.path.join(new, WORK, layout.PLAN)):
+        try:
+            same = layout.read_json(path).get("fingerprint") == plan["fingerprint"]
+        except (OSError, ValueError, AttributeError):
+            continue
+        if same and path.endswith(MARKER):
+            return "complete"
+        if same:
+            clear_outputs(new, plan)
+            return "resume"
+        break
+    outdir.clear_dir(new)
+    return "fresh"
+
+
+def _refuse_foreign(out: str) -> None:
+    """Before anything is written: a directory holding files but no sptok build is never touched."""
+    if _has_entries(out) and not os.path.exists(os.path.join(out, MARKER)) \
+            and not os.path.isdir(os.path.join(out, WORK)):
+        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build; choose an empty "
+                         f"or new directory (sptok never deletes files it did not write)")
 
 
 def _has_entries(out: str) -> bool:
@@ -341,9 +415,14 @@ def describe_changes(old: dict, new: dict) -> str:
     """Name what differs between two plans, the way a person would look for it."""
     changes = []
     oo, no = old.get("options", {}), new.get("options", {})
-    for k in sorted(set(oo) | set(no)):
+    rehashed = oo.get("hash_inputs") != no.get("hash_inputs")
+    for k in sorted((set(oo) | set(no)) - {"hash_inputs"}):
         if oo.get(k) != no.get(k):
             changes.append(f"option {k}: {oo.get(k)!r} -> {no.get(k)!r}")
+    if rehashed:   # every input's fingerprint changes form: the files themselves may not have
+        how = {True: "content (xxh64)", False: "size + mtime"}
+        changes.append(f"the --hash-inputs option changed: inputs were fingerprinted by "
+                       f"{how[bool(oo.get('hash_inputs'))]}, now by {how[bool(no.get('hash_inputs'))]}")
     om, nm = old.get("manifest", {}).get("sources"), new.get("manifest", {}).get("sources")
     if om != nm:
         changes.append("the manifest's sources changed")
@@ -351,7 +430,8 @@ def describe_changes(old: dict, new: dict) -> str:
         changes.append("the tokenizer changed")
     oi = {r[0]: r[1:] for r in old.get("inputs", [])}
     ni = {r[0]: r[1:] for r in new.get("inputs", [])}
-    changed = sorted(p for p in set(oi) | set(ni) if oi.get(p) != ni.get(p))
+    changed = sorted(p for p in set(oi) | set(ni) if oi.get(p) != ni.get(p)
+                     and not (rehashed and p in oi and p in ni and oi[p][0] == ni[p][0]))
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         changes.append(f"input files changed: {', '.join(changed[:3])}{more}")
@@ -376,8 +456,9 @@ def _refuse_skipped(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ merge
 
-def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
-    """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``.
+def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) -> BuildResult:
+    """Join partition directories (``--partition i/N`` builds) into one complete build in ``out``; a no-op
+    where ``out`` already holds this build, as for `sptok build`.
 
     Finalize reads only the plan and the committed units, so the result is byte-identical to a build of
     the whole corpus on one machine.
@@ -385,6 +466,10 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
     plans = []
     for p in parts:
         path = os.path.join(p, WORK, layout.PLAN)
+        writer = layout.writer_of(p)
+        if writer is not None:
+            raise SptokError(f"{p}: a partition still being built ({layout.describe_writer(writer)} is writing it); "
+                             f"merge once it is done")
         if os.path.exists(os.path.join(p, MARKER)):
             raise SptokError(f"{p}: already a complete build, not a partition; merge only --partition outputs")
         try:
@@ -413,10 +498,36 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False) -> dict:
                                  plan["options"].get("holdout_docs"))
         if problem:
             raise SptokError(problem)
-    if _has_entries(out) and os.path.abspath(out) not in map(os.path.abspath, parts):
-        if not os.path.exists(os.path.join(out, MARKER)):
-            raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
-        if not overwrite:
-            raise SptokError(f"--out {out}: already holds a complete build; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    return finalize(plan, unit_dirs, out, os.path.join(parts[0], WORK, layout.TOKENIZER))
+    tokenizer_dir = os.path.join(parts[0], WORK, layout.TOKENIZER)
+    if os.path.abspath(out) in map(os.path.abspath, parts):   # into one of the partitions: finalize beside its units
+        with outdir.writing(out, "merge"):
+            return BuildResult(out, finalize(plan, unit_dirs, out, tokenizer_dir), len(unit_dirs), len(unit_dirs))
+    marker = os.path.join(out, MARKER)
+    if not os.path.exists(marker) and not _merge_leftovers_only(out, plan):
+        raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
+    if not overwrite and _holds(out, plan):
+        return _already(out, plan)
+    with outdir.writing(out, "merge") as held:
+        state = _prepare_out(out, plan, overwrite) if os.path.exists(marker) else "fresh"
+        if state == "complete":
+            return _already(out, plan)
+
+        def merge_into(d: str) -> BuildResult:
+            outdir.clear_dir(d)   # what an interrupted merge left (here, or beside for --overwrite)
+            info = finalize(plan, unit_dirs, d, tokenizer_dir)
+            outdir.clear_work(d)
+            return BuildResult(d, info, len(unit_dirs), len(unit_dirs))
+
+        if state == "replace":
+            return _replace(held, merge_into, log)
+        return merge_into(out)
+
+
+def _merge_leftovers_only(out: str, plan: dict) -> bool:
+    """Whether ``out`` is empty or holds only what an interrupted merge of ``plan`` left (finalize's outputs,
+    which finalize clears first, and a lock): a merge may start over there."""
+    if not _has_entries(out):
+        return True
+    work = os.path.join(out, WORK)
+    ours = set(layout.TOP_LEVEL) | {s["name"] for s in plan["manifest"]["sources"]} | {WORK}
+    return set(os.listdir(out)) <= ours and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})

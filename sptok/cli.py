@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 
 import click
@@ -35,9 +36,15 @@ class _Group(click.Group):
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
             sys.exit(130)
         except OSError as e:
+            if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):   # copytree's OSErrors,
+                # gathered as text: their errno is lost
+                full = [dst for _, dst, why in e.args[0] if os.strerror(errno.ENOSPC) in str(why)]
+                if full:
+                    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), full[0])
             if e.errno == errno.ENOSPC:
-                click.echo(f"error: disk full ({e.filename or ''}): free some space and run the same command "
-                           f"again; committed work is kept", err=True)
+                where = getattr(e, "filename2", None) or e.filename   # a copy names its source, then its target
+                click.echo(f"error: disk full ({where or ''}): free some space and run the same command again; "
+                           f"committed work is kept", err=True)
                 sys.exit(2)
             if e.filename is None:   # not about a path the user gave: a bug, keep the traceback
                 raise
@@ -89,7 +96,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
     from .encoders import describe
-    from .remote import is_remote, staging_dir, upload_build
+    from .remote import check_remote, is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
     flags["format"] = fmt
@@ -100,6 +107,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
         if part:
             raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
                              "then upload the merged build")
+        check_remote(remote)
         out = local_dir or staging_dir(remote)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
@@ -130,7 +138,10 @@ def merge(parts, out, overwrite, quiet):
     from .build import run_merge
     from .stats import format_table, load_stats
 
-    run_merge(list(parts), out, overwrite=overwrite)
+    res = run_merge(list(parts), out, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    if res.skipped:
+        click.echo(f"{out} already holds this exact build (fingerprint {res.info['fingerprint'][:12]}); nothing to "
+                   f"do. Pass --overwrite to merge again.", err=True)
     if not quiet:
         click.echo(format_table(*load_stats(out)))
 

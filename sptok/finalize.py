@@ -25,6 +25,14 @@ from .stats import HIST_BINS, source_stats, totals
 from .writers import open_writer
 
 
+def _copy_dir(src: str, dst: str) -> None:
+    """Copy a flat directory (a tokenizer's). Not shutil.copytree: it gathers OSErrors into one shutil.Error
+    without their errno, so a full disk would not read as one."""
+    os.makedirs(dst)
+    for name in sorted(os.listdir(src)):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
 def _link(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -65,7 +73,7 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         per_source[name]["rejects_file"] = _gather_rejects(out, name, dirs)
     stats = {"sources": per_source, "totals": totals(per_source)}
     write_json(os.path.join(out, layout.STATS), stats)
-    shutil.copytree(tokenizer_dir, os.path.join(out, layout.TOKENIZER))
+    _copy_dir(tokenizer_dir, os.path.join(out, layout.TOKENIZER))
     info = _describe(plan, per_source)
     # which encoder built how many units: how the build ran, the one record here that may differ between
     # builds of the same bytes (worker counts, resumes and partitions may each have used another encoder)
@@ -115,7 +123,7 @@ def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, 
         per_source[name] = source_stats([], extra)
         per_source[name]["files"] = len(indexes[name])
     write_json(os.path.join(vdir, layout.STATS), {"sources": per_source, "totals": totals(per_source)})
-    shutil.copytree(os.path.join(out, layout.TOKENIZER), os.path.join(vdir, layout.TOKENIZER))
+    _copy_dir(os.path.join(out, layout.TOKENIZER), os.path.join(vdir, layout.TOKENIZER))
     info = _describe(plan, per_source)
     split = layout.SPLIT_DIR
     info.update(split=split, parent=parent, fingerprint=fingerprint_of({"parent": parent, "split": split}),

@@ -8,7 +8,7 @@
     OUT/validation/            the validation split, itself a complete build
     OUT/<source>/              shard.00000.mds.zstd ... + index.json (MDS), or data-00000.parquet ... + _files.json
     OUT/.sptok/                work in progress: plan.json, tokenizer/, units/u000123/, tmp/, failed.json,
-                               partition.json; removed when the build completes
+                               partition.json, lock (held by the writer); removed when the build completes
     .sptok/units/u000123/      one committed unit: result.json (written last), its shards, tail.npz,
                                holdout.npz, rejects.jsonl.zst
 
@@ -18,6 +18,7 @@ Writers (``build``, ``unit``, ``finalize``) and readers (``data``, ``verify``, `
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -41,6 +42,7 @@ WORK = ".sptok"
 PLAN = "plan.json"
 FAILED = "failed.json"         # in WORK: why the build cannot complete (a source without documents)
 PARTITION = "partition.json"   # in WORK: this directory builds partition i/N (join with `sptok merge`)
+LOCK = "lock"                  # in WORK: flock-ed by the process writing the directory, and names it (outdir.py)
 UNITS = "units"
 TMP = "tmp"
 # in a unit's directory
@@ -122,6 +124,32 @@ def write_json(path: str, obj, allow_nan: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def writer_of(out: str) -> dict | None:
+    """Who is writing ``out`` now (command, pid, host, started), or None: a shared flock taken and dropped at
+    once tells whether a writer holds the lock (a writer waits such a probe out)."""
+    try:
+        fd = os.open(os.path.join(out, WORK, LOCK), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        try:
+            return json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return {}
+    finally:
+        os.close(fd)
+
+
+def describe_writer(w: dict) -> str:
+    """``sptok build (pid 123 on host, started 2026-01-01 10:00:00 UTC)``."""
+    return f"sptok {w.get('command', 'build')} (pid {w.get('pid', '?')} on {w.get('host', '?')}, started " \
+           f"{w.get('started', '?')})"
+
+
 def load_build(out: str) -> dict:
     """The ``sptok.json`` of a complete build, or a one-line error saying what the directory is."""
     path = os.path.join(out, MARKER)
@@ -129,6 +157,10 @@ def load_build(out: str) -> dict:
         raise SptokError(f"{out}: no such build directory")
     if not os.path.exists(path):
         work = os.path.join(out, WORK)
+        writer = writer_of(out)
+        if writer is not None:
+            raise SptokError(f"{out}: a build is in progress ({describe_writer(writer)} is writing it); read it "
+                             f"once it is complete")
         if os.path.exists(os.path.join(work, FAILED)):
             raise SptokError(f"{out}: the build failed: {read_json(os.path.join(work, FAILED))['error']}")
         if os.path.exists(os.path.join(work, PARTITION)):

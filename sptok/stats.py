@@ -10,6 +10,8 @@ from collections import Counter
 from .errors import SptokError
 from .layout import STATS, load_build
 
+# the break of a truncated .gz/.zst: counted with the rejected records in stats.json, but not a record
+ARCHIVE_BREAK = "truncated_archive"
 HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
 COUNT_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
@@ -36,11 +38,16 @@ def source_stats(results: list[dict], extra: dict) -> dict:
     counts.update(extra)
     out = {k: int(counts.get(k, 0)) for k in COUNT_KEYS}
     out["rejected"] = dict(sorted(rejected.items()))
-    out["records"] = out["docs"] + sum(v for k, v in rejected.items() if k != "truncated_archive")
+    out["records"] = out["docs"] + skipped_records(rejected)
     out["reject_examples"] = dict(sorted(examples.items()))
     out["doc_length_hist"] = {"bin_edges": "bin b counts documents of [2**(b-1), 2**b) text tokens; bin 0 is empty",
                               "counts": hist or []}
     return out
+
+
+def skipped_records(rejected: dict) -> int:
+    """The records among ``rejected`` (a ``stats.json`` count by reason): all but the archive breaks."""
+    return sum(v for k, v in rejected.items() if k != ARCHIVE_BREAK)
 
 
 def totals(per_source: dict) -> dict:
@@ -79,7 +86,7 @@ def table_rows(info: dict, stats: dict) -> list[dict]:
         s = stats["sources"][name]
         rows.append({
             "source": name, "sp": sps.get(name, ""), "docs": s["docs"],
-            "skipped": sum(v for k, v in s["rejected"].items()),
+            "skipped": skipped_records(s["rejected"]), "archive_breaks": s["rejected"].get(ARCHIVE_BREAK, 0),
             "tokens": real_tokens(s), "share": real_tokens(s) / total_tokens,
             "samples": s["samples"], "sp_inserted": s["sp_inserted"], "sp_masked": s["sp_masked"],
             "skip_reasons": s["rejected"],
@@ -94,7 +101,7 @@ def format_table(info: dict, stats: dict) -> str:
              f"{100 * r['share']:.1f}%", f"{r['samples']:,}", f"{r['sp_inserted']:,}", f"{r['sp_masked']:,}"]
             for r in rows]
     t = stats["totals"]
-    body.append(["total", "", f"{t['docs']:,}", f"{sum(t['rejected'].values()):,}", f"{real_tokens(t):,}",
+    body.append(["total", "", f"{t['docs']:,}", f"{skipped_records(t['rejected']):,}", f"{real_tokens(t):,}",
                  "100.0%", f"{t['samples']:,}", f"{t['sp_inserted']:,}", f"{t['sp_masked']:,}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     right = {2, 3, 4, 5, 6, 7, 8}
@@ -110,7 +117,10 @@ def format_table(info: dict, stats: dict) -> str:
         lines.append("")
         lines.append("skipped records (see rejects/<source>.jsonl.zst):")
         for name, reasons in skipped:
-            lines.append(f"  {name}: " + ", ".join(f"{k} {v:,}" for k, v in reasons.items()))
+            records = ", ".join(f"{k} {v:,}" for k, v in reasons.items() if k != ARCHIVE_BREAK)
+            breaks = reasons.get(ARCHIVE_BREAK, 0)
+            lines.append(f"  {name}: " + "; ".join(filter(None, [records, breaks and (
+                f"archive breaks {breaks:,} ({ARCHIVE_BREAK}: not records; the text before each break is kept)")])))
             for k, ex in stats["sources"][name]["reject_examples"].items():
                 lines.append(f"    first {k}: {ex}")
     h = info.get("holdout")

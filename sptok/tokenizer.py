@@ -117,16 +117,19 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     reserved = reserved_tokens(lt)
     wanted = list(sps) + ([delimiter] if delimiter else [])
     for s in wanted:
-        what = "delimiter" if s == delimiter and s not in sps else "SP"
+        problem = None
         if s in reserved:
-            raise SptokError(f"SP token clash: {what} {s} is the tokenizer's own special token; choose another "
-                             f"name (--policy alphabet, a custom `sp:`, or --delimiter)")
-        if s in added and not added[s].special:
-            raise SptokError(f"SP token clash: {what} {s} is a non-special added token of the tokenizer; "
-                             f"choose another name")
-        if s in base_vocab and s not in added:
-            raise SptokError(f"SP token clash: {what} {s} is an ordinary token of the tokenizer (id "
-                             f"{base_vocab[s]}), so it could arise from text; choose another name")
+            problem = "is the tokenizer's own special token"
+        elif s in added and not added[s].special:
+            problem = "is a non-special added token of the tokenizer"
+        elif s in base_vocab and s not in added:
+            problem = f"is an ordinary token of the tokenizer (id {base_vocab[s]}), so it could arise from text"
+        if problem and s == delimiter and s not in sps:
+            raise SptokError(f"delimiter clash: --delimiter {s} {problem}; choose another delimiter (the default "
+                             f"<SPSEP>, another <...> token, or plain text such as ': ')")
+        if problem:
+            advice = " (--policy alphabet, or a custom `sp:`)" if s in reserved else ""
+            raise SptokError(f"SP token clash: SP {s} {problem}; choose another name{advice}")
     new = [AddedToken(s, special=True, normalized=False) for s in wanted if s not in added]
     if new:
         tok.add_special_tokens(new)

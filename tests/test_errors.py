@@ -117,6 +117,26 @@ def test_sp_clashes(tmp_path, manifest, small_corpus):
     fails(*build_args(m, tmp_path / "o", "--policy", "misplaced"), match="needs at least two sources")
 
 
+def test_a_delimiter_clash_is_about_the_delimiter(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    out = fails(*build_args(m, tmp_path / "o", "--delimiter", "[SEP]"),
+                match="delimiter clash: --delimiter [SEP] is the tokenizer's own special token; choose another "
+                      "delimiter")
+    assert "--policy" not in out and "SP token" not in out
+    fails(*build_args(m, tmp_path / "o", "--delimiter", "<CODE>"),
+          match="delimiter clash: --delimiter <CODE> is also the SP of a source; choose another delimiter")
+
+
+def test_toggling_hash_inputs_is_named_as_such(tmp_path, manifest, small_corpus):
+    m = manifest(small_sources(tmp_path))
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
+    out = fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--hash-inputs"),
+                match="the --hash-inputs option changed: inputs were fingerprinted by size + mtime, now by content")
+    assert "input files changed" not in out
+    (tmp_path / "code.jsonl").write_text((tmp_path / "code.jsonl").read_text() + '{"text": "one more"}\n')
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--hash-inputs"), match="input files changed: code.jsonl")
+
+
 def test_bad_flags(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     fails(*build_args(m, tmp_path / "o", "--msp-prob", "1.5"), match="--msp-prob: must be a probability")
@@ -284,31 +304,84 @@ def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
     got = d.decompress(prefix)
     assert stats["docs"] == got.count(b"\n") > 0
     assert "truncated" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("t "))
+    assert row[3] == "0"                     # the "skipped" column counts records, and a break is not one
+    assert "t: archive breaks 1 (truncated_archive: not records" in out
     fails(*build_args(m, tmp_path / "o2", "--strict"), match="truncated")
 
 
-def test_disk_full_is_a_clear_error_and_resumable(tmp_path, manifest, small_corpus):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB filesystem (tmpfs) to fill: skipped where mounting is not allowed."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real ({r.stderr.decode().strip()})")
-    try:
-        filler = mnt / "filler"
-        with open(filler, "wb") as f:
-            try:
-                f.write(b"x" * (3900 << 10))   # leaves ~200 KB: the build needs more
-            except OSError:
-                pass
-        m = manifest(small_sources(tmp_path))
-        fails(*build_args(m, mnt / "o", "--seq-len", "64"), match="disk full")
-        assert not (mnt / "o" / "sptok.json").exists()
-        filler.unlink()
-        code, out = sptok(*build_args(m, mnt / "o", "--seq-len", "64"))
-        assert code == 0, out
-        assert (mnt / "o" / "sptok.json").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def fill(disk, leave: int):
+    """Fill ``disk`` up to ``leave`` bytes free; returns the filler file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            f.write(b"x" * max(0, os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - leave))
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_is_a_clear_error_and_resumable(tmp_path, manifest, small_corpus, small_disk):
+    filler = fill(small_disk, 200 << 10)   # the build needs more
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, small_disk / "o", "--seq-len", "64"), match="disk full")
+    assert not (small_disk / "o" / "sptok.json").exists()
+    filler.unlink()
+    code, out = sptok(*build_args(m, small_disk / "o", "--seq-len", "64"))
+    assert code == 0, out
+    assert (small_disk / "o" / "sptok.json").exists()
+
+
+def test_disk_full_in_finalize_is_one_line(tmp_path, manifest, small_corpus, small_disk):
+    """The shards fit, the tokenizer copy does not: the full disk is met in finalize (where shutil.copytree
+    used to hide its errno), and still reads as one line."""
+    m = manifest(small_sources(tmp_path))
+    parts = [tmp_path / f"p{i}" for i in range(2)]
+    for i, p in enumerate(parts):
+        assert sptok(*build_args(m, p, "--seq-len", "64", "--partition", f"{i}/2"))[0] == 0
+    code, _ = sptok("merge", *parts, "--out", tmp_path / "whole", "--quiet")
+    assert code == 0
+    tok_bytes = sum(f.stat().st_size for f in (tmp_path / "whole" / "tokenizer").iterdir())
+    rest = sum(f.stat().st_size + 4096 for f in (tmp_path / "whole").rglob("*") if f.is_file()) - tok_bytes
+    fill(small_disk, rest + tok_bytes // 2)
+    out = fails("merge", *parts, "--out", small_disk / "o", match=f"disk full ({small_disk / 'o'}")
+    assert len(out.strip().splitlines()) == 1, out
+    assert not (small_disk / "o" / "sptok.json").exists()
+
+
+def test_a_full_disk_in_any_copytree_is_one_line(tmp_path, small_disk):
+    """shutil.copytree gathers its OSErrors into one shutil.Error without errno: the CLI still reads a full disk
+    in it (the checkpoint's copy of the tokenizer uses it)."""
+    import shutil
+
+    import click
+
+    from sptok.cli import _Group
+
+    @click.group(cls=_Group)
+    def group():
+        pass
+
+    @group.command()
+    def copy():
+        shutil.copytree(TOKENIZER, small_disk / "tok")
+
+    fill(small_disk, 64 << 10)
+    res = CliRunner().invoke(group, ["copy"], catch_exceptions=False)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"error: disk full ({small_disk / 'tok'}") and len(res.output.splitlines()) == 1
 
 
 def test_no_traceback_from_real_process(tmp_path):

@@ -154,6 +154,11 @@ def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
     r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")
     assert r.stdout == "" and r.stderr == ""
     assert build_bytes(tmp_path / "m") == reference
+    r = sptok("merge", *parts, "--out", tmp_path / "m", "-q")    # the same merge again: a no-op, as for build
+    assert r.stderr.startswith(f"{tmp_path / 'm'} already holds this exact build (fingerprint ")
+    assert "nothing to do" in r.stderr and build_bytes(tmp_path / "m") == reference
+    r = sptok("merge", *parts, "--out", tmp_path / "m", "-q", "--overwrite")
+    assert r.stderr == "" and build_bytes(tmp_path / "m") == reference and not (tmp_path / ".m.sptok-overwrite").exists()
 
 
 def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
@@ -194,6 +199,25 @@ def test_remote_output_goes_through_streaming_uploader(corpus, reference, tmp_pa
     n = upload_build(str(local), str(tmp_path / "bucket"), log=lambda m: None)
     assert n == len(reference)
     assert build_bytes(tmp_path / "bucket") == reference
+
+
+def test_a_remote_out_that_cannot_be_reached_is_refused_before_building(corpus, tmp_path):
+    """No credentials, or an endpoint that refuses: one line and exit 2 before anything is built (there is no
+    network here, so nothing may wait on one)."""
+    pytest.importorskip("boto3")
+    bare = {k: "" for k in os.environ if k.startswith("AWS_")}
+    env = {**bare, "HOME": str(tmp_path), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for extra, says in (({}, "no AWS credentials found"),
+                        ({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1",
+                          "S3_ENDPOINT_URL": "http://127.0.0.1:9"}, "streaming cannot upload there (")):
+        t = time.time()
+        r = sptok(*build_cmd(corpus, "s3://bucket/x", "--local", tmp_path / "l", "--quiet"), env={**env, **extra},
+                  check=False, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"error: --out s3://bucket/x: {says}") and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "nothing was built" in r.stderr and not (tmp_path / "l").exists()
+        assert time.time() - t < 120
 
 
 def test_a_worker_killed_mid_build_is_a_clear_error(corpus, reference, tmp_path):
