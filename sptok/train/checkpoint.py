@@ -95,10 +95,10 @@ def save(root: str, step: int, model, optimizer, extra: dict, meta: dict) -> str
     """Write step ``step`` on every rank; ``extra`` is this rank's JSON-able state. A full disk is one line
     naming the last complete checkpoint."""
     path = step_dir(root, step)
-    before = latest(root)
     if _rank() == 0 and os.path.exists(path):
-        shutil.rmtree(path)       # an incomplete earlier attempt at this step
+        shutil.rmtree(path)       # an incomplete (or damaged) earlier attempt at this step
     _barrier()
+    before = latest(root)
     try:
         _write(path, model, optimizer, extra, meta)
     except (Exception, CheckpointException) as e:   # DCP's CheckpointException is a BaseException

@@ -279,7 +279,7 @@ def train(run: Run, start: int, emit, stop) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         last = step + 1 == end
         saving = cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last)
-        if (step + 1) % cfg.log.every == 0 or last:   # the only place the device is read
+        if (step + 1) % cfg.log.every == 0 or last:   # the device is read here, and before a checkpoint
             rec = {"step": step + 1, **run.meter.report(run.world), "lr": run.scheduler.get_last_lr()[0],
                    "grad_norm": _value(grad_norm), "sp_policy": str(run.collator.policy), "sources": info.sources}
             if run.device.type == "cuda":
