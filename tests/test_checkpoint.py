@@ -102,7 +102,7 @@ def test_a_crafted_metadata_pickle_is_refused_before_it_runs(corpus, tmp_path):
     res = _sptok("export", step, "--out", tmp_path / "hf")
     assert res.returncode == 2 and res.stderr.startswith(f"error: checkpoint {step} is damaged: .metadata has "), \
         res.stderr
-    with pytest.raises(SptokError, match=r"no intact checkpoint in .*ckpt: step-00000002 are damaged"):
+    with pytest.raises(SptokError, match=r"no intact checkpoint in .*ckpt \(step-00000002: \.metadata has "):
         _run(doc, ["train.steps=4"])
     assert not marker.exists()
     pickle.loads((step / ".metadata").read_bytes())   # the pickle is real: loading it does create the file

@@ -221,17 +221,16 @@ def newest_intact(root: str, say) -> str | None:
     """The newest complete checkpoint of ``root`` whose files match its ``meta.json``; damaged ones are
     reported and passed over. None when ``root`` has no complete checkpoint; an error when it has only
     damaged ones (starting over would silently replace them)."""
-    done = complete(root)
     damaged = []
-    for path in reversed(done):
+    for path in reversed(complete(root)):
         why = damage(path)
         if why is None:
             return path
-        damaged.append(path)
+        damaged.append(f"{os.path.basename(path)}: {why}")
         say(f"checkpoint {path} is damaged ({why}): falling back to the previous one")
     if damaged:
-        raise SptokError(f"no intact checkpoint in {root}: {', '.join(map(os.path.basename, damaged))} are "
-                         f"damaged; move them away to train from the start")
+        raise SptokError(f"no intact checkpoint in {root} ({'; '.join(damaged[:3])}); move the damaged ones away "
+                         f"to train from the start")
     return None
 
 
