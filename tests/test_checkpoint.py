@@ -19,6 +19,7 @@ from test_train import _cfg, _torchrun
 
 from sptok.errors import SptokError
 from sptok.train.config import load_config
+from sptok.train.export import export
 from sptok.train.loop import pretrain
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,10 @@ def test_flipped_bytes_are_refused_and_resume_falls_back_to_the_last_intact_step
     json.loads((ckpt / "step-00000004" / "extra-rank0.json").read_text())   # sptok's own state: no pickle
     _flip(ckpt / "step-00000004" / "__0_0.distcp")
 
-    res = _sptok("export", ckpt, "--out", tmp_path / "hf")
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.startswith(f"error: checkpoint {ckpt / 'step-00000004'} is damaged: __0_0.distcp has xxh64 ")
-    assert f"the newest intact one is {ckpt / 'step-00000002'}: export it by name" in res.stderr
+    with pytest.raises(SptokError) as e:
+        export(str(ckpt), str(tmp_path / "hf"))
+    assert e.value.message.startswith(f"checkpoint {ckpt / 'step-00000004'} is damaged: __0_0.distcp has xxh64 ")
+    assert e.value.message.endswith(f"the newest intact one is {ckpt / 'step-00000002'}: export it by name")
 
     resumed, said = _run(doc)
     assert any(f"checkpoint {ckpt / 'step-00000004'} is damaged (__0_0.distcp has xxh64" in s for s in said), said
@@ -99,9 +100,8 @@ def test_a_crafted_metadata_pickle_is_refused_before_it_runs(corpus, tmp_path):
     step = tmp_path / "ckpt" / "step-00000002"
     marker = tmp_path / "pwned"
     (step / ".metadata").write_bytes(pickle.dumps(_Evil(str(marker))))
-    res = _sptok("export", step, "--out", tmp_path / "hf")
-    assert res.returncode == 2 and res.stderr.startswith(f"error: checkpoint {step} is damaged: .metadata has "), \
-        res.stderr
+    with pytest.raises(SptokError, match=rf"^checkpoint {step} is damaged: \.metadata has \d+ bytes, meta.json "):
+        export(str(step), str(tmp_path / "hf"))
     with pytest.raises(SptokError, match=r"no intact checkpoint in .*ckpt \(step-00000002: \.metadata has "):
         _run(doc, ["train.steps=4"])
     assert not marker.exists()
