@@ -114,23 +114,20 @@ def _write(path: str, model, optimizer, extra: dict, meta: dict) -> None:
     with warnings.catch_warnings():   # one process: DCP says it saves without torch.distributed, as meant
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)   # raises on every rank if one fails
-    failed = _agree_failed(lambda: _write_json(os.path.join(path, _extra_name(_rank())), extra))
-    if failed is not None:
-        raise failed
+    _on_every_rank(lambda: _write_json(os.path.join(path, _extra_name(_rank())), extra))
     names = sorted(os.listdir(path)) if _rank() == 0 else None
     if dist.is_initialized():   # one listing for all: every rank hashes its share of the same files
         box = [names]
         dist.broadcast_object_list(box, 0)
         names = box[0]
     files = dict(_gathered([(n, _file_record(os.path.join(path, n))) for n in names[_rank()::_world()]]))
-    if _rank() == 0:
-        _write_json(os.path.join(path, META), {**meta, "files": files})   # last: the checkpoint is complete
-    _barrier()
+    # last: the checkpoint is complete
+    _on_every_rank(lambda: _rank() == 0 and _write_json(os.path.join(path, META), {**meta, "files": files}))
 
 
-def _agree_failed(write) -> BaseException | None:
-    """Run ``write`` on every rank; an error on any rank is returned on all of them (so none waits at a
-    barrier for a rank that gave up)."""
+def _on_every_rank(write) -> None:
+    """Run ``write`` on every rank, then a barrier that also tells every rank whether any failed: all raise,
+    and none waits for a rank that gave up."""
     err = None
     try:
         write()
@@ -143,7 +140,8 @@ def _agree_failed(write) -> BaseException | None:
         dist.all_reduce(flag)
         if err is None and flag[1]:
             err = OSError(errno.ENOSPC if flag[0] else errno.EIO, "failed on another rank")
-    return err
+    if err is not None:
+        raise err
 
 
 def _write_json(path: str, value: dict) -> None:
