@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .encoders import CHOICES as ENCODERS
-from .errors import SptokError
+from .errors import SptokError, Stopped
 from .extras import available, require
 from .options import TAILS, partition_of
 from .sp import POLICIES
@@ -32,6 +32,9 @@ class _Group(click.Group):
         except SptokError as e:
             click.echo(f"error: {e.message}", err=True)
             sys.exit(2)
+        except Stopped as e:
+            click.echo(e.message, err=True)
+            sys.exit(128 + e.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
             sys.exit(130)

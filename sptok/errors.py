@@ -13,3 +13,16 @@ class SptokError(Exception):
 
     def __reduce__(self):  # picklable across worker processes
         return (SptokError, (self.message,))
+
+
+class Stopped(Exception):
+    """Not an error: a run stopped early on a signal (pre-emption) after saving its work. The CLI prints the
+    message and exits with 128 + the signal's number, as a process killed by it would, so that a scheduler
+    sees the job did not finish."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.message, self.signum = message, signum
+
+    def __reduce__(self):
+        return (Stopped, (self.message, self.signum))

@@ -93,12 +93,15 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda
     stop_at: int | None = None           # end this run after that step (checkpointed), schedule unchanged
     max_minutes: float | None = None     # end this run (checkpointed) once its wall-clock budget is spent
+    on_nonfinite: str = "stop"           # a NaN / inf loss or gradient norm: stop (no checkpoint) | skip the update
 
     def __post_init__(self):
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise SptokError(f"train.parallel: {self.parallel!r} is not one of auto, ddp, fsdp, none")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise SptokError(f"train.precision: {self.precision!r} is not one of auto, bf16, fp32")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise SptokError(f"train.on_nonfinite: {self.on_nonfinite!r} is not one of stop, skip")
         if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise SptokError("train.steps, train.global_batch_size and train.micro_batch_size must be >= 1")
 

@@ -1,5 +1,6 @@
 """`sptok export`: a checkpoint -> a `save_pretrained` model directory with the build's tokenizer, which
-`transformers` loads offline (AutoModel*.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR))."""
+`transformers` loads offline (AutoModel*.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)).
+The checkpoint's files are checked against the hashes in its ``meta.json`` before torch opens any of them."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def export(checkpoint: str, out: str) -> str:
         if path is None:
             raise SptokError(f"{checkpoint}: no complete checkpoint (a step-NNNNNNNN directory with {ckpt.META})")
     root = os.path.dirname(path)
+    _check(path, root)
     meta = ckpt.load_meta(path)
     build_dir = os.path.join(root, "build")
     if not os.path.exists(os.path.join(build_dir, layout.MARKER)):
@@ -42,3 +44,15 @@ def export(checkpoint: str, out: str) -> str:
         json.dump({"checkpoint": os.path.basename(path), "fingerprint": meta["fingerprint"],
                    "config": meta["config"]}, f, indent=1, sort_keys=True)
     return out
+
+
+def _check(path: str, root: str) -> None:
+    """Refuse a damaged checkpoint before torch reads it, naming the newest intact one to export instead."""
+    from . import checkpoint as ckpt
+
+    why = ckpt.damage(path)
+    if why is None:
+        return
+    older = [p for p in ckpt.complete(root) if ckpt.step_of(p) < ckpt.step_of(path) and ckpt.damage(p) is None]
+    offer = f"; the newest intact one is {older[-1]}: export it by name" if older else ""
+    raise SptokError(f"checkpoint {path} is damaged: {why}; it was changed after it was written{offer}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -112,11 +111,13 @@ def mfu(tokens_per_s: float, model, seq_len: int) -> float:
 
 def pretrain(cfg: Config, log=print) -> list[dict]:
     """Train; return the logged records (also written to ``log.dir/metrics.jsonl``)."""
+    from .stop import StopCheck
+
     run = setup(cfg, log)
     try:
         start = resume(run)
-        with Records(run) as emit:
-            train(run, start, emit)
+        with Records(run) as emit, StopCheck(cfg.train.max_minutes) as stop:
+            train(run, start, emit, stop)
     finally:
         run.loader.dataset.close()   # streaming's threads and shared memory would outlive the run
     return emit.records
@@ -205,74 +206,132 @@ def make_optimizer(cfg: Config, trained, device):
 
 
 def resume(run: Run) -> int:
-    """Load the latest checkpoint of ``checkpoint.dir`` when asked to (model, optimizer, schedule, RNG, the
-    loader's place in the epoch, delivered counts); return the step to start from."""
-    from ..build import describe_changes
+    """Load the newest intact checkpoint of ``checkpoint.dir`` when asked to (model, optimizer, schedule, RNG,
+    the loader's place in the epoch, delivered counts); return the step to start from. A damaged checkpoint
+    is reported and the one before it used; one made for another build or model shape is refused."""
     from . import checkpoint as ckpt
 
     cfg = run.cfg
-    path = ckpt.latest(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    path = ckpt.newest_intact(cfg.checkpoint.dir, run.say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
     if not path:
         return 0
-    old = ckpt.load_meta(path)
-    if old["fingerprint"] != run.info.fingerprint:
-        raise SptokError(f"cannot resume {path}: it trained on build {old['fingerprint'][:12]}, "
-                         f"{cfg.data.build} is build {run.info.fingerprint[:12]} "
-                         f"({describe_changes(old.get('build', {}), run.meta['build']) or 'they differ'}); use "
-                         f"another checkpoint.dir or the original build")
+    _check_resumable(run, path, ckpt.load_meta(path))
     extra = ckpt.load(path, run.trained, run.optimizer)
     run.scheduler.load_state_dict(extra["scheduler"])
     ckpt.set_rng_state(extra["rng"])
     run.loader.load_state_dict(extra["loader"])
-    run.meter.delivered = extra["delivered"].clone()
+    run.meter.delivered = torch.tensor(extra["delivered"], dtype=torch.float64)
     run.say(f"resumed from {path} at step {int(extra['step'])}")
     return int(extra["step"])
 
 
-def train(run: Run, start: int, emit) -> None:
-    """Steps ``start`` .. ``train.steps`` (or ``stop_at``, or until ``max_minutes``): a log line every
-    ``log.every`` steps, an evaluation every ``eval.every``, a checkpoint every ``checkpoint.every``, and all
-    three at the end."""
+# model settings a resume may change: the saved state does not depend on them
+_MODEL_FREE = ("dropout", "attn_implementation")
+
+
+def _check_resumable(run: Run, path: str, old: dict) -> None:
+    """Refuse, before torch reads a tensor, a checkpoint of another build or another model shape."""
+    from ..build import describe_changes
+
+    if old["fingerprint"] != run.info.fingerprint:
+        raise SptokError(f"cannot resume {path}: it trained on build {old['fingerprint'][:12]}, "
+                         f"{run.cfg.data.build} is build {run.info.fingerprint[:12]} "
+                         f"({describe_changes(old.get('build', {}), run.meta['build']) or 'they differ'}); use "
+                         f"another checkpoint.dir or the original build")
+    was, now = old["config"]["model"], json.loads(json.dumps(run.cfg.to_dict()["model"]))   # as JSON stored it
+    keys = sorted((set(was) | set(now)) - set(_MODEL_FREE))
+    changed = [f"model.{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in keys if was.get(k) != now.get(k)]
+    if changed:
+        raise SptokError(f"cannot resume {path}: it holds another model ({', '.join(changed)}); use another "
+                         f"checkpoint.dir or the checkpoint's model settings")
+
+
+def train(run: Run, start: int, emit, stop) -> None:
+    """Steps ``start`` .. ``train.steps`` (or ``stop_at``, or until ``stop`` says: a signal or the time budget):
+    a log line every ``log.every`` steps, an evaluation every ``eval.every``, a checkpoint every
+    ``checkpoint.every``, and all three at the end."""
+    from . import checkpoint as ckpt
+
     cfg, info = run.cfg, run.info
     end = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
-    deadline = time.time() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     batches = _endless(run.loader)
+    # the first step with a non-finite gradient norm (0: none), kept on the device and read only where the
+    # loop reads the device anyway (log steps) or must (before a checkpoint): a NaN / inf loss makes the
+    # gradients non-finite too, so this one flag covers both without a wait per step
+    first_bad = torch.zeros((), dtype=torch.int64, device=run.device)
+    why = None
     for step in range(start, end):
-        if deadline is not None and _out_of_time(deadline, step, cfg.log.every):
-            run.say(f"train.max_minutes ({cfg.train.max_minutes}) spent: stopping after step {step}")
+        why = stop()
+        if why:
             end = step
             break
         run.collator.set_sp_policy(sp_policy_at(cfg, step))
         forward_backward(run.trained, [next(batches) for _ in range(run.accum)], run.world, run.device, run.meter,
                          run.autocast)
         grad_norm = _clip(run.trained, cfg.optim.grad_clip)
-        run.optimizer.step()
+        finite = torch.isfinite(_local(grad_norm))
+        if cfg.train.on_nonfinite == "skip" and not finite:   # skipping needs the answer now: one read per step
+            run.say(f"step {step + 1}: non-finite gradient norm; update skipped (train.on_nonfinite: skip)")
+        else:
+            run.optimizer.step()
+        first_bad = torch.where((first_bad == 0) & ~finite, step + 1, first_bad)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         last = step + 1 == end
-        if (step + 1) % cfg.log.every == 0 or last:   # the only place the device is read
+        saving = cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last)
+        if (step + 1) % cfg.log.every == 0 or last:   # the device is read here, and before a checkpoint
             rec = {"step": step + 1, **run.meter.report(run.world), "lr": run.scheduler.get_last_lr()[0],
                    "grad_norm": _value(grad_norm), "sp_policy": str(run.collator.policy), "sources": info.sources}
             if run.device.type == "cuda":
                 rec["mfu"] = mfu(rec["tokens_per_s"], run.model, info.seq_len)
             emit(rec)
+            _stop_if_nonfinite(run, int(first_bad), rec["loss"])
+        elif saving:
+            _stop_if_nonfinite(run, int(first_bad))
         if run.evaluator and ((step + 1) % cfg.eval.every == 0 or last):
             emit({"step": step + 1, "split": "validation", **run.evaluator(run.trained, run.autocast),
                   "sources": info.sources})
-        if cfg.checkpoint.dir and ((cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last):
+        if saving:
             save(run, step + 1)
+    if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
+        _stop_if_nonfinite(run, int(first_bad))
+        save(run, end)   # stopped early: keep what was trained
+    if why:
+        _stopped(run, why, end, stop.signum)
+
+
+def _stop_if_nonfinite(run: Run, first_bad: int, loss: float = 0.0) -> None:
+    """``train.on_nonfinite: stop``: end the run before a checkpoint holds what a NaN / inf step made."""
+    if run.cfg.train.on_nonfinite != "stop" or (first_bad == 0 and math.isfinite(loss)):
+        return
     from . import checkpoint as ckpt
 
-    if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
-        save(run, end)   # stopped by the time budget: keep what was trained
+    at = f"at step {first_bad}" if first_bad else "in the last logged steps"
+    last = ckpt.latest(run.cfg.checkpoint.dir)
+    kept = f"the last checkpoint is {last}" if last else "no checkpoint was written"
+    raise SptokError(f"non-finite loss or gradient norm {at}: stopped without writing a checkpoint ({kept}); "
+                     f"lower optim.lr or set train.on_nonfinite: skip to skip such updates")
+
+
+def _stopped(run: Run, why: str, step: int, signum: int) -> None:
+    """Say why the run ended early: the time budget is a normal end, a signal a pre-emption (Stopped)."""
+    from ..errors import Stopped
+
+    if not signum:
+        run.say(f"{why}: stopped after step {step}")
+        return
+    saved = (f"saved step {step} to {run.cfg.checkpoint.dir}; run the same command again to resume"
+             if run.cfg.checkpoint.dir and step else "nothing saved (no checkpoint.dir)")
+    raise Stopped(f"{why}: stopped after step {step} and {saved}", signum)
 
 
 def save(run: Run, step: int) -> None:
-    """A checkpoint of everything ``resume`` needs, and (rank 0) the copy of the build it trained on."""
+    """A checkpoint of everything ``resume`` needs (per rank: JSON, no pickle), and (rank 0) the copy of the
+    build it trained on."""
     from . import checkpoint as ckpt
 
     extra = {"step": step, "scheduler": run.scheduler.state_dict(), "rng": ckpt.rng_state(),
-             "loader": run.loader.state_dict(), "delivered": run.meter.delivered}
+             "loader": run.loader.state_dict(), "delivered": run.meter.delivered.tolist()}
     ckpt.save(run.cfg.checkpoint.dir, step, run.trained, run.optimizer, extra, run.meta)
     if run.rank == 0:
         ckpt.keep_build(run.cfg.checkpoint.dir, run.cfg.data.build)
@@ -342,19 +401,6 @@ def forward_backward(trained, micro: list[dict], world: int, device, meter: Mete
             meter.add(out)
 
 
-def _out_of_time(deadline: float, step: int, every: int) -> bool:
-    """The time budget is spent. Several processes: rank 0's clock decides, broadcast at log steps only (a
-    broadcast each step would make the host wait for the GPU), so all ranks stop at the same step."""
-    late = time.time() >= deadline
-    if not dist.is_initialized():
-        return late
-    if step % every:
-        return False
-    out = torch.tensor([float(late)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(out, 0)
-    return bool(out.item())
-
-
 def _endless(loader):
     while True:
         yield from loader
@@ -370,8 +416,12 @@ def _clip(model, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP: a DTensor
+
+
 def _value(norm: torch.Tensor) -> float:
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a DTensor
+    return float(_local(norm))
 
 
 def _evaluator(cfg: Config, info, rank: int, world: int, device):
