@@ -20,7 +20,7 @@ from . import layout
 from .holdout import Held, smallest
 from .layout import MARKER, write_json
 from .pack import Packer, Stream, pad
-from .stats import HIST_BINS, source_stats, totals
+from .stats import HIST_BINS, duplicate_ids, source_stats, totals
 from .writers import open_writer
 
 
@@ -62,6 +62,9 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         _gather_rejects(out, name, dirs)
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
+        dups = duplicate_ids(dirs)
+        if dups:   # only then: a build without duplicates keeps the stats.json it always had
+            per_source[name]["duplicate_ids"] = dups
     stats = {"sources": per_source, "totals": totals(per_source)}
     write_json(os.path.join(out, layout.STATS), stats)
     shutil.copytree(tokenizer_dir, os.path.join(out, layout.TOKENIZER))

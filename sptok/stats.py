@@ -8,7 +8,7 @@ import os
 from collections import Counter
 
 from .errors import SptokError
-from .layout import STATS, load_build
+from .layout import ID_HASHES, STATS, load_build
 
 HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
@@ -41,6 +41,18 @@ def source_stats(results: list[dict], extra: dict) -> dict:
     out["doc_length_hist"] = {"bin_edges": "bin b counts documents of [2**(b-1), 2**b) text tokens; bin 0 is empty",
                               "counts": hist or []}
     return out
+
+
+def duplicate_ids(unit_dirs: list[str]) -> int:
+    """How many documents of a source repeat an id an earlier one had (from the units' sorted key hashes):
+    each is still built as its own document, so the count is reported rather than silently accepted."""
+    import numpy as np
+
+    parts = [np.load(p) for p in (os.path.join(d, ID_HASHES) for d in unit_dirs) if os.path.exists(p)]
+    if not parts:
+        return 0
+    keys = np.concatenate(parts)
+    return int(len(keys) - len(np.unique(keys)))
 
 
 def totals(per_source: dict) -> dict:
@@ -113,6 +125,11 @@ def format_table(info: dict, stats: dict) -> str:
             lines.append(f"  {name}: " + ", ".join(f"{k} {v:,}" for k, v in reasons.items()))
             for k, ex in stats["sources"][name]["reject_examples"].items():
                 lines.append(f"    first {k}: {ex}")
+    dups = {n: s["duplicate_ids"] for n, s in stats["sources"].items() if s.get("duplicate_ids")}
+    if dups:
+        lines.append("")
+        lines.append("duplicate document ids (each document was still built): "
+                     + ", ".join(f"{n} {v:,}" for n, v in dups.items()))
     h = info.get("holdout")
     if h:
         rule = f"{100 * h['fraction']:g}% of each source" if "fraction" in h else \

@@ -1,0 +1,92 @@
+"""What a build takes as input: the files a source's paths expand to (hidden entries, symlinks, never the
+output directory), the records it reads from them (ids, JSON arrays, nesting), the manifests and options it
+accepts, and the tokenizers it can use. Each refusal is one line naming what to change."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import zstandard
+from click.testing import CliRunner
+from conftest import TOKENIZER, demo_records, write_jsonl
+
+from sptok.cli import main
+from sptok.errors import SptokError
+
+
+def sptok(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def fails(*args, match: str) -> str:
+    code, out = sptok(*args)
+    assert code == 2 and "Traceback" not in out and out.startswith("error: "), out
+    assert match in out, out
+    return out
+
+
+def build_cli(m, out, *extra):
+    return ["build", m, "--out", out, "--tokenizer", TOKENIZER, "--quiet", "--workers", "1", "--seq-len", "64",
+            *extra]
+
+
+def stats_of(out) -> dict:
+    return json.loads((out / "stats.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+def test_deeply_nested_json_is_a_malformed_record(tmp_path, manifest, build):
+    """100,000 levels of nesting raised RecursionError in the probe and in the worker: now one reject."""
+    recs = demo_records("fortunes", 6)
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(0, "[" * 100_000 + "]" * 100_000)        # the source's first record: the probe reads it
+    lines.insert(3, '{"id": "deep", "text": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (tmp_path / "f.jsonl").write_text("\n".join(lines) + "\n")
+    out, _ = build(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]), seq_len=64)
+    stats = stats_of(tmp_path / "out")["sources"]["s"]
+    assert stats["docs"] == 6 and stats["rejected"] == {"malformed_json": 2}
+    data = zstandard.ZstdDecompressor().stream_reader(open(tmp_path / "out/rejects/s.jsonl.zst", "rb")).read()
+    quarantined = [json.loads(line) for line in data.splitlines()]
+    assert [r["line"] for r in quarantined] == [1, 4]
+    assert "nested too deeply" in quarantined[0]["detail"]
+
+
+@pytest.mark.parametrize("layout", ["pretty", "one line"])
+def test_a_json_array_file_is_named_not_rejected_line_by_line(tmp_path, manifest, layout):
+    recs = demo_records("fortunes", 5)
+    text = json.dumps(recs, indent=2) if layout == "pretty" else json.dumps(recs)
+    (tmp_path / "f.json").write_text(text)
+    m = manifest([{"name": "s", "paths": "f.json"}])
+    out = fails(*build_cli(m, tmp_path / "o"), match="f.json: holds a JSON array, not JSON Lines")
+    assert "jq -c '.[]' f.json" in out and out.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_ids_objects_are_rejects_and_duplicates_are_counted(tmp_path, manifest, build):
+    """A dict id was its Python repr; `5` and "5" were one id, silently. Now an object id is a reject with its
+    reason, and ids compared as text are counted when they repeat (each document is still built)."""
+    recs = demo_records("fortunes", 8)
+    recs[1]["id"] = {"a": 1}
+    recs[2]["id"] = True
+    recs[3]["id"], recs[4]["id"] = 5, "5"
+    recs[6]["id"] = recs[5]["id"]
+    write_jsonl(tmp_path / "f.jsonl", recs[:6])
+    write_jsonl(tmp_path / "g.jsonl", recs[6:])               # a duplicate across files (units) too
+    m = manifest([{"name": "s", "paths": ["f.jsonl", "g.jsonl"], "id_field": "id"}])
+    out, _ = build(m, seq_len=64)
+    s = stats_of(tmp_path / "out")["sources"]["s"]
+    assert s["rejected"] == {"invalid_id": 2} and s["docs"] == 6
+    assert s["duplicate_ids"] == 2
+    assert "holds an object" in s["reject_examples"]["invalid_id"]
+    code, table = sptok("stats", out)
+    assert code == 0 and "duplicate document ids (each document was still built): s 2" in table
+
+
+def test_unique_string_ids_leave_stats_as_they_were(tmp_path, manifest, build):
+    write_jsonl(tmp_path / "f.jsonl", demo_records("fortunes", 8))
+    build(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]), seq_len=64)
+    assert "duplicate_ids" not in stats_of(tmp_path / "out")["sources"]["s"]
