@@ -90,3 +90,30 @@ def test_unique_string_ids_leave_stats_as_they_were(tmp_path, manifest, build):
     write_jsonl(tmp_path / "f.jsonl", demo_records("fortunes", 8))
     build(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]), seq_len=64)
     assert "duplicate_ids" not in stats_of(tmp_path / "out")["sources"]["s"]
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--seed", "99999999999999999999999", "--seed: must be an integer from 0 to 2**64 - 1"),
+    ("--workers", "99999999999999999999", "--workers: must be an integer from 0"),
+    ("--seq-len", "99999999999999999999", "--seq-len: must be an integer from 8 to"),
+    ("--holdout-docs", "99999999999999999999999", "--holdout-docs: must be a positive number"),
+    ("--unit-size", "9" * 400, "--unit-size: must be a positive size below 8 EiB, got '999"),
+])
+def test_numeric_build_options_out_of_range_are_one_line(tmp_path, manifest, flag, value, match):
+    write_jsonl(tmp_path / "f.jsonl", demo_records("fortunes", 4))
+    m = manifest([{"name": "s", "paths": "f.jsonl"}])
+    args = build_cli(m, tmp_path / "o")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    out = fails(*args, match=match)
+    assert out.count("\n") == 1 and len(out) < 300, out
+
+
+def test_the_largest_seed_builds(tmp_path, manifest, build):
+    write_jsonl(tmp_path / "f.jsonl", demo_records("fortunes", 4))
+    _, info = build(manifest([{"name": "s", "paths": "f.jsonl"}]), seq_len=64, seed=(1 << 64) - 1)
+    assert info["options"]["seed"] == (1 << 64) - 1
