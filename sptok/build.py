@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .errors import SptokError
+from .expand import refuse_output_as_input
 from . import layout
 from .finalize import clear_outputs, finalize, fingerprint_of
 from .layout import FAILED, MARKER, PARTITION, WORK, write_json
@@ -46,6 +47,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
               partition: tuple[int, int] | None = None, log=print) -> BuildResult:
     t0 = time.time()
     manifest = load_manifest(manifest_path)
+    refuse_output_as_input(manifest, out)    # before --overwrite removes anything
     defaults = dict(manifest.build)
     if defaults.get("tokenizer"):
         defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])

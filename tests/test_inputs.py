@@ -117,3 +117,71 @@ def test_the_largest_seed_builds(tmp_path, manifest, build):
     write_jsonl(tmp_path / "f.jsonl", demo_records("fortunes", 4))
     _, info = build(manifest([{"name": "s", "paths": "f.jsonl"}]), seq_len=64, seed=(1 << 64) - 1)
     assert info["options"]["seed"] == (1 << 64) - 1
+
+
+# ------------------------------------------------------------------------------------------------- paths
+
+def _corpus(d, names=("a", "sub/b")):
+    for n in names:
+        (d / n).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(d / f"{n}.jsonl", demo_records("fortunes", 3))
+
+
+def test_an_out_inside_a_recursive_glob_is_refused_before_overwrite_removes_anything(tmp_path, manifest, build):
+    """The build succeeded and ingested its own rejects on the next run; --overwrite then deleted the good
+    build and failed. The output tree is never an input, so such an --out is refused up front."""
+    _corpus(tmp_path / "data")
+    (tmp_path / "data" / "bad.jsonl").write_text("not json\n" + json.dumps({"text": "ok"}) + "\n")
+    narrow = manifest([{"name": "s", "paths": "data/*.jsonl"}], name="narrow.yaml")
+    out, _ = build(narrow, out=tmp_path / "data" / "built", seq_len=64)       # a good build there
+    before = sorted(p.name for p in (tmp_path / "data" / "built").iterdir())
+    wide = manifest([{"name": "s", "paths": "data/**/*.jsonl*"}], name="wide.yaml")
+    msg = fails(*build_cli(wide, out, "--overwrite"), match=f"--out {out} is inside what source 's' reads")
+    assert "'data/**/*.jsonl*'" in msg and msg.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "data" / "built").iterdir()) == before
+    directory = manifest([{"name": "s", "paths": "data", "format": "jsonl"}], name="dir.yaml")
+    fails(*build_cli(directory, tmp_path / "data" / "x" / "o"), match="is inside what source 's' reads")
+    code, _ = sptok(*build_cli(wide, tmp_path / "elsewhere"))
+    assert code == 0
+
+
+def test_directory_sources_skip_hidden_directories(tmp_path, manifest):
+    from sptok.manifest import load_manifest
+
+    _corpus(tmp_path / "data")
+    (tmp_path / "data" / ".git").mkdir()
+    (tmp_path / "data" / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    (tmp_path / "data" / ".cache" / "x").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / ".cache" / "x" / "c.jsonl", demo_records("code", 1))
+    m = load_manifest(manifest([{"name": "s", "paths": "data", "format": "jsonl"}]))
+    assert [os.path.relpath(f, tmp_path) for f in m.sources[0].files] == ["data/a.jsonl", "data/sub/b.jsonl"]
+
+
+def test_symlink_loops_and_second_links_give_each_file_once(tmp_path, manifest):
+    """A `**` glob followed a directory link to its parent round and round: 121 files for 2 real ones."""
+    from sptok.manifest import load_manifest
+
+    _corpus(tmp_path / "data")
+    os.symlink("..", tmp_path / "data" / "sub" / "loop")
+    os.symlink("a.jsonl", tmp_path / "data" / "a-again.jsonl")
+    for paths, fmt in (("data/**/*.jsonl", None), ("data", "jsonl")):
+        m = load_manifest(manifest([{"name": "s", "paths": paths, **({"format": fmt} if fmt else {})}]))
+        files = [os.path.relpath(f, tmp_path) for f in m.sources[0].files]
+        assert files == ["data/a-again.jsonl", "data/sub/b.jsonl"] or files == ["data/a.jsonl", "data/sub/b.jsonl"]
+        assert len({os.path.realpath(f) for f in m.sources[0].files}) == len(files) == 2
+
+
+def test_a_symlink_out_of_the_source_directory_needs_links_outside(tmp_path, manifest):
+    from sptok.manifest import load_manifest
+
+    _corpus(tmp_path / "data")
+    _corpus(tmp_path / "private", names=("secret",))
+    os.symlink(tmp_path / "private" / "secret.jsonl", tmp_path / "data" / "s.jsonl")
+    for paths, n in (("data", 3), ("data/*.jsonl", 2), ("data/**/*.jsonl", 3)):
+        m = manifest([{"name": "s", "paths": paths, "format": "jsonl"}])
+        fails(*build_cli(m, tmp_path / "o"), match=f"paths: data/s.jsonl is a symlink to {tmp_path}/private/secret.jsonl, "
+                                                     f"outside")
+        m = manifest([{"name": "s", "paths": paths, "format": "jsonl", "links_outside": True}])
+        assert len(load_manifest(m).sources[0].files) == n
+    m = manifest([{"name": "s", "paths": ["data/a.jsonl", "data/s.jsonl"]}])   # named: read wherever it leads
+    assert len(load_manifest(m).sources[0].files) == 2
