@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 from . import expand
 from .compression import sniff_file, strip_extension
-from .errors import SptokError
+from .errors import SptokError, shown
 from .layout import TOP_LEVEL
+from .yamlfile import load_yaml
 
 
 
@@ -116,15 +117,10 @@ def _parse(path: str, data: bytes) -> dict:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise SptokError(f"manifest {path} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise SptokError(f"manifest {path}: invalid JSON: nested too deeply to read") from None
     else:
-        import yaml
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise SptokError(f"manifest {path}{where}: invalid YAML: {problem}") from None
+        doc = load_yaml(text, f"manifest {path}")
     if not isinstance(doc, dict):
         raise SptokError(f"manifest {path}: expected a mapping with a `sources:` list at the top, "
                          f"got {type(doc).__name__}")
@@ -175,10 +171,13 @@ def _what_failed(err) -> str:
 
         return _what_failed(jsonschema.exceptions.best_match(err.context))
     if err.validator == "enum":
-        return f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+        return f"{shown(err.instance)} is not one of {', '.join(map(str, err.validator_value))}"
+    if err.validator == "maxLength":
+        return f"{shown(err.instance)} is longer than {err.validator_value} characters"
     if "errorMessage" in err.schema:   # the schema says what the pattern or bound means, and why
-        return f"{err.instance!r}: {err.schema['errorMessage']}"
-    return err.message
+        return f"{shown(err.instance)}: {err.schema['errorMessage']}"
+    full = repr(err.instance)           # jsonschema's messages open with the whole value
+    return shown(err.instance) + err.message[len(full):] if err.message.startswith(full) else err.message
 
 
 def _key_path(parts) -> str:

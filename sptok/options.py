@@ -10,7 +10,7 @@ from .encoders import CHOICES as ENCODERS
 from .errors import SptokError, shown
 from .sp import POLICIES
 from .sp_layout import POSITIONS
-from .tokenizer import DEFAULT_DELIMITER
+from .tokenizer import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
 from .writers import FORMATS
 
 TAILS = ("keep", "pad", "drop")   # the last short sample of a source (finalize._pack_streams)
@@ -87,6 +87,10 @@ class BuildOptions:
         choice("tail", self.tail, TAILS)
         choice("format", self.format, FORMATS)
         choice("encoder", self.encoder, ENCODERS)
+        for flag in ("delimiter", "eos"):
+            v = getattr(self, flag)
+            if v is not None and (not isinstance(v, str) or len(v) > MAX_TOKEN_CHARS):
+                raise SptokError(f"--{flag}: must be a string of at most {MAX_TOKEN_CHARS} characters, got {shown(v)}")
         for flag in ("insert_prob", "msp_prob"):
             v = getattr(self, flag)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import SptokError
+from .errors import SptokError, shown
 from .layout import TOKENIZER_JSON
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
 DEFAULT_DELIMITER = "<SPSEP>"
+MAX_TOKEN_CHARS = 128        # an SP, delimiter or EOS token: the manifest schema's bound too
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 MODELS = ("bpe", "wordpiece", "unigram")
 _ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
@@ -118,6 +119,9 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     wanted = list(sps) + ([delimiter] if delimiter else [])
     for s in wanted:
         what = "delimiter" if s == delimiter and s not in sps else "SP"
+        if len(s) > MAX_TOKEN_CHARS:
+            raise SptokError(f"{what} {shown(s)} is {len(s):,} characters long; an SP or delimiter is one token of at "
+                             f"most {MAX_TOKEN_CHARS} characters")
         if s in reserved:
             raise SptokError(f"SP token clash: {what} {s} is the tokenizer's own special token; choose another "
                              f"name (--policy alphabet, a custom `sp:`, or --delimiter)")

@@ -185,3 +185,67 @@ def test_a_symlink_out_of_the_source_directory_needs_links_outside(tmp_path, man
         assert len(load_manifest(m).sources[0].files) == n
     m = manifest([{"name": "s", "paths": ["data/a.jsonl", "data/s.jsonl"]}])   # named: read wherever it leads
     assert len(load_manifest(m).sources[0].files) == 2
+
+
+# ------------------------------------------------------------------------------------- hostile manifests
+
+LAUGHS = "".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 10))
+
+
+@pytest.mark.parametrize("key", ["paths", "sp"])
+def test_nested_yaml_aliases_are_refused_in_one_line(tmp_path, key):
+    """600 bytes of nested anchors as `paths:` or `sp:` ran 40 s to a MemoryError."""
+    import time
+
+    text = "anchors:\n" + "".join("  " + ln + "\n" for ln in ('l0: &l0 "lol"\n' + LAUGHS).splitlines())
+    value = "*l9"
+    text += "sources:\n  - name: a\n" + (f"    paths: {value}\n" if key == "paths" else f"    paths: a.jsonl\n    sp: {value}\n")
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
+    (tmp_path / "m.yaml").write_text(text)
+    t0 = time.time()
+    out = fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o"), match=f"manifest {tmp_path / 'm.yaml'}: the YAML aliases")
+    assert time.time() - t0 < 5 and out.count("\n") == 1 and len(out) < 400
+
+
+def test_a_yaml_alias_inside_its_own_anchor_is_refused(tmp_path):
+    (tmp_path / "m.yaml").write_text("sources: &s\n  - name: a\n    paths: *s\n")
+    fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o"), match="a YAML alias refers to its own anchor")
+
+
+def test_a_few_aliases_still_load(tmp_path, manifest):
+    from sptok.manifest import load_manifest
+
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
+    (tmp_path / "m.yaml").write_text("sources:\n  - &a {name: a, paths: a.jsonl, text_field: text}\n"
+                                     "  - {<<: *a, name: b}\n")
+    assert [s.name for s in load_manifest(tmp_path / "m.yaml").sources] == ["a", "b"]
+
+
+def test_training_config_aliases_are_refused(tmp_path):
+    from sptok.train.config import load_config
+
+    (tmp_path / "c.yaml").write_text("x:\n" + "".join("  " + ln + "\n" for ln in ('l0: &l0 1\n' + LAUGHS).splitlines())
+                                     + "train:\n  steps: *l9\n")
+    with pytest.raises(SptokError, match=r"config .*c.yaml: the YAML aliases"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize("key", ["sp", "text_field", "id_field"])
+def test_huge_names_are_refused_with_the_value_shortened(tmp_path, key):
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
+    value = "<" + "X" * 1_000_000 + ">"
+    (tmp_path / "m.yaml").write_text(f"sources:\n  - {{name: a, paths: a.jsonl, {key}: '{value}'}}\n")
+    out = fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o", "--policy", "custom"),
+                match=f"sources[0].{key}: '<XXXX")
+    assert "(1,000,002 characters) is longer than" in out and len(out) < 400
+
+
+def test_huge_delimiter_and_sp_flags_are_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, paths: a.jsonl}\n")
+    out = fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o", "--delimiter", "<" + "D" * 100_000 + ">"),
+                match="--delimiter: must be a string of at most 128 characters")
+    assert len(out) < 300
+    out = fails("tokenizer", "extend", TOKENIZER, "--out", tmp_path / "t", "--sp", "<" + "S" * 100_000 + ">",
+                match="is 100,002 characters long; an SP or delimiter is one token of at most 128")
+    assert len(out) < 300
