@@ -143,6 +143,37 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     return ids
 
 
+def encoding_problem(tok, texts: list[str], unk: str | None) -> str | None:
+    """Why ``tok`` cannot be what a source is built with, judged on a sample of its ``texts``: most of their
+    characters (whitespace aside) become the unknown token or no token at all, or one and the same token (a
+    vocabulary such as {"a": 0} turns a corpus into runs of one id). None when it encodes them."""
+    from collections import Counter
+
+    import numpy as np
+
+    unk_id = tok.token_to_id(unk) if unk else None
+    owners: Counter = Counter()     # token id (-1: no token) -> characters it covers
+    with literal_specials(tok) as enc:
+        for text, e in zip(texts, enc.encode_batch(texts, add_special_tokens=False)):
+            owner = np.full(len(text), -1, np.int64)
+            for i, (a, b) in zip(e.ids, e.offsets):
+                owner[a:b] = i
+            visible = np.fromiter((not c.isspace() for c in text), bool, len(text))
+            owners.update(dict(zip(*(x.tolist() for x in np.unique(owner[visible], return_counts=True)))))
+    total = sum(owners.values())
+    if total < 64:
+        return None
+    lost = owners.pop(-1, 0) + (owners.pop(unk_id, 0) if unk_id is not None else 0)
+    if lost > total / 2:
+        return f"{100 * lost / total:.0f}% of the characters of its first documents " + \
+            (f"become {unk} or no token" if unk else "become no token (dropped)")
+    top, n = max(owners.items(), key=lambda kv: kv[1], default=(None, 0))
+    if n > total / 2:
+        return f"{100 * n / total:.0f}% of the characters of its first documents become one token, id {top} " \
+               f"({tok.id_to_token(top)!r})"
+    return None
+
+
 def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
     """The SP strings of the manifest's sources, and the delimiter when it is a special token (else None): the
     tokens sptok adds to a tokenizer for builds of ``manifest`` with ``opts`` (a ``BuildOptions``)."""

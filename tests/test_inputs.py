@@ -249,3 +249,50 @@ def test_huge_delimiter_and_sp_flags_are_one_line(tmp_path):
     out = fails("tokenizer", "extend", TOKENIZER, "--out", tmp_path / "t", "--sp", "<" + "S" * 100_000 + ">",
                 match="is 100,002 characters long; an SP or delimiter is one token of at most 128")
     assert len(out) < 300
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+def _tokenizer(path, model) -> str:
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, says", [("a only", "become no token (dropped)"),
+                                        ("a for all", "become one token, id 0 ('a')"),
+                                        ("unk", "become [UNK] or no token")])
+def test_a_tokenizer_that_cannot_encode_the_text_is_warned_about_and_strict_refuses(tmp_path, kind, says):
+    from tokenizers import models
+
+    model = {"a only": lambda: models.BPE({"a": 0}, []),
+             "a for all": lambda: models.WordLevel({"a": 0}, unk_token="a"),
+             "unk": lambda: models.WordLevel({"a": 0, "the": 1, "[UNK]": 2}, unk_token="[UNK]")}[kind]()
+    tok = _tokenizer(tmp_path / "tokenizer.json", model)
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 20))
+    write_jsonl(tmp_path / "b.jsonl", demo_records("chinese", 5))
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, paths: a.jsonl}\n  - {name: b, paths: b.jsonl}\n")
+    res = CliRunner().invoke(main, [str(a) for a in build_cli(tmp_path / "m.yaml", tmp_path / "o", "--tokenizer", tok)])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert [w.split(":")[1] for w in warnings] == [" source 'a'", " source 'b'"], res.stderr   # one line per source
+    assert "the tokenizer cannot encode its text" in warnings[0]
+    assert says in warnings[0]
+    fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o2", "--strict", "--tokenizer", tok),
+          match="--strict: source 'a': the tokenizer cannot encode its text")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_the_demo_tokenizer_encodes_every_demo_source(tmp_path):
+    from sptok.manifest import load_manifest, plan_units
+    from sptok.build import source_samples
+    from sptok.tokenizer import encoding_problem, load_tokenizer
+
+    m = load_manifest(os.path.join(os.path.dirname(TOKENIZER), "..", "demo.yaml"))
+    samples = source_samples(m, plan_units(m, 16 << 20))
+    tok = load_tokenizer(TOKENIZER).tok
+    assert len(samples) == 4 and all(encoding_problem(tok, t, "[UNK]") is None for t in samples.values())
