@@ -198,7 +198,7 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
     for p in paths:
         full = os.path.join(root, os.path.expanduser(p))
         if glob.has_magic(full):
-            found = [m for m in expand.match(full) if os.path.isfile(m) or _is_hf_dir(m) or os.path.islink(m)]
+            found = [m for m in expand.match(full) if os.path.isfile(m) or _is_hf_dir(m) or not os.path.exists(m)]
             matches = expand.unique_inside(found, expand.split_glob(full)[0], outside, where)
             if not matches:
                 raise SptokError(f"{key}: paths: no files match {p!r} (resolved to {full})")

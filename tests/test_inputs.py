@@ -296,3 +296,11 @@ def test_the_demo_tokenizer_encodes_every_demo_source(tmp_path):
     samples = source_samples(m, plan_units(m, 16 << 20))
     tok = load_tokenizer(TOKENIZER).tok
     assert len(samples) == 4 and all(encoding_problem(tok, t, "[UNK]") is None for t in samples.values())
+
+
+def test_a_broken_symlink_in_a_source_is_named(tmp_path, manifest):
+    _corpus(tmp_path / "data")
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "data" / "gone.jsonl")
+    for paths in ("data", "data/*.jsonl"):
+        m = manifest([{"name": "s", "paths": paths, "format": "jsonl"}])
+        fails(*build_cli(m, tmp_path / "o"), match="paths: data/gone.jsonl is a broken symlink")
