@@ -3,7 +3,7 @@
 - a directory is walked recursively and a glob is matched (``**`` across directories); names starting with
   ``.``, files and directories alike, are skipped by both (``.git/config`` is not a document);
 - symlinks are followed, but each real directory is walked once and each real file read once (under the
-  first of its paths in sorted order): a link loop ends where it closes, and a file linked twice is one input;
+  same path on every run): a link loop ends where it closes, and a file linked twice is one input;
 - a file found through a symlink whose real path lies outside the directory the source names (the directory
   itself, or a glob's directories before its first wildcard) is refused unless the source sets
   ``links_outside: true``; a file named in ``paths`` itself may be a link to anywhere;
@@ -41,11 +41,7 @@ def match(pattern: str) -> list[str]:
     base, rest = split_glob(pattern)
     if "**" not in rest:
         return glob.glob(pattern, recursive=True)
-    out = []
-    for path in walk(base, with_dirs=True):
-        if _matches(rest, os.path.relpath(path, base).split(os.sep)):
-            out.append(path)
-    return out
+    return [p for p in walk(base, with_dirs=True) if _matches(rest, os.path.relpath(p, base).split(os.sep))]
 
 
 def split_glob(pattern: str) -> tuple[str, list[str]]:
