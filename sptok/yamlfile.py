@@ -18,7 +18,7 @@ def load_yaml(text: str, what: str):
     """The document in ``text`` (None when empty); ``what`` names the file in every error ("manifest m.yaml")."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)   # libyaml's parser: 30x faster on a big file
     try:
         node = loader.get_single_node()
         if node is None:
