@@ -97,8 +97,8 @@ class BuildOptions:
                 raise SptokError(f"--{flag.replace('_', '-')}: must be a probability in [0, 1], got {shown(v)}")
             setattr(self, flag, float(v))
         if not _is_int(self.seq_len) or not 8 <= self.seq_len <= MAX_SEQ_LEN:
-            raise SptokError(f"--seq-len: must be an integer from 8 to {MAX_SEQ_LEN:,} (a sample is held in memory "
-                             f"whole and its offsets are uint32), got {shown(self.seq_len)}")
+            raise SptokError(f"--seq-len: must be an integer from 8 to {MAX_SEQ_LEN:,} (tokens per sample, each "
+                             f"sample held in memory whole), got {shown(self.seq_len)}")
         if not _is_int(self.seed) or not 0 <= self.seed < 1 << 64:
             raise SptokError(f"--seed: must be an integer from 0 to 2**64 - 1 (decisions mix it as a uint64), "
                              f"got {shown(self.seed)}")
