@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from . import __version__
 from .errors import SptokError
 from . import layout, outdir
+from .expand import refuse_output_as_input
 from .finalize import clear_outputs, finalize, fingerprint_of
 from .layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from .sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
-from .tokenizer import (default_roles, extend, find_eos, find_pad, literal_specials, load_tokenizer,
-                        save_tokenizer_dir, sp_tokens)
+from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
+                        load_tokenizer, save_tokenizer_dir, sp_tokens)
 from .runner import WorkerPool, run_units
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
@@ -46,6 +47,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
               partition: tuple[int, int] | None = None, log=print) -> BuildResult:
     t0 = time.time()
     manifest = load_manifest(manifest_path)
+    refuse_output_as_input(manifest, out)    # before --overwrite removes anything
     defaults = dict(manifest.build)
     if defaults.get("tokenizer"):
         defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])
@@ -213,6 +215,7 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     tok_json = tok.to_str()
     units = plan_units(manifest, opts.unit_size)
     _probe_sources(manifest, units)
+    _probe_encoding(manifest, units, tok, roles.get("unk_token"), opts.strict)
     identity = {
         "sptok_version": __version__,
         # root: where `sptok verify` finds the inputs again; not fingerprinted (where a corpus lives is not
@@ -264,6 +267,19 @@ def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
         if len(mine) == 1:
             raise SptokError(f"manifest {manifest.path}: " + no_documents(src.name, dict(probe.counts),
                                                                           probe.examples))
+
+
+def _probe_encoding(manifest: Manifest, units: list[Unit], tok, unk: str | None, strict: bool) -> None:
+    """Warn (refuse under --strict) about a source the tokenizer cannot encode, judged on its first documents:
+    such a build completes, and trains on runs of one token."""
+    for name, texts in source_samples(manifest, units).items():
+        problem = encoding_problem(tok, texts, unk)
+        if problem is None:
+            continue
+        message = f"source {name!r}: the tokenizer cannot encode its text: {problem}; check --tokenizer"
+        if strict:
+            raise SptokError(f"--strict: {message}")
+        print(f"warning: {message} (--strict stops here)", file=sys.stderr)
 
 
 def no_documents(name: str, rejected: dict, examples: dict) -> str:
@@ -328,15 +344,20 @@ def source_problem(name: str, results: list[dict], holdout_docs: int | None = No
 def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> list[str]:
     """The first documents of every source (about ``per_source`` bytes each): where the fast encoder is
     checked against the Hugging Face tokenizer before a build uses it."""
+    return [t for texts in source_samples(manifest, units, per_source).values() for t in texts]
+
+
+def source_samples(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> dict[str, list[str]]:
+    """Source name -> its first documents (about ``per_source`` bytes), for the checks made before a build."""
     from .readers import Rejects, read_unit
 
-    out = []
+    out = {}
     for src in manifest.sources:
         first = next((u for u in units if u.source == src.name), None)
         if first is None:
             continue
         for batch in read_unit(first, src.text_field, src.id_field, Rejects(source=src.name), batch_bytes=per_source):
-            out += batch.texts
+            out[src.name] = batch.texts
             break
     return out
 

@@ -26,3 +26,16 @@ class Stopped(Exception):
 
     def __reduce__(self):
         return (Stopped, (self.message, self.signum))
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters: a 50 MB value named in an error must not
+    become a 50 MB line."""
+    text = value if isinstance(value, str) else None
+    if text is not None and len(text) > limit:
+        return f"{text[:limit]!r}... ({len(text):,} characters)"
+    try:
+        r = repr(value)
+    except ValueError:   # an int of more digits than Python will print
+        return "a number too long to show"
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r):,} characters)"

@@ -21,7 +21,7 @@ from .holdout import Held, smallest
 from .layout import MARKER, write_json
 from .manifest import file_xxh64
 from .pack import Packer, Stream, pad
-from .stats import HIST_BINS, source_stats, totals
+from .stats import HIST_BINS, duplicate_ids, source_stats, totals
 from .writers import open_writer
 
 
@@ -71,6 +71,9 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         per_source[name] = source_stats(results, extra)
         per_source[name]["files"] = len(entries)
         per_source[name]["rejects_file"] = _gather_rejects(out, name, dirs)
+        dups = duplicate_ids(dirs)
+        if dups:   # only then: a build without duplicates keeps the stats.json it always had
+            per_source[name]["duplicate_ids"] = dups
     stats = {"sources": per_source, "totals": totals(per_source)}
     write_json(os.path.join(out, layout.STATS), stats)
     _copy_dir(tokenizer_dir, os.path.join(out, layout.TOKENIZER))

@@ -50,6 +50,7 @@ RESULT = "result.json"         # written last: its presence means the unit is co
 TAIL = "tail.npz"              # the unit's remainder (< seq_len tokens), stitched by finalize
 HOLDOUT = "holdout.npz"        # the unit's held-out documents (the validation split)
 QUARANTINE = "rejects.jsonl.zst"
+ID_HASHES = "ids.npy"           # the sorted doc keys (uint64) of a source with id_field: duplicate ids are counted
 STITCH = ".stitch"             # in a source directory while finalize packs the tails
 # a model directory written by `sptok export` holds the build's MARKER too, and how the model was trained:
 TRAIN_CONFIG = "sptok_train.json"

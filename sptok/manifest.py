@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import expand
 from .compression import sniff_file, strip_extension
-from .errors import SptokError
+from .errors import SptokError, shown
 from .layout import TOP_LEVEL
+from .yamlfile import load_yaml
 
 
 
@@ -33,6 +35,7 @@ class Source:
     id_field: str | None = None
     sp: str | None = None
     weight: float = 1.0
+    links_outside: bool = False   # read files that symlinks found in a walk or glob lead out of its directory
 
 
 @dataclass
@@ -114,15 +117,10 @@ def _parse(path: str, data: bytes) -> dict:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise SptokError(f"manifest {path} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise SptokError(f"manifest {path}: invalid JSON: nested too deeply to read") from None
     else:
-        import yaml
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise SptokError(f"manifest {path}{where}: invalid YAML: {problem}") from None
+        doc = load_yaml(text, f"manifest {path}")
     if not isinstance(doc, dict):
         raise SptokError(f"manifest {path}: expected a mapping with a `sources:` list at the top, "
                          f"got {type(doc).__name__}")
@@ -173,10 +171,13 @@ def _what_failed(err) -> str:
 
         return _what_failed(jsonschema.exceptions.best_match(err.context))
     if err.validator == "enum":
-        return f"{err.instance!r} is not one of {', '.join(map(str, err.validator_value))}"
+        return f"{shown(err.instance)} is not one of {', '.join(map(str, err.validator_value))}"
+    if err.validator == "maxLength":
+        return f"{shown(err.instance)} is longer than {err.validator_value} characters"
     if "errorMessage" in err.schema:   # the schema says what the pattern or bound means, and why
-        return f"{err.instance!r}: {err.schema['errorMessage']}"
-    return err.message
+        return f"{shown(err.instance)}: {err.schema['errorMessage']}"
+    full = repr(err.instance)           # jsonschema's messages open with the whole value
+    return shown(err.instance) + err.message[len(full):] if err.message.startswith(full) else err.message
 
 
 def _key_path(parts) -> str:
@@ -192,18 +193,20 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
     fmt = s.get("format")
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     files: list[str] = []
+    outside = bool(s.get("links_outside"))
+    where = lambda f: f"{key}: paths: {os.path.relpath(f, root)}"   # noqa: E731
     for p in paths:
         full = os.path.join(root, os.path.expanduser(p))
         if glob.has_magic(full):
-            matches = sorted(m for m in glob.glob(full, recursive=True) if os.path.isfile(m) or _is_hf_dir(m))
+            found = [m for m in expand.match(full) if os.path.isfile(m) or _is_hf_dir(m) or not os.path.exists(m)]
+            matches = expand.unique_inside(found, expand.split_glob(full)[0], outside, where)
             if not matches:
                 raise SptokError(f"{key}: paths: no files match {p!r} (resolved to {full})")
         elif os.path.isdir(full):
             if fmt == "hf" or (fmt is None and _is_hf_dir(full)):
                 matches = [full]
             else:
-                matches = sorted(os.path.join(d, f) for d, _, fs in os.walk(full) for f in fs
-                                 if not f.startswith("."))
+                matches = expand.unique_inside(list(expand.walk(full)), full, outside, where)
                 if fmt is None:
                     matches = [m for m in matches if _infer_format(m) is not None]
                 if not matches:
@@ -213,7 +216,7 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
         else:
             raise SptokError(f"{key}: paths: file not found: {p!r} (resolved to {full})")
         files.extend(os.path.abspath(m) for m in matches)
-    files = sorted(dict.fromkeys(files))
+    files = _once(files)
     if fmt is None:
         inferred = {f: _infer_format(f) for f in files}
         unknown = [f for f, v in inferred.items() if v is None]
@@ -233,7 +236,15 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
                              f"saved with save_to_disk (no state.json)")
     return Source(name=s["name"], source_id=i, paths=tuple(paths), files=tuple(files), format=fmt,
                   text_field=s.get("text_field", "text"), id_field=s.get("id_field"), sp=s.get("sp"),
-                  weight=float(s.get("weight", 1.0)))
+                  weight=float(s.get("weight", 1.0)), links_outside=outside)
+
+
+def _once(files: list[str]) -> list[str]:
+    """Sorted, each real file once (under its first path): two paths to one file are one input."""
+    firsts: dict[str, str] = {}
+    for f in sorted(files):
+        firsts.setdefault(os.path.realpath(f), f)
+    return sorted(firsts.values())
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -355,7 +366,8 @@ def describe_sources(manifest: Manifest) -> list[dict]:
     """The resolved sources as recorded in sptok.json (and compared on resume)."""
     return [{"name": s.name, "source_id": s.source_id, "format": s.format, "paths": list(s.paths),
              "files": [manifest.relpath(f) for f in s.files], "text_field": s.text_field,
-             "id_field": s.id_field, "sp": s.sp, "weight": s.weight} for s in manifest.sources]
+             "id_field": s.id_field, "sp": s.sp, "weight": s.weight,
+             **({"links_outside": True} if s.links_outside else {})} for s in manifest.sources]
 
 
 def input_files(manifest: Manifest) -> list[str]:

@@ -7,13 +7,19 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from .encoders import CHOICES as ENCODERS
-from .errors import SptokError
+from .errors import SptokError, shown
 from .sp import POLICIES
 from .sp_layout import POSITIONS
-from .tokenizer import DEFAULT_DELIMITER
+from .tokenizer import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
 from .writers import FORMATS
 
 TAILS = ("keep", "pad", "drop")   # the last short sample of a source (finalize._pack_streams)
+MAX_SEQ_LEN = 1 << 24
+MAX_WORKERS = 1024
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_size(value, flag: str) -> int:
@@ -23,11 +29,12 @@ def parse_size(value, flag: str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(value), re.I)
         if not m:
-            raise SptokError(f"{flag}: {value!r} is not a size (examples: 1048576, 64MB, 256KiB)")
+            raise SptokError(f"{flag}: {shown(value)} is not a size (examples: 1048576, 64MB, 256KiB)")
         unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
-        n = int(float(m.group(1)) * 1024 ** " kmgt".index(unit or " "))
-    if n <= 0:
-        raise SptokError(f"{flag}: must be positive, got {value!r}")
+        n = float(m.group(1)) * 1024 ** " kmgt".index(unit or " ")
+        n = int(n) if n < 1 << 63 else 1 << 63   # refused below, with the flag (inf has no int)
+    if not 0 < n < 1 << 63:
+        raise SptokError(f"{flag}: must be a positive size below 8 EiB, got {shown(value)}")
     return n
 
 
@@ -37,9 +44,9 @@ def parse_fraction(value, flag: str) -> float:
     try:
         f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise SptokError(f"{flag}: {value!r} is not a fraction (examples: 0.5%, 0.005)") from None
+        raise SptokError(f"{flag}: {shown(value)} is not a fraction (examples: 0.5%, 0.005)") from None
     if not 0.0 < f < 1.0:
-        raise SptokError(f"{flag}: must be a fraction between 0 and 1 (0% and 100%), got {value!r}")
+        raise SptokError(f"{flag}: must be a fraction between 0 and 1 (0% and 100%), got {shown(value)}")
     return f
 
 
@@ -73,22 +80,28 @@ class BuildOptions:
     def __post_init__(self):
         def choice(flag, value, allowed):
             if value not in allowed:
-                raise SptokError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
+                raise SptokError(f"--{flag}: {shown(value)} is not one of {', '.join(allowed)}")
 
         choice("policy", self.policy, POLICIES)
         choice("position", self.position, POSITIONS)
         choice("tail", self.tail, TAILS)
         choice("format", self.format, FORMATS)
         choice("encoder", self.encoder, ENCODERS)
+        for flag in ("delimiter", "eos"):
+            v = getattr(self, flag)
+            if v is not None and (not isinstance(v, str) or len(v) > MAX_TOKEN_CHARS):
+                raise SptokError(f"--{flag}: must be a string of at most {MAX_TOKEN_CHARS} characters, got {shown(v)}")
         for flag in ("insert_prob", "msp_prob"):
             v = getattr(self, flag)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise SptokError(f"--{flag.replace('_', '-')}: must be a probability in [0, 1], got {v!r}")
+                raise SptokError(f"--{flag.replace('_', '-')}: must be a probability in [0, 1], got {shown(v)}")
             setattr(self, flag, float(v))
-        if not isinstance(self.seq_len, int) or self.seq_len < 8:
-            raise SptokError(f"--seq-len: must be an integer >= 8, got {self.seq_len!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise SptokError(f"--seed: must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seq_len) or not 8 <= self.seq_len <= MAX_SEQ_LEN:
+            raise SptokError(f"--seq-len: must be an integer from 8 to {MAX_SEQ_LEN:,} (tokens per sample, each "
+                             f"sample held in memory whole), got {shown(self.seq_len)}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 1 << 64:
+            raise SptokError(f"--seed: must be an integer from 0 to 2**64 - 1 (decisions mix it as a uint64), "
+                             f"got {shown(self.seed)}")
         if not isinstance(self.hash_inputs, bool):
             raise SptokError(f"hash_inputs: must be true or false, got {self.hash_inputs!r}")
         self.unit_size = parse_size(self.unit_size, "--unit-size")
@@ -96,12 +109,13 @@ class BuildOptions:
         if self.shard_size >= 1 << 32:
             raise SptokError("--shard-size: must be below 4 GiB because MDS sample offsets are uint32")
         self.holdout = parse_fraction(self.holdout, "--holdout") if self.holdout is not None else None
-        if self.holdout_docs is not None and (not isinstance(self.holdout_docs, int) or self.holdout_docs < 1):
-            raise SptokError(f"--holdout-docs: must be a positive number of documents, got {self.holdout_docs!r}")
+        if self.holdout_docs is not None and (not _is_int(self.holdout_docs) or not 1 <= self.holdout_docs < 1 << 63):
+            raise SptokError(f"--holdout-docs: must be a positive number of documents, got {shown(self.holdout_docs)}")
         if self.holdout is not None and self.holdout_docs is not None:
             raise SptokError("--holdout and --holdout-docs: give one of them (a fraction, or documents per source)")
-        if self.workers < 0:
-            raise SptokError(f"--workers: must be >= 0 (0 = one per CPU), got {self.workers}")
+        if not _is_int(self.workers) or not 0 <= self.workers <= MAX_WORKERS:
+            raise SptokError(f"--workers: must be an integer from 0 (one per CPU) to {MAX_WORKERS}, got "
+                             f"{shown(self.workers)}")
         if self.workers == 0:
             self.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -127,7 +141,7 @@ def partition_of(value: str | None, env) -> tuple[int, int] | None:
         try:
             i, n = (int(x) for x in value.split("/"))
         except ValueError:
-            raise SptokError(f"--partition: expected i/N such as 0/4, got {value!r}") from None
+            raise SptokError(f"--partition: expected i/N such as 0/4, got {shown(value)}") from None
         src = "--partition"
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])

@@ -24,7 +24,7 @@ BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
 READ_CHUNK = 4 << 20        # bytes read from a file at once
 FEED_SLICE = 64 << 10      # compressed bytes handed to a decompressor at once
 REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_field", "non_string_text",
-           "empty_text", "truncated_archive")
+           "empty_text", "invalid_id", "truncated_archive")
 
 
 @dataclass
@@ -71,9 +71,11 @@ def read_unit(unit: Unit, text_field: str, id_field: str | None, rejects: Reject
 def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
     keys, texts, size = [], [], 0
     lines = _JsonlLines(unit, rejects)
+    at_file_start = unit.start == 0
     for offset, local_line, raw in lines:
         if not raw.strip():
             continue  # a blank line is not a record
+        first, at_file_start = at_file_start, False
 
         def reject(reason, detail):
             line = lines.line_number(local_line)
@@ -86,9 +88,16 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
             reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
             continue
         except ValueError as e:
+            if first:
+                _refuse_json_array(unit, raw)
             col = f" (column {e.colno})" if hasattr(e, "colno") else ""
             reject("malformed_json", f"malformed JSON: {getattr(e, 'msg', e)}{col}")
             continue
+        except RecursionError:   # the decoder recurses per level: a record nested too deeply is malformed for us
+            reject("malformed_json", "malformed JSON: nested too deeply to read")
+            continue
+        if first and isinstance(rec, list):
+            _refuse_json_array(unit, raw)
         got = check_record(rec, text_field, id_field)
         if isinstance(got, Problem):
             reject(got.reason, got.detail)
@@ -102,6 +111,14 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
             keys, texts, size = [], [], 0
     if keys:
         yield Batch(keys, texts, lines.consumed)
+
+
+def _refuse_json_array(unit, raw: bytes) -> None:
+    """A file whose first record opens a JSON array is a JSON document, not JSON Lines: say so once, rather
+    than reject each of its lines with a parse error."""
+    if raw.lstrip().startswith(b"["):
+        raise SptokError(f"{unit.relpath}: holds a JSON array, not JSON Lines (one object per line); convert it, "
+                         f"e.g. `jq -c '.[]' {os.path.basename(unit.relpath)} > records.jsonl`, and list that file")
 
 
 class _JsonlLines:
@@ -240,7 +257,17 @@ def check_record(rec, text_field: str, id_field: str | None):
         return None, text
     if rec.get(id_field) is None:
         return Problem("missing_field", f"no field {id_field!r} (id_field)")
-    return str(rec[id_field]), text
+    key = doc_id(rec[id_field], id_field)
+    return key if isinstance(key, Problem) else (key, text)
+
+
+def doc_id(value, id_field: str):
+    """A document id as text, or the Problem with it. Ids are compared as text (``5`` and ``"5"`` are one id, and
+    a duplicate is counted); an object, array or boolean is no id."""
+    kind = {dict: "an object", list: "an array", bool: "a boolean"}.get(type(value))
+    if kind is None:
+        return value if isinstance(value, str) else str(value)
+    return Problem("invalid_id", f"field {id_field!r} (id_field) holds {kind}; an id is a string or a number")
 
 
 def _blank(text: str) -> str:
@@ -314,7 +341,11 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
                         rejects.add("missing_field", where, f"field {id_field!r} (id_field) is null", None,
                                     file=unit.relpath, row=r)
                         continue
-                    keys.append(str(col_id[i]))
+                    key = doc_id(col_id[i], id_field)
+                    if isinstance(key, Problem):
+                        rejects.add(key.reason, where, key.detail, None, file=unit.relpath, row=r)
+                        continue
+                    keys.append(key)
                 else:
                     keys.append(f"{unit.relpath}:{r}")
                 texts.append(text)

@@ -8,7 +8,7 @@ import os
 from collections import Counter
 
 from .errors import SptokError
-from .layout import STATS, load_build
+from .layout import ID_HASHES, STATS, load_build
 
 # the break of a truncated .gz/.zst: counted with the rejected records in stats.json, but not a record
 ARCHIVE_BREAK = "truncated_archive"
@@ -48,6 +48,18 @@ def source_stats(results: list[dict], extra: dict) -> dict:
 def skipped_records(rejected: dict) -> int:
     """The records among ``rejected`` (a ``stats.json`` count by reason): all but the archive breaks."""
     return sum(v for k, v in rejected.items() if k != ARCHIVE_BREAK)
+
+
+def duplicate_ids(unit_dirs: list[str]) -> int:
+    """How many documents of a source repeat an id an earlier one had (from the units' sorted key hashes):
+    each is still built as its own document, so the count is reported rather than silently accepted."""
+    import numpy as np
+
+    parts = [np.load(p) for p in (os.path.join(d, ID_HASHES) for d in unit_dirs) if os.path.exists(p)]
+    if not parts:
+        return 0
+    keys = np.concatenate(parts)
+    return int(len(keys) - len(np.unique(keys)))
 
 
 def totals(per_source: dict) -> dict:
@@ -123,6 +135,11 @@ def format_table(info: dict, stats: dict) -> str:
                 f"archive breaks {breaks:,} ({ARCHIVE_BREAK}: not records; the text before each break is kept)")])))
             for k, ex in stats["sources"][name]["reject_examples"].items():
                 lines.append(f"    first {k}: {ex}")
+    dups = {n: s["duplicate_ids"] for n, s in stats["sources"].items() if s.get("duplicate_ids")}
+    if dups:
+        lines.append("")
+        lines.append("duplicate document ids (each document was still built): "
+                     + ", ".join(f"{n} {v:,}" for n, v in dups.items()))
     h = info.get("holdout")
     if h:
         rule = f"{100 * h['fraction']:g}% of each source" if "fraction" in h else \

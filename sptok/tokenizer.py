@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import SptokError
+from .errors import SptokError, shown
 from .layout import TOKENIZER_JSON
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
 DEFAULT_DELIMITER = "<SPSEP>"
+MAX_TOKEN_CHARS = 128        # an SP, delimiter or EOS token: the manifest schema's bound too
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 MODELS = ("bpe", "wordpiece", "unigram")
 _ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
@@ -117,6 +118,10 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
     reserved = reserved_tokens(lt)
     wanted = list(sps) + ([delimiter] if delimiter else [])
     for s in wanted:
+        what = "delimiter" if s == delimiter and s not in sps else "SP"
+        if len(s) > MAX_TOKEN_CHARS:
+            raise SptokError(f"{what} {shown(s)} is {len(s):,} characters long; an SP or delimiter is one token of at "
+                             f"most {MAX_TOKEN_CHARS} characters")
         problem = None
         if s in reserved:
             problem = "is the tokenizer's own special token"
@@ -140,6 +145,37 @@ def extend(lt: LoadedTokenizer, sps: list[str], delimiter: str | None) -> dict[s
                 raise SptokError(f"SP token clash: the tokenizer turns the text {s!r} into the SP's own id "
                                  f"{ids[s]}; choose another name")
     return ids
+
+
+def encoding_problem(tok, texts: list[str], unk: str | None) -> str | None:
+    """Why ``tok`` cannot be what a source is built with, judged on a sample of its ``texts``: most of their
+    characters (whitespace aside) become the unknown token or no token at all, or one and the same token (a
+    vocabulary such as {"a": 0} turns a corpus into runs of one id). None when it encodes them."""
+    from collections import Counter
+
+    import numpy as np
+
+    unk_id = tok.token_to_id(unk) if unk else None
+    owners: Counter = Counter()     # token id (-1: no token) -> characters it covers
+    with literal_specials(tok) as enc:
+        for text, e in zip(texts, enc.encode_batch(texts, add_special_tokens=False)):
+            owner = np.full(len(text), -1, np.int64)
+            for i, (a, b) in zip(e.ids, e.offsets):
+                owner[a:b] = i
+            visible = np.fromiter((not c.isspace() for c in text), bool, len(text))
+            owners.update(dict(zip(*(x.tolist() for x in np.unique(owner[visible], return_counts=True)))))
+    total = sum(owners.values())
+    if total < 64:
+        return None
+    lost = owners.pop(-1, 0) + (owners.pop(unk_id, 0) if unk_id is not None else 0)
+    if lost > total / 2:
+        return f"{100 * lost / total:.0f}% of the characters of its first documents " + \
+            (f"become {unk} or no token" if unk else "become no token (dropped)")
+    top, n = max(owners.items(), key=lambda kv: kv[1], default=(None, 0))
+    if n > total / 2:
+        return f"{100 * n / total:.0f}% of the characters of its first documents become one token, id {top} " \
+               f"({tok.id_to_token(top)!r})"
+    return None
 
 
 def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:

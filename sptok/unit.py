@@ -102,8 +102,11 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     reported = 0   # input bytes reported to progress so far
     holdout = UnitHoldout(ctx.seed, ctx.holdout, ctx.holdout_docs)
     late = Held.empty()          # documents set aside, then evicted from the unit's held-out ones
+    ids = []                     # doc keys of a source with id_field, for finalize's count of duplicate ids
     for batch in read_unit(unit, src["text_field"], src["id_field"], rejects):
         hashes = doc_hashes(unit.source, batch.keys)
+        if src["id_field"]:
+            ids.append(hashes)
         dec = decide(hashes, ctx.seed, ctx.insert_prob, ctx.msp_prob)
         flat, lens = ctx.encoder.encode(batch.texts)
         held, u = holdout.pick(hashes)
@@ -132,6 +135,8 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         np.add.at(hist, late.bins, 1)
     if holdout.active:
         holdout.held.save(os.path.join(tmp, layout.HOLDOUT))
+    if ids:
+        np.save(os.path.join(tmp, layout.ID_HASHES), np.sort(np.concatenate(ids)))
     tail = packer.take_tail()
     tail.save(os.path.join(tmp, layout.TAIL))
     files = writer.finish()

@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from . import expand
 from .errors import SptokError
 from . import layout
 from .layout import load_build
@@ -364,7 +365,7 @@ def _check_manifest(info: dict, root: str, recorded: dict, rep: Report) -> None:
                 f"{k} {a.get(k)!r} -> {b[k]!r}" for k in diff)))
         for path in paths:
             full = os.path.join(root, os.path.expanduser(path))
-            if not (glob.glob(full, recursive=True) if glob.has_magic(full) else os.path.exists(full)):
+            if not (expand.match(full) if glob.has_magic(full) else os.path.exists(full)):
                 continue   # what it matched at build time is reported missing
             try:
                 src = expand_source(mpath, root, i, dict(spec, paths=[path]))

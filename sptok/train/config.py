@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ..errors import SptokError
+from ..yamlfile import load_yaml
 
 FAMILIES = {"bert": "mlm", "t5": "span", "llama": "causal"}
 
@@ -215,7 +216,7 @@ def _read_yaml(path: str) -> dict:
         raise SptokError(f"config not found: {path}")
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f) or {}
+            doc = load_yaml(f.read(), f"config {path}") or {}
     except yaml.YAMLError as e:
         raise SptokError(f"config {path}: invalid YAML ({e})") from None
     if not isinstance(doc, dict):
