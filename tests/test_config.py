@@ -73,7 +73,8 @@ def test_paths_in_the_file_are_relative_to_it_and_given_ones_to_where_the_comman
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.yaml").write_text("data: {build: b}\ncheckpoint: {dir: ck}\nlog: {dir: lg}\n")
     cfg = load_config("sub/c.yaml")
-    assert (cfg.data.build, cfg.checkpoint.dir, cfg.log.dir) == tuple(str(tmp_path / "sub" / p) for p in ("b", "ck", "lg"))
+    here = tuple(str(tmp_path / "sub" / p) for p in ("b", "ck", "lg"))
+    assert (cfg.data.build, cfg.checkpoint.dir, cfg.log.dir) == here
     cfg = load_config("sub/c.yaml", ["checkpoint.dir=o/ck", "log.dir=o/lg"])
     assert (cfg.checkpoint.dir, cfg.log.dir) == (str(tmp_path / "o" / "ck"), str(tmp_path / "o" / "lg"))
     (tmp_path / "sub" / "d.yaml").write_text("data: {build: b}\n")

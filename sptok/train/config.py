@@ -1,7 +1,8 @@
 """Training configuration: small keyword-only dataclasses, loaded from YAML with `--set a.b=value` overrides.
 
 Every check happens here, up front, and names the key to change: types and ranges when the config is read,
-what needs the build or the device (``check_device``, ``check_against_build``) as soon as they are known.
+what needs the device or the build (``check_device``, ``check_against_build``, ``check_build_args``) as soon as
+they are known, before any step.
 """
 
 from __future__ import annotations
