@@ -14,6 +14,8 @@ import numpy as np
 from .errors import SptokError
 from .sp_layout import SPLayout
 
+SHORT_FINGERPRINT = 12   # the characters of a fingerprint that commands print; the fewest that pin a build
+
 
 @dataclass(frozen=True)
 class BuildSpec:

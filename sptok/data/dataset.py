@@ -12,6 +12,7 @@ import numpy as np
 from .. import layout
 from ..build_info import BuildInfo
 from ..errors import SptokError
+from ..spec import SHORT_FINGERPRINT
 
 
 def _streaming_dataset_class():
@@ -97,6 +98,18 @@ def source_weights(info: BuildInfo, proportion: dict | None, repeat: dict | None
     return {n: {"proportion": base[n] / total} for n in info.sources}
 
 
+def check_fingerprint(info: BuildInfo, expected: str) -> None:
+    """Refuse any build but the pinned one: ``expected`` is its fingerprint or a prefix of at least
+    ``SHORT_FINGERPRINT`` characters (the form every command prints)."""
+    expected = expected.lower()
+    if len(expected) < SHORT_FINGERPRINT:
+        raise SptokError(f"expected_fingerprint: {expected!r} is too short to pin a build; give at least its first "
+                         f"{SHORT_FINGERPRINT} characters")
+    if not info.fingerprint.startswith(expected):
+        raise SptokError(f"{info.path}: build fingerprint {info.fingerprint[:len(expected)]} is not the expected "
+                         f"{expected}: this is another build than the one pinned")
+
+
 def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | None = None, weights: bool = True,
                  expected_fingerprint: str | None = None, **kwargs):
     """The build in ``out`` as a dataset with one stream per source.
@@ -109,9 +122,8 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
     ``expected_fingerprint`` refuses any other build.
     """
     info = BuildInfo.load(out)
-    if expected_fingerprint and expected_fingerprint != info.fingerprint:
-        raise SptokError(f"{out}: build fingerprint {info.fingerprint[:12]} is not the expected "
-                         f"{expected_fingerprint[:12]}: this is another build than the one pinned")
+    if expected_fingerprint:
+        check_fingerprint(info, expected_fingerprint)
     per_source = source_weights(info, proportion, repeat, weights)
     if info.format == "mds":
         from streaming import Stream

@@ -78,8 +78,8 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         os.makedirs(d, exist_ok=True)
         doc = copy.deepcopy(base)
         doc["data"].update(proportion=dict(zip(names, mix)), manifest=None)
-        doc["log"].update(dir=os.path.join(d, "log"), tensorboard=False)
-        doc["checkpoint"].update(dir=os.path.join(d, "ckpt"), resume=True)
+        doc["log"].update(dir="log", tensorboard=False)          # relative to the proxy's config.yaml
+        doc["checkpoint"].update(dir="ckpt", resume=True)
         doc["eval"]["every"] = base["eval"]["every"] or cfg.eval.every
         with open(os.path.join(d, "config.yaml"), "w") as f:
             yaml.safe_dump(doc, f, sort_keys=False)

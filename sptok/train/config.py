@@ -1,42 +1,93 @@
 """Training configuration: small keyword-only dataclasses, loaded from YAML with `--set a.b=value` overrides.
 
-Every check happens here, up front, and names the key to change.
+Every check happens here, up front, and names the key to change: types and ranges when the config is read,
+what needs the device or the build (``check_device``, ``check_against_build``, ``check_build_args``) as soon as
+they are known, before any step.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 from ..errors import SptokError
+from ..spec import SHORT_FINGERPRINT
 from ..yamlfile import load_yaml
 
 FAMILIES = {"bert": "mlm", "t5": "span", "llama": "causal"}
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: finite, and between ``low`` and ``high`` (``None``: unbounded),
+    each bound included unless ``*_open``."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, x) -> bool:
+        return (math.isfinite(x) and (self.low is None or (x > self.low if self.low_open else x >= self.low))
+                and (self.high is None or (x < self.high if self.high_open else x <= self.high)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"{'<' if self.high_open else '<='} {self.high}"
+
+
+def number(default, low=None, high=None, *, above=None, below=None):
+    """A numeric setting's field: its default and its range (``low`` <= x <= ``high``, ``above`` < x <
+    ``below``), which ``check_numbers`` enforces when the config is read."""
+    rng = Range(low if above is None else above, high if below is None else below, above is not None,
+                below is not None)
+    return field(default=default, metadata={"range": rng})
+
+
+def check_numbers(section: str, settings) -> None:
+    """Every numeric setting of ``settings`` inside its range (NaN and infinities never are): one line
+    naming the key."""
+    for f in dataclasses.fields(settings):
+        rng, v = f.metadata.get("range"), getattr(settings, f.name)
+        if rng is not None and v is not None and not rng.admits(v):
+            finite = "" if math.isfinite(v) else "finite and "
+            raise SptokError(f"config: {section}.{f.name}: must be {finite}{rng}, got {v!r}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     family: str = "bert"                 # bert (MLM + MSP) | t5 (span corruption) | llama (causal LM)
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None      # llama: grouped-query attention
-    intermediate_size: int = 1024
-    max_position_embeddings: int | None = None   # default: the build's seq_len
-    dropout: float = 0.0
+    hidden_size: int = number(256, low=1)
+    num_layers: int = number(4, low=1)
+    num_heads: int = number(4, low=1)
+    num_kv_heads: int | None = number(None, low=1)             # llama: grouped-query attention
+    intermediate_size: int = number(1024, low=1)
+    max_position_embeddings: int | None = number(None, low=1)  # default: the build's seq_len
+    dropout: float = number(0.0, low=0, below=1)
     attn_implementation: str = "sdpa"    # sdpa | eager | flex_attention (llama; bert with transformers 5)
     extra: dict = field(default_factory=dict)    # passed to the transformers config as is
 
     def __post_init__(self):
+        check_numbers("model", self)
         if self.family not in FAMILIES:
             raise SptokError(f"model.family: {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.hidden_size % self.num_heads:
             raise SptokError(f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads "
                              f"({self.num_heads})")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise SptokError(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+                             f"({self.num_kv_heads})")
 
 
 @dataclass(kw_only=True)
@@ -47,91 +98,108 @@ class DataConfig:
     proportion: dict | None = None       # per-source overrides of the manifest weights
     repeat: dict | None = None
     weights: bool = True                 # use the manifest weights (else natural sizes)
-    mlm_prob: float = 0.15
+    mlm_prob: float = number(0.15, low=0, high=1)
     sp_policy: str = "keep"              # load-time SP policy
     sp_schedule: list = field(default_factory=list)  # [[fraction, policy], ...]: from that fraction of steps on
-    expected_fingerprint: str | None = None
+    expected_fingerprint: str | None = None          # the build's fingerprint, or its first 12 characters or more
     shuffle: bool = True
-    num_workers: int = 0
+    num_workers: int = number(0, low=0)
 
     def __post_init__(self):
+        check_numbers("data", self)
         if not self.build:
             raise SptokError("data.build: give the build directory to train on")
+        for what in ("proportion", "repeat"):
+            for name, v in (getattr(self, what) or {}).items():
+                if not _is_number(v) or v < 0:
+                    raise SptokError(f"config: data.{what}.{name}: must be a finite number >= 0, got {v!r}")
         for i, item in enumerate(self.sp_schedule):
-            if not (isinstance(item, (list, tuple)) and len(item) == 2 and 0 <= float(item[0]) <= 1):
+            if not (isinstance(item, (list, tuple)) and len(item) == 2 and _is_number(item[0]) and 0 <= item[0] <= 1):
                 raise SptokError(f"data.sp_schedule[{i}]: expected [fraction in 0..1, policy], got {item!r}")
+        fp = self.expected_fingerprint
+        if fp and not (SHORT_FINGERPRINT <= len(fp) <= 64 and all(c in "0123456789abcdef" for c in fp.lower())):
+            raise SptokError(f"config: data.expected_fingerprint: give the build's fingerprint or at least its first "
+                             f"{SHORT_FINGERPRINT} characters (hexadecimal, as sptok prints it), got {fp!r}")
+        unknown = sorted(set(self.build_args) - set(_build_option_types()))
+        if unknown:
+            raise SptokError(f"config: data.build_args.{unknown[0]} is not a build option; the options are "
+                             f"{', '.join(sorted(_build_option_types()))}")
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
+    lr: float = number(5e-4, above=0)
+    weight_decay: float = number(0.01, low=0)
     betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 0
+    eps: float = number(1e-6, above=0)
+    warmup_steps: int = number(0, low=0)
     schedule: str = "linear"             # linear | cosine (decay to min_lr_ratio * lr at the last step)
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0               # 0 = no clipping
+    min_lr_ratio: float = number(0.0, low=0, high=1)
+    grad_clip: float = number(1.0, low=0)   # 0 = no clipping
 
     def __post_init__(self):
+        check_numbers("optim", self)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise SptokError(f"optim.schedule: {self.schedule!r} is not one of linear, cosine, constant")
-        if self.lr <= 0:
-            raise SptokError(f"optim.lr must be positive, got {self.lr}")
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
+            raise SptokError(f"config: optim.betas: must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = 100
-    global_batch_size: int = 32          # samples per optimizer step, over all ranks and micro-batches
-    micro_batch_size: int = 8            # samples per forward pass on one rank
+    steps: int = number(100, low=1)
+    global_batch_size: int = number(32, low=1)   # samples per optimizer step, over all ranks and micro-batches
+    micro_batch_size: int = number(8, low=1)     # samples per forward pass on one rank
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     parallel: str = "auto"               # auto (ddp when several processes) | ddp | fsdp | none
     activation_checkpointing: bool = False
     compile: bool = False
-    seed: int = 0
+    seed: int = number(0, low=0, high=2**32 - 1)   # numpy and streaming take 32-bit seeds
     device: str = "auto"                 # auto | cpu | cuda
-    stop_at: int | None = None           # end this run after that step (checkpointed), schedule unchanged
-    max_minutes: float | None = None     # end this run (checkpointed) once its wall-clock budget is spent
+    stop_at: int | None = number(None, low=1)      # end this run after that step (checkpointed), schedule unchanged
+    max_minutes: float | None = number(None, above=0)   # end this run (checkpointed) once its budget is spent
     on_nonfinite: str = "stop"           # a NaN / inf loss or gradient norm: stop (no checkpoint) | skip the update
 
     def __post_init__(self):
-        if self.parallel not in ("auto", "ddp", "fsdp", "none"):
-            raise SptokError(f"train.parallel: {self.parallel!r} is not one of auto, ddp, fsdp, none")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise SptokError(f"train.precision: {self.precision!r} is not one of auto, bf16, fp32")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise SptokError(f"train.on_nonfinite: {self.on_nonfinite!r} is not one of stop, skip")
-        if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size < 1:
-            raise SptokError("train.steps, train.global_batch_size and train.micro_batch_size must be >= 1")
+        check_numbers("train", self)
+        for key, allowed in (("parallel", ("auto", "ddp", "fsdp", "none")), ("precision", ("auto", "bf16", "fp32")),
+                             ("device", ("auto", "cpu", "cuda")),
+                             ("on_nonfinite", ("stop", "skip"))):
+            if getattr(self, key) not in allowed:
+                raise SptokError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    every: int = 0                       # steps between evaluations on the validation build (0 = none)
+    every: int = number(0, low=0)        # steps between evaluations on the validation build (0 = none)
     build: str = ""                      # the validation build; "" = the training build's split (--holdout)
-    samples: int = 64                    # samples of each source scored (0 = all of them)
-    micro_batch_size: int | None = None  # default: train.micro_batch_size
+    samples: int = number(64, low=0)     # samples of each source scored (0 = all of them)
+    micro_batch_size: int | None = number(None, low=1)   # default: train.micro_batch_size
     sp_policy: str = "keep"              # load-time SP policy of the validation samples
 
     def __post_init__(self):
-        if self.every < 0 or self.samples < 0:
-            raise SptokError("eval.every and eval.samples must be >= 0 (0: no evaluation / every sample)")
+        check_numbers("eval", self)
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str = ""                        # "" = no checkpoints
-    every: int = 0                       # steps between checkpoints (0 = only at the end)
+    every: int = number(0, low=0)        # steps between checkpoints (0 = only at the end)
     resume: bool = True                  # continue from the newest checkpoint in dir
+
+    def __post_init__(self):
+        check_numbers("checkpoint", self)
 
 
 @dataclass(kw_only=True)
 class LogConfig:
     dir: str = "runs/sptok"
-    every: int = 10
+    every: int = number(10, low=1)
     tensorboard: bool = True             # when tensorboard is installed
+
+    def __post_init__(self):
+        check_numbers("log", self)
 
 
 @dataclass(kw_only=True)
@@ -144,8 +212,57 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self):
+        if self.train.device == "cpu":
+            check_device(self, "cpu")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_device(cfg: Config, device_type: str) -> None:
+    """Refuse what cannot train on the device, before any data is built or read."""
+    if device_type == "cpu" and cfg.model.attn_implementation == "flex_attention":
+        raise SptokError(f"model.attn_implementation: flex_attention cannot train on CPU (train.device: "
+                         f"{cfg.train.device}): torch has no FlexAttention backward there; use sdpa, or a GPU")
+
+
+def check_against_build(cfg: Config, info) -> None:
+    """Refuse settings the build makes implausible: a global batch larger than the whole build, position
+    embeddings shorter than its samples."""
+    samples = sum(c["samples"] for c in info.raw.get("counts", {}).values())
+    if samples and cfg.train.global_batch_size > samples:
+        raise SptokError(f"train.global_batch_size ({cfg.train.global_batch_size:,}) is more than the {samples:,} "
+                         f"samples of {info.path}: every step would hold each sample more than once")
+    positions = cfg.model.max_position_embeddings
+    if positions is not None and cfg.model.family != "t5" and positions < info.seq_len:
+        raise SptokError(f"model.max_position_embeddings ({positions}) is less than the build's seq_len "
+                         f"({info.seq_len}); leave it unset to use the seq_len")
+
+
+def check_build_args(cfg: Config) -> None:
+    """The build in data.build, made earlier from data.manifest, must have the options that the manifest's
+    ``build:`` and data.build_args give now: a changed option is refused, naming it, rather than ignored."""
+    from ..build import describe_changes
+    from ..layout import MARKER, read_json
+    from ..manifest import read_document
+    from ..options import BuildOptions
+
+    built = read_json(os.path.join(cfg.data.build, MARKER)).get("options", {})
+    defaults = read_document(cfg.data.manifest).get("build") or {}
+    wanted = BuildOptions.resolve(defaults, cfg.data.build_args).identity()
+    changes = describe_changes({"options": built}, {"options": wanted})
+    if changes:
+        raise SptokError(f"data.build_args: {cfg.data.build} was built with other options than {cfg.data.manifest} "
+                         f"and data.build_args give ({changes}); set data.build to a new directory to build "
+                         f"there, or remove {cfg.data.build} to rebuild it")
+
+
+def _build_option_types() -> dict[str, str]:
+    """data.build_args' keys: the options of `sptok build` (BuildOptions), with their annotations."""
+    from ..options import BuildOptions
+
+    return {f.name: str(f.type) for f in dataclasses.fields(BuildOptions)}
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
@@ -156,16 +273,18 @@ class _Raw(str):
     """A --set value, typed by the field it sets: text for str fields, YAML for the rest."""
 
 
-def _typed(value, annotation: str):
+def _typed(value, annotation: str, keys: dict | None = None):
+    """``value`` with every --set value in it typed: a mapping's values by ``keys`` (their annotations) where
+    known, by YAML otherwise."""
+    if isinstance(value, dict):
+        return {k: _typed(v, (keys or {}).get(k, "")) for k, v in value.items()}
     if not isinstance(value, _Raw):
         return value
     if annotation.replace(" ", "") in ("str", "str|None"):
         return str(value)
-    import yaml
-
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
+        return load_yaml(value, "--set value")   # sptok's loader: an alias bomb is not expanded here either
+    except SptokError:
         return str(value)
 
 
@@ -244,7 +363,8 @@ def _section(section: str, cls, given) -> object:
     if not isinstance(given, dict):
         raise SptokError(f"config: {section}: expected a mapping of settings, got {given!r}")
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    values = {k: _typed(v, types.get(k, "")) for k, v in given.items()}
+    values = {k: _typed(v, types.get(k, ""), _build_option_types() if (section, k) == ("data", "build_args") else None)
+              for k, v in given.items()}
     bad = set(values) - set(types)
     if bad:
         raise SptokError(f"config: {section}.{sorted(bad)[0]} is not a setting; {section} has: "
@@ -259,16 +379,13 @@ def _section(section: str, cls, given) -> object:
 
 
 def _resolve_paths(cfg: Config, doc: dict, root: str) -> None:
-    """Data paths in the file are relative to it (``root``); given with --set, to where the command runs.
-    Output directories are relative to where the command runs."""
-    for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build")):
+    """Paths in the file are relative to it (``root``); given with --set, or left at their default, to where
+    the command runs."""
+    for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build"), ("checkpoint", "dir"),
+                      ("log", "dir")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
-        base = os.getcwd() if isinstance((doc.get(sec) or {}).get(attr), _Raw) else root
+        given = (doc.get(sec) or {}).get(attr)
+        base = root if given is not None and not isinstance(given, _Raw) else os.getcwd()
         if v and not os.path.isabs(v) and "://" not in v:
             setattr(obj, attr, os.path.normpath(os.path.join(base, v)))
-    for sec, attr in (("checkpoint", "dir"), ("log", "dir")):
-        obj = getattr(cfg, sec)
-        v = getattr(obj, attr)
-        if v and not os.path.isabs(v):
-            setattr(obj, attr, os.path.normpath(os.path.join(os.getcwd(), v)))

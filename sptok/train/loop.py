@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SptokError
-from .config import FAMILIES, Config
+from .config import FAMILIES, Config, check_against_build, check_build_args, check_device
 from .meters import Meter
 
 
@@ -40,11 +40,13 @@ def init_distributed(device_kind: str) -> tuple[int, int, torch.device]:
 
 
 def ensure_build(cfg: Config, rank: int, log) -> None:
-    """Build the data first when the config names a manifest and the build is not there yet; then check
-    it is a build the trainer reads."""
+    """Build the data first when the config names a manifest and the build is not there yet (when it is,
+    check it has the options asked for); then check it is a build the trainer reads."""
     from ..layout import MARKER, load_build
 
-    if not os.path.exists(os.path.join(cfg.data.build, MARKER)) and cfg.data.manifest:
+    if os.path.exists(os.path.join(cfg.data.build, MARKER)) and cfg.data.manifest:
+        check_build_args(cfg)   # on every rank: none waits at a barrier for a rank that failed
+    elif cfg.data.manifest:
         if rank == 0:
             from ..build import run_build
 
@@ -153,12 +155,14 @@ def setup(cfg: Config, log=print) -> Run:
     from .parallelize import parallelize
 
     rank, world, device = init_distributed(cfg.train.device)
+    check_device(cfg, device.type)
     say = log if rank == 0 else (lambda *a, **k: None)
     ensure_build(cfg, rank, say)
     ds = open_dataset(cfg.data.build, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
                       shuffle_seed=cfg.train.seed, proportion=cfg.data.proportion, repeat=cfg.data.repeat,
                       weights=cfg.data.weights, expected_fingerprint=cfg.data.expected_fingerprint)
     info = ds.build
+    check_against_build(cfg, info)
     accum, parallel = _accumulation(cfg, world), _parallel(cfg, world)
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
 
