@@ -148,11 +148,14 @@ class _JsonlLines:
                 if b"\n" not in chunk:   # a long line: its chunks are joined once, when it ends (not re-copied)
                     held.append(chunk)
                     continue
-                buf = b"".join([buf, *held, chunk])
-                held = []
-                if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):
-                    pos, buf = 3, buf[3:]
-                lines = buf.split(b"\n")
+                if held:
+                    nl = chunk.index(b"\n")
+                    lines = [b"".join([buf, *held, chunk[:nl]]), *chunk[nl + 1:].split(b"\n")]
+                    held = []
+                else:
+                    lines = (buf + chunk).split(b"\n")
+                if pos == 0 and lines[0].startswith(b"\xef\xbb\xbf"):
+                    pos, lines[0] = 3, lines[0][3:]
                 buf = lines.pop()
                 lines.reverse()
                 while lines:   # popped as yielded: a long line is not kept while its documents are processed
