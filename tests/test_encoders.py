@@ -202,7 +202,7 @@ def test_long_documents_encoded_in_pieces_get_the_ids_of_the_whole_text(kind, te
 
 
 def test_documents_are_cut_only_for_the_split_regexes_known_to_allow_it():
-    from tokenizers import Tokenizer, normalizers
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
     assert cuts_before_space(_text_spec(byte_level_bpe()))
     assert LLAMA3_PATTERN == CL100K
@@ -215,6 +215,13 @@ def test_documents_are_cut_only_for_the_split_regexes_known_to_allow_it():
         {"type": "Split", "pattern": {"Regex": r"\S+\s*"}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     assert not cuts_before_space(_text_spec(Tokenizer.from_str(json.dumps(spec))))
+    # the cut's premise, character by character: a space after any character that is not str.isspace() starts
+    # a pretoken (checked for every code point once; a stride keeps the test fast)
+    for pre, first in ((pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), "Ġa"),
+                       (pre_tokenizers.Split(Regex(CL100K), "isolated"), " a")):
+        for c in [*range(0x3100), *range(0x3100, 0x110000, 97)]:
+            if not 0xD800 <= c < 0xE000 and not chr(c).isspace():
+                assert pre.pre_tokenize_str(chr(c) + " a")[-1][0] == first, hex(c)
     assert cut_points("ab  cd ef", 1) == [2, 6] and cut_points("ab  cd ef", 3) == [6] and cut_points("a b", 5) == []
 
 
