@@ -15,6 +15,7 @@ A mismatch raises ``EncoderMismatch``: with ``--encoder auto`` the build then fa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from importlib import metadata
@@ -28,9 +29,17 @@ FAST = ("gigatoken", "riptoken", "tiktoken")           # fastest first
 CHOICES = ("auto", "fast", "hf") + FAST                 # --encoder
 SPOT_SHARE = 1024           # re-encode about 1/1024 of the text with the reference (~8% of gigatoken's time)
 SPOT_FIRST = 1 << 16        # characters of credit at start: the first batch is always checked
+SPOT_CHARS = 32 << 10       # a spot check encodes at most this prefix of a document with the reference
+PIECE_CHARS = 1 << 20       # a longer document is encoded in pieces of about this size, where the tokenizer allows
 GIGATOKEN_CACHE = 256 << 20  # bytes a gigatoken instance may grow by: 0.10.0 caches every pretoken it saw
 GIGATOKEN_CHARS = 1 << 26    # where RSS cannot be read (not Linux): characters per gigatoken instance
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Split regexes in which whitespace is only ever a pretoken's one leading character or all of a pretoken, and
+# whose only lookahead is (?!\S): a pretoken always starts at a space that follows a non-space character, and
+# the text before it pre-tokenizes alike whether the rest follows or not. Documents are cut there only.
+CUT_BEFORE_SPACE = (GPT2_PATTERN, LLAMA3_PATTERN)
 INSTALL_HINT = "pip install 'sptok[fast]'"
 
 
@@ -194,7 +203,75 @@ BUILDERS = {"gigatoken": _Gigatoken, "riptoken": _riptoken, "tiktoken": _tiktoke
 
 def fast_encoder(tok, name: str):
     """texts -> (flat uint32 ids, int64 lengths) with candidate ``name``, or NotExpressible."""
-    return BUILDERS[name](_text_spec(tok))
+    spec = _text_spec(tok)
+    return in_pieces(BUILDERS[name](spec), cuts_before_space(spec))
+
+
+# ------------------------------------------------------------------------------------------ long documents
+
+def cuts_before_space(spec: dict | None) -> bool:
+    """Whether a text of tokenizer ``spec`` (as ``_text_spec`` gives it) has the same ids as the ids of its
+    parts when it is cut before a space that follows a non-space: byte-level BPE with a split regex of
+    ``CUT_BEFORE_SPACE``, and nothing that reads across pretokens (a normalizer, non-special added tokens)."""
+    if spec is None or spec.get("normalizer") or spec["added_tokens"]:
+        return False
+    try:
+        return _pattern(spec.get("pre_tokenizer")) in CUT_BEFORE_SPACE
+    except NotExpressible:
+        return False
+
+
+def cut_points(text: str, size: int = PIECE_CHARS) -> list[int]:
+    """Where to cut ``text`` into pieces of at least ``size`` characters: before a space whose previous character
+    is not whitespace (``str.isspace`` holds for every character the tokenizers' ``\\s`` matches, and more)."""
+    cuts, at = [], size
+    while at < len(text):
+        j = text.find(" ", at)
+        while j > 0 and text[j - 1].isspace():
+            j = text.find(" ", j + 1)
+        if j < 0:
+            break
+        cuts.append(j)
+        at = j + size
+    return cuts
+
+
+def in_pieces(encode, cuttable: bool, size: int = PIECE_CHARS):
+    """``encode`` (texts -> flat ids, lengths), with a document longer than ``size`` encoded piece by piece when
+    ``cuttable``: the same ids, in a fraction of the memory and time (an encoder's working set grows with the
+    text it is given at once)."""
+    if not cuttable:
+        return encode
+
+    def run(texts: list[str]):
+        if all(len(t) <= size for t in texts):
+            return encode(texts)
+        parts, lens = [], []
+        for long, group in itertools.groupby(texts, key=lambda t: len(t) > size):
+            group = list(group)
+            if not long:
+                flat, n = encode(group)
+                parts.append(flat)
+                lens.append(n)
+                continue
+            for t in group:
+                bounds = [0, *cut_points(t, size), len(t)]
+                pieces = [encode([t[a:b]])[0] for a, b in zip(bounds, bounds[1:])]
+                parts += pieces
+                lens.append(np.array([sum(map(len, pieces))], np.int64))
+        return _join(parts), np.concatenate(lens)
+    return run
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate(parts), releasing each part once copied: the peak is the result plus one part."""
+    out = np.empty(sum(map(len, parts)), parts[0].dtype if parts else np.uint32)
+    at = 0
+    for i, p in enumerate(parts):
+        out[at:at + len(p)] = p
+        at += len(p)
+        parts[i] = None
+    return out
 
 
 # ------------------------------------------------------------------------------------------ encoders
@@ -208,8 +285,13 @@ class HFEncoder:
         """Takes ``tok`` over: it is set to encode special-token strings as text."""
         self.tok = as_text_encoder(tok)
         self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        try:
+            spec = _text_spec(tok)
+        except NotExpressible:
+            spec = None
+        self.encode = in_pieces(self._encode_whole, cuts_before_space(spec))
 
-    def encode(self, texts: list[str]):
+    def _encode_whole(self, texts: list[str]):
         return flatten_ids([e.ids for e in self._encode(texts, add_special_tokens=False)])
 
     def ids(self, text: str) -> list[int]:
@@ -218,7 +300,9 @@ class HFEncoder:
 
 class CheckedEncoder:
     """A fast encoder whose output is spot-checked against the reference on about 1/SPOT_SHARE of the text:
-    one document per batch (rotating) whenever the accumulated credit covers its length."""
+    one document per batch (rotating), its first SPOT_CHARS characters, whenever the accumulated credit covers
+    them. A longer document's prefix is encoded again by the fast encoder: the reference's memory grows with
+    the text it is given (~100 bytes per byte), so it never sees a whole long document."""
 
     def __init__(self, name: str, tok):
         """Takes ``tok`` over (see HFEncoder)."""
@@ -234,10 +318,12 @@ class CheckedEncoder:
         self.credit += sum(map(len, texts)) / SPOT_SHARE
         k = self.batches % len(texts)
         self.batches += 1
-        if len(texts[k]) <= self.credit:
-            self.credit -= len(texts[k])
+        text = texts[k][:SPOT_CHARS]
+        if len(text) <= self.credit:
+            self.credit -= len(text)
             start = int(lens[:k].sum())
-            if not np.array_equal(flat[start:start + lens[k]], self.ref.ids(texts[k])):
+            got = flat[start:start + lens[k]] if len(text) == len(texts[k]) else self.fast([text])[0]
+            if not np.array_equal(got, self.ref.ids(text)):
                 raise EncoderMismatch(f"the {self.name} encoder gave other ids than the Hugging Face tokenizer on a "
                                       f"document starting {texts[k][:40]!r}; run with --encoder hf to use the "
                                       f"Hugging Face tokenizer")
@@ -293,8 +379,6 @@ def describe(record: dict) -> str:
 
 def flatten_ids(ids: list[list[int]]):
     """Per-document id lists -> (flat uint32 array, int64 lengths)."""
-    import itertools
-
     lens = np.fromiter(map(len, ids), np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, count=int(lens.sum()))
     return flat, lens

@@ -33,6 +33,9 @@ class Stream:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def copy(self) -> "Stream":
+        return Stream(**{k: v.copy() for k, v in self.to_npz().items()})
+
     def to_npz(self) -> dict:
         return {k: getattr(self, k) for k in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked")}
 
@@ -60,7 +63,6 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     """
     n = len(text_len)
     text_len = text_len.astype(np.int64)
-    total_text = int(text_len.sum())
     delim = np.array(layout.delimiter_ids, np.uint32)
     d = len(delim)
     ins = dec.inserted
@@ -70,10 +72,9 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     doc_start = np.zeros(n, np.int64)
     np.cumsum(doc_len[:-1], out=doc_start[1:])
     out = np.empty(int(doc_len.sum()), np.uint32)
-    # text tokens: shift each document's run by its layout offset
-    text_src = np.zeros(n, np.int64)
-    np.cumsum(text_len[:-1], out=text_src[1:])
-    out[np.arange(total_text) + np.repeat(doc_start + pre_len - text_src, text_len)] = flat
+    # text tokens fill what SPs, delimiters and EOS leave, in order: a mask costs one byte per token, where
+    # an index array (a shift per token) would cost sixteen
+    is_text = np.ones(len(out), bool)
     sp_pos, sp_masked = [], []
     for post, on, masked in ((False, layout.prefix, dec.masked_prefix), (True, layout.post, dec.masked_post)):
         if not on:
@@ -81,9 +82,12 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
         p = doc_start[ins] + layout.post_sp_offset(text_len[ins]) if post else doc_start[ins]
         out[p] = np.uint32(sp_id)
         out[p[:, None] + layout.delimiter_offsets(post)] = delim
+        is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
         sp_pos.append(p)
         sp_masked.append(masked[ins])
     out[doc_start + doc_len - 1] = layout.eos_id
+    is_text[doc_start + doc_len - 1] = False
+    out[is_text] = flat
     pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
@@ -156,7 +160,8 @@ class Packer:
             self.emit(cut(buf, k * self.seq_len, (k + 1) * self.seq_len))
         self.samples += full
         rest = full * self.seq_len
-        self.pending = cut(buf, rest, len(buf)) if rest < len(buf) else Stream.empty()
+        # a copy: a view would keep all of ``s`` (a long document's ids) alive until the next add
+        self.pending = cut(buf, rest, len(buf)).copy() if rest < len(buf) else Stream.empty()
 
     def take_tail(self) -> Stream:
         tail, self.pending = self.pending, Stream.empty()

@@ -107,6 +107,7 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
         texts.append(text)
         size += len(raw)
         if size >= batch_bytes:
+            raw = rec = got = text = None   # a long line is not held here while its batch is processed
             yield Batch(keys, texts, lines.consumed)
             keys, texts, size = [], [], 0
     if keys:
@@ -149,28 +150,43 @@ class _JsonlLines:
                     pos, skip_first = unit.start - 1, True
                 stop = unit.stop if unit.stop >= 0 else None
                 chunks = iter(lambda: f.read(READ_CHUNK), b"")
-            buf, idx = b"", 0
+            buf, idx, held = b"", 0, []
             for chunk in chunks:
                 self.consumed += len(chunk)
-                buf += chunk
-                if skip_first:
-                    nl = buf.find(b"\n")
+                if skip_first:   # the line that began before the unit: passed over, never held
+                    nl = chunk.find(b"\n")
                     if nl < 0:
+                        pos += len(chunk)
                         continue
-                    pos, buf, skip_first = pos + nl + 1, buf[nl + 1:], False
+                    pos, chunk, skip_first = pos + nl + 1, chunk[nl + 1:], False
                     self._first = pos
-                if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):
-                    pos, buf = 3, buf[3:]
-                lines = buf.split(b"\n")
-                buf = lines.pop()
-                for line in lines:
                     if stop is not None and pos >= stop:
                         return
-                    yield pos, idx, line
-                    pos += len(line) + 1
+                if b"\n" not in chunk:   # a long line: its chunks are joined once, when it ends (not re-copied)
+                    held.append(chunk)
+                    continue
+                if held:
+                    nl = chunk.index(b"\n")
+                    lines = [b"".join([buf, *held, chunk[:nl]]), *chunk[nl + 1:].split(b"\n")]
+                    held = []
+                else:
+                    lines = (buf + chunk).split(b"\n")
+                if pos == 0 and lines[0].startswith(b"\xef\xbb\xbf"):
+                    pos, lines[0] = 3, lines[0][3:]
+                buf = lines.pop()
+                lines.reverse()
+                while lines:   # popped as yielded: a long line is not kept while its documents are processed
+                    if stop is not None and pos >= stop:
+                        return
+                    n = len(lines[-1])
+                    yield pos, idx, lines.pop()
+                    pos += n + 1
                     idx += 1
                 if stop is not None and pos >= stop:
                     return
+            buf = b"".join([buf, *held])
+            if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):   # a file of one line, no newline
+                pos, buf = 3, buf[3:]
             broken = getattr(chunks, "broken", None)
             if broken is not None:   # the partial line before the break belongs to the break
                 offset, detail = broken
@@ -455,6 +471,7 @@ def _read_text(unit, text_field, id_field, rejects, batch_bytes):
         texts.append(text)
         size += len(data)
         if size >= batch_bytes:
+            data = chunks = text = None   # a long file is not held here while its batch is processed
             yield Batch(keys, texts, done)
             keys, texts, size = [], [], 0
     if keys:

@@ -115,17 +115,21 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
             flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, batch.texts, ~held)
         else:
             texts = batch.texts
-        stream, c = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
-        counts.update(c)
         counts["docs"] += len(texts)
         counts["text_chars"] += sum(map(len, texts))
         if ctx.literals:
-            counts["sp_literals"] += _literals(ctx, "\x00".join(texts))
+            counts["sp_literals"] += sum(_literals(ctx, t) for t in texts)   # no joined copy of the batch
+        # a long document is held as text, then as ids, then as the stream, never all three at once
+        texts = None
+        batch.texts.clear()   # the reader's list too
+        stream, c = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
+        del flat
+        counts.update(c)
         np.add.at(hist, np.minimum(_bit_length(lens), HIST_BINS - 1), 1)
         packer.add(stream)
         if progress is not None:
             done = max(reported, min(batch.nbytes, unit.size))
-            progress(len(batch.texts), len(stream), done - reported)
+            progress(len(batch.keys), len(stream), done - reported)
             reported = done
     if progress is not None:
         progress(0, 0, unit.size - reported)

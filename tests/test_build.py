@@ -285,3 +285,52 @@ def test_wordpiece_tokenizer_and_uint32_ids(tmp_path, small_corpus, manifest, bu
     assert info["input_ids_dtype"] == "uint32"
     s = mds_samples(os.path.join(out, "code"))[0]
     assert s["input_ids"][0] == info["sp_table"][1]["token_id"] >= 70000
+
+
+def _one_document(d, text: str):
+    """A manifest of one source holding one document, ``text``."""
+    d.mkdir()
+    (d / "doc.jsonl").write_text(json.dumps({"id": "one", "text": text}) + "\n")
+    (d / "m.yaml").write_text("sources:\n  - {name: one, paths: doc.jsonl}\n")
+    return d / "m.yaml"
+
+
+def _peak_rss_of_build(manifest_path, out) -> int:
+    """Peak RSS (bytes) of a process that builds ``manifest_path`` with one worker (so the whole build is one
+    process, whose peak getrusage reports) and the defaults otherwise."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys; from sptok.build import run_build\n"
+            f"run_build({str(manifest_path)!r}, {str(out)!r}, dict(tokenizer={str(TOKENIZER)!r}, workers=1, "
+            "quiet=True))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(r.stdout.split()[-1]) << 10
+
+
+def _long_text(nbytes: int) -> str:
+    """Real ASCII text (the demo slice; Python holds it at one byte per character), ``nbytes`` long."""
+    from conftest import demo_records
+
+    one = "\n\n".join(r["text"] for n in SOURCES for r in demo_records(n)).encode("ascii", "ignore").decode()
+    return (one * (nbytes // len(one) + 1))[:nbytes]
+
+
+def test_a_long_document_builds_in_memory_bounded_by_its_size(tmp_path):
+    """A one-document corpus of 8 MB builds within 4x its bytes over what a one-document corpus of 20 KB takes
+    (interpreter, tokenizer, encoders): no stage holds the reference's encoding of the whole document (~100
+    bytes per byte), an index per token, or several copies of the text."""
+    text = _long_text(8 << 20)
+    big = _peak_rss_of_build(_one_document(tmp_path / "big", text), tmp_path / "big-out")
+    tiny = _peak_rss_of_build(_one_document(tmp_path / "tiny", text[:20 << 10]), tmp_path / "tiny-out")
+    assert big - tiny <= 4 * len(text), f"{(big - tiny) / len(text):.1f}x the document's bytes"
+
+
+def test_the_encoder_check_reads_a_prefix_of_a_long_document(tmp_path):
+    from sptok.build import corpus_sample
+    from sptok.manifest import load_manifest, plan_units
+
+    m = load_manifest(str(_one_document(tmp_path / "c", _long_text(1 << 20))))
+    sample = corpus_sample(m, plan_units(m, 1 << 30))
+    assert sample == [_long_text(1 << 20)[:32 << 10]]

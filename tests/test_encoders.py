@@ -12,7 +12,8 @@ import sys
 import pytest
 from conftest import DEMO, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
-from sptok.encoders import FAST, HFEncoder, choose_encoder, fast_encoder, make_encoder, version
+from sptok.encoders import (FAST, LLAMA3_PATTERN, SPOT_CHARS, EncoderMismatch, HFEncoder, _text_spec, choose_encoder,
+                            cut_points, cuts_before_space, fast_encoder, in_pieces, make_encoder, version)
 from sptok.errors import SptokError
 
 LITERALS = ["<|endoftext|> [MASK] <PYDOCS> <SPSEP> <s> </s> <unk>", "<0x41> ▁x", "tab\there  two  spaces\n\n\r\n",
@@ -160,6 +161,68 @@ def test_spot_checks_find_a_mismatch_past_the_sample(tmp_path):
     with pytest.raises(SptokError, match="the tiktoken encoder gave other ids than the Hugging Face tokenizer"):
         for _ in range(4):   # one document per batch, rotating
             enc.encode(["a zzzq b"] * 4)
+
+
+def test_spot_checks_check_a_prefix_of_a_long_document(tmp_path):
+    """A document longer than the credit is checked on its first SPOT_CHARS characters (it was never checked)."""
+    tok = unreachable_token_bpe(tmp_path)
+    enc = make_encoder(tok, "tiktoken")
+    calls = []
+    enc.ref.ids = lambda text, ids=enc.ref.ids: calls.append(len(text)) or ids(text)
+    with pytest.raises(EncoderMismatch, match="the tiktoken encoder gave other ids"):
+        enc.encode(["a zzzq b " + "fine text " * 30_000])   # 300 KB: more than the credit at start
+    assert calls == [SPOT_CHARS]
+
+
+# cut points of documents: after every kind of character (letters, digits, punctuation, contractions, each
+# Unicode space, CJK, emoji) and before spaces, runs of spaces, newlines and lone surrogates' neighbours
+ODD = ("x  y\t z.\n\n w 'll  'sX 12 345 6789 ,. ;  \u3000 a\u00a0 b\x1c c\u2028 d\u0085 e\u180e f 中文 字 🫨 ,,, \r\n"
+       " g\u2009 h\u202f i \n j\r k\x0b l\x0c m ")
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "split + byte-level BPE"])
+def test_long_documents_encoded_in_pieces_get_the_ids_of_the_whole_text(kind, texts):
+    """The reference's ids of a text cut where ``cut_points`` cuts are those of the whole text, at every cut:
+    pieces of 1 character cut before every space that may be cut."""
+    from tokenizers import Tokenizer
+
+    tok = KINDS[kind]()
+    assert cuts_before_space(_text_spec(tok))
+    ref = HFEncoder(Tokenizer.from_str(tok.to_str()))
+    docs = [ODD * 40, "".join(texts[:300]) + ODD, "short", "no_space_at_all" * 99]
+    want_flat, want_lens = ref._encode_whole(docs)
+    for size in (1, 1000):
+        flat, lens = in_pieces(ref._encode_whole, True, size)(docs)
+        assert (lens == want_lens).all() and (flat == want_flat).all(), size
+    assert len(cut_points(docs[0], 1)) == 17 * 40   # every space after a non-space in ODD
+    for name in FAST:
+        pytest.importorskip(name)
+        flat, lens = in_pieces(fast_encoder(tok, name), True, 1000)(docs)
+        assert (lens == want_lens).all() and (flat == want_flat).all(), name
+
+
+def test_documents_are_cut_only_for_the_split_regexes_known_to_allow_it():
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    assert cuts_before_space(_text_spec(byte_level_bpe()))
+    assert LLAMA3_PATTERN == CL100K
+    assert not cuts_before_space(_text_spec(sentencepiece_bpe()))   # ▁ prepended to the first piece only
+    tok = byte_level_bpe()
+    tok.normalizer = normalizers.NFC()
+    assert not cuts_before_space(_text_spec(tok))
+    spec = json.loads(byte_level_bpe().to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\S+\s*"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    assert not cuts_before_space(_text_spec(Tokenizer.from_str(json.dumps(spec))))
+    # the cut's premise, character by character: a space after any character that is not str.isspace() starts
+    # a pretoken (checked for every code point once; a stride keeps the test fast)
+    for pre, first in ((pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), "Ġa"),
+                       (pre_tokenizers.Split(Regex(CL100K), "isolated"), " a")):
+        for c in [*range(0x3100), *range(0x3100, 0x110000, 97)]:
+            if not 0xD800 <= c < 0xE000 and not chr(c).isspace():
+                assert pre.pre_tokenize_str(chr(c) + " a")[-1][0] == first, hex(c)
+    assert cut_points("ab  cd ef", 1) == [2, 6] and cut_points("ab  cd ef", 3) == [6] and cut_points("a b", 5) == []
 
 
 def unreachable_token_bpe(tmp_path):

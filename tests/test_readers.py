@@ -35,6 +35,22 @@ def test_byte_range_units_partition_lines(tmp_path, manifest, unit_size):
     assert not rejects.counts
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 300])
+def test_lines_longer_than_a_read_come_whole_from_every_unit_split(tmp_path, manifest, monkeypatch, chunk):
+    """Lines spanning many reads (a long document is joined once, when its line ends), a BOM and a last line
+    without a newline: every unit split still gives every line exactly once."""
+    import sptok.readers
+
+    monkeypatch.setattr(sptok.readers, "READ_CHUNK", chunk)
+    recs = demo_records("fortunes", 60)
+    (tmp_path / "f.jsonl").write_bytes(("\ufeff" + "\n".join(json.dumps(r) for r in recs)).encode())
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))
+    for unit_size in (13, 500, 1 << 20):
+        keys, texts, rejects = _docs(plan_units(m, unit_size))
+        assert keys == [r["id"] for r in recs] and texts == [r["text"] for r in recs], unit_size
+        assert not rejects.counts
+
+
 def test_line_numbers_are_file_lines_in_later_units(tmp_path, manifest):
     recs = demo_records("fortunes", 200)
     lines = [json.dumps(r) for r in recs]
