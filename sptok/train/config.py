@@ -283,7 +283,7 @@ def _typed(value, annotation: str, keys: dict | None = None):
     if annotation.replace(" ", "") in ("str", "str|None"):
         return str(value)
     try:
-        return load_yaml(value, "--set value")   # sptok's loader: an alias bomb is not expanded here either
+        return load_yaml(str(value), "--set value")   # sptok's loader: an alias bomb is not expanded here either
     except SptokError:
         return str(value)
 
