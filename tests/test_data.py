@@ -343,13 +343,24 @@ def test_shared_memory_of_a_killed_reader_is_cleaned(prefix_build):
     open_dataset removes them, and never the segments of a reader that is alive."""
     from sptok.data.shm import clean_stale_shm
 
+    def ctimes(names) -> dict[str, int]:
+        """Creation times of the segments among ``names`` that still exist (another process may unlink one
+        between the listing and the stat)."""
+        out = {}
+        for n in names:
+            try:
+                out[n] = os.stat(f"/dev/shm/{n}").st_ctime_ns
+            except FileNotFoundError:
+                pass
+        return out
+
     def segments(pid: int) -> dict[str, int]:
         """The streaming segments a process maps (its own, and others' it looked at), with their creation times."""
         with open(f"/proc/{pid}/maps") as f:
             names = {line.split("/dev/shm/")[1].split()[0] for line in f if "/dev/shm/" in line}
-        return {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in names if n[:6].isdigit()}
+        return ctimes(n for n in names if n[:6].isdigit())
 
-    before = {n: os.stat(f"/dev/shm/{n}").st_ctime_ns for n in os.listdir("/dev/shm")}
+    before = ctimes(os.listdir("/dev/shm"))
 
     def still_there(segs: dict[str, int]) -> set[str]:
         return {n for n, c in segs.items() if os.path.exists(f"/dev/shm/{n}")
