@@ -144,7 +144,7 @@ def run_encode(data: str, tokenizer: str, encoder: str, out: str) -> None:
     import xxhash
     from tokenizers import Tokenizer
 
-    from sptok.encoders import HFEncoder, fast_encoder
+    from sptok.build.encoders import HFEncoder, fast_encoder
 
     tok = Tokenizer.from_file(tokenizer)
     encode = HFEncoder(tok).encode if encoder == "hf" else fast_encoder(tok, encoder)
@@ -334,7 +334,7 @@ def run_other_models(data: str) -> None:
     import kitoken
     import zstandard
 
-    from sptok.tokenizer import as_text_encoder, train
+    from sptok.build.tokenizer import as_text_encoder, train
 
     demo = HERE.parent / "pipelines" / "demo"
     train_texts = [json.loads(x)["text"] for s in SOURCES for x in zstandard.ZstdDecompressor().stream_reader(

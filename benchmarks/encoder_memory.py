@@ -77,7 +77,7 @@ def run_words(tokenizer: str, mb: float, wrapper: str) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from sptok.encoders import _rss, fast_encoder
+    from sptok.build.encoders import _rss, fast_encoder
 
     tok = Tokenizer.from_file(tokenizer)
     if wrapper == "sptok":

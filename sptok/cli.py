@@ -13,14 +13,10 @@ import sys
 import click
 
 from . import __version__
-from .encoders import CHOICES as ENCODERS
+from .build.options import ENCODERS, FORMATS as OUTPUT_FORMATS, POLICIES, POSITIONS, TAILS, partition_of
+from .build.tokenizer import MODELS
 from .errors import SptokError, Stopped
 from .extras import available, require
-from .options import TAILS, partition_of
-from .sp import POLICIES
-from .sp_layout import POSITIONS
-from .tokenizer import MODELS
-from .writers import FORMATS as OUTPUT_FORMATS
 
 
 class _Group(click.Group):
@@ -98,8 +94,8 @@ def main():
 def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
-    from .encoders import describe
-    from .remote import check_remote, is_remote, staging_dir, upload_build
+    from .build.encoders import describe
+    from .build.remote import check_remote, is_remote, staging_dir, upload_build
     from .stats import format_table, load_stats
 
     flags["format"] = fmt
@@ -423,7 +419,7 @@ def tokenizer():
 @click.option("--max-bytes", default="200MB", show_default=True, help="Train on at most this much text.")
 def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, max_bytes):
     """Train a tokenizer on MANIFEST's text, with SP, delimiter and the usual special tokens."""
-    from .tokenizer import train_for_manifest
+    from .build.tokenizer import train_for_manifest
 
     tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed)
     got = tok.get_vocab_size()
@@ -445,7 +441,7 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
 @click.option("--seed", type=int, default=None)
 def tokenizer_extend(tokenizer_path, manifest, extra, out, policy, delimiter, seed):
     """Add SP tokens (and a special delimiter) to an existing tokenizer as special tokens."""
-    from .tokenizer import extend_for
+    from .build.tokenizer import extend_for
 
     ids = extend_for(tokenizer_path, out, list(extra), manifest, policy, delimiter, seed)
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: " + ", ".join(f"{k}={v}" for k, v in ids.items()))

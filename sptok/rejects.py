@@ -12,7 +12,7 @@ import os
 from typing import Iterator
 
 from .errors import SptokError
-from .readers import REASONS, _Decompressed
+from .build.readers import REASONS, _Decompressed
 from .layout import rejects_path
 from .stats import load_stats
 

@@ -6,8 +6,9 @@ SP decisions whichever worker reads it, in whatever order, on a resumed or parti
 counter-based draws serve the load-time SP policy and ``sptok label`` (``mix64``, ``uniforms``), each in its
 own slot, all listed here so that no two decisions share one.
 
-Adding a naming policy: a function ``names -> SP strings`` in ``POLICIES``, and its name in the schemas'
-``policy`` enums (``tests/test_cli.py`` holds them to ``POLICIES``).
+Adding a naming policy: a function ``names -> SP strings`` in ``POLICIES``, its name in ``build/options.py``
+(where the CLI reads the choices) and in the schemas' ``policy`` enums (``tests/test_cli.py`` holds the three
+equal).
 """
 
 from __future__ import annotations

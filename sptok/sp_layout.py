@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-POSITIONS = ("prefix", "post", "both")
+from .build.options import POSITIONS
+
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from . import expand
+from .build import expand
 from .errors import SptokError
 from . import layout
 from .layout import load_build
-from .manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
+from .build.manifest import FORMAT_ALIASES, expand_source, file_xxh64, input_row, read_document, source_files
 
 CHUNK = 8 << 20
 LISTED = 5   # problems of one kind listed one per line; more are summed up in one line (--json lists each)

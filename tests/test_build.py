@@ -12,7 +12,7 @@ from conftest import SOURCES, TOKENIZER, small_sources, tree_bytes
 from shards import documents, mds_samples, streaming_dataset, table_samples
 
 from sptok.errors import SptokError
-from sptok.manifest import validate_document
+from sptok.build.manifest import validate_document
 from sptok.sp import decide, doc_hashes
 from sptok.stats import table_rows
 
@@ -20,13 +20,13 @@ from sptok.stats import table_rows
 def _tok():
     from tokenizers import Tokenizer
 
-    from sptok.tokenizer import text_encoder
+    from sptok.build.tokenizer import text_encoder
 
     return text_encoder(Tokenizer.from_file(str(TOKENIZER / "tokenizer.json")))
 
 
 def _expected(info, recs_by_source, position):
-    """Each document's tokens as the contract says they must be, computed independently of sptok.pack."""
+    """Each document's tokens as the contract says they must be, computed independently of sptok.build.pack."""
     enc = _tok()
     sp_of = {e["source"]: e["token_id"] for e in info["sp_table"]}
     delim = info["delimiter"]["ids"]
@@ -328,8 +328,8 @@ def test_a_long_document_builds_in_memory_bounded_by_its_size(tmp_path):
 
 
 def test_the_encoder_check_reads_a_prefix_of_a_long_document(tmp_path):
-    from sptok.build import corpus_sample
-    from sptok.manifest import load_manifest, plan_units
+    from sptok.build.driver import corpus_sample
+    from sptok.build.manifest import load_manifest, plan_units
 
     m = load_manifest(str(_one_document(tmp_path / "c", _long_text(1 << 20))))
     sample = corpus_sample(m, plan_units(m, 1 << 30))

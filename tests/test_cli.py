@@ -8,6 +8,7 @@ import sys
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import ROOT
 
 from sptok.cli import main
 
@@ -28,10 +29,54 @@ def test_help_of_every_command(path):
 def test_help_imports_nothing_heavy():
     code = ("import sys; from sptok.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'streaming', 'datasets', 'transformers') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'streaming', 'datasets', 'transformers', 'numpy') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def _sptok_imports() -> dict[str, set[str]]:
+    """Module -> the sptok modules it imports, at module level or inside a function."""
+    import ast
+
+    root = ROOT / "sptok"
+    mods = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in root.rglob("*.py")}
+    graph = {}
+    for mod, path in mods.items():
+        pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        deps = set()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("sptok")):
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - n.level + 1] + [n.module or ""]).strip(".") \
+                    if n.level else n.module
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in n.names}
+            elif isinstance(n, ast.Import):
+                deps |= {a.name for a in n.names if a.name in mods}
+        graph[mod] = (deps & set(mods)) - {mod}
+    return graph
+
+
+def test_no_import_circle():
+    """No sptok module imports, even inside a function, one that leads back to it (issue 24: encoders ->
+    tokenizer -> options -> encoders made `--help` load numpy)."""
+    graph, state, path, circles = _sptok_imports(), {}, [], []
+
+    def visit(m):
+        state[m] = "open"
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                circles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        path.pop()
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert "sptok.build.options" in graph["sptok.cli"] and "sptok.build.tokenizer" in graph["sptok.build.encoders"]
+    assert circles == []
 
 
 def test_python_dash_m_and_version():
@@ -54,12 +99,14 @@ def _choices(group: click.Group, prefix=()):
 
 def test_cli_choices_are_the_code_s():
     import sptok.label as label
-    from sptok import encoders, options, sp, sp_layout, tokenizer, writers
+    from sptok import sp
+    from sptok.build import options, tokenizer
 
-    want = {("build", "policy"): sp.POLICIES, ("build", "position"): sp_layout.POSITIONS,
-            ("build", "tail"): options.TAILS, ("build", "fmt"): writers.FORMATS, ("build", "encoder"): encoders.CHOICES,
-            ("tokenizer train", "model"): tokenizer.MODELS, ("tokenizer train", "policy"): sp.POLICIES,
-            ("tokenizer extend", "policy"): sp.POLICIES,
+    assert tuple(sp.POLICIES) == options.POLICIES          # every policy named is implemented, and only those
+    want = {("build", "policy"): options.POLICIES, ("build", "position"): options.POSITIONS,
+            ("build", "tail"): options.TAILS, ("build", "fmt"): options.FORMATS, ("build", "encoder"): options.ENCODERS,
+            ("tokenizer train", "model"): tokenizer.MODELS, ("tokenizer train", "policy"): options.POLICIES,
+            ("tokenizer extend", "policy"): options.POLICIES,
             # written out in cli.py (sptok.label needs the train extra, `sptok label --help` must not): held here
             ("label", "mode"): label.MODES, ("label", "device"): label.DEVICES,
             ("label", "precision"): label.PRECISIONS, ("label", "input_format"): label.FORMATS}
@@ -81,13 +128,14 @@ def test_schema_enums_are_the_code_s():
     """Every enum of schemas/ equals the tuple the code checks against, so neither can change alone."""
     import json
 
-    from sptok import manifest, options, readers, sp, sp_layout, writers
-    from sptok.manifest import schema_path
+    from sptok.build import manifest, options, readers, writers
+    from sptok.build.manifest import schema_path
 
-    build = {"policy": sp.POLICIES, "position": sp_layout.POSITIONS, "tail": options.TAILS, "format": writers.FORMATS}
-    want = {("files", ("properties", "format")): tuple(f for f in writers.FORMATS if f != "mds"),
+    build = {"policy": options.POLICIES, "position": options.POSITIONS, "tail": options.TAILS,
+             "format": options.FORMATS}
+    want = {("files", ("properties", "format")): tuple(f for f in options.FORMATS if f != "mds"),
             ("manifest", ("$defs", "source", "properties", "format")): manifest.format_names(),
-            ("sptok", ("properties", "format")): writers.FORMATS,
+            ("sptok", ("properties", "format")): options.FORMATS,
             ("sptok", ("properties", "manifest", "properties", "sources", "items", "properties", "format")):
                 manifest.FORMATS,
             ("sptok", ("properties", "input_ids_dtype")): writers.ID_DTYPES,
@@ -104,7 +152,7 @@ def test_data_file_names_are_what_the_schema_allows():
     import re
 
     from sptok import layout
-    from sptok.manifest import schema_path
+    from sptok.build.manifest import schema_path
 
     files = json.loads(schema_path("files.schema.json").read_text())
     pattern = files["properties"]["files"]["items"]["properties"]["basename"]["pattern"]

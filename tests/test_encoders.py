@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import DEMO, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
-from sptok.encoders import (FAST, LLAMA3_PATTERN, SPOT_CHARS, EncoderMismatch, HFEncoder, _text_spec, choose_encoder,
+from sptok.build.encoders import (FAST, LLAMA3_PATTERN, SPOT_CHARS, EncoderMismatch, HFEncoder, _text_spec, choose_encoder,
                             cut_points, cuts_before_space, fast_encoder, in_pieces, make_encoder, version)
 from sptok.errors import SptokError
 
@@ -129,7 +129,7 @@ def test_build_bytes_do_not_depend_on_the_encoder(tmp_path, small_corpus, manife
 
 
 def test_wordpiece_and_unigram_run_on_the_reference():
-    from sptok.tokenizer import train
+    from sptok.build.tokenizer import train
 
     for model in ("wordpiece", "unigram"):
         tok = train([r["text"] for r in demo_records("fortunes", 300)], model, 600, [])
@@ -288,7 +288,7 @@ def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
 
 def test_the_command_line_offers_every_encoder():
     from sptok.cli import build
-    from sptok.encoders import CHOICES
+    from sptok.build.encoders import CHOICES
 
     option = next(p for p in build.params if p.name == "encoder")
     assert tuple(option.type.choices) == CHOICES

@@ -13,7 +13,7 @@ from shards import documents, mds_samples
 
 from sptok.build import run_build, run_merge
 from sptok.cli import main
-from sptok.manifest import validate_document
+from sptok.build.manifest import validate_document
 
 FLAGS = dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64, msp_prob=0.3, unit_size="4KB")
 

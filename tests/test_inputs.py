@@ -146,7 +146,7 @@ def test_an_out_inside_a_recursive_glob_is_refused_before_overwrite_removes_anyt
 
 
 def test_directory_sources_skip_hidden_directories(tmp_path, manifest):
-    from sptok.manifest import load_manifest
+    from sptok.build.manifest import load_manifest
 
     _corpus(tmp_path / "data")
     (tmp_path / "data" / ".git").mkdir()
@@ -159,7 +159,7 @@ def test_directory_sources_skip_hidden_directories(tmp_path, manifest):
 
 def test_symlink_loops_and_second_links_give_each_file_once(tmp_path, manifest):
     """A `**` glob followed a directory link to its parent round and round: 121 files for 2 real ones."""
-    from sptok.manifest import load_manifest
+    from sptok.build.manifest import load_manifest
 
     _corpus(tmp_path / "data")
     os.symlink("..", tmp_path / "data" / "sub" / "loop")
@@ -172,7 +172,7 @@ def test_symlink_loops_and_second_links_give_each_file_once(tmp_path, manifest):
 
 
 def test_a_symlink_out_of_the_source_directory_needs_links_outside(tmp_path, manifest):
-    from sptok.manifest import load_manifest
+    from sptok.build.manifest import load_manifest
 
     _corpus(tmp_path / "data")
     _corpus(tmp_path / "private", names=("secret",))
@@ -213,7 +213,7 @@ def test_a_yaml_alias_inside_its_own_anchor_is_refused(tmp_path):
 
 
 def test_a_few_aliases_still_load(tmp_path, manifest):
-    from sptok.manifest import load_manifest
+    from sptok.build.manifest import load_manifest
 
     write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
     (tmp_path / "m.yaml").write_text("sources:\n  - &a {name: a, paths: a.jsonl, text_field: text}\n"
@@ -288,9 +288,9 @@ def test_a_tokenizer_that_cannot_encode_the_text_is_warned_about_and_strict_refu
 
 
 def test_the_demo_tokenizer_encodes_every_demo_source(tmp_path):
-    from sptok.manifest import load_manifest, plan_units
-    from sptok.build import source_samples
-    from sptok.tokenizer import encoding_problem, load_tokenizer
+    from sptok.build.manifest import load_manifest, plan_units
+    from sptok.build.driver import source_samples
+    from sptok.build.tokenizer import encoding_problem, load_tokenizer
 
     m = load_manifest(os.path.join(os.path.dirname(TOKENIZER), "..", "demo.yaml"))
     samples = source_samples(m, plan_units(m, 16 << 20))

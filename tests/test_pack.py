@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sptok.pack import Packer, Stream, assemble, concat, cut, take_docs
+from sptok.build.pack import Packer, Stream, assemble, concat, cut, take_docs
 from sptok.sp import Decisions
 from sptok.sp_layout import SPLayout
 

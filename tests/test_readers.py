@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import demo_records, write_jsonl
 
-from sptok.manifest import load_manifest, plan_units
-from sptok.readers import Rejects, read_unit
+from sptok.build.manifest import load_manifest, plan_units
+from sptok.build.readers import Rejects, read_unit
 
 
 def _docs(units, text_field="text", id_field="id"):
@@ -39,9 +39,9 @@ def test_byte_range_units_partition_lines(tmp_path, manifest, unit_size):
 def test_lines_longer_than_a_read_come_whole_from_every_unit_split(tmp_path, manifest, monkeypatch, chunk):
     """Lines spanning many reads (a long document is joined once, when its line ends), a BOM and a last line
     without a newline: every unit split still gives every line exactly once."""
-    import sptok.readers
+    import sptok.build.readers
 
-    monkeypatch.setattr(sptok.readers, "READ_CHUNK", chunk)
+    monkeypatch.setattr(sptok.build.readers, "READ_CHUNK", chunk)
     recs = demo_records("fortunes", 60)
     (tmp_path / "f.jsonl").write_bytes(("\ufeff" + "\n".join(json.dumps(r) for r in recs)).encode())
     m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))

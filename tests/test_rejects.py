@@ -281,7 +281,7 @@ def test_every_frame_is_read_when_one_ends_on_a_feed_boundary(tmp_path, monkeypa
     """Several zstd frames / gzip members, the first ending exactly where a slice fed to the decompressor ends."""
     import io
 
-    from sptok import readers
+    from sptok.build import readers
 
     a, b = b"first frame\n" * 50, b"second frame\n" * 50
     comp = (zstandard.ZstdCompressor().compress if kind == "zst" else gzip.compress)

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
-from sptok.encoders import version
+from sptok.build.encoders import version
 from sptok.errors import SptokError
 
 pytestmark = pytest.mark.slow
@@ -192,7 +192,7 @@ def test_progress_lines_and_quiet(corpus, tmp_path):
 
 def test_remote_output_goes_through_streaming_uploader(corpus, reference, tmp_path):
     """A local path stands in for the bucket: streaming's LocalUploader runs the same upload code path."""
-    from sptok.remote import upload_build
+    from sptok.build.remote import upload_build
 
     local = tmp_path / "local"
     sptok(*build_cmd(corpus, local, "--quiet"))

@@ -72,7 +72,7 @@ def _case(builds, docs, position, kind):
     """The build's sample, its BuildInfo, the text ids of its documents, and the sample the table predicts."""
     from tokenizers import Tokenizer
 
-    from sptok.tokenizer import text_encoder
+    from sptok.build.tokenizer import text_encoder
 
     out = builds[position, kind]
     info = BuildInfo.load(out)

@@ -10,7 +10,7 @@ from conftest import TOKENIZER, small_sources
 
 from sptok.cli import main
 from sptok.errors import SptokError
-from sptok.tokenizer import extend, load_tokenizer, text_encoder
+from sptok.build.tokenizer import extend, load_tokenizer, text_encoder
 
 
 @pytest.mark.parametrize("model", ["bpe", "wordpiece", "unigram"])

@@ -14,7 +14,7 @@ from conftest import TOKENIZER, small_sources
 from sptok.build import run_build
 from sptok.cli import main
 from sptok.errors import SptokError
-from sptok.manifest import validate_document
+from sptok.build.manifest import validate_document
 
 
 def sptok(*args):

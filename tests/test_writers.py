@@ -10,8 +10,8 @@ import zstandard
 
 from shards import streaming_dataset
 
-from sptok.pack import Stream
-from sptok.writers import COLUMNS, MDSShardWriter, sample_columns
+from sptok.build.pack import Stream
+from sptok.build.writers import COLUMNS, MDSShardWriter, sample_columns
 
 
 def _streams(n: int, rng) -> list[Stream]:
@@ -79,7 +79,7 @@ def test_columns_are_defined_once(tmp_path, fmt):
 
     from sptok.layout import data_file
     from sptok.shards import ShardReader, as_arrays
-    from sptok.writers import arrow_schema, open_writer
+    from sptok.build.writers import arrow_schema, open_writer
 
     assert sorted(COLUMNS) == list(COLUMNS)   # MDS requires sorted names
     s = _streams(1, np.random.default_rng(1))[0]

@@ -21,7 +21,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..compression import is_compressed_name
+from ..build.compression import is_compressed_name
 from ..errors import SptokError
 from ..extras import require
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..compression import open_decompressed, strip_extension
+from ..build.compression import open_decompressed, strip_extension
 from ..errors import SptokError
 
 FORMATS = ("jsonl", "parquet", "csv")

@@ -33,7 +33,7 @@ PRECISIONS = ("fp32", "bf16")
 class Scorer:
     def __init__(self, table: SPTable, device: str = "auto", precision: str = "fp32", max_tokens: int | None = None,
                  load_model: bool = True):
-        from ..tokenizer import text_encoder
+        from ..build.tokenizer import text_encoder
 
         self.table = table
         tok = _build_tokenizer(table)

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .. import layout
 from ..errors import SptokError
-from ..manifest import file_xxh64
+from ..build.manifest import file_xxh64
 
 META = "meta.json"
 

@@ -243,10 +243,10 @@ def check_against_build(cfg: Config, info) -> None:
 def check_build_args(cfg: Config) -> None:
     """The build in data.build, made earlier from data.manifest, must have the options that the manifest's
     ``build:`` and data.build_args give now: a changed option is refused, naming it, rather than ignored."""
-    from ..build import describe_changes
+    from ..build.driver import describe_changes
     from ..layout import MARKER, read_json
-    from ..manifest import read_document
-    from ..options import BuildOptions
+    from ..build.manifest import read_document
+    from ..build.options import BuildOptions
 
     built = read_json(os.path.join(cfg.data.build, MARKER)).get("options", {})
     defaults = read_document(cfg.data.manifest).get("build") or {}
@@ -260,7 +260,7 @@ def check_build_args(cfg: Config) -> None:
 
 def _build_option_types() -> dict[str, str]:
     """data.build_args' keys: the options of `sptok build` (BuildOptions), with their annotations."""
-    from ..options import BuildOptions
+    from ..build.options import BuildOptions
 
     return {f.name: str(f.type) for f in dataclasses.fields(BuildOptions)}
 

@@ -235,7 +235,7 @@ _MODEL_FREE = ("dropout", "attn_implementation")
 
 def _check_resumable(run: Run, path: str, old: dict) -> None:
     """Refuse, before torch reads a tensor, a checkpoint of another build or another model shape."""
-    from ..build import describe_changes
+    from ..build.driver import describe_changes
 
     if old["fingerprint"] != run.info.fingerprint:
         raise SptokError(f"cannot resume {path}: it trained on build {old['fingerprint'][:12]}, "

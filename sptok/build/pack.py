@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from .sp import Decisions
-from .sp_layout import SPLayout
+from ..sp import Decisions
+from ..sp_layout import SPLayout
 
 
 @dataclass

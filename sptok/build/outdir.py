@@ -21,8 +21,8 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from .errors import SptokError
-from .layout import LOCK, WORK, describe_writer, writer_of
+from ..errors import SptokError
+from ..layout import LOCK, WORK, describe_writer, writer_of
 
 
 class Held:

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import SptokError, shown
-from .layout import TOKENIZER_JSON
+from ..errors import SptokError, shown
+from ..layout import TOKENIZER_JSON
+from .options import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
-DEFAULT_DELIMITER = "<SPSEP>"
-MAX_TOKEN_CHARS = 128        # an SP, delimiter or EOS token: the manifest schema's bound too
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 MODELS = ("bpe", "wordpiece", "unigram")
 _ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
@@ -181,7 +180,7 @@ def encoding_problem(tok, texts: list[str], unk: str | None) -> str | None:
 def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
     """The SP strings of the manifest's sources, and the delimiter when it is a special token (else None): the
     tokens sptok adds to a tokenizer for builds of ``manifest`` with ``opts`` (a ``BuildOptions``)."""
-    from .sp import sp_strings
+    from ..sp import sp_strings
 
     sps = sp_strings([s.name for s in manifest.sources], opts.policy, opts.seed, [s.sp for s in manifest.sources])
     return sps, (opts.delimiter if opts.delimiter and is_special_delimiter(opts.delimiter) else None)

@@ -16,15 +16,16 @@ from collections import Counter
 from dataclasses import dataclass
 
 
-from . import __version__
-from .errors import SptokError
-from . import layout, outdir
+from .. import __version__
+from ..errors import SptokError
+from .. import layout
+from . import outdir
 from .expand import refuse_output_as_input
 from .finalize import clear_outputs, finalize, fingerprint_of
-from .layout import FAILED, MARKER, PARTITION, WORK, write_json
+from ..layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
-from .sp import SPEntry
+from ..sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
                         load_tokenizer, save_tokenizer_dir, sp_tokens)
@@ -473,7 +474,7 @@ def describe_changes(old: dict, new: dict) -> str:
 def _refuse_skipped(out: str) -> None:
     """--strict on a build that is already complete: pass only if it skipped nothing (--strict is not part
     of a build's identity, so the existing build is what a strict run would have checked)."""
-    from .rejects import iter_rejects, select
+    from ..rejects import iter_rejects, select
 
     names, reasons, stats = select(out)
     rejected = stats["totals"]["rejected"]

@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 from . import expand
 from .compression import sniff_file, strip_extension
-from .errors import SptokError, shown
-from .layout import TOP_LEVEL
-from .yamlfile import load_yaml
+from ..errors import SptokError, shown
+from ..layout import TOP_LEVEL
+from ..yamlfile import load_yaml
 
 
 
@@ -128,7 +128,7 @@ def _parse(path: str, data: bytes) -> dict:
 
 
 def schema_path(name: str) -> Path:
-    return Path(__file__).resolve().parent / "schemas" / name
+    return Path(__file__).resolve().parents[1] / "schemas" / name
 
 
 def validate_document(doc, schema_name: str, what: str) -> None:

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .encoders import version
-from .errors import SptokError
+from ..errors import SptokError
 from .manifest import Unit
-from . import layout
+from .. import layout
 from .holdout import DOC_KEYS, Held, UnitHoldout
 from .pack import Packer, assemble, doc_counts
 from .readers import Rejects, read_unit
-from .sp import Decisions, decide, doc_hashes
-from .sp_layout import SPLayout
-from .stats import HIST_BINS
+from ..sp import Decisions, decide, doc_hashes
+from ..sp_layout import SPLayout
+from ..stats import HIST_BINS
 from .writers import open_writer
 
 

@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from . import layout
+from .. import layout
+from .options import FORMATS
 from .pack import Stream
 
 # name -> (MDS encoding, meaning). MDS needs sorted names; `bytes` because MDS ndarrays cannot be empty.
@@ -27,7 +28,6 @@ COLUMNS = {
     "source_id": ("int", "source of the sample (packing is source-pure)"),
     "sp_positions": ("bytes", "little-endian uint32 positions of SP tokens in input_ids"),
 }
-FORMATS = ("mds", "parquet", "arrow")   # --format: MDSShardWriter, or TableWriter for the other two
 SHARD_SIZE = 1 << 26
 ZSTD_LEVEL = 3
 HASHES = ["xxh64"]

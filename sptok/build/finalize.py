@@ -16,12 +16,12 @@ from collections import Counter
 
 import numpy as np
 
-from . import layout
+from .. import layout
 from .holdout import Held, smallest
-from .layout import MARKER, write_json
+from ..layout import MARKER, write_json
 from .manifest import file_xxh64
 from .pack import Packer, Stream, pad
-from .stats import HIST_BINS, duplicate_ids, source_stats, totals
+from ..stats import HIST_BINS, duplicate_ids, source_stats, totals
 from .writers import open_writer
 
 

@@ -10,7 +10,7 @@ Candidates, fastest first (one core, 32k byte-level BPE, ``benchmarks/RESULTS.md
 The reference defines the ids. A candidate is used only after it gave the reference's ids on a sample of
 every source, and during the build about ``1 / SPOT_SHARE`` of the text is encoded again by the reference.
 A mismatch raises ``EncoderMismatch``: with ``--encoder auto`` the build then falls back to the reference
-(``build.py``), otherwise it stops with that one line.
+(``driver.py``), otherwise it stops with that one line.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from importlib import metadata
 
 import numpy as np
 
-from .errors import SptokError
+from ..errors import SptokError
+from .options import ENCODERS as CHOICES, FAST_ENCODERS as FAST
 from .tokenizer import as_text_encoder
 
-FAST = ("gigatoken", "riptoken", "tiktoken")           # fastest first
-CHOICES = ("auto", "fast", "hf") + FAST                 # --encoder
 SPOT_SHARE = 1024           # re-encode about 1/1024 of the text with the reference (~8% of gigatoken's time)
 SPOT_FIRST = 1 << 16        # characters of credit at start: the first batch is always checked
 SPOT_CHARS = 32 << 10       # a spot check encodes at most this prefix of a document with the reference

@@ -7,9 +7,9 @@ import hashlib
 import os
 import urllib.parse
 
-from .errors import SptokError
-from .extras import require
-from .layout import MARKER, WORK
+from ..errors import SptokError
+from ..extras import require
+from ..layout import MARKER, WORK
 
 
 def is_remote(out: str) -> bool:

@@ -13,11 +13,11 @@ import time
 from contextlib import contextmanager
 
 
-from . import layout
-from .errors import SptokError
+from .. import layout
+from ..errors import SptokError
 from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
 from .progress import Progress
-from .spec import BuildSpec
+from ..spec import BuildSpec
 from .unit import UnitContext, process_unit
 
 PROGRESS_EVERY = 0.5   # seconds between a worker's progress messages

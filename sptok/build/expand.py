@@ -17,7 +17,7 @@ import glob
 import os
 from typing import Iterator
 
-from .errors import SptokError
+from ..errors import SptokError
 
 
 def walk(top: str, with_dirs: bool = False) -> Iterator[str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .pack import Stream, concat, take_docs
-from .sp import SLOT_HOLDOUT, uniforms
+from ..sp import SLOT_HOLDOUT, uniforms
 
 # per-document counts kept with each held-out document, so either split's stats.json adds up
 DOC_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",

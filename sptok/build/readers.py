@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .compression import sniff
-from .errors import SptokError
+from ..errors import SptokError
 from .manifest import Unit
 
 BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once

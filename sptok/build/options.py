@@ -6,14 +6,19 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .encoders import CHOICES as ENCODERS
-from .errors import SptokError, shown
-from .sp import POLICIES
-from .sp_layout import POSITIONS
-from .tokenizer import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
-from .writers import FORMATS
+from ..errors import SptokError, shown
 
-TAILS = ("keep", "pad", "drop")   # the last short sample of a source (finalize._pack_streams)
+# The values of every enumerated option, defined here and nowhere else: the modules that implement them import
+# them from here, and the CLI lists them at start-up without importing numpy (this module imports none).
+# tests/test_cli.py holds the schemas' enums, the CLI's choices and the implementations to them.
+FAST_ENCODERS = ("gigatoken", "riptoken", "tiktoken")   # fastest first: encoders.py tries them in this order
+ENCODERS = ("auto", "fast", "hf") + FAST_ENCODERS        # --encoder
+POLICIES = ("abbreviation", "alphabet", "misplaced", "custom")   # --policy: each a function in sp.POLICIES
+POSITIONS = ("prefix", "post", "both")   # --position: where the SP goes (sp_layout.SPLayout)
+FORMATS = ("mds", "parquet", "arrow")    # --format: MDSShardWriter, or TableWriter for the other two (writers.py)
+TAILS = ("keep", "pad", "drop")          # --tail: the last short sample of a source (finalize._pack_streams)
+DEFAULT_DELIMITER = "<SPSEP>"            # --delimiter: a special token between the SP and the text
+MAX_TOKEN_CHARS = 128        # an SP, delimiter or EOS token: the manifest schema's bound too
 MAX_SEQ_LEN = 1 << 24
 MAX_WORKERS = 1024
 
