@@ -5,8 +5,9 @@ worker is slowed several-fold by the dataset's own prefetch threads competing fo
 handing torch tensors back through shared memory costs more than the collation itself. Raw samples
 travel cheaply (small numpy arrays and bytes), and collation in the consuming process keeps MLM + MSP at
 0.6-0.9x raw iteration (``benchmarks/RESULTS.md``), overlapping the GPU's asynchronous work.
-Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples; the
-worker count must stay the same across a resume, since streaming's sample order depends on it.
+Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples. It
+holds across worker counts too: given the batch size (``open_dataset(batch_size=...)``), streaming's sample
+order does not depend on the number of workers.
 """
 
 from __future__ import annotations
