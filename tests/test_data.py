@@ -325,6 +325,19 @@ def test_loader_workers_leave_stop_signals_to_the_training_process(prefix_build)
     got += list(it)
     assert len(got) == len(loader)
     ds.close()
+    # their parent's SIGTERM still ends them: a process exiting mid-epoch stops its workers that way
+    r = subprocess.run([sys.executable, "-c", _EXIT_MID_EPOCH, str(prefix_build)], timeout=120)
+    assert r.returncode == 3
+
+
+_EXIT_MID_EPOCH = """
+import sys
+from sptok.data import Loader, MLMCollator, open_dataset
+ds = open_dataset(sys.argv[1], batch_size=4)
+it = iter(Loader(ds, MLMCollator(ds.build), batch_size=4, num_workers=1))
+next(it)
+sys.exit(3)
+"""
 
 
 def test_proportions_over_an_epoch(prefix_build):

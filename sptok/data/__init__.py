@@ -17,8 +17,9 @@ from .dataset import open_dataset, source_weights  # noqa: E402
 from .loader import Loader, auto_workers  # noqa: E402
 from .policy import SPPolicy, apply_policy  # noqa: E402
 
-__all__ = ["BuildInfo", "open_dataset", "source_weights", "Loader", "auto_workers", "MLMCollator", "CausalLMCollator",
-           "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE", "apply_document_attention"]
+__all__ = ["BuildInfo", "open_dataset", "source_weights", "Loader", "auto_workers", "MLMCollator",
+           "CausalLMCollator", "SpanCorruptionCollator", "SPPolicy", "apply_policy", "as_arrays", "IGNORE",
+           "apply_document_attention"]
 
 
 def __getattr__(name: str):

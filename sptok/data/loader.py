@@ -12,8 +12,10 @@ order does not depend on the number of workers.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import threading
 
 MAX_AUTO_WORKERS = 8
 
@@ -36,13 +38,22 @@ def resolve_workers(num_workers: int | str) -> int:
     return auto_workers() if num_workers == "auto" else int(num_workers)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker leaves SIGTERM, SIGUSR1 and SIGINT to the training process: Slurm signals the whole process
-    group, and a worker killed by it would end the run ("DataLoader worker exited unexpectedly") before the
-    training process saves its checkpoint. Workers still end when the loader shuts them down or their parent
-    dies."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A worker leaves SIGTERM, SIGUSR1 and SIGINT to the training process: Slurm signals every process of a
+    job, and a worker killed by it ended the run ("DataLoader worker exited unexpectedly") before the training
+    process saved its checkpoint. SIGTERM from the worker's parent still ends it (as torch's own handler
+    does): that is how the parent stops its workers at exit. So SIGTERM is blocked and taken by a thread that
+    reads who sent it (``sigwaitinfo``)."""
+    for s in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # threads started from now on inherit it
+    threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def _samples(samples: list) -> dict:
@@ -87,13 +98,9 @@ class Loader:
 
 def _chained(init):
     """The worker set-up: signals left to the training process, then the caller's ``worker_init_fn``."""
-    if init is None:
-        return _ignore_stop_signals
-    import functools
-
-    return functools.partial(_init_both, init)
+    return _leave_signals_to_the_trainer if init is None else functools.partial(_init_both, init)
 
 
 def _init_both(init, worker_id: int) -> None:
-    _ignore_stop_signals(worker_id)
+    _leave_signals_to_the_trainer(worker_id)
     init(worker_id)
