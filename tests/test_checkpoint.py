@@ -4,6 +4,7 @@ one line; a changed model is refused; SIGTERM under torchrun saves a checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -165,9 +166,20 @@ def test_disk_full_while_saving_is_one_line(corpus, tmp_path):
         subprocess.run(["umount", str(mnt)])
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    from test_data import _children
+
+    found = [pid]
+    for p in found:
+        found += sorted(_children(p))
+    return found
+
+
 def test_sigterm_under_torchrun_saves_and_the_resumed_run_equals_the_unbroken_one(corpus, tmp_path):
-    """2 gloo processes: SIGTERM to torchrun (which passes it to both workers) once a few steps are logged.
-    The workers finish the step, agree on it, save it and exit with a message; resuming logs the same losses
+    """2 gloo processes: SIGTERM to every process of the job once a few steps are logged, as Slurm sends it:
+    torchrun, which passes it to both trainers, the trainers, and their loader workers, which leave it to them.
+    The trainers finish the step, agree on it, save it and exit with a message; resuming logs the same losses
     as a run that was never stopped."""
     build = corpus / "b64"
     if not (build / "sptok.json").exists():
@@ -189,7 +201,9 @@ def test_sigterm_under_torchrun_saves_and_the_resumed_run_equals_the_unbroken_on
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        for pid in _tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):   # a loader worker ending with its epoch
+                os.kill(pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -200,6 +214,7 @@ def test_sigterm_under_torchrun_saves_and_the_resumed_run_equals_the_unbroken_on
     assert f"SIGTERM: stopped after step {n} and saved step {n} to {tmp_path / 'stopped' / 'ckpt'}" in err, err[-3000:]
     meta = json.loads(saved[0].read_text())
     assert {"extra-rank0.json", "extra-rank1.json", ".metadata"} <= set(meta["files"])
+    assert meta["num_workers"] >= 1 and "DataLoader worker" not in err
 
     _torchrun("-m", "sptok", "pretrain", config("stopped"), "--set", f"train.stop_at={n + 2}")
     _torchrun("-m", "sptok", "pretrain", config("straight"), "--set", f"train.stop_at={n + 2}")

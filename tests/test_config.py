@@ -33,6 +33,7 @@ def _refused(overrides, match):
     ("optim.betas=[.nan, 0.9]", "optim.betas"), ("data.repeat={x: .inf}", "data.repeat.x"),
     ("data.sp_schedule=[[abc, strip]]", r"data.sp_schedule\[0\]"), ("train.seed=99999999999999999999", "train.seed"),
     ("model.num_kv_heads=3", "model.num_kv_heads"), ("train.device=gpu", "train.device"),
+    ("data.num_workers=many", "data.num_workers"),
 ])
 def test_odd_values_are_refused_naming_the_key(override, key):
     _refused([override], key)
@@ -55,6 +56,8 @@ def test_every_numeric_setting_has_a_range_and_refuses_nan_infinities_and_negati
         for bad in (".nan", ".inf", "-.inf", "-1"):
             _refused([f"{key}={bad}"], f"^config: {key}: ")
     load_config(None, ["data.build=x"])   # every default is inside its range
+    assert [load_config(None, ["data.build=x", f"data.num_workers={n}"]).data.num_workers for n in ("auto", 0, 3)] \
+        == ["auto", 0, 3]   # the one setting that also takes a word
 
 
 def test_flex_attention_on_cpu_is_refused_when_the_config_is_read(tmp_path):

@@ -255,12 +255,12 @@ def test_resume_mid_epoch_gives_the_same_batches(prefix_build, kind):
 
     from sptok.data import Loader
 
-    def loader():
+    def loader(workers=2):
         ds = open_dataset(prefix_build, batch_size=4, shuffle=True, shuffle_seed=7)
         coll = MLMCollator(ds.build, seed=2, sp_policy="insert=0.7,msp=0.3")
         if kind == "sptok Loader":
-            return Loader(ds, coll, batch_size=4, num_workers=2)
-        return StreamingDataLoader(ds, batch_size=4, num_workers=2, collate_fn=coll)
+            return Loader(ds, coll, batch_size=4, num_workers=workers)
+        return StreamingDataLoader(ds, batch_size=4, num_workers=workers, collate_fn=coll)
 
     def kept(batch):   # a worker's tensor holds a file descriptor while it lives: keep copies, not them
         return {k: v.clone() for k, v in batch.items()}
@@ -271,13 +271,73 @@ def test_resume_mid_epoch_gives_the_same_batches(prefix_build, kind):
     head = [kept(next(it)) for _ in range(5)]
     state = first.state_dict()
     del it, first
-    resumed = loader()
+    resumed = loader(workers=1)   # another count: streaming's order does not depend on it (elastic determinism)
     resumed.load_state_dict(state)
     tail = [kept(b) for b in resumed]
     assert len(head) + len(tail) == len(full)
     for a, b in zip(head + tail, full):
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_auto_workers_is_this_process_share_of_the_cpus_less_one(prefix_build, monkeypatch):
+    from sptok.data import Loader, auto_workers
+
+    # (CPUs, processes on the host): CPUs // processes - 1, at least 1, at most 8
+    cases = {(1, 1): 1, (2, 1): 1, (2, 2): 1, (4, 1): 3, (16, 8): 1, (32, 8): 3, (16, 1): 8, (128, 4): 8}
+    assert {k: auto_workers(*k) for k in cases} == cases
+    ds = open_dataset(prefix_build, batch_size=4)
+    assert Loader(ds, MLMCollator(ds.build), batch_size=4).num_workers == auto_workers()
+    ds.close()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")   # as torchrun sets it
+    assert auto_workers() == auto_workers(len(os.sched_getaffinity(0)), 2)
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(d))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the loader's workers in /proc")
+def test_loader_workers_leave_stop_signals_to_the_training_process(prefix_build):
+    """Slurm signals every process of a job: a worker killed by SIGTERM, SIGUSR1 or SIGINT ended the epoch with
+    "DataLoader worker exited unexpectedly" before the training process could save. Workers ignore them."""
+    from sptok.data import Loader
+
+    before = _children(os.getpid())
+    ds = open_dataset(prefix_build, batch_size=4)
+    loader = Loader(ds, MLMCollator(ds.build), batch_size=4, num_workers=1)
+    it = iter(loader)
+    got = [next(it)]
+    workers = _children(os.getpid()) - before
+    assert workers
+    for pid in workers:   # sent by another process, as Slurm's are (torch's own handler spares its parent's)
+        for s in ("TERM", "USR1", "INT"):
+            subprocess.run(["kill", f"-{s}", str(pid)], check=True)
+    got += list(it)
+    assert len(got) == len(loader)
+    ds.close()
+    # their parent's SIGTERM still ends them: a process exiting mid-epoch stops its workers that way
+    r = subprocess.run([sys.executable, "-c", _EXIT_MID_EPOCH, str(prefix_build)], timeout=120)
+    assert r.returncode == 3
+
+
+_EXIT_MID_EPOCH = """
+import sys
+from sptok.data import Loader, MLMCollator, open_dataset
+ds = open_dataset(sys.argv[1], batch_size=4)
+it = iter(Loader(ds, MLMCollator(ds.build), batch_size=4, num_workers=1))
+next(it)
+sys.exit(3)
+"""
 
 
 def test_proportions_over_an_epoch(prefix_build):

@@ -5,10 +5,55 @@ worker is slowed several-fold by the dataset's own prefetch threads competing fo
 handing torch tensors back through shared memory costs more than the collation itself. Raw samples
 travel cheaply (small numpy arrays and bytes), and collation in the consuming process keeps MLM + MSP at
 0.6-0.9x raw iteration (``benchmarks/RESULTS.md``), overlapping the GPU's asynchronous work.
-Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples.
+Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples. It
+holds across worker counts too: given the batch size (``open_dataset(batch_size=...)``), streaming's sample
+order does not depend on the number of workers.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(cpus: int | None = None, local_world: int | None = None) -> int:
+    """The loader workers ``num_workers="auto"`` starts: this process's share of the CPUs it may run on
+    (``os.sched_getaffinity``, else ``os.cpu_count()``, divided by ``LOCAL_WORLD_SIZE``, the processes torchrun
+    starts on this host), less one for the process that collates, at least 1 and at most ``MAX_AUTO_WORKERS``.
+    Why: with no worker the collator shares the GIL with streaming's prefetch threads (MLM + MSP at 0.59x raw
+    reading; 2 workers: 0.85x), while workers beyond the free CPUs only compete with the collator."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, cpus // max(1, local_world) - 1))
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """``num_workers`` as a count: ``"auto"`` by ``auto_workers()``, a count as it is."""
+    return auto_workers() if num_workers == "auto" else int(num_workers)
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A worker leaves SIGTERM, SIGUSR1 and SIGINT to the training process: Slurm signals every process of a
+    job, and a worker killed by it ended the run ("DataLoader worker exited unexpectedly") before the training
+    process saved its checkpoint. SIGTERM from the worker's parent still ends it (as torch's own handler
+    does): that is how the parent stops its workers at exit. So SIGTERM is blocked and taken by a thread that
+    reads who sent it (``sigwaitinfo``)."""
+    for s in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # threads started from now on inherit it
+    threading.Thread(target=_exit_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def _samples(samples: list) -> dict:
@@ -17,19 +62,25 @@ def _samples(samples: list) -> dict:
 
 
 class Loader:
-    def __init__(self, dataset, collator, batch_size: int, num_workers: int = 0, **kwargs):
+    """Batches of ``collator(samples)``, read by ``num_workers`` processes (``"auto"``: ``auto_workers()``;
+    the count used is ``.num_workers``)."""
+
+    def __init__(self, dataset, collator, batch_size: int, num_workers: int | str = "auto", **kwargs):
         self.dataset = dataset
         self.collator = collator
+        self.num_workers = resolve_workers(num_workers)
+        if self.num_workers:
+            kwargs["worker_init_fn"] = _chained(kwargs.get("worker_init_fn"))
         if hasattr(dataset, "state_dict"):            # a StreamingDataset: resumable mid-epoch
             from streaming import StreamingDataLoader
 
-            self.loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+            self.loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
                                               collate_fn=_samples, **kwargs)
         else:                                         # an Arrow build through `datasets`
             from torch.utils.data import DataLoader
 
-            self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_samples,
-                                     **kwargs)
+            self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                                     collate_fn=_samples, **kwargs)
 
     def __iter__(self):
         for batch in self.loader:
@@ -43,3 +94,13 @@ class Loader:
 
     def load_state_dict(self, state) -> None:
         self.loader.load_state_dict(state)
+
+
+def _chained(init):
+    """The worker set-up: signals left to the training process, then the caller's ``worker_init_fn``."""
+    return _leave_signals_to_the_trainer if init is None else functools.partial(_init_both, init)
+
+
+def _init_both(init, worker_id: int) -> None:
+    _leave_signals_to_the_trainer(worker_id)
+    init(worker_id)

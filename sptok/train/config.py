@@ -43,20 +43,25 @@ class Range:
         return f"{'<' if self.high_open else '<='} {self.high}"
 
 
-def number(default, low=None, high=None, *, above=None, below=None):
+def number(default, low=None, high=None, *, above=None, below=None, words: tuple = ()):
     """A numeric setting's field: its default and its range (``low`` <= x <= ``high``, ``above`` < x <
-    ``below``), which ``check_numbers`` enforces when the config is read."""
+    ``below``), which ``check_numbers`` enforces when the config is read; ``words`` it takes besides numbers
+    (``"auto"``)."""
     rng = Range(low if above is None else above, high if below is None else below, above is not None,
                 below is not None)
-    return field(default=default, metadata={"range": rng})
+    return field(default=default, metadata={"range": rng, "words": words})
 
 
 def check_numbers(section: str, settings) -> None:
-    """Every numeric setting of ``settings`` inside its range (NaN and infinities never are): one line
-    naming the key."""
+    """Every numeric setting of ``settings`` inside its range (NaN and infinities never are), or one of its
+    words: one line naming the key."""
     for f in dataclasses.fields(settings):
-        rng, v = f.metadata.get("range"), getattr(settings, f.name)
-        if rng is not None and v is not None and not rng.admits(v):
+        rng, v, words = f.metadata.get("range"), getattr(settings, f.name), f.metadata.get("words", ())
+        if rng is None or v is None or v in words:
+            continue
+        if isinstance(v, str):
+            raise SptokError(f"config: {section}.{f.name}: must be {' or '.join(words)} or a number {rng}, got {v!r}")
+        if not rng.admits(v):
             finite = "" if math.isfinite(v) else "finite and "
             raise SptokError(f"config: {section}.{f.name}: must be {finite}{rng}, got {v!r}")
 
@@ -103,7 +108,7 @@ class DataConfig:
     sp_schedule: list = field(default_factory=list)  # [[fraction, policy], ...]: from that fraction of steps on
     expected_fingerprint: str | None = None          # the build's fingerprint, or its first 12 characters or more
     shuffle: bool = True
-    num_workers: int = number(0, low=0)
+    num_workers: int | str = number("auto", low=0, words=("auto",))   # loader processes per rank (auto_workers)
 
     def __post_init__(self):
         check_numbers("data", self)

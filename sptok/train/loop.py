@@ -177,10 +177,12 @@ def setup(cfg: Config, log=print) -> Run:
     loader = Loader(ds, collator, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers)
     evaluator = _evaluator(cfg, info, rank, world, device) if cfg.eval.every else None
     build_desc = {k: info.raw[k] for k in ("options", "manifest", "tokenizer", "inputs", "sptok_version")}
-    meta = {"config": cfg.to_dict(), "fingerprint": info.fingerprint, "build": build_desc, "world_size": world}
+    meta = {"config": cfg.to_dict(), "fingerprint": info.fingerprint, "build": build_desc, "world_size": world,
+            "num_workers": loader.num_workers}
     say(f"training {cfg.model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{cfg.data.build}: {world} process(es), {parallel}, {'bf16' if bf16 else 'fp32'}, {accum} micro-batch(es) "
-        f"of {cfg.train.micro_batch_size} per step")
+        f"of {cfg.train.micro_batch_size} per step, {loader.num_workers} loader worker(s) per process "
+        f"(data.num_workers: {cfg.data.num_workers})")
     return Run(cfg, rank, world, device, say, info, loader, collator, model, trained, optimizer, scheduler,
                autocast, accum, Meter(len(info.sources), device), evaluator, meta)
 
@@ -359,7 +361,8 @@ class Records:
             requested = source_weights(run.info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
             with open(os.path.join(cfg.log.dir, "run.json"), "w") as f:
                 json.dump({"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,
-                           "requested": requested, "world_size": run.world}, f, indent=1, sort_keys=True)
+                           "requested": requested, "world_size": run.world,
+                           "num_workers": run.loader.num_workers}, f, indent=1, sort_keys=True)
             self.logfile = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a")
             self.writer = _tensorboard(cfg, run.rank)
         return self
