@@ -1,10 +1,11 @@
 """Loader throughput: raw StreamingDataset iteration vs each sptok collator as `sptok pretrain` configures it, and
 Hugging Face's MLM collator, side by side.
 
-    python benchmarks/dataloader.py [--corpus ../shared/corpus] [--target-mb 60]
+    python benchmarks/dataloader.py [--corpus ../shared/corpus] [--target-mb 60] [--workers auto,1,2]
 
 Builds the shared sources (repeated to >= target MB) at seq 512 and 2048 with MSP metadata, then for
-batch 32 x 512 and 8 x 2048, with 1 and 2 DataLoader workers, times an epoch of: the raw samples (a
+batch 32 x 512 and 8 x 2048, with the loader workers `sptok pretrain` starts when the config names none
+(`data.num_workers: auto`, the "defaults" rows) and with 1 and 2, times an epoch of: the raw samples (a
 pass-through collate), the collators `sptok pretrain` makes for bert (MLM + MSP with doc ids for document
 attention), llama (causal LM) and t5 (span corruption with doc ids), two load-time SP policies, and
 transformers' DataCollatorForLanguageModeling (MLM only, no document structure). Prints tokens/s, tokens/s per
@@ -45,9 +46,11 @@ def pass_rate(ds, collate, batch_size: int, workers: int, in_workers: bool = Fal
     from streaming import StreamingDataLoader
 
     from sptok.data import Loader
+    from sptok.data.loader import resolve_workers
 
     if in_workers:
-        loader = StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        loader = StreamingDataLoader(ds, batch_size=batch_size, num_workers=resolve_workers(workers),
+                                     collate_fn=collate)
     else:
         loader = Loader(ds, collate, batch_size=batch_size, num_workers=workers)
     t0, batches = time.perf_counter(), 0
@@ -98,11 +101,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sptok-bench")
     ap.add_argument("--target-mb", type=float, default=60)
     ap.add_argument("--rounds", type=int, default=2, help="passes per variant, alternating; the best is kept")
+    ap.add_argument("--workers", default="auto,1,2",
+                    help="loader worker counts to time; auto: what sptok pretrain starts by default")
     ap.add_argument("--hf-batches", type=int, default=256,
                     help="batches in the Hugging Face collator's pass (4.2M tokens at 32 x 512 and at 8 x 2048)")
     a = ap.parse_args()
 
     from sptok.data import open_dataset
+    from sptok.data.loader import resolve_workers
+    from sptok.train.config import DataConfig
+
+    default_workers = DataConfig(build=".").num_workers        # what pretrain passes when the config names none
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -115,14 +124,16 @@ def main() -> None:
                         "--vocab-size", "32000", "--max-bytes", "40MB"], check=True)
     print(f"data: {nbytes / 1e6:.0f} MB of text; torch DataLoader via streaming.StreamingDataLoader; "
           f"{len(os.sched_getaffinity(0))} CPU cores\n")
-    print(f"{'config':<14} {'workers':>7} {'variant':<30} {'Mtok/s':>8} {'per worker':>11} {'vs raw':>7} {'vs HF':>7}")
+    print(f"{'config':<14} {'workers':>8} {'variant':<30} {'Mtok/s':>8} {'per worker':>11} {'vs raw':>7} {'vs HF':>7}")
     for seq, batch in ((512, 32), (2048, 8)):
         out = work / f"dl-{a.target_mb:g}mb-{seq}"
         if not (out / "sptok.json").exists():
             subprocess.run([sys.executable, "-m", "sptok", "build", str(data / "m.yaml"), "--out", str(out),
                             "--tokenizer", str(tok), "--seq-len", str(seq), "--msp-prob", "0.15",
                             "--position", "both", "--quiet", "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-        for workers in (1, 2):
+        for workers in a.workers.split(","):
+            workers = default_workers if workers == "auto" else int(workers)
+            label = f"{resolve_workers(workers)} ({workers})" if isinstance(workers, str) else str(workers)
             ds = open_dataset(str(out), batch_size=batch, weights=False)
             rates: dict = {}
             for _ in range(a.rounds):      # variants alternate; each keeps its best pass (others share the CPU)
@@ -132,7 +143,8 @@ def main() -> None:
                     rates[name] = max(r, rates.get(name, 0.0))
             base, hf = rates["raw StreamingDataset"], rates["HF DataCollatorForLM (MLM)"]
             for name, tps in rates.items():
-                print(f"{batch:>3} x {seq:<8} {workers:>7} {name:<30} {tps / 1e6:8.2f} {tps / workers / 1e6:11.2f} "
+                print(f"{batch:>3} x {seq:<8} {label:>8} {name:<30} {tps / 1e6:8.2f} "
+                      f"{tps / resolve_workers(workers) / 1e6:11.2f} "
                       f"{tps / base:7.2f} {tps / hf:7.2f}", flush=True)
             del ds
     print("\n* for comparison: the collator passed to the DataLoader itself, running inside the streaming workers;"
