@@ -144,7 +144,7 @@ def main() -> None:
             base, hf = rates["raw StreamingDataset"], rates["HF DataCollatorForLM (MLM)"]
             for name, tps in rates.items():
                 print(f"{batch:>3} x {seq:<8} {label:>8} {name:<30} {tps / 1e6:8.2f} "
-                      f"{tps / resolve_workers(workers) / 1e6:11.2f} "
+                      f"{tps / max(1, resolve_workers(workers)) / 1e6:11.2f} "
                       f"{tps / base:7.2f} {tps / hf:7.2f}", flush=True)
             del ds
     print("\n* for comparison: the collator passed to the DataLoader itself, running inside the streaming workers;"

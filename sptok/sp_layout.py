@@ -23,9 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .build.options import POSITIONS
-
-
 
 @dataclass(frozen=True)
 class SPLayout:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,6 +101,20 @@ def build(tmp_path):
         res = run_build(str(manifest_path), out, flags, overwrite=overwrite, partition=partition, log=lambda m: None)
         return out, res.info
     return run
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A real filesystem of ``size`` (tmpfs) mounted at ``where``, to fill or remount: the test is skipped where
+    mounting is not allowed (CI runs as root)."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)])
 
 
 def tree_bytes(root: str) -> dict[str, bytes]:

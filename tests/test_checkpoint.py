@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, demo_corpus
+from conftest import ROOT, demo_corpus, tmpfs
 from test_train import _cfg, _torchrun
 
 from sptok.errors import SptokError
@@ -148,12 +148,7 @@ def test_on_nonfinite_skip_skips_the_update(corpus, tmp_path):
 def test_disk_full_while_saving_is_one_line(corpus, tmp_path):
     """A real 8 MB tmpfs: step 2's checkpoint fits, step 4's does not. One line, exit 2; resuming elsewhere
     is not needed: the partial step has no meta.json."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real ({r.stderr.decode().strip()})")
-    try:
+    with tmpfs(tmp_path / "small", "8m") as mnt:
         doc = _ckpt_doc(corpus, tmp_path, steps=6)
         doc["checkpoint"]["dir"] = str(mnt / "ckpt")
         (tmp_path / "c.json").write_text(json.dumps(doc))
@@ -162,8 +157,6 @@ def test_disk_full_while_saving_is_one_line(corpus, tmp_path):
         assert res.stderr.splitlines()[-1] == (f"error: disk full saving step 4 to {mnt / 'ckpt'}; the last "
                                                f"complete checkpoint is step 2")
         assert not (mnt / "ckpt" / "step-00000004" / "meta.json").exists()
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 def _tree(pid: int) -> list[int]:

@@ -288,7 +288,7 @@ def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
 
 def test_the_command_line_offers_every_encoder():
     from sptok.cli import build
-    from sptok.build.encoders import CHOICES
+    from sptok.build.options import ENCODERS as CHOICES
 
     option = next(p for p in build.params if p.name == "encoder")
     assert tuple(option.type.choices) == CHOICES

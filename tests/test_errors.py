@@ -13,7 +13,7 @@ import zlib
 import pytest
 import zstandard
 from click.testing import CliRunner
-from conftest import TOKENIZER, demo_records, small_sources, write_jsonl
+from conftest import TOKENIZER, demo_records, small_sources, tmpfs, write_jsonl
 
 from sptok.cli import main
 
@@ -313,13 +313,8 @@ def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MB filesystem (tmpfs) to fill: skipped where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill a disk for real ({r.stderr.decode().strip()})")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "small", "4m") as mnt:
+        yield mnt
 
 
 def fill(disk, leave: int):

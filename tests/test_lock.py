@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TOKENIZER, build_bytes, demo_corpus
+from conftest import ROOT, TOKENIZER, build_bytes, demo_corpus, tmpfs
 
 from sptok.build import run_build
 from sptok.errors import SptokError
@@ -142,13 +142,8 @@ def test_a_killed_overwrite_leaves_the_old_build_whole(tmp_path):
 @pytest.fixture
 def mount(tmp_path):
     """A tmpfs of its own: skipped where mounting is not allowed."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "mnt", "64m") as mnt:
+        yield mnt
 
 
 def test_overwrite_of_a_mount_point_replaces_in_place(tmp_path, mount):

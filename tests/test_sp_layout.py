@@ -13,9 +13,10 @@ import pytest
 from conftest import TOKENIZER, demo_records, write_jsonl
 
 from sptok import layout as build_dir
+from sptok.build.options import POSITIONS
 from sptok.build_info import BuildInfo
 from sptok.shards import ShardReader, as_arrays
-from sptok.sp_layout import POSITIONS, SPLayout
+from sptok.sp_layout import SPLayout
 
 # A document that carries its SP, piece by piece: SP, D (the delimiter's tokens), T (the text), EOS.
 TABLE = {"prefix": ["SP", "D", "T", "EOS"], "post": ["T", "D", "SP", "EOS"], "both": ["SP", "D", "T", "D", "SP", "EOS"]}

@@ -23,7 +23,7 @@ from importlib import metadata
 import numpy as np
 
 from ..errors import SptokError
-from .options import ENCODERS as CHOICES, FAST_ENCODERS as FAST
+from .options import FAST_ENCODERS as FAST
 from .tokenizer import as_text_encoder
 
 SPOT_SHARE = 1024           # re-encode about 1/1024 of the text with the reference (~8% of gigatoken's time)

@@ -16,7 +16,6 @@ import os
 import numpy as np
 
 from .. import layout
-from .options import FORMATS
 from .pack import Stream
 
 # name -> (MDS encoding, meaning). MDS needs sorted names; `bytes` because MDS ndarrays cannot be empty.
