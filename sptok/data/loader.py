@@ -3,8 +3,8 @@
 Why not ``DataLoader(collate_fn=collator)``: measured here, a collator running inside a streaming
 worker is slowed several-fold by the dataset's own prefetch threads competing for the GIL, and
 handing torch tensors back through shared memory costs more than the collation itself. Raw samples
-travel cheaply (small numpy arrays and bytes), and collation in the consuming process keeps MLM + MSP at
-0.6-0.9x raw iteration (``benchmarks/RESULTS.md``), overlapping the GPU's asynchronous work.
+travel cheaply (small numpy arrays and bytes), and collation in the consuming process keeps every collator at
+0.64-0.92x raw iteration with the default workers (``benchmarks/RESULTS.md``), overlapping the GPU's work.
 Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples. It
 holds across worker counts too: given the batch size (``open_dataset(batch_size=...)``), streaming's sample
 order does not depend on the number of workers.
@@ -24,8 +24,8 @@ def auto_workers(cpus: int | None = None, local_world: int | None = None) -> int
     """The loader workers ``num_workers="auto"`` starts: this process's share of the CPUs it may run on
     (``os.sched_getaffinity``, else ``os.cpu_count()``, divided by ``LOCAL_WORLD_SIZE``, the processes torchrun
     starts on this host), less one for the process that collates, at least 1 and at most ``MAX_AUTO_WORKERS``.
-    Why: with no worker the collator shares the GIL with streaming's prefetch threads (MLM + MSP at 0.59x raw
-    reading; 2 workers: 0.85x), while workers beyond the free CPUs only compete with the collator."""
+    Why: with no worker the collator shares the GIL with streaming's prefetch threads (MLM + MSP at 0.30x raw
+    reading, 1 worker: 0.85x), while workers beyond the free CPUs only compete with the collator."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if local_world is None:
