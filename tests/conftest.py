@@ -19,6 +19,9 @@ TOKENIZER = DEMO / "tokenizer"
 SOURCES = ("pydocs", "code", "fortunes", "chinese")
 
 sys.path.insert(0, str(Path(__file__).parent))
+# distributed tests talk over loopback only: gloo otherwise binds the address the host name resolves to
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
 def demo_records(name: str, limit: int | None = None) -> list[dict]:

@@ -43,7 +43,9 @@ def main():
         grads[name.replace("module.", "")] = g.detach().clone()
     if rank == 0:
         torch.save(grads, out)
+    del trained, model, grads
     if dist.is_initialized():
+        dist.barrier()                 # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 
