@@ -269,7 +269,7 @@ class SpanCorruptionCollator(_Base):
         # the input: kept tokens, each span's first token replaced by its sentinel, then EOS
         kept = real & (~noise | span_start)
         n_in = kept.sum(axis=1)
-        src, dst = _compact(kept, n_in.max() + 1)
+        src, dst = _flat_moves(np.cumsum(kept, axis=1) - 1, kept, n_in.max() + 1)
         inp = np.full((B, n_in.max() + 1), pad, np.int64)
         inp_doc = np.full(inp.shape, -1, np.int32)
         inp.ravel()[dst] = np.where(span_start, self.sentinels[np.maximum(span_id, 0)], ids).ravel()[src]
@@ -281,11 +281,12 @@ class SpanCorruptionCollator(_Base):
         lab = np.full((B, W), IGNORE, np.int64)
         msp_t = np.zeros(lab.shape, bool)
         tgt_doc = np.full(lab.shape, -1, np.int32)
-        src, dst = _compact(noise, W, shift=span_id + 1)          # a span's tokens come after its sentinel
+        at = np.cumsum(noise, axis=1) - 1 + span_id          # where each span's sentinel goes; its tokens follow
+        src, dst = _flat_moves(at + 1, noise, W)
         lab.ravel()[dst] = ids.ravel()[src]
         msp_t.ravel()[dst] = self.info.is_sp[ids.ravel()[src]]
         tgt_doc.ravel()[dst] = doc.ravel()[src]
-        src, dst = _compact(noise, W, shift=span_id, where=span_start)
+        src, dst = _flat_moves(at, span_start, W)
         lab.ravel()[dst] = self.sentinels[span_id.ravel()[src]]
         tgt_doc.ravel()[dst] = doc.ravel()[src]
         end = n_noise + n_spans
@@ -303,11 +304,8 @@ class SpanCorruptionCollator(_Base):
         return self._torch(batch)
 
 
-def _compact(mask: np.ndarray, width: int, shift: np.ndarray | None = None, where: np.ndarray | None = None):
-    """Flat (source, destination) indices that move each row's ``mask``-ed entries to the front of a row of
-    ``width`` (in order, each moved right by ``shift``), for those also in ``where`` (default: all)."""
-    at = np.cumsum(mask, axis=1) - 1
-    if shift is not None:
-        at += shift
-    src = np.flatnonzero(mask if where is None else where)
-    return src, src // mask.shape[1] * width + at.ravel()[src]
+def _flat_moves(at: np.ndarray, where: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat (source, destination) indices that move each entry of a B x L array in ``where`` to column ``at``
+    of the same row in a B x ``width`` array."""
+    src = np.flatnonzero(where)
+    return src, src // at.shape[1] * width + at.ravel()[src]
