@@ -4,7 +4,7 @@ Why not ``DataLoader(collate_fn=collator)``: measured here, a collator running i
 worker is slowed several-fold by the dataset's own prefetch threads competing for the GIL, and
 handing torch tensors back through shared memory costs more than the collation itself. Raw samples
 travel cheaply (small numpy arrays and bytes), and collation in the consuming process keeps every collator at
-0.64-0.92x raw iteration with the default workers (``benchmarks/RESULTS.md``), overlapping the GPU's work.
+0.65-0.93x raw iteration with the default workers (``benchmarks/RESULTS.md``), overlapping the GPU's work.
 Resumption is exact: ``state_dict()`` is streaming's, and collation is a pure function of the samples. It
 holds across worker counts too: given the batch size (``open_dataset(batch_size=...)``), streaming's sample
 order does not depend on the number of workers.
