@@ -114,7 +114,7 @@ def _write(path: str, model, optimizer, extra: dict, meta: dict) -> None:
     with warnings.catch_warnings():   # one process: DCP says it saves without torch.distributed, as meant
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)   # raises on every rank if one fails
-    _on_every_rank(lambda: _write_json(os.path.join(path, _extra_name(_rank())), extra))
+    _on_every_rank(lambda: layout.write_json(os.path.join(path, _extra_name(_rank())), extra))
     names = sorted(os.listdir(path)) if _rank() == 0 else None
     if dist.is_initialized():   # one listing for all: every rank hashes its share of the same files
         box = [names]
@@ -122,7 +122,7 @@ def _write(path: str, model, optimizer, extra: dict, meta: dict) -> None:
         names = box[0]
     files = dict(_gathered([(n, _file_record(os.path.join(path, n))) for n in names[_rank()::_world()]]))
     # last: the checkpoint is complete
-    _on_every_rank(lambda: _rank() == 0 and _write_json(os.path.join(path, META), {**meta, "files": files}))
+    _on_every_rank(lambda: _rank() == 0 and layout.write_json(os.path.join(path, META), {**meta, "files": files}))
 
 
 def _on_every_rank(write) -> None:
@@ -142,13 +142,6 @@ def _on_every_rank(write) -> None:
             err = OSError(errno.ENOSPC if flag[0] else errno.EIO, "failed on another rank")
     if err is not None:
         raise err
-
-
-def _write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _file_record(path: str) -> dict:
@@ -207,8 +200,8 @@ def damage(path: str) -> str | None:
             problems.append(f"{name} is missing")
         elif os.path.getsize(p) != want.get("bytes"):
             problems.append(f"{name} has {os.path.getsize(p):,} bytes, {META} recorded {want.get('bytes'):,}")
-        elif file_xxh64(p) != want.get("xxh64"):
-            problems.append(f"{name} has xxh64 {file_xxh64(p)}, {META} recorded {want.get('xxh64')}")
+        elif (got := file_xxh64(p)) != want.get("xxh64"):
+            problems.append(f"{name} has xxh64 {got}, {META} recorded {want.get('xxh64')}")
     problems = sorted(_gathered(problems))
     if not problems:
         return None
