@@ -90,8 +90,10 @@ def main():
 @click.option("--hash-inputs", is_flag=True, default=None, help="Fingerprint input files by content (xxh64) instead "
                                                                 "of size + mtime: reads every input once more.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
+@click.option("--append", is_flag=True, help="Add the sources MANIFEST lists after the build's own to the complete "
+                                             "build in --out; its files stay as they are.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
-def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
+def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
     from .build.encoders import describe
@@ -106,10 +108,12 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
         if part:
             raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
                              "then upload the merged build")
+        if append:
+            raise SptokError("--append with a remote --out: append to a local copy of the build, then upload it")
         check_remote(remote)
         out = local_dir or staging_dir(remote)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log, append=append)
     if remote and res.info is not None:
         upload_build(out, remote, log=log)
     if res.skipped:
