@@ -19,6 +19,7 @@ from conftest import ROOT, TOKENIZER, build_bytes, demo_records, tree_bytes, wri
 from shards import mds_samples
 
 from sptok.build import run_build
+from sptok.build.append import run_append
 from sptok.build.manifest import validate_document
 from sptok.cli import main
 from sptok.errors import SptokError
@@ -45,7 +46,8 @@ def corpus(d: Path) -> Path:
 
 
 def build(d: Path, out: str, manifest: str = "m3.yaml", append: bool = False, **flags):
-    return run_build(str(d / manifest), str(d / out), dict(FLAGS, **flags), log=lambda m: None, append=append)
+    run = run_append if append else run_build
+    return run(str(d / manifest), str(d / out), dict(FLAGS, **flags), log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +181,9 @@ def test_other_options_another_tokenizer_and_changed_inputs_are_refused(base, tm
 def test_no_complete_build_a_partition_overwrite_or_misplaced_names_are_refused(base, tmp_path):
     _refused(base, r"--append needs a complete build in --out: .*nowhere: no such build directory", out="nowhere")
     with pytest.raises(SptokError, match=r"--append with --partition: an append runs on one machine"):
-        run_build(str(base / "m4.yaml"), str(base / "b"), dict(FLAGS), partition=(0, 2), append=True)
+        run_append(str(base / "m4.yaml"), str(base / "b"), dict(FLAGS), partition=(0, 2))
     with pytest.raises(SptokError, match=r"--append and --overwrite: give one"):
-        run_build(str(base / "m4.yaml"), str(base / "b"), dict(FLAGS), overwrite=True, append=True)
+        run_append(str(base / "m4.yaml"), str(base / "b"), dict(FLAGS), overwrite=True)
     d = corpus(tmp_path)
     build(d, "m", policy="misplaced")
     _refused(d, r"--append: with the new sources, --policy misplaced names source '\w+' <\w+>, not <\w+> as in the "
@@ -227,8 +229,7 @@ def test_a_killed_append_resumes_to_the_bytes_of_one_run_whatever_the_workers(tm
     with pytest.raises(SptokError, match=r"cannot resume: .*run the original command to finish it"):
         build(d, "b", "m4.yaml")   # a plain build does not take the append over
     logs = []
-    res = run_build(str(d / "m4.yaml"), str(d / "b"), dict(FLAGS, workers=2, quiet=False), log=logs.append,
-                    append=True)
+    res = run_append(str(d / "m4.yaml"), str(d / "b"), dict(FLAGS, workers=2, quiet=False), log=logs.append)
     assert any(m.startswith("resuming: ") for m in logs), logs
     assert res.info["appended"] == ["poems"] and res.committed == res.total_units > 1
     assert build_bytes(str(d / "b")) == build_bytes(str(d / "ref"))

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import time
 from collections import Counter
 
 from .. import layout
@@ -30,16 +31,25 @@ from ..errors import SptokError
 from ..layout import MARKER, STATS, TOKENIZER, WORK, write_json
 from ..stats import totals
 from . import outdir
-from .driver import BuildResult, _fill, _prepare_out, _refuse_skipped, describe_changes, make_plan
+from .driver import (BuildResult, _fill, _prepare_out, _refuse_skipped, describe_changes, make_plan, resolve_build,
+                     run_pooled)
 from .finalize import _copy_dir, fingerprint_of
 from .manifest import Manifest, describe_sources, input_fingerprint
 from .options import BuildOptions
 from .tokenizer import load_tokenizer, sp_tokens
 
 
-def run_append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
-               pool) -> BuildResult:
-    """Build the sources of ``manifest`` that the complete build in ``out`` lacks, and join them to it."""
+def run_append(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
+               partition: tuple[int, int] | None = None, log=print) -> BuildResult:
+    """Build the sources of the manifest that the complete build in ``out`` lacks, and join them to it; a no-op
+    where it holds them all."""
+    t0 = time.time()
+    manifest, opts = resolve_build(manifest_path, out, flags)
+    return run_pooled(opts, lambda pool: _append(manifest, opts, out, overwrite, partition, log, pool), t0)
+
+
+def _append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
+            pool) -> BuildResult:
     if overwrite:
         raise SptokError("--append and --overwrite: give one (--append adds sources to the build in --out, "
                          "--overwrite replaces it)")
@@ -48,9 +58,10 @@ def run_append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool
                          "sources' units); drop --partition")
     if _parent_dir(out) == out:   # no lock for a no-op: the build may be a read-only copy
         parent = layout.load_build(out)
-        if _refuse_changes(manifest, opts, parent, out) == len(manifest.sources):
+        if len(parent["manifest"]["sources"]) >= len(manifest.sources) and \
+                _refuse_changes(manifest, opts, parent, out) == len(manifest.sources):
             return _unchanged(out, parent, opts)
-    with outdir.writing(out, "append"):
+    with outdir.writing(out, "build --append"):
         where = _parent_dir(out)
         parent = layout.read_json(os.path.join(where, MARKER))
         n_old = _refuse_changes(manifest, opts, parent, out)
@@ -76,9 +87,6 @@ def run_append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool
                     pool)
         info = _join(out, parent, scratch, lineage)
         outdir.clear_work(out)
-    if not opts.quiet:
-        log(f"appended {', '.join(lineage['appended'])} to {out} (fingerprint {info['fingerprint'][:12]}, parent "
-            f"{info['parent'][:12]})")
     return BuildResult(out, info, res.committed, res.total_units)
 
 
@@ -169,6 +177,8 @@ def _refuse_tokenizer(path: str | None, parent: dict, out: str) -> None:
     if not path:
         return
     lt = load_tokenizer(path)
+    if os.path.realpath(lt.path) == os.path.realpath(layout.tokenizer_json(out)):
+        return   # the build's own, already extended where an interrupted append had begun to join
     with open(lt.path, "rb") as f:
         file_sha = hashlib.sha256(f.read()).hexdigest()
     t = parent["tokenizer"]

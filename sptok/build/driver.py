@@ -45,28 +45,32 @@ class BuildResult:
 
 
 def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
-              partition: tuple[int, int] | None = None, log=print, append: bool = False) -> BuildResult:
-    """Build ``manifest_path`` into ``out``; ``append``: build only the sources the complete build in ``out``
-    lacks, and add them to it (``append.py``)."""
+              partition: tuple[int, int] | None = None, log=print) -> BuildResult:
     t0 = time.time()
+    manifest, opts = resolve_build(manifest_path, out, flags)
+    if not opts.tokenizer:
+        raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
+                         "directory), set build.tokenizer in the manifest, or train one with "
+                         "`sptok tokenizer train`")
+    return run_pooled(opts, lambda pool: _build(manifest, opts, out, overwrite, partition, log, pool), t0)
+
+
+def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, BuildOptions]:
+    """The manifest and the options of a build into ``out``: flags over its ``build:`` values over the defaults."""
     unmap_freed_blocks()   # the probes read whole documents here too
     manifest = load_manifest(manifest_path)
     refuse_output_as_input(manifest, out)    # before --overwrite removes anything
     defaults = dict(manifest.build)
     if defaults.get("tokenizer"):
         defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])
-    opts = BuildOptions.resolve(defaults, flags)
-    if not opts.tokenizer and not append:   # an append extends the build's own tokenizer
-        raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
-                         "directory), set build.tokenizer in the manifest, or train one with "
-                         "`sptok tokenizer train`")
+    return manifest, BuildOptions.resolve(defaults, flags)
+
+
+def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
+    """``work(pool)``, the worker processes (None for one worker) started while it plans and closed after."""
     pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
     try:
-        if append:
-            from .append import run_append
-            res = run_append(manifest, opts, out, overwrite, partition, log, pool)
-        else:
-            res = _build(manifest, opts, out, overwrite, partition, log, pool)
+        res = work(pool)
     except BaseException:
         if pool is not None:
             pool.close(kill=True)
