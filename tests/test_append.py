@@ -194,6 +194,22 @@ def test_no_complete_build_a_partition_overwrite_or_misplaced_names_are_refused(
         res.output.count("\n") == 1, res.output
 
 
+def test_an_appended_build_takes_another_append(base):
+    shutil.copytree(base / "b", base / "twice")
+    first = build(base, "twice", "m4.yaml", append=True).info
+    before = tree_bytes(str(base / "twice"))
+    write_jsonl(base / "quotes.jsonl", demo_records("fortunes", 500)[300:])
+    (base / "m5.yaml").write_text((base / "m4.yaml").read_text() + "  - {name: quotes, paths: quotes.jsonl, "
+                                                                   "id_field: id}\n")
+    info = build(base, "twice", "m5.yaml", append=True).info
+    assert info["parent"] == first["fingerprint"] and info["appended"] == ["quotes"]
+    assert [e["token_id"] for e in info["sp_table"][3:]] == [first["tokenizer"]["vocab_size"] - 1,
+                                                             first["tokenizer"]["vocab_size"]]
+    after = tree_bytes(str(base / "twice"))
+    assert all(after[p] == b for p, b in before.items() if p not in REWRITTEN and not p.startswith("tokenizer/"))
+    assert verify_build(str(base / "twice")).ok
+
+
 def test_the_manifest_as_built_is_a_no_op(base):
     before = tree_bytes(str(base / "b"))
     assert build(base, "b", "m3.yaml", append=True).skipped
@@ -228,6 +244,9 @@ def test_a_killed_append_resumes_to_the_bytes_of_one_run_whatever_the_workers(tm
         load_build(str(d / "b"))
     with pytest.raises(SptokError, match=r"cannot resume: .*run the original command to finish it"):
         build(d, "b", "m4.yaml")   # a plain build does not take the append over
+    shutil.copytree(d / "b", d / "given-up")
+    assert build(d, "given-up", "m3.yaml", append=True).skipped   # the build's own manifest gives the append up
+    assert tree_bytes(str(d / "given-up")) == old
     logs = []
     res = run_append(str(d / "m4.yaml"), str(d / "b"), dict(FLAGS, workers=2, quiet=False), log=logs.append)
     assert any(m.startswith("resuming: ") for m in logs), logs

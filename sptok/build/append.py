@@ -66,10 +66,9 @@ def _append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, p
         parent = layout.read_json(os.path.join(where, MARKER))
         n_old = _refuse_changes(manifest, opts, parent, out)
         if n_old == len(manifest.sources):
-            if where == out:
-                return _unchanged(out, parent, opts)
-            raise SptokError(f"--out {out}: an append to this build is in progress, and {manifest.path} lists no "
-                             f"source the build lacks; run the command that started the append to finish it")
+            if where != out:
+                _give_up(out, log)
+            return _unchanged(out, parent, opts)
         new = dataclasses.replace(manifest, sources=manifest.sources[n_old:])
         new_opts = dataclasses.replace(opts, tokenizer=os.path.join(where, TOKENIZER))
         plan, tok, units = make_plan(new, new_opts, named=manifest)
@@ -237,6 +236,18 @@ def _resume(out: str, scratch: str, lineage: dict, log) -> None:
         f"sources over")
     shutil.rmtree(scratch, ignore_errors=True)
     write_json(path, lineage)
+
+
+def _give_up(out: str, log) -> None:
+    """An append in progress, asked for with the build's own manifest: the build comes back as it was, unless the
+    new sources have begun to join it."""
+    if os.path.exists(os.path.join(out, WORK, layout.APPEND, MARKER)):
+        raise SptokError(f"--out {out}: the new sources of an append are joining the build, and the manifest lists "
+                         f"none; run the command that started the append to finish it")
+    os.replace(os.path.join(out, WORK, layout.PARENT, MARKER), os.path.join(out, MARKER))
+    outdir.clear_work(out)
+    log(f"note: {out} held an unfinished append; the manifest lists only the build's sources, so the append was "
+        f"given up and the build is as it was")
 
 
 # ------------------------------------------------------------------------------------------------ join
