@@ -253,3 +253,20 @@ def test_a_killed_append_resumes_to_the_bytes_of_one_run_whatever_the_workers(tm
     assert res.info["appended"] == ["poems"] and res.committed == res.total_units > 1
     assert build_bytes(str(d / "b")) == build_bytes(str(d / "ref"))
     assert verify_build(str(d / "b")).ok
+
+
+@pytest.mark.slow
+def test_pretrain_trains_on_every_source_of_an_appended_build(appended, tmp_path):
+    pytest.importorskip("torch")
+    from sptok.train.config import load_config
+    from sptok.train.loop import pretrain
+
+    _, _, _, out = appended
+    doc = {"model": {"family": "bert", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+           "data": {"build": out, "num_workers": 0}, "optim": {"lr": 3e-3, "warmup_steps": 2},
+           "train": {"steps": 8, "global_batch_size": 8, "micro_batch_size": 8},
+           "log": {"dir": str(tmp_path / "log"), "every": 1, "tensorboard": False},
+           "checkpoint": {"dir": str(tmp_path / "ckpt")}}
+    recs = pretrain(load_config(None, [], base=doc), log=lambda m: None)
+    assert len(recs) == 8 and all(r["loss"] > 0 for r in recs)
+    assert all(any(r["loss_by_source"][k] is not None for r in recs) for k in range(4))   # poems, appended, too
