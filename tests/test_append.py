@@ -226,17 +226,12 @@ def test_a_killed_append_resumes_to_the_bytes_of_one_run_whatever_the_workers(tm
     write_jsonl(d / "poems.jsonl", demo_records("chinese"))   # enough units to be caught in the middle
     build(d, "ref")
     shutil.copytree(d / "ref", d / "b")
+    shutil.copytree(d / "ref", d / "joining")
     build(d, "ref", "m4.yaml", append=True)
     old = tree_bytes(str(d / "b"))
-    args = [sys.executable, "-m", "sptok", "build", d / "m4.yaml", "--out", d / "b", "--append", "--workers", "1",
-            "--encoder", "hf", "--quiet", "--tokenizer", TOKENIZER, "--seq-len", "64", "--unit-size", "8KB"]
-    proc = subprocess.Popen(list(map(str, args)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     units = d / "b" / ".sptok" / "append" / ".sptok" / "units"
-    while not (units.is_dir() and any((u / "result.json").exists() for u in units.iterdir())):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    kill_append(d / "b", lambda: units.is_dir() and any((u / "result.json").exists() for u in units.iterdir()),
+                "--encoder", "hf")
     left = tree_bytes(str(d / "b"))
     assert "sptok.json" not in left and ".sptok/parent/sptok.json" in left
     assert all(left[p] == b for p, b in old.items() if p != "sptok.json")   # nothing old was touched
@@ -253,6 +248,26 @@ def test_a_killed_append_resumes_to_the_bytes_of_one_run_whatever_the_workers(tm
     assert res.info["appended"] == ["poems"] and res.committed == res.total_units > 1
     assert build_bytes(str(d / "b")) == build_bytes(str(d / "ref"))
     assert verify_build(str(d / "b")).ok
+    # killed once the new source is complete apart (the kill lands before or in the join): the same bytes
+    kill_append(d / "joining", lambda: (d / "joining" / ".sptok" / "append" / "sptok.json").exists())
+    try:
+        assert load_build(str(d / "joining"))["parent"]   # the join was over
+    except SptokError as e:
+        assert "the build is incomplete" in e.message
+    build(d, "joining", "m4.yaml", append=True, workers=2)
+    assert build_bytes(str(d / "joining")) == build_bytes(str(d / "ref"))
+
+
+def kill_append(out: Path, when, *extra) -> None:
+    """Run the append of m4.yaml to ``out`` in a child process and kill it (SIGKILL) as soon as ``when()``."""
+    args = [sys.executable, "-m", "sptok", "build", out.parent / "m4.yaml", "--out", out, "--append", "--workers",
+            "1", "--quiet", "--tokenizer", TOKENIZER, "--seq-len", "64", "--unit-size", "8KB", *extra]
+    proc = subprocess.Popen(list(map(str, args)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not when():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
 
 
 @pytest.mark.slow
