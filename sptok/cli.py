@@ -90,8 +90,10 @@ def main():
 @click.option("--hash-inputs", is_flag=True, default=None, help="Fingerprint input files by content (xxh64) instead "
                                                                 "of size + mtime: reads every input once more.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
+@click.option("--append", is_flag=True, help="Add the sources MANIFEST lists after the build's own to the complete "
+                                             "build in --out; its files stay as they are.")
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress output.")
-def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
+def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
     """Tokenize the sources of MANIFEST into SP-tagged shards in --out."""
     from .build import run_build
     from .build.encoders import describe
@@ -106,13 +108,22 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
         if part:
             raise SptokError("--partition with a remote --out: give each partition a local --out, merge them, "
                              "then upload the merged build")
+        if append:
+            raise SptokError("--append with a remote --out: append to a local copy of the build, then upload it")
         check_remote(remote)
         out = local_dir or staging_dir(remote)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+    if append:
+        from .build.append import run_append
+        res = run_append(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+    else:
+        res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
     if remote and res.info is not None:
         upload_build(out, remote, log=log)
-    if res.skipped:
+    if res.skipped and append:
+        click.echo(f"{out} already holds every source of {manifest} (fingerprint {res.info['fingerprint'][:12]}); "
+                   f"nothing to append.", err=True)
+    elif res.skipped:
         click.echo(f"{out} already holds this exact build (fingerprint {res.info['fingerprint'][:12]}); nothing to "
                    f"do. Pass --overwrite to rebuild.", err=True)
     if res.info is None:
@@ -122,8 +133,10 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, **flags):
     info, stats = load_stats(out)
     click.echo(format_table(info, stats))
     if not res.skipped and not flags.get("quiet"):
-        t = stats["totals"]
-        click.echo(f"\nbuilt {out} in {res.seconds:.1f}s ({t['sample_tokens'] / max(res.seconds, 1e-9):,.0f} "
+        made = info.get("appended") if append else None   # an append built only these sources
+        tokens = sum(stats["sources"][n]["sample_tokens"] for n in made) if made else stats["totals"]["sample_tokens"]
+        click.echo(f"\n{'appended to' if made else 'built'} {out} in {res.seconds:.1f}s "
+                   f"({tokens / max(res.seconds, 1e-9):,.0f} "
                    f"tokens/s, encoder: {describe(info['encoder'])})", err=True)
 
 

@@ -9,6 +9,8 @@
     OUT/<source>/              shard.00000.mds.zstd ... + index.json (MDS), or data-00000.parquet ... + _files.json
     OUT/.sptok/                work in progress: plan.json, tokenizer/, units/u000123/, tmp/, failed.json,
                                partition.json, lock (held by the writer); removed when the build completes
+    .sptok/parent/             while ``sptok build --append`` runs: the build appended to (its sptok.json, tokenizer/)
+    .sptok/append/             ... and its new sources, built as a build of their own before they join OUT
     .sptok/units/u000123/      one committed unit: result.json (written last), its shards, tail.npz,
                                holdout.npz, rejects.jsonl.zst
 
@@ -43,6 +45,8 @@ PLAN = "plan.json"
 FAILED = "failed.json"         # in WORK: why the build cannot complete (a source without documents)
 PARTITION = "partition.json"   # in WORK: this directory builds partition i/N (join with `sptok merge`)
 LOCK = "lock"                  # in WORK: flock-ed by the process writing the directory, and names it (outdir.py)
+PARENT = "parent"              # in WORK: the complete build an append extends, set aside (append.py)
+APPEND = "append"              # in WORK: the append's new sources, built as a build of their own
 UNITS = "units"
 TMP = "tmp"
 # in a unit's directory

@@ -14,6 +14,7 @@ The pipeline, in the order data flows through it:
   finalize           committed units -> per-source shards, stitched tails, stats, indexes, ``sptok.json``
   outdir, remote     the output directory: one writer (lock), --overwrite beside and swap; remote uploads
   driver             ``run_build`` / ``run_merge``: plan, probe, run, finalize
+  append             ``run_append``: ``build --append``, new sources built apart, then joined to a complete build
 
 Only ``driver`` is imported here, and only when used: ``sptok --help`` and the readers of a build load nothing
 of the pipeline they do not need.

@@ -47,20 +47,30 @@ class BuildResult:
 def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
               partition: tuple[int, int] | None = None, log=print) -> BuildResult:
     t0 = time.time()
+    manifest, opts = resolve_build(manifest_path, out, flags)
+    if not opts.tokenizer:
+        raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
+                         "directory), set build.tokenizer in the manifest, or train one with "
+                         "`sptok tokenizer train`")
+    return run_pooled(opts, lambda pool: _build(manifest, opts, out, overwrite, partition, log, pool), t0)
+
+
+def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, BuildOptions]:
+    """The manifest and the options of a build into ``out``: flags over its ``build:`` values over the defaults."""
     unmap_freed_blocks()   # the probes read whole documents here too
     manifest = load_manifest(manifest_path)
     refuse_output_as_input(manifest, out)    # before --overwrite removes anything
     defaults = dict(manifest.build)
     if defaults.get("tokenizer"):
         defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])
-    opts = BuildOptions.resolve(defaults, flags)
-    if not opts.tokenizer:
-        raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
-                         "directory), set build.tokenizer in the manifest, or train one with "
-                         "`sptok tokenizer train`")
+    return manifest, BuildOptions.resolve(defaults, flags)
+
+
+def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
+    """``work(pool)``, the worker processes (None for one worker) started while it plans and closed after."""
     pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
     try:
-        res = _build(manifest, opts, out, overwrite, partition, log, pool)
+        res = work(pool)
     except BaseException:
         if pool is not None:
             pool.close(kill=True)
@@ -186,9 +196,14 @@ def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: Buil
 
 # ------------------------------------------------------------------------------------------------ plan
 
-def make_plan(manifest: Manifest, opts: BuildOptions):
-    """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs."""
-    sps, special = sp_tokens(manifest, opts)
+def make_plan(manifest: Manifest, opts: BuildOptions, named: Manifest | None = None):
+    """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs.
+
+    ``named``: for an append, the whole manifest (the build's sources, then ``manifest``'s new ones): SPs are
+    named, added to the tokenizer and tabled for all its sources, as a build of it would, while only
+    ``manifest``'s sources are planned."""
+    named = named or manifest
+    sps, special = sp_tokens(named, opts)
     special_delim = special is not None
     if opts.policy != "custom" and any(s.sp for s in manifest.sources):
         print(f"note: `sp:` values in the manifest are used only with --policy custom (now {opts.policy})",
@@ -235,7 +250,7 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     plan["fingerprint"] = fingerprint_of(dict(
         identity, manifest={k: v for k, v in identity["manifest"].items() if k != "root"},
         tokenizer={k: v for k, v in identity["tokenizer"].items() if k != "base"}))
-    plan["sp_table"] = [SPEntry(s.name, s.source_id, sp, ids[sp]).to_json() for s, sp in zip(manifest.sources, sps)]
+    plan["sp_table"] = [SPEntry(s.name, s.source_id, sp, ids[sp]).to_json() for s, sp in zip(named.sources, sps)]
     plan["delimiter"] = {"text": opts.delimiter, "special": special_delim, "ids": list(delim_ids)}
     plan["eos"] = {"token": eos, "id": tok.token_to_id(eos)}
     plan["pad"] = {"token": pad, "id": tok.token_to_id(pad) if pad else None}
