@@ -148,6 +148,8 @@ def test_prob_draw_missing_empty_and_non_string_values(tmp_path, manifest, build
         elif i % 10 == 3:
             r["topic"] = 7
     write_jsonl(tmp_path / "f.jsonl", recs)
+    with open(tmp_path / "f.jsonl", "ab") as f:   # a lone surrogate: no text for the tokenizer
+        f.write(b'{"id": "lone", "text": "a fortune", "topic": "\\ud800"}\n')
     m = manifest([{"name": "fortunes", "paths": "f.jsonl", "id_field": "id"}])
     out, info = build(m, seq_len=64, metadata="topic", metadata_prob=0.5, metadata_max_tokens=2)
     stats = json.load(open(os.path.join(out, "stats.json")))
@@ -155,7 +157,7 @@ def test_prob_draw_missing_empty_and_non_string_values(tmp_path, manifest, build
     validate_document(info, "sptok.schema.json", "sptok.json")
     s = stats["sources"]["fortunes"]
     meta = s["metadata"]
-    assert s["rejected"] == {"non_string_metadata": 20} and s["docs"] == 180
+    assert s["rejected"] == {"non_string_metadata": 20, "invalid_utf8": 1} and s["docs"] == 180
     assert "field 'topic' (metadata) holds int" in s["reject_examples"]["non_string_metadata"]
     kept = [r for r in recs if not isinstance(r.get("topic", ""), int)]
     valued = [r for r in kept if r.get("topic", "").strip()]

@@ -76,6 +76,9 @@ def meta_value(rec: dict, meta_field: str):
     """A record's metadata value: the string ("" when empty or blank), None when it has none (no field, or
     null), or the Problem of a value that is not a string."""
     v = rec.get(meta_field)
+    if isinstance(v, str) and not _valid_unicode(v):
+        return Problem("invalid_utf8", f"field {meta_field!r} (metadata) holds a lone surrogate escape (not valid "
+                                       f"UTF-8)")
     if v is None or isinstance(v, str):
         return v if v is None or v.strip() else ""
     return Problem("non_string_metadata", f"field {meta_field!r} (metadata) holds {type(v).__name__}, expected a "
