@@ -9,6 +9,7 @@ right before the text; their positions are the shard column ``meta_spans``.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ TOP_VALUES = 64           # most frequent values a unit keeps with their counts,
 META_KEYS = ("meta_docs", "meta_tokens", "meta_missing", "meta_empty", "meta_undrawn")
 
 
+@functools.lru_cache(maxsize=CACHE_VALUES)   # documents of one page or file share their value
 def form_value(value: str, form: str) -> str:
     """`https://www.docs.python.org/3/x.html` -> host `docs.python.org`, url `www.docs.python.org/3/x.html`;
     ``value`` is the string as is. "" when the form finds nothing (a value that is no URL has no host)."""
