@@ -234,7 +234,8 @@ def test_a_literal_sp_in_a_value_stays_text(tmp_path, manifest, build):
 
 def test_forms_and_template_escapes():
     assert form_value("https://www.docs.python.org/3.11/library/os.html", "host") == "docs.python.org"
-    assert form_value("https://www.docs.python.org/3.11/library/os.html", "url") == "www.docs.python.org/3.11/library/os.html"
+    assert form_value("https://www.docs.python.org/3.11/library/os.html", "url") == \
+        "www.docs.python.org/3.11/library/os.html"
     assert form_value("github.com/python/cpython", "host") == "github.com"
     assert form_value("HTTP://User@Example.ORG:8080/x", "host") == "example.org"
     assert form_value(" art ", "value") == "art" and form_value("no host here", "host") == "no host here"
@@ -316,3 +317,30 @@ def test_verify_finds_bad_spans():
     assert "not sorted and apart" in meta_spans_problem(np.array([[2, 4], [1, 3]]), ids, [0], 9)
     assert "cover an SP or EOS" in meta_spans_problem(np.array([[0, 2]]), ids, [0], 9)
     assert "cover an SP or EOS" in meta_spans_problem(np.array([[3, 5]]), ids, [0], 9)
+
+
+def test_table_inputs_give_their_column(tmp_path, manifest, build):
+    """A Parquet source's metadata column: null is no field, "" is empty; a column of numbers is rejected row by
+    row; a file without the column gives its rows none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [r["text"] for r in demo_records("fortunes", 6)]
+    pq.write_table(pa.table({"text": texts[:4], "url": ["https://www.a.org/x", None, "", "b.net/y"]}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": texts[4:]}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"text": texts[:2], "url": [1, 2]}), tmp_path / "c.parquet")
+    m = manifest([{"name": "ab", "paths": ["a.parquet", "b.parquet"]}, {"name": "c", "paths": "c.parquet"}])
+    with pytest.raises(SptokError, match=r"source 'c' produced no documents: every record was skipped: "
+                                         r"non_string_metadata x2 \(first: c.parquet row 0: field 'url' \(metadata\) "
+                                         r"holds int, expected a string\)"):
+        build(m, out=tmp_path / "o1", seq_len=32, metadata="url:host")
+    m = manifest([{"name": "ab", "paths": ["a.parquet", "b.parquet"]},
+                  {"name": "c", "paths": "c.parquet", "metadata": False}], name="m2.yaml")
+    out, _ = build(m, out=tmp_path / "o2", seq_len=32, metadata="url:host")
+    s = json.load(open(os.path.join(out, "stats.json")))["sources"]
+    assert (s["ab"]["metadata"]["docs"], s["ab"]["metadata"]["missing"], s["ab"]["metadata"]["empty"]) == (2, 3, 1)
+    assert s["ab"]["metadata"]["top"] == [["a.org", 1], ["b.net", 1]] and "metadata" not in s["c"]
+    mixed = manifest([{"name": "c", "paths": ["a.parquet", "c.parquet"]}], name="m3.yaml")
+    out, _ = build(mixed, out=tmp_path / "o3", seq_len=32, metadata="url")
+    assert json.load(open(os.path.join(out, "stats.json")))["sources"]["c"]["rejected"] == {"non_string_metadata": 2}

@@ -189,7 +189,8 @@ def check_metadata(spec: dict, where: str) -> dict:
     if unknown:
         raise SptokError(f"{where}: unknown key {unknown[0]!r}; allowed keys: field, {', '.join(METADATA_DEFAULTS)}")
     if not isinstance(spec.get("field"), str) or not spec["field"]:
-        raise SptokError(f"{where}: field must be the name of a record field (e.g. url), got {shown(spec.get('field'))}")
+        raise SptokError(f"{where}: field must be the name of a record field (e.g. url), got "
+                         f"{shown(spec.get('field'))}")
     if spec["form"] not in METADATA_FORMS:
         raise SptokError(f"--metadata: form {shown(spec['form'])} ({where}) is not one of {', '.join(METADATA_FORMS)} "
                          f"(value: the string as is; host: a URL's host without www.; url: a URL without its scheme)")

@@ -330,9 +330,13 @@ def _valid_unicode(text: str) -> bool:
 
 # ------------------------------------------------------------------------------- Parquet and HF (Arrow)
 
-def _open_table(unit, columns: list[str]):
-    """(schema, index of the unit's first row in its file, record batches of ``columns``) of a table unit."""
+def _open_table(unit, columns: list[str], optional: str | None = None):
+    """(schema, index of the unit's first row in its file, record batches of ``columns``, then of ``optional``
+    where the file has that column) of a table unit."""
     import pyarrow as pa
+
+    def chosen(schema) -> list[str]:
+        return columns + [optional] if optional is not None and optional in schema.names else columns
 
     if unit.format == "parquet":
         import pyarrow.parquet as pq
@@ -343,26 +347,24 @@ def _open_table(unit, columns: list[str]):
             raise SptokError(f"{unit.relpath}: not a readable Parquet file ({e})") from None
         groups = list(range(unit.start, unit.stop if unit.stop >= 0 else pf.metadata.num_row_groups))
         row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        return pf.schema_arrow, row0, (pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096)
-                                       if groups else iter(()))
+        return pf.schema_arrow, row0, (pf.iter_batches(row_groups=groups, columns=chosen(pf.schema_arrow),
+                                                       batch_size=4096) if groups else iter(()))
     try:
         reader = pa.ipc.open_stream(pa.memory_map(unit.path))
     except Exception as e:
         raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
-    return reader.schema, 0, (b.select(columns) for b in reader)
+    return reader.schema, 0, (b.select(chosen(reader.schema)) for b in reader)
 
 
 def _read_table(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
     import pyarrow as pa
 
-    schema, row0, batches = _open_table(unit, [text_field] + ([id_field] if id_field else []))
+    columns = [text_field] + ([id_field] if id_field else [])
+    schema, row0, batches = _open_table(unit, columns, meta_field)
     problem = schema_problem(schema, text_field, id_field)
     if problem:
         raise SptokError(f"{unit.relpath}: {problem}")
-    if meta_field is not None and meta_field in schema.names and meta_field not in (text_field, id_field):
-        schema, row0, batches = _open_table(unit, [text_field] + ([id_field] if id_field else []) + [meta_field])
-    meta_at = ([text_field] + ([id_field] if id_field else []) + [meta_field]).index(meta_field) \
-        if meta_field is not None and meta_field in schema.names else None
+    meta_at = len(columns) if meta_field is not None and meta_field in schema.names else None   # its column
     keys, texts, size, row = [], [], 0, row0
     meta = [] if meta_field else None
     try:
@@ -526,7 +528,7 @@ def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iter
         yield from batch.texts
 
 
-# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes, meta_field) -> batches. A new format needs
-# one here, its entry in manifest.FORMATS and its name in the manifest schema.
+# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes, meta_field) -> batches. A new
+# format needs one here, its entry in manifest.FORMATS and its name in the manifest schema.
 READERS = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
 TABLES = ("parquet", "hf")   # formats with columns: their schema is checked for the fields before a build starts

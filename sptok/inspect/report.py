@@ -31,7 +31,8 @@ figcaption{font-size:12px;color:#555}.note{color:#666}
 .doc-head{color:#345;font-size:12px;padding:.2em .6em;border-top:1px dashed #ccd}
 pre.doc{white-space:pre-wrap;word-break:break-word;margin:0;padding:.3em .6em}
 .sp{background:#d9f2d9;color:#175c17;font-weight:700}.msp{background:#b0287a;color:#fff;font-weight:700}
-.delim{background:#d8eef5;color:#14606e}.eos{color:#a07400;background:#fff4d6}.pad{color:#888}.meta{background:#efe3f7;color:#5b2a86}
+.delim{background:#d8eef5;color:#14606e}.eos{color:#a07400;background:#fff4d6}.pad{color:#888}
+.meta{background:#efe3f7;color:#5b2a86}
 """
 
 
