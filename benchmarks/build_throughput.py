@@ -7,6 +7,7 @@ Runs every variant as a child process on the same data (the shared sources repea
 text) with the same byte-level BPE tokenizer (32k vocab, trained by sptok), measures wall time and the
 peak RSS of each process tree and of its largest process (sampled from /proc), and prints tokens/s and ratios:
   (a) sptok build, all cores, --encoder auto      (a-NAME) the same with --encoder NAME, for every encoder
+  (a-meta) the same as (a) with --metadata url:host (each document's host before its text)
   (a0) the build of an older checkout (--baseline DIR: today's tiktoken path), when given
   (b) raw ceiling: JSONL + HF encode_batch (all threads), nothing written
   (c) llm-foundry style: datasets streaming, tokenizer per document, 2048-token concat, MDSWriter zstd
@@ -14,7 +15,8 @@ peak RSS of each process tree and of its largest process (sampled from /proc), a
 plus sptok 2 workers vs 1 worker, peak RSS at 4x vs 1x the input (memory must stay flat), and, on one core,
 each encoder alone on one copy of the shared sources: tokens/s and documents whose ids differ from Hugging
 Face's, per source; then WordPiece and Unigram against kitoken, where it is installed (not an sptok encoder).
-With --repeat N the build rows run N times, interleaved, and the fastest counts.
+With --repeat N the build rows run N times, interleaved, and the fastest counts. --only-metadata runs (a) and
+(a-meta) alone.
 Not part of the test suite.
 """
 
@@ -203,6 +205,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=1, help="runs of each build row, interleaved; the fastest counts")
     ap.add_argument("--baseline", help="an older sptok checkout to time as row (a0), e.g. today's tiktoken path")
+    ap.add_argument("--only-metadata", action="store_true", help="only rows (a) and (a-meta), side by side")
     for hidden in ("--run", "--data", "--tokenizer", "--out", "--encoder"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -229,19 +232,47 @@ def main() -> None:
     print(f"data: {nbytes / 1e6:.1f} MB of text in {len(SOURCES)} JSONL files ({nbytes / qbytes:.1f}x the "
           f"{qbytes / 1e6:.1f} MB of one copy); tokenizer: byte-level BPE 32k; {a.workers} CPU cores; sptok at "
           f"{_commit(HERE.parent)}", flush=True)
+    if a.only_metadata:
+        rows, tokens = metadata_rows(a, work, data, tok)
+        print_table(rows, tokens, a.workers)
+        return
     rows, tokens = build_rows(a, work, data, quarter, tok)
     print_table(rows, tokens, a.workers)
     print_encoders(encoder_rows(work, quarter, tok))
     print_other_models(work, quarter)
 
 
+def _sptok_build(data: Path, tok: str) -> list[str]:
+    return [sys.executable, "-m", "sptok", "build", str(data / "m.yaml"), "--tokenizer", tok, "--quiet",
+            "--seq-len", "2048"]
+
+
+def metadata_rows(a, work: Path, data: Path, tok: str) -> tuple[dict, int]:
+    """(a) and (a-meta) alone, interleaved a.repeat times, the fastest of each kept."""
+    cores = ["--workers", str(a.workers)]
+    variants = {"a": ("sptok build, all cores, --encoder auto", _sptok_build(data, tok) + cores),
+                "a-meta": ("the same, --metadata url:host", _sptok_build(data, tok) + cores + META_FLAGS)}
+    rows = {}
+    for _ in range(a.repeat):
+        for key, (label, cmd) in variants.items():
+            m = measure(cmd + ["--out", _fresh(work, key)])
+            if key not in rows or m[0] < rows[key][1]:
+                rows[key] = (label,) + m[:3]
+    tokens = json.loads((work / "out" / "a" / "stats.json").read_text())["totals"]["text_tokens"]
+    return rows, tokens
+
+
+META_FLAGS = ["--metadata", "url:host"]
+
+
 def build_rows(a, work: Path, data: Path, quarter: Path, tok: str) -> tuple[dict, int]:
     """Every build-level variant, measured (the sptok builds a.repeat times, interleaved, fastest kept)."""
     me = [sys.executable, str(Path(__file__).resolve())]
-    sptok = [sys.executable, "-m", "sptok", "build", str(data / "m.yaml"), "--tokenizer", tok, "--quiet",
-             "--seq-len", "2048"]
+    sptok = _sptok_build(data, tok)
     cores = str(a.workers)
-    variants = {"a": ("sptok build, all cores, --encoder auto", sptok + ["--workers", cores], None, None)}
+    variants = {"a": ("sptok build, all cores, --encoder auto", sptok + ["--workers", cores], None, None),
+                "a-meta": ("sptok build, all cores, --metadata url:host", sptok + ["--workers", cores] + META_FLAGS,
+                           None, None)}
     for name in ENCODERS:
         variants[f"a-{name[:4]}"] = (f"sptok build, all cores, --encoder {name}",
                                      sptok + ["--workers", cores, "--encoder", name], None, None)
@@ -281,6 +312,8 @@ def build_rows(a, work: Path, data: Path, quarter: Path, tok: str) -> tuple[dict
 
 
 def print_table(rows: dict, tokens: int, workers: int) -> None:
+    """The rows and their ratios (text tokens per second: a build with metadata writes more tokens, and is
+    measured by the same text)."""
     print(f"\n{'variant':<62} {'seconds':>8} {'tokens/s':>12} {'peak RSS':>9} {'largest':>8}")
     for key, row in rows.items():
         if row is None:
@@ -291,6 +324,9 @@ def print_table(rows: dict, tokens: int, workers: int) -> None:
         print(f"({key:<6}) {name:<53} {wall:8.2f} {n / wall:12,.0f} {rss / 2**20:6.0f} MB {big / 2**20:5.0f} MB")
     r = lambda x, y: rows[y][1] / rows[x][1]  # noqa: E731 - speed ratio x over y
     print(f"\ntext tokens: {tokens:,}")
+    print(f"a-meta/a = {r('a-meta', 'a'):.2f}   (--metadata url:host vs the same build without; target >= 0.9)")
+    if "b" not in rows:
+        return
     print(f"a/b = {r('a', 'b'):.2f}   (target >= 6)")
     print(f"a/a-tikt = {r('a', 'a-tikt'):.2f}   (the tiktoken path; target >= 1.8)")
     if "a0" in rows:

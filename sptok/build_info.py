@@ -41,6 +41,7 @@ class BuildInfo:
     tokenizer_dir: str = ""
     raw: dict = field(repr=False, default_factory=dict)
     layout: SPLayout = field(repr=False, default=None)           # where SPs, the delimiter and EOS sit
+    has_metadata: bool = False   # the shards have meta_spans (a build with metadata, options.metadata)
 
     @classmethod
     def load(cls, out: str) -> "BuildInfo":
@@ -68,7 +69,8 @@ class BuildInfo:
                    eos_id=lay.eos_id, pad_id=spec.pad_id, mask_id=tok.token_to_id(mask) if mask else None,
                    vocab_size=vocab, special_ids=special_ids,
                    ordinary_ids=np.setdiff1d(np.arange(vocab, dtype=np.int64), special_ids), is_special=is_special,
-                   is_sp=is_sp, tokenizer_dir=tdir, raw=spec.raw, layout=lay)
+                   is_sp=is_sp, tokenizer_dir=tdir, raw=spec.raw, layout=lay,
+                   has_metadata=bool(spec.options.get("metadata")))
 
     def is_post(self, s: dict) -> np.ndarray:
         """Which SPs of sample ``s`` are post SPs rather than prefix SPs (``SPLayout.is_post``)."""

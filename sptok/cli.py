@@ -87,6 +87,12 @@ def main():
 @click.option("--holdout", help="Hold out this share of each source's documents as a validation build in "
                                 "OUT/validation, e.g. 0.5% (chosen by the document's hash and --seed).")
 @click.option("--holdout-docs", type=int, help="Or hold out this many documents of each source.")
+@click.option("--metadata", metavar="FIELD[:FORM]",
+              help="Each document's own metadata before its text: a record field, FORM value | host | url [value] "
+                   "(e.g. url:host); its tokens are the meta_spans column.")
+@click.option("--metadata-template", help="Where the value goes, {} once; \\n and \\t are escapes ['{}\\n\\n'].")
+@click.option("--metadata-prob", type=float, help="Probability that a document with a value gets it [1.0].")
+@click.option("--metadata-max-tokens", type=int, help="Metadata tokens kept per document [64].")
 @click.option("--hash-inputs", is_flag=True, default=None, help="Fingerprint input files by content (xxh64) instead "
                                                                 "of size + mtime: reads every input once more.")
 @click.option("--overwrite", is_flag=True, help="Replace a complete build in --out.")
@@ -261,7 +267,7 @@ def show(out, sources, n, seed, ids, color, as_json):
             click.echo(json.dumps({"build": out, "seed": seed, "samples": [v.to_json(ids) for v in views]},
                                   indent=1, ensure_ascii=False))
             return
-        click.echo(legend(color), color=color)
+        click.echo(legend(color, bool(reader.build.raw["options"].get("metadata"))), color=color)
         for k, v in enumerate(views, 1):
             click.echo(render(v, k, len(views), color=color, tok=reader.tok if ids else None), color=color, nl=False)
     except BrokenPipeError:   # `sptok show ... | head`

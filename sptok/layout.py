@@ -55,6 +55,7 @@ TAIL = "tail.npz"              # the unit's remainder (< seq_len tokens), stitch
 HOLDOUT = "holdout.npz"        # the unit's held-out documents (the validation split)
 QUARANTINE = "rejects.jsonl.zst"
 ID_HASHES = "ids.npy"           # the sorted doc keys (uint64) of a source with id_field: duplicate ids are counted
+META_HASHES = "meta_values.npy"   # the sorted hashes (uint64) of a unit's metadata values: distinct values counted
 STITCH = ".stitch"             # in a source directory while finalize packs the tails
 # a model directory written by `sptok export` holds the build's MARKER too, and how the model was trained:
 TRAIN_CONFIG = "sptok_train.json"

@@ -17,8 +17,9 @@ from . import layout
 
 
 def as_arrays(sample: dict) -> dict:
-    """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays."""
-    sp, mask = sample["sp_positions"], sample["msp_mask"]
+    """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays; ``meta_spans`` int64 (k, 2), empty
+    where the build has no metadata (no column)."""
+    sp, mask, spans = sample["sp_positions"], sample["msp_mask"], sample.get("meta_spans")
     raw = (bytes, bytearray)
     out = {
         "input_ids": np.asarray(sample["input_ids"], dtype=np.int64),
@@ -26,6 +27,8 @@ def as_arrays(sample: dict) -> dict:
         "doc_offsets": np.asarray(sample["doc_offsets"], dtype=np.int64),
         "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, raw) else np.asarray(sp)).astype(np.int64),
         "msp_mask": (np.frombuffer(mask, np.uint8) if isinstance(mask, raw) else np.asarray(mask)).astype(bool),
+        "meta_spans": (np.frombuffer(spans, "<u4") if isinstance(spans, raw) else
+                       np.asarray(spans if spans is not None else [], np.int64)).astype(np.int64).reshape(-1, 2),
     }
     if "doc_keys" in sample:
         out["doc_keys"] = np.asarray(sample["doc_keys"], dtype=np.uint64)

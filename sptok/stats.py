@@ -12,6 +12,7 @@ from .layout import ID_HASHES, STATS, load_build
 
 # the break of a truncated .gz/.zst: counted with the rejected records in stats.json, but not a record
 ARCHIVE_BREAK = "truncated_archive"
+TOP_VALUES = 10   # most frequent metadata values of a source in stats.json (`sptok report` lists them)
 HIST_BINS = 32   # document length histogram: bin b holds lengths in [2**(b-1), 2**b)
 # counts summed over a source's units (see unit.py / pack.assemble / finalize)
 COUNT_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
@@ -60,6 +61,37 @@ def duplicate_ids(unit_dirs: list[str]) -> int:
         return 0
     keys = np.concatenate(parts)
     return int(len(keys) - len(np.unique(keys)))
+
+
+def metadata_stats(spec: dict, counts: dict, results: list[dict], extra: dict, unit_dirs: list[str] = ()) -> dict:
+    """stats.json's ``metadata`` of one source: its documents with metadata and without (no field, an empty
+    value, or not drawn by --metadata-prob), its metadata tokens and their share of the source's tokens, and
+    from the units (absent in a validation split) the distinct values and the most frequent ones.
+
+    ``distinct`` is exact up to 64-bit hash collisions (the units' value hashes, like the duplicate-id count).
+    ``top`` sums each unit's TOP_VALUES most frequent values: a value's count is exact when it is among the
+    top of every unit holding it (always, where a unit holds at most that many distinct values); both count
+    the documents of both splits."""
+    import numpy as np
+
+    from .build.metadata import META_KEYS
+    from .layout import META_HASHES
+
+    n: Counter = Counter()
+    for r in results:
+        n.update({k: r["counts"].get(k, 0) for k in META_KEYS})
+    n.update({k: extra.get(k, 0) for k in META_KEYS})
+    out = {"field": spec["field"], "form": spec["form"], "docs": int(n["meta_docs"]), "tokens": int(n["meta_tokens"]),
+           "share": n["meta_tokens"] / max(1, real_tokens(counts)), "missing": int(n["meta_missing"]),
+           "empty": int(n["meta_empty"]), "undrawn": int(n["meta_undrawn"])}
+    if results:
+        parts = [np.load(p) for p in (os.path.join(d, META_HASHES) for d in unit_dirs) if os.path.exists(p)]
+        out["distinct"] = int(len(np.unique(np.concatenate(parts)))) if parts else 0
+        top: Counter = Counter()
+        for r in results:
+            top.update(dict(map(tuple, r.get("meta_values", []))))
+        out["top"] = [[v, int(c)] for v, c in sorted(top.items(), key=lambda vc: (-vc[1], vc[0]))[:TOP_VALUES]]
+    return out
 
 
 def totals(per_source: dict) -> dict:
@@ -140,6 +172,17 @@ def format_table(info: dict, stats: dict) -> str:
         lines.append("")
         lines.append("duplicate document ids (each document was still built): "
                      + ", ".join(f"{n} {v:,}" for n, v in dups.items()))
+    meta = {n: stats["sources"][n]["metadata"] for n in (e["source"] for e in info["sp_table"])
+            if stats["sources"][n].get("metadata")}
+    if meta:
+        lines.append("")
+        lines.append("metadata (each document's own, before its text):")
+        for n, m in meta.items():
+            distinct = f"; {m['distinct']:,} distinct values" if "distinct" in m else ""
+            top = f", the most frequent (documents with it): {printable_values(m['top'][:3])}" if m.get("top") else ""
+            lines.append(f"  {n}: {m['field']}:{m['form']} on {m['docs']:,} documents, {m['tokens']:,} tokens "
+                         f"({100 * m['share']:.1f}%); without: {m['missing']:,} no field, {m['empty']:,} empty, "
+                         f"{m['undrawn']:,} not drawn{distinct}{top}")
     h = info.get("holdout")
     if h:
         rule = f"{100 * h['fraction']:g}% of each source" if "fraction" in h else \
@@ -156,6 +199,11 @@ def format_table(info: dict, stats: dict) -> str:
         lines.append(f"note: {t['sp_literals']:,} literal SP/delimiter strings found in document text were "
                      f"tokenized as ordinary text (never as SP ids)")
     return "\n".join(lines)
+
+
+def printable_values(top: list) -> str:
+    """`docs.python.org` (236), ... with control characters of a corpus value escaped."""
+    return ", ".join(f"{ascii(v)[1:-1] if not v.isprintable() else v} ({c:,})" for v, c in top)
 
 
 # ----------------------------------------------------- stats --run: what a training run consumed, per source

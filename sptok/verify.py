@@ -157,8 +157,48 @@ def _check_outputs(out: str, info: dict, rep: Report) -> None:
                                             f"a data file that {index_name} does not list (not written by this build)"))
     if fmt == "mds":
         _check_merged_index(out, indexes, rep)
+    if info["options"].get("metadata"):
+        for name in indexes:
+            _check_meta_spans(out, name, fmt, int(info["eos"]["id"]), rep)
     _check_tokenizer(out, info, rep)
     _check_rejects(out, [s["name"] for s in info["manifest"]["sources"]], rep)
+
+
+def _check_meta_spans(out: str, name: str, fmt: str, eos_id: int, rep: Report) -> None:
+    """In a build with metadata, every sample's ``meta_spans``: pairs inside the sample, sorted and apart, on
+    no SP and no EOS token (metadata is text before a document's text). Reads every sample of the source."""
+    from .shards import ShardReader, as_arrays
+
+    try:
+        reader = ShardReader(os.path.join(out, name), fmt)
+        for i in range(len(reader)):
+            s = as_arrays(reader[i])
+            why = meta_spans_problem(s["meta_spans"], s["input_ids"], s["sp_positions"], eos_id)
+            if why:
+                rep.problems.append(Problem("shard", f"{name}/", "corrupt", f"sample {i}: meta_spans {why}"))
+                return
+    except (SptokError, OSError, ValueError, KeyError, IndexError, AssertionError) as e:
+        rep.problems.append(Problem("shard", f"{name}/", "corrupt", f"cannot read its samples' meta_spans ({e})"))
+
+
+def meta_spans_problem(spans, ids, sp_positions, eos_id: int) -> str | None:
+    """What is wrong with one sample's metadata spans (int64 (k, 2)), or None."""
+    import numpy as np
+
+    if not len(spans):
+        return None
+    starts, ends = spans[:, 0], spans[:, 1]
+    if starts.min() < 0 or ends.max() > len(ids) or np.any(ends <= starts):
+        return f"holds a span outside the sample of {len(ids)} tokens, or empty: {spans.tolist()[:4]}"
+    if np.any(starts[1:] < ends[:-1]):
+        return "are not sorted and apart"
+    inside = np.zeros(len(ids) + 1, np.int64)
+    np.add.at(inside, starts, 1)
+    np.add.at(inside, ends, -1)
+    covered = np.cumsum(inside[:-1]) > 0
+    if covered[np.asarray(sp_positions, np.int64)].any() or (covered & (ids == eos_id)).any():
+        return "cover an SP or EOS token"
+    return None
 
 
 def _check_merged_index(out: str, indexes: dict[str, list], rep: Report) -> None:

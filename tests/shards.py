@@ -55,6 +55,9 @@ def normalize(s: dict) -> dict:
         "doc_keys": np.asarray(s["doc_keys"], dtype=np.uint64),
         "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, bytes) else np.asarray(sp, np.uint32)).astype(np.int64),
         "msp_mask": np.frombuffer(mask, np.uint8) if isinstance(mask, bytes) else np.asarray(mask, np.uint8),
+        **({"meta_spans": (np.frombuffer(s["meta_spans"], "<u4") if isinstance(s["meta_spans"], bytes) else
+                           np.asarray(s["meta_spans"], np.uint32)).astype(np.int64).reshape(-1, 2)}
+           if "meta_spans" in s else {}),
     }
 
 

@@ -140,6 +140,11 @@ def test_schema_enums_are_the_code_s():
                 manifest.FORMATS,
             ("sptok", ("properties", "input_ids_dtype")): writers.ID_DTYPES,
             ("stats", ("$defs", "counts", "properties", "rejected", "propertyNames")): readers.REASONS}
+    want.update({("manifest", ("$defs", "metadata", "properties", "form")): options.METADATA_FORMS,
+                 ("sptok", ("properties", "options", "properties", "metadata", "additionalProperties", "oneOf", 1,
+                            "properties", "form")): options.METADATA_FORMS,
+                 ("stats", ("properties", "sources", "additionalProperties", "properties", "metadata", "properties",
+                            "form")): options.METADATA_FORMS})
     want.update({("manifest", ("$defs", "build", "properties", k)): v for k, v in build.items()})
     want.update({("sptok", ("properties", "options", "properties", k)): v for k, v in build.items()})
     got = {(name, path): values for name in ("files", "manifest", "sptok", "stats")

@@ -111,6 +111,8 @@ def test_changed_build_args_are_refused_naming_the_option(built):
     with pytest.raises(SptokError, match="option msp_prob: 0.0 -> 0.3"):
         ensure_build(load_config(config, ["data.build_args={msp_prob: 0.3, workers: 1}"]), 0, lambda m: None)
     _refused(["data.build_args.seqlen=32"], "^config: data.build_args.seqlen is not a build option")
+    with pytest.raises(SptokError, match=r"option metadata: None -> \{'pydocs': \{'field': 'url', 'form': 'host'"):
+        ensure_build(load_config(config, ["data.build_args.metadata={field: url, form: host}"]), 0, lambda m: None)
 
 
 def test_a_fingerprint_prefix_of_12_characters_pins_the_build(built):

@@ -90,3 +90,63 @@ def test_take_docs_is_assembling_only_those_documents(position, keep):
     got = take_docs(whole, k)
     for field in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked"):
         assert getattr(got, field).tolist() == getattr(want, field).tolist(), field
+
+
+@pytest.mark.parametrize("position,ids,spans", [
+    ("prefix", [101, 90, 91, 70, 71, 1, 2, 3, 99, 4, 99, 101, 90, 91, 72, 5, 6, 99], [[3, 5], [14, 15]]),
+    ("post", [70, 71, 1, 2, 3, 90, 91, 101, 99, 4, 99, 72, 5, 6, 90, 91, 101, 99], [[0, 2], [11, 12]]),
+    ("both", [101, 90, 91, 70, 71, 1, 2, 3, 90, 91, 101, 99, 4, 99, 101, 90, 91, 72, 5, 6, 90, 91, 101, 99],
+     [[3, 5], [17, 18]]),
+])
+def test_assemble_puts_metadata_right_before_the_text(position, ids, spans):
+    """[SP delim] META text [delim SP] EOS; a document without metadata (the second) as before."""
+    flat, lens, dec = _docs()
+    meta = (np.array([70, 71, 72], np.uint32), np.array([2, 0, 1]))
+    s, counts = assemble(flat, lens, 101, np.array([7, 8, 9], np.uint64), dec, _layout(position), meta)
+    assert s.ids.tolist() == ids and s.meta_spans.tolist() == spans
+    assert np.all(s.ids[s.sp_pos] == 101)
+    assert counts["text_tokens"] == 6 and (counts["meta_docs"], counts["meta_tokens"]) == (2, 3)
+
+
+def test_cuts_concat_take_and_pad_carry_the_spans():
+    """A span cut by a sample edge keeps its inside part in each sample; rejoined, the spans are the stream's;
+    take_docs keeps the spans of the kept documents; pad keeps them."""
+    from sptok.build.pack import pad
+
+    rng = np.random.default_rng(2)
+    pieces, emitted = [], []
+    for _ in range(20):
+        n = int(rng.integers(1, 10))
+        lens = rng.integers(1, 30, size=n)
+        mlens = rng.integers(0, 6, size=n) * (rng.random(n) < 0.7)
+        ins = rng.random(n) < 0.7
+        dec = Decisions(ins, ins & (rng.random(n) < 0.5), np.zeros(n, bool))
+        s, _ = assemble(rng.integers(0, 70, size=int(lens.sum())).astype(np.uint32), lens, 100,
+                        rng.integers(0, 2**62, size=n).astype(np.uint64), dec, _layout("both"),
+                        (np.full(int(mlens.sum()), 77, np.uint32), mlens))
+        pieces.append(s)
+    whole = pieces[0]
+    for s in pieces[1:]:
+        whole = concat(whole, s)
+    assert np.all(whole.ids[np.concatenate([np.arange(a, b) for a, b in whole.meta_spans])] == 77)
+    assert (whole.ids == 77).sum() == np.diff(whole.meta_spans, axis=1).sum()
+    p = Packer(16, emitted.append)
+    for s in pieces:
+        p.add(s)
+    samples = emitted + [p.take_tail()]
+    rejoined = []
+    for k, e in enumerate(samples):
+        assert np.all((e.meta_spans >= 0) & (e.meta_spans <= len(e))) and np.all(np.diff(e.meta_spans, axis=1) > 0)
+        for a, b in e.meta_spans + 16 * k:
+            if rejoined and rejoined[-1][1] == a and a % 16 == 0:   # the rest of a span cut by the edge
+                rejoined[-1][1] = b
+            else:
+                rejoined.append([a, b])
+    assert rejoined == whole.meta_spans.tolist()
+    keep = rng.random(len(whole.seg_keys)) < 0.5
+    sub = take_docs(whole, keep)
+    assert (sub.ids == 77).sum() == np.diff(sub.meta_spans, axis=1).sum()
+    assert np.all(sub.ids[np.concatenate([np.arange(a, b) for a, b in sub.meta_spans] or [[]]).astype(int)] == 77)
+    assert pad(samples[-1], 16, 0).meta_spans.tolist() == samples[-1].meta_spans.tolist()
+    back = Stream.from_npz(whole.to_npz())
+    assert back.meta_spans.tolist() == whole.meta_spans.tolist() and whole.copy().meta_spans.shape[1] == 2

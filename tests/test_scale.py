@@ -121,6 +121,24 @@ def test_sigkill_then_resume_is_byte_identical(corpus, reference, tmp_path, afte
         f"hf {version('tokenizers')}", f"gigatoken {version('gigatoken')}"}
 
 
+def test_sigkill_then_resume_with_metadata_is_byte_identical(corpus, tmp_path):
+    """Metadata (a keyed draw, a per-unit token cache) changes nothing of the above: killed after some units
+    and resumed with another encoder, the bytes are those of one uninterrupted worker."""
+    meta = ["--metadata", "url:url", "--metadata-prob", "0.7", "--metadata-template", "URL: {}\\n"]
+    sptok(*build_cmd(corpus, tmp_path / "ref", "--workers", "1", "--quiet", *meta))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf",
+                                                              *meta))]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_progress(out, 5, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    sptok(*build_cmd(corpus, out, "--workers", "2", *meta))
+    want = build_bytes(tmp_path / "ref")
+    assert build_bytes(out) == want
+    assert json.loads(want["sptok.json"])["options"]["metadata"]["code"]["template"] == "URL: {}\n"
+
+
 def test_ctrl_c_stops_cleanly_and_resumes(corpus, reference, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "sptok", *map(str, build_cmd(corpus, out, "--workers", "2", "--encoder", "hf"))]

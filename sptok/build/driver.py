@@ -63,7 +63,7 @@ def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, 
     defaults = dict(manifest.build)
     if defaults.get("tokenizer"):
         defaults["tokenizer"] = os.path.join(manifest.root, defaults["tokenizer"])
-    return manifest, BuildOptions.resolve(defaults, flags)
+    return manifest, BuildOptions.resolve(defaults, flags, {s.name: s.metadata for s in manifest.sources})
 
 
 def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
@@ -158,7 +158,8 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    watch = _SourceWatch(work, units, opts.holdout_docs)   # stops the build when a source ends without documents
+    watch = _SourceWatch(work, units, opts.holdout_docs, opts.metadata)   # stops the build when a source ends
+                                                                          # without documents (or metadata)
     if todo:
         sample = corpus_sample(manifest, units)
         name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
@@ -232,6 +233,7 @@ def make_plan(manifest: Manifest, opts: BuildOptions, named: Manifest | None = N
     tok_json = tok.to_str()
     units = plan_units(manifest, opts.unit_size)
     _probe_sources(manifest, units)
+    _probe_metadata(manifest, units, opts.metadata)
     _probe_encoding(manifest, units, tok, roles.get("unk_token"), opts.strict)
     identity = {
         "sptok_version": __version__,
@@ -286,6 +288,28 @@ def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
                                                                           probe.examples))
 
 
+def _probe_metadata(manifest: Manifest, units: list[Unit], metadata: dict | None) -> None:
+    """Fail before anything is written when a source's metadata field cannot be in any of its records: a
+    source of plain text files (no fields), or a table source none of whose files has the column. In JSONL
+    a field missing from every record is found once the source's units are all committed
+    (``source_problem``), as a source without documents is."""
+    from .readers import TABLES, table_schema
+
+    for src in manifest.sources:
+        spec = (metadata or {}).get(src.name)
+        if not spec:
+            continue
+        where = f"manifest {manifest.path}: source {src.name!r}"
+        if src.format == "text":
+            raise SptokError(f"{where}: metadata field {spec['field']!r}: plain text files have no fields; give "
+                             f"this source `metadata: false`, or convert it to JSONL with a {spec['field']!r} field")
+        files = dict.fromkeys((u.path, u.relpath) for u in units if u.source == src.name)
+        if src.format in TABLES and files and not any(spec["field"] in table_schema(p, src.format, rel).names
+                                                      for p, rel in files):
+            raise SptokError(f"{where}: metadata field {spec['field']!r} is a column of none of its files; set "
+                             f"metadata.field to a column they have, or `metadata: false` for this source")
+
+
 def _probe_encoding(manifest: Manifest, units: list[Unit], tok, unk: str | None, strict: bool) -> None:
     """Warn (refuse under --strict) about a source the tokenizer cannot encode, judged on its first documents:
     such a build completes, and trains on runs of one token."""
@@ -313,8 +337,8 @@ class _SourceWatch:
     build impossible, so it stops there (not after every other source is tokenized), and records why in
     ``.sptok/failed.json`` so that every command reading the directory says so."""
 
-    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None):
-        self.work, self.holdout_docs = work, holdout_docs
+    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None, metadata: dict | None = None):
+        self.work, self.holdout_docs, self.metadata = work, holdout_docs, metadata or {}
         self.by_source: dict[str, list[Unit]] = {}
         for u in units:
             self.by_source.setdefault(u.source, []).append(u)
@@ -334,18 +358,25 @@ class _SourceWatch:
 
     def _check(self, name: str) -> None:
         results = [layout.read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
-        problem = source_problem(name, results, self.holdout_docs)
+        problem = source_problem(name, results, self.holdout_docs, self.metadata.get(name))
         if problem:
             write_json(os.path.join(self.work, FAILED), {"error": problem})
             raise SptokError(problem)
 
 
-def source_problem(name: str, results: list[dict], holdout_docs: int | None = None) -> str | None:
+def source_problem(name: str, results: list[dict], holdout_docs: int | None = None,
+                   metadata: dict | None = None) -> str | None:
     """Why a source leaves the build without training documents, from its committed units' results, or
-    None: it has no document at all, or the validation split would take every one."""
+    None: it has no document at all, or the validation split would take every one; or its metadata field is
+    in none of its records (then every document would go without)."""
     candidates = sum(r.get("held_docs", 0) for r in results)              # set aside by the units
     kept = min(candidates, holdout_docs) if holdout_docs else candidates    # the validation split
     if sum(r["counts"].get("docs", 0) for r in results) + candidates - kept:   # documents to train on
+        if metadata and not any(r["counts"].get("meta_seen") or r["rejected"].get("non_string_metadata")
+                                for r in results):
+            return (f"source {name!r}: no record has the metadata field {metadata['field']!r}; set metadata.field "
+                    f"to a field its records have (or `metadata: false` for this source), then run `sptok build` "
+                    f"again")
         return None
     if kept:
         return (f"the validation split would hold out every document of source {name!r} ({kept:,}), leaving "
@@ -541,7 +572,8 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
     for src in plan["manifest"]["sources"]:
         problem = source_problem(src["name"], [layout.read_result(unit_dirs[u["index"]])
                                                for u in plan["units"] if u["source"] == src["name"]],
-                                 plan["options"].get("holdout_docs"))
+                                 plan["options"].get("holdout_docs"),
+                                 (plan["options"].get("metadata") or {}).get(src["name"]))
         if problem:
             raise SptokError(problem)
     tokenizer_dir = os.path.join(parts[0], WORK, layout.TOKENIZER)

@@ -21,7 +21,7 @@ from .holdout import Held, smallest
 from ..layout import MARKER, write_json
 from .manifest import file_xxh64
 from .pack import Packer, Stream, pad
-from ..stats import HIST_BINS, duplicate_ids, source_stats, totals
+from ..stats import HIST_BINS, duplicate_ids, metadata_stats, source_stats, totals
 from .writers import open_writer
 
 
@@ -74,6 +74,9 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         dups = duplicate_ids(dirs)
         if dups:   # only then: a build without duplicates keeps the stats.json it always had
             per_source[name]["duplicate_ids"] = dups
+        spec = (opts.get("metadata") or {}).get(name)
+        if spec:
+            per_source[name]["metadata"] = metadata_stats(spec, per_source[name], results, extra, dirs)
     stats = {"sources": per_source, "totals": totals(per_source)}
     write_json(os.path.join(out, layout.STATS), stats)
     _copy_dir(tokenizer_dir, os.path.join(out, layout.TOKENIZER))
@@ -125,6 +128,9 @@ def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, 
         extra["hist"] = np.bincount(docs.bins, minlength=HIST_BINS).tolist()
         per_source[name] = source_stats([], extra)
         per_source[name]["files"] = len(indexes[name])
+        spec = (plan["options"].get("metadata") or {}).get(name)
+        if spec:
+            per_source[name]["metadata"] = metadata_stats(spec, per_source[name], [], extra)
     write_json(os.path.join(vdir, layout.STATS), {"sources": per_source, "totals": totals(per_source)})
     _copy_dir(os.path.join(out, layout.TOKENIZER), os.path.join(vdir, layout.TOKENIZER))
     info = _describe(plan, per_source)
@@ -162,7 +168,7 @@ def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]
     seq_len, fmt = opts["seq_len"], opts["format"]
     tmp = os.path.join(sdir, layout.STITCH)
     os.makedirs(tmp)
-    writer = open_writer(fmt, tmp, plan["input_ids_dtype"], opts["shard_size"])
+    writer = open_writer(fmt, tmp, plan["input_ids_dtype"], opts["shard_size"], meta=bool(opts.get("metadata")))
     sid = src["source_id"]
     packer = Packer(seq_len, emit=lambda s: writer.write(s, sid))
     for s in streams:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .metadata import META_KEYS
 from .pack import Stream, concat, take_docs
 from ..sp import SLOT_HOLDOUT, uniforms
 
 # per-document counts kept with each held-out document, so either split's stats.json adds up
 DOC_KEYS = ("docs", "text_chars", "text_tokens", "sp_inserted", "sp_masked", "delimiter_tokens", "eos_tokens",
-            "sp_literals")
+            "sp_literals") + META_KEYS
 
 
 @dataclass

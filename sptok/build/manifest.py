@@ -36,6 +36,7 @@ class Source:
     sp: str | None = None
     weight: float = 1.0
     links_outside: bool = False   # read files that symlinks found in a walk or glob lead out of its directory
+    metadata: dict | bool | None = None   # its `metadata:` as written (options.resolve_metadata completes it)
 
 
 @dataclass
@@ -236,7 +237,7 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
                              f"saved with save_to_disk (no state.json)")
     return Source(name=s["name"], source_id=i, paths=tuple(paths), files=tuple(files), format=fmt,
                   text_field=s.get("text_field", "text"), id_field=s.get("id_field"), sp=s.get("sp"),
-                  weight=float(s.get("weight", 1.0)), links_outside=outside)
+                  weight=float(s.get("weight", 1.0)), links_outside=outside, metadata=s.get("metadata"))
 
 
 def _once(files: list[str]) -> list[str]:

@@ -18,6 +18,8 @@ POSITIONS = ("prefix", "post", "both")   # --position: where the SP goes (sp_lay
 FORMATS = ("mds", "parquet", "arrow")    # --format: MDSShardWriter, or TableWriter for the other two (writers.py)
 TAILS = ("keep", "pad", "drop")          # --tail: the last short sample of a source (finalize._pack_streams)
 DEFAULT_DELIMITER = "<SPSEP>"            # --delimiter: a special token between the SP and the text
+METADATA_FORMS = ("value", "host", "url")   # --metadata FIELD:FORM: how a value is written (metadata.form_value)
+METADATA_DEFAULTS = {"form": "value", "template": "{}\n\n", "prob": 1.0, "max_tokens": 64}
 MAX_TOKEN_CHARS = 128        # an SP, delimiter or EOS token: the manifest schema's bound too
 MAX_SEQ_LEN = 1 << 24
 MAX_WORKERS = 1024
@@ -74,6 +76,8 @@ class BuildOptions:
     hash_inputs: bool = False      # fingerprint inputs by content (xxh64) instead of size + mtime
     holdout: float | str | None = None   # fraction of each source's documents held out ("0.5%", 0.005)
     holdout_docs: int | None = None      # or: this many documents of each source
+    # source name -> {field, form, template, prob, max_tokens} or None; None when no source has metadata
+    metadata: dict | None = None
     # how to run; never changes the output
     workers: int = 0
     encoder: str = "auto"
@@ -118,6 +122,11 @@ class BuildOptions:
             raise SptokError(f"--holdout-docs: must be a positive number of documents, got {shown(self.holdout_docs)}")
         if self.holdout is not None and self.holdout_docs is not None:
             raise SptokError("--holdout and --holdout-docs: give one of them (a fraction, or documents per source)")
+        if self.metadata is not None:
+            self.metadata = {name: check_metadata(m, f"metadata of source {name!r}") if m else None
+                             for name, m in self.metadata.items()}
+            if not any(self.metadata.values()):
+                self.metadata = None
         if not _is_int(self.workers) or not 0 <= self.workers <= MAX_WORKERS:
             raise SptokError(f"--workers: must be an integer from 0 (one per CPU) to {MAX_WORKERS}, got "
                              f"{shown(self.workers)}")
@@ -126,17 +135,82 @@ class BuildOptions:
 
     def identity(self) -> dict:
         """The options that determine the output bytes (recorded in sptok.json, compared on resume); the
-        holdout options only when set, so builds without a split keep the identity they always had."""
+        holdout and metadata options only when set, so builds without them keep the identity they always had."""
         return {k: v for k, v in asdict(self).items() if k not in self.RUN_ONLY
-                and not (k in ("holdout", "holdout_docs") and v is None)}
+                and not (k in ("holdout", "holdout_docs", "metadata") and v is None)}
 
     @classmethod
-    def resolve(cls, manifest_defaults: dict, flags: dict) -> "BuildOptions":
-        """Defaults < manifest `build:` < flags given on the command line (None = not given)."""
-        names = {f.name for f in fields(cls)}
+    def resolve(cls, manifest_defaults: dict, flags: dict, source_metadata: dict | None = None) -> "BuildOptions":
+        """Defaults < manifest `build:` < flags given on the command line (None = not given). Metadata is
+        resolved per source (``resolve_metadata``) from ``source_metadata``: name -> the source's `metadata:`."""
+        names = {f.name for f in fields(cls)} - {"metadata"}
         merged = {k: v for k, v in manifest_defaults.items() if k in names}
         merged.update({k: v for k, v in flags.items() if v is not None and k in names})
+        merged["metadata"] = resolve_metadata(manifest_defaults.get("metadata"), flags, source_metadata or {})
         return cls(**merged)
+
+
+CLI_METADATA = {"metadata_template": "template", "metadata_prob": "prob", "metadata_max_tokens": "max_tokens"}
+
+
+def resolve_metadata(build_wide: dict | None, flags: dict, per_source: dict) -> dict | None:
+    """Each source's metadata options, key by key: defaults < manifest `build: metadata:` < the source's own
+    `metadata:` < the command line (`--metadata FIELD[:FORM]`, `--metadata-template`, ...), which applies
+    to every source but those whose `metadata:` is false. None when no source gets metadata."""
+    cli = {CLI_METADATA[k]: v for k, v in flags.items() if k in CLI_METADATA and v is not None}
+    if "template" in cli:
+        cli["template"] = unescape(cli["template"])
+    given = flags.get("metadata")
+    if isinstance(given, dict):          # data.build_args of a training config: a whole spec
+        cli = {**given, **cli}
+    elif given:
+        field, _, form = str(given).partition(":")
+        cli.update(field=field, **({"form": form} if form else {}))
+    out = {}
+    for name, own in per_source.items():
+        if own is False:
+            out[name] = None
+            continue
+        spec = {**(build_wide or {}), **(own or {}), **cli}
+        out[name] = spec if "field" in spec else None
+    if cli and not any(out.values()):
+        flag = "--" + next(k for k in ("metadata", *CLI_METADATA) if flags.get(k) is not None).replace("_", "-")
+        raise SptokError(f"{flag}: no source has a metadata field; give --metadata FIELD[:FORM] (e.g. url:host) "
+                         f"or `metadata: {{field: ...}}` in the manifest")
+    return out if any(out.values()) else None
+
+
+def check_metadata(spec: dict, where: str) -> dict:
+    """One source's metadata options, complete (defaults filled in) and checked, each problem in one line."""
+    if not isinstance(spec, dict):
+        raise SptokError(f"{where}: expected a mapping such as {{field: url, form: host}}, got {shown(spec)}")
+    spec = {**METADATA_DEFAULTS, **spec}
+    unknown = sorted(set(spec) - {"field", *METADATA_DEFAULTS})
+    if unknown:
+        raise SptokError(f"{where}: unknown key {unknown[0]!r}; allowed keys: field, {', '.join(METADATA_DEFAULTS)}")
+    if not isinstance(spec.get("field"), str) or not spec["field"]:
+        raise SptokError(f"{where}: field must be the name of a record field (e.g. url), got "
+                         f"{shown(spec.get('field'))}")
+    if spec["form"] not in METADATA_FORMS:
+        raise SptokError(f"--metadata: form {shown(spec['form'])} ({where}) is not one of {', '.join(METADATA_FORMS)} "
+                         f"(value: the string as is; host: a URL's host without www.; url: a URL without its scheme)")
+    t = spec["template"]
+    if not isinstance(t, str) or t.count("{}") != 1:
+        raise SptokError(f"--metadata-template: {shown(t)} ({where}) must hold {{}} exactly once, where the value "
+                         f"goes, e.g. 'URL: {{}}\\n\\n'")
+    p = spec["prob"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise SptokError(f"--metadata-prob: must be a probability in [0, 1] ({where}), got {shown(p)}")
+    spec["prob"] = float(p)
+    if not _is_int(spec["max_tokens"]) or not 1 <= spec["max_tokens"] <= MAX_SEQ_LEN:
+        raise SptokError(f"--metadata-max-tokens: must be a positive number of tokens ({where}), got "
+                         f"{shown(spec['max_tokens'])}")
+    return {k: spec[k] for k in ("field", *METADATA_DEFAULTS)}
+
+
+def unescape(template: str) -> str:
+    """A template typed on the command line: `\\n` and `\\t` are a newline and a tab, `\\\\` a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], template)
 
 
 def partition_of(value: str | None, env) -> tuple[int, int] | None:

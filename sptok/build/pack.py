@@ -7,7 +7,7 @@ segment at position 0 (a document continued from the previous sample starts one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,6 +24,8 @@ class Stream:
     seg_keys: np.ndarray     # uint64, document hash of each segment
     sp_pos: np.ndarray       # int64, sorted, positions of SP tokens
     sp_masked: np.ndarray    # uint8, 1 = SP marked for MSP, parallel to sp_pos
+    # int64 (k, 2), sorted, non-overlapping: [start, end) of each document's metadata tokens
+    meta_spans: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.int64))
 
     @staticmethod
     def empty() -> "Stream":
@@ -37,12 +39,12 @@ class Stream:
         return Stream(**{k: v.copy() for k, v in self.to_npz().items()})
 
     def to_npz(self) -> dict:
-        return {k: getattr(self, k) for k in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked")}
+        return {k: getattr(self, k) for k in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked", "meta_spans")}
 
     @staticmethod
     def from_npz(z) -> "Stream":
         """The stream saved with ``to_npz`` (in an open ``np.load``, which may hold other arrays too)."""
-        return Stream(z["ids"], z["seg_starts"], z["seg_keys"], z["sp_pos"], z["sp_masked"])
+        return Stream(z["ids"], z["seg_starts"], z["seg_keys"], z["sp_pos"], z["sp_masked"], z["meta_spans"])
 
     def save(self, path: str) -> None:
         np.savez(path, **self.to_npz())
@@ -54,21 +56,25 @@ class Stream:
 
 
 def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndarray, dec: Decisions,
-             layout: SPLayout) -> tuple[Stream, dict]:
-    """Lay out documents as the SP layout says ([SP delim] text [delim SP] EOS), SPs only where inserted.
+             layout: SPLayout, meta: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Stream, dict]:
+    """Lay out documents as the SP layout says ([SP delim] [META] text [delim SP] EOS), SPs only where
+    inserted, a document's metadata tokens right before its text.
 
     ``flat`` holds the text token ids of all documents back to back, ``text_len`` how many each has; ``sp_id``
-    is their source's SP. Returns the stream and counts (text tokens, SPs inserted / masked, delimiter
-    tokens, EOS tokens).
+    is their source's SP; ``meta``, when given, the metadata token ids back to back and how many each
+    document has (0: none). Returns the stream and counts (text tokens, SPs inserted / masked, delimiter
+    tokens, EOS tokens, and with ``meta`` the documents with metadata and their tokens).
     """
     n = len(text_len)
     text_len = text_len.astype(np.int64)
+    meta_flat, meta_len = meta if meta is not None else (None, np.zeros(n, np.int64))
+    meta_len = meta_len.astype(np.int64)
     delim = np.array(layout.delimiter_ids, np.uint32)
     d = len(delim)
     ins = dec.inserted
     pre_len = np.where(ins & layout.prefix, 1 + d, 0).astype(np.int64)
     post_len = np.where(ins & layout.post, 1 + d, 0).astype(np.int64)
-    doc_len = pre_len + text_len + post_len + 1
+    doc_len = pre_len + meta_len + text_len + post_len + 1
     doc_start = np.zeros(n, np.int64)
     np.cumsum(doc_len[:-1], out=doc_start[1:])
     out = np.empty(int(doc_len.sum()), np.uint32)
@@ -79,7 +85,7 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     for post, on, masked in ((False, layout.prefix, dec.masked_prefix), (True, layout.post, dec.masked_post)):
         if not on:
             continue
-        p = doc_start[ins] + layout.post_sp_offset(text_len[ins]) if post else doc_start[ins]
+        p = doc_start[ins] + layout.post_sp_offset(meta_len[ins] + text_len[ins]) if post else doc_start[ins]
         out[p] = np.uint32(sp_id)
         out[p[:, None] + layout.delimiter_offsets(post)] = delim
         is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
@@ -87,25 +93,38 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
         sp_masked.append(masked[ins])
     out[doc_start + doc_len - 1] = layout.eos_id
     is_text[doc_start + doc_len - 1] = False
+    spans = np.empty((0, 2), np.int64)
+    if meta is not None:
+        has = meta_len > 0
+        spans = np.stack([doc_start + pre_len, doc_start + pre_len + meta_len], axis=1)[has]
+        at = np.repeat(spans[:, 0] - np.cumsum(meta_len[has]) + meta_len[has], meta_len[has]) \
+            + np.arange(len(meta_flat))    # each metadata token's position
+        out[at] = meta_flat
+        is_text[at] = False
     out[is_text] = flat
     pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
-    stream = Stream(out, doc_start, hashes.astype(np.uint64), pos[order].astype(np.int64), msk[order])
-    return stream, {k: int(v.sum()) for k, v in doc_counts(text_len, dec, layout).items()}
+    stream = Stream(out, doc_start, hashes.astype(np.uint64), pos[order].astype(np.int64), msk[order], spans)
+    return stream, {k: int(v.sum()) for k, v in doc_counts(text_len, dec, layout, meta_len if meta else None).items()}
 
 
-def doc_counts(text_len: np.ndarray, dec: Decisions, layout: SPLayout) -> dict[str, np.ndarray]:
+def doc_counts(text_len: np.ndarray, dec: Decisions, layout: SPLayout,
+               meta_len: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """What each document adds to the counts (int64 per document): text tokens, SPs inserted and masked,
-    delimiter tokens, EOS tokens."""
+    delimiter tokens, EOS tokens; with ``meta_len``, whether it carries metadata and how many tokens."""
     ins = dec.inserted
     n_sp = ins.astype(np.int64) * layout.sites
     masked = (dec.masked_prefix & ins).astype(np.int64) * layout.prefix + (dec.masked_post & ins) * layout.post
-    return {"text_tokens": np.asarray(text_len, np.int64),
-            "sp_inserted": n_sp,
-            "sp_masked": masked.astype(np.int64),
-            "delimiter_tokens": n_sp * len(layout.delimiter_ids),
-            "eos_tokens": np.ones(len(text_len), np.int64)}
+    out = {"text_tokens": np.asarray(text_len, np.int64),
+           "sp_inserted": n_sp,
+           "sp_masked": masked.astype(np.int64),
+           "delimiter_tokens": n_sp * len(layout.delimiter_ids),
+           "eos_tokens": np.ones(len(text_len), np.int64)}
+    if meta_len is not None:
+        out["meta_docs"] = (np.asarray(meta_len) > 0).astype(np.int64)
+        out["meta_tokens"] = np.asarray(meta_len, np.int64)
+    return out
 
 
 def concat(a: Stream, b: Stream) -> Stream:
@@ -114,7 +133,8 @@ def concat(a: Stream, b: Stream) -> Stream:
                   np.concatenate([a.seg_starts, b.seg_starts + off]),
                   np.concatenate([a.seg_keys, b.seg_keys]),
                   np.concatenate([a.sp_pos, b.sp_pos + off]),
-                  np.concatenate([a.sp_masked, b.sp_masked]))
+                  np.concatenate([a.sp_masked, b.sp_masked]),
+                  np.concatenate([a.meta_spans, b.meta_spans + off]))
 
 
 def take_docs(s: Stream, keep: np.ndarray) -> Stream:
@@ -128,8 +148,11 @@ def take_docs(s: Stream, keep: np.ndarray) -> Stream:
     sp_keep = keep[seg]
     rank = np.cumsum(keep) - 1                                              # new index of a kept segment
     sp_pos = s.sp_pos[sp_keep] - s.seg_starts[seg[sp_keep]] + new_starts[rank[seg[sp_keep]]]
+    mseg = np.searchsorted(s.seg_starts, s.meta_spans[:, 0], side="right") - 1   # the segment of each span
+    m_keep = keep[mseg]
+    shift = new_starts[rank[mseg[m_keep]]] - s.seg_starts[mseg[m_keep]]
     return Stream(s.ids[np.repeat(keep, lens)], new_starts, s.seg_keys[keep], sp_pos.astype(np.int64),
-                  s.sp_masked[sp_keep])
+                  s.sp_masked[sp_keep], (s.meta_spans[m_keep] + shift[:, None]).astype(np.int64))
 
 
 def cut(s: Stream, lo: int, hi: int) -> Stream:
@@ -139,7 +162,11 @@ def cut(s: Stream, lo: int, hi: int) -> Stream:
     starts = s.seg_starts[i0:i1] - lo
     starts[0] = 0
     j0, j1 = np.searchsorted(s.sp_pos, [lo, hi], side="left")
-    return Stream(s.ids[lo:hi], starts, s.seg_keys[i0:i1], s.sp_pos[j0:j1] - lo, s.sp_masked[j0:j1])
+    # a span cut by an edge keeps its part inside [lo, hi)
+    m0 = int(np.searchsorted(s.meta_spans[:, 1], lo, side="right"))
+    m1 = int(np.searchsorted(s.meta_spans[:, 0], hi, side="left"))
+    spans = np.clip(s.meta_spans[m0:m1], lo, hi) - lo
+    return Stream(s.ids[lo:hi], starts, s.seg_keys[i0:i1], s.sp_pos[j0:j1] - lo, s.sp_masked[j0:j1], spans)
 
 
 class Packer:
@@ -172,4 +199,4 @@ def pad(s: Stream, seq_len: int, pad_id: int) -> Stream:
     """Pad a short final sample to ``seq_len`` with ``pad_id`` (no segment starts in the padding)."""
     ids = np.full(seq_len, pad_id, np.uint32)
     ids[: len(s.ids)] = s.ids
-    return Stream(ids, s.seg_starts, s.seg_keys, s.sp_pos, s.sp_masked)
+    return Stream(ids, s.seg_starts, s.seg_keys, s.sp_pos, s.sp_masked, s.meta_spans)

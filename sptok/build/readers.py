@@ -1,4 +1,4 @@
-"""One reader per input format: a unit in, batches of (document key, text) out.
+"""One reader per input format: a unit in, batches of (document key, text, metadata value) out.
 
 Readers never tokenize. Every record they cannot use goes to ``Rejects`` with a reason and its location
 (file, line or row, byte), so nothing disappears silently; a truncated archive keeps every record before
@@ -24,7 +24,7 @@ BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
 READ_CHUNK = 4 << 20        # bytes read from a file at once
 FEED_SLICE = 64 << 10      # compressed bytes handed to a decompressor at once
 REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_field", "non_string_text",
-           "empty_text", "invalid_id", "truncated_archive")
+           "empty_text", "invalid_id", "truncated_archive", "non_string_metadata")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Batch:
     keys: list[str]      # document keys: the id field, or "file:byte" / "file:row" / "file"
     texts: list[str]
     nbytes: int          # input bytes consumed so far in the unit (for progress)
+    # with a metadata field: each document's value as found, "" when empty, None when the record has none
+    meta: list[str | None] | None = None
 
 
 @dataclass
@@ -61,15 +63,33 @@ class Rejects:
 
 
 def read_unit(unit: Unit, text_field: str, id_field: str | None, rejects: Rejects,
-              batch_bytes: int = BATCH_BYTES) -> Iterator[Batch]:
-    """Yield batches of documents of one unit, in file order."""
-    yield from READERS[unit.format](unit, text_field, id_field, rejects, batch_bytes)
+              batch_bytes: int = BATCH_BYTES, meta_field: str | None = None) -> Iterator[Batch]:
+    """Yield batches of documents of one unit, in file order; with ``meta_field``, each document's value of
+    that field too (a record whose value is not a string is rejected)."""
+    for batch in READERS[unit.format](unit, text_field, id_field, rejects, batch_bytes, meta_field):
+        if meta_field is not None and batch.meta is None:   # a format without fields: no values
+            batch.meta = [None] * len(batch.keys)
+        yield batch
+
+
+def meta_value(rec: dict, meta_field: str):
+    """A record's metadata value: the string ("" when empty or blank), None when it has none (no field, or
+    null), or the Problem of a value that is not a string."""
+    v = rec.get(meta_field)
+    if isinstance(v, str) and not _valid_unicode(v):
+        return Problem("invalid_utf8", f"field {meta_field!r} (metadata) holds a lone surrogate escape (not valid "
+                                       f"UTF-8)")
+    if v is None or isinstance(v, str):
+        return v if v is None or v.strip() else ""
+    return Problem("non_string_metadata", f"field {meta_field!r} (metadata) holds {type(v).__name__}, expected a "
+                                          f"string")
 
 
 # ------------------------------------------------------------------------------------------------ JSONL
 
-def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
+def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
     keys, texts, size = [], [], 0
+    meta = [] if meta_field else None
     lines = _JsonlLines(unit, rejects)
     at_file_start = unit.start == 0
     for offset, local_line, raw in lines:
@@ -102,16 +122,23 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes):
         if isinstance(got, Problem):
             reject(got.reason, got.detail)
             continue
+        if meta_field:
+            value = meta_value(rec, meta_field)
+            if isinstance(value, Problem):
+                reject(value.reason, value.detail)
+                continue
+            meta.append(value)
         key, text = got
         keys.append(key if key is not None else f"{unit.relpath}:{offset}")
         texts.append(text)
         size += len(raw)
         if size >= batch_bytes:
             raw = rec = got = text = None   # a long line is not held here while its batch is processed
-            yield Batch(keys, texts, lines.consumed)
+            yield Batch(keys, texts, lines.consumed, meta)
             keys, texts, size = [], [], 0
+            meta = [] if meta_field else None
     if keys:
-        yield Batch(keys, texts, lines.consumed)
+        yield Batch(keys, texts, lines.consumed, meta)
 
 
 def _refuse_json_array(unit, raw: bytes) -> None:
@@ -303,9 +330,13 @@ def _valid_unicode(text: str) -> bool:
 
 # ------------------------------------------------------------------------------- Parquet and HF (Arrow)
 
-def _open_table(unit, columns: list[str]):
-    """(schema, index of the unit's first row in its file, record batches of ``columns``) of a table unit."""
+def _open_table(unit, columns: list[str], optional: str | None = None):
+    """(schema, index of the unit's first row in its file, record batches of ``columns``, then of ``optional``
+    where the file has that column) of a table unit."""
     import pyarrow as pa
+
+    def chosen(schema) -> list[str]:
+        return columns + [optional] if optional is not None and optional in schema.names else columns
 
     if unit.format == "parquet":
         import pyarrow.parquet as pq
@@ -316,27 +347,31 @@ def _open_table(unit, columns: list[str]):
             raise SptokError(f"{unit.relpath}: not a readable Parquet file ({e})") from None
         groups = list(range(unit.start, unit.stop if unit.stop >= 0 else pf.metadata.num_row_groups))
         row0 = sum(pf.metadata.row_group(g).num_rows for g in range(unit.start))
-        return pf.schema_arrow, row0, (pf.iter_batches(row_groups=groups, columns=columns, batch_size=4096)
-                                       if groups else iter(()))
+        return pf.schema_arrow, row0, (pf.iter_batches(row_groups=groups, columns=chosen(pf.schema_arrow),
+                                                       batch_size=4096) if groups else iter(()))
     try:
         reader = pa.ipc.open_stream(pa.memory_map(unit.path))
     except Exception as e:
         raise SptokError(f"{unit.relpath}: not a readable Arrow stream file ({e})") from None
-    return reader.schema, 0, (b.select(columns) for b in reader)
+    return reader.schema, 0, (b.select(chosen(reader.schema)) for b in reader)
 
 
-def _read_table(unit, text_field, id_field, rejects, batch_bytes):
+def _read_table(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
     import pyarrow as pa
 
-    schema, row0, batches = _open_table(unit, [text_field] + ([id_field] if id_field else []))
+    columns = [text_field] + ([id_field] if id_field else [])
+    schema, row0, batches = _open_table(unit, columns, meta_field)
     problem = schema_problem(schema, text_field, id_field)
     if problem:
         raise SptokError(f"{unit.relpath}: {problem}")
+    meta_at = len(columns) if meta_field is not None and meta_field in schema.names else None   # its column
     keys, texts, size, row = [], [], 0, row0
+    meta = [] if meta_field else None
     try:
         for rb in batches:
             col_text = _strings(rb.column(0))
             col_id = rb.column(1).to_pylist() if id_field else None
+            col_meta = rb.column(meta_at).to_pylist() if meta_at is not None else None
             for i, text in enumerate(col_text):
                 r = row + i
                 where = f"{unit.relpath} row {r}"
@@ -352,6 +387,11 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
                     rejects.add("empty_text", where, f"field {text_field!r} is {_blank(text)}",
                                 text.encode(), file=unit.relpath, row=r)
                     continue
+                if meta_field:
+                    value = meta_value({meta_field: col_meta[i]}, meta_field) if col_meta is not None else None
+                    if isinstance(value, Problem):
+                        rejects.add(value.reason, where, value.detail, None, file=unit.relpath, row=r)
+                        continue
                 if id_field:
                     if col_id[i] is None:
                         rejects.add("missing_field", where, f"field {id_field!r} (id_field) is null", None,
@@ -364,16 +404,19 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes):
                     keys.append(key)
                 else:
                     keys.append(f"{unit.relpath}:{r}")
+                if meta_field:
+                    meta.append(value)
                 texts.append(text)
                 size += len(text)
                 if size >= batch_bytes:
-                    yield Batch(keys, texts, 0)
+                    yield Batch(keys, texts, 0, meta)
                     keys, texts, size = [], [], 0
+                    meta = [] if meta_field else None
             row += rb.num_rows
     except (OSError, pa.ArrowException) as e:
         raise SptokError(f"{unit.relpath} near row {row}: cannot read ({e})") from None
     if keys:
-        yield Batch(keys, texts, unit.size)
+        yield Batch(keys, texts, unit.size, meta)
 
 
 _NULL = object()
@@ -440,7 +483,7 @@ def _strings(arr) -> list:
 
 # ------------------------------------------------------------------------------------------ plain text
 
-def _read_text(unit, text_field, id_field, rejects, batch_bytes):
+def _read_text(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
     """One document per file. A truncated archive keeps the text before the break (and records the
     break), like a truncated JSONL archive keeps its complete lines."""
     keys, texts, size, done = [], [], 0, 0
@@ -485,7 +528,7 @@ def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iter
         yield from batch.texts
 
 
-# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes) -> batches. A new format needs
-# one here, its entry in manifest.FORMATS and its name in the manifest schema.
+# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes, meta_field) -> batches. A new
+# format needs one here, its entry in manifest.FORMATS and its name in the manifest schema.
 READERS = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
 TABLES = ("parquet", "hf")   # formats with columns: their schema is checked for the fields before a build starts

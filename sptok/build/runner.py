@@ -44,7 +44,7 @@ def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
         sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
                  for s in spec.raw["manifest"]["sources"]},
         literals=literals, strict=strict, encoder=make_encoder(tok, encoder), holdout=o.get("holdout"),
-        holdout_docs=o.get("holdout_docs"))
+        holdout_docs=o.get("holdout_docs"), metadata=o.get("metadata"))
 
 
 def unmap_freed_blocks() -> None:

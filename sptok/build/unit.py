@@ -22,6 +22,7 @@ from ..errors import SptokError
 from .manifest import Unit
 from .. import layout
 from .holdout import DOC_KEYS, Held, UnitHoldout
+from .metadata import UnitMetadata
 from .pack import Packer, assemble, doc_counts
 from .readers import Rejects, read_unit
 from ..sp import Decisions, decide, doc_hashes
@@ -50,6 +51,7 @@ class UnitContext:
     encoder: object           # .encode(texts) -> (flat ids, lengths)
     holdout: float | None = None        # the validation split: a share of the documents ...
     holdout_docs: int | None = None     # ... or a number per source
+    metadata: dict | None = None        # source name -> its metadata options or None; None: no metadata at all
 
 
 def unit_dir(work: str, unit: Unit) -> str:
@@ -95,7 +97,7 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     src = ctx.sources[unit.source]
     quarantine = _Quarantine(os.path.join(tmp, layout.QUARANTINE))
     rejects = Rejects(source=unit.source, strict=ctx.strict, sink=quarantine.add)
-    writer = open_writer(ctx.fmt, tmp, ctx.dtype, ctx.shard_size)
+    writer = open_writer(ctx.fmt, tmp, ctx.dtype, ctx.shard_size, meta=ctx.metadata is not None)
     packer = Packer(ctx.seq_len, emit=lambda s: writer.write(s, unit.source_id))
     counts: Counter = Counter()
     hist = np.zeros(HIST_BINS, np.int64)
@@ -103,16 +105,23 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     holdout = UnitHoldout(ctx.seed, ctx.holdout, ctx.holdout_docs)
     late = Held.empty()          # documents set aside, then evicted from the unit's held-out ones
     ids = []                     # doc keys of a source with id_field, for finalize's count of duplicate ids
-    for batch in read_unit(unit, src["text_field"], src["id_field"], rejects):
+    spec = (ctx.metadata or {}).get(unit.source)
+    meta = UnitMetadata(spec, ctx.seed, ctx.encoder) if spec else None
+    for batch in read_unit(unit, src["text_field"], src["id_field"], rejects,
+                           meta_field=spec["field"] if spec else None):
         hashes = doc_hashes(unit.source, batch.keys)
         if src["id_field"]:
             ids.append(hashes)
         dec = decide(hashes, ctx.seed, ctx.insert_prob, ctx.msp_prob)
         flat, lens = ctx.encoder.encode(batch.texts)
+        m = None
+        if meta:
+            m = meta.encode(batch.meta, hashes)
+            counts["meta_seen"] += sum(v is not None for v in batch.meta)   # records with the field, both splits
         held, u = holdout.pick(hashes)
         if held.any():
-            late += holdout.add(_lay_out_held(ctx, unit, batch.texts, flat, lens, hashes, dec, held, u))
-            flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, batch.texts, ~held)
+            late += holdout.add(_lay_out_held(ctx, unit, batch.texts, flat, lens, hashes, dec, m, held, u))
+            flat, lens, hashes, dec, texts, m = _subset(flat, lens, hashes, dec, batch.texts, m, ~held)
         else:
             texts = batch.texts
         counts["docs"] += len(texts)
@@ -122,9 +131,12 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         # a long document is held as text, then as ids, then as the stream, never all three at once
         texts = None
         batch.texts.clear()   # the reader's list too
-        stream, c = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
+        stream, c = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout,
+                             (m.flat, m.lens) if m else None)
         del flat
         counts.update(c)
+        if m:
+            counts.update(m.totals())
         np.add.at(hist, np.minimum(_bit_length(lens), HIST_BINS - 1), 1)
         packer.add(stream)
         if progress is not None:
@@ -141,6 +153,8 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
         holdout.held.save(os.path.join(tmp, layout.HOLDOUT))
     if ids:
         np.save(os.path.join(tmp, layout.ID_HASHES), np.sort(np.concatenate(ids)))
+    if meta:
+        np.save(os.path.join(tmp, layout.META_HASHES), meta.value_hashes())
     tail = packer.take_tail()
     tail.save(os.path.join(tmp, layout.TAIL))
     files = writer.finish()
@@ -153,6 +167,8 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
            "tail_tokens": len(tail)}
     if holdout.active:
         out["held_docs"] = len(holdout.held)
+    if meta:
+        out["meta_values"] = meta.result()
     return out
 
 
@@ -160,21 +176,25 @@ def _literals(ctx: UnitContext, text: str) -> int:
     return sum(text.count(s) for s in ctx.literals) if ctx.literals else 0
 
 
-def _subset(flat, lens, hashes, dec, texts, keep):
-    """The batch's documents where ``keep`` is true (token ids, lengths, hashes, decisions, texts)."""
+def _subset(flat, lens, hashes, dec, texts, meta, keep):
+    """The batch's documents where ``keep`` is true (token ids, lengths, hashes, decisions, texts, metadata)."""
     flat = flat[np.repeat(keep, lens)]
     dec = Decisions(dec.inserted[keep], dec.masked_prefix[keep], dec.masked_post[keep])
-    return flat, lens[keep], hashes[keep], dec, [t for t, k in zip(texts, keep) if k]
+    return (flat, lens[keep], hashes[keep], dec, [t for t, k in zip(texts, keep) if k],
+            meta.take(keep) if meta else None)
 
 
-def _lay_out_held(ctx, unit, texts, flat, lens, hashes, dec, held, u) -> Held:
+def _lay_out_held(ctx, unit, texts, flat, lens, hashes, dec, meta, held, u) -> Held:
     """The documents set aside for the validation split, laid out as training documents are, with the
     counts each adds to whichever split it ends up in."""
-    flat, lens, hashes, dec, texts = _subset(flat, lens, hashes, dec, texts, held)
-    stream, _ = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout)
+    flat, lens, hashes, dec, texts, meta = _subset(flat, lens, hashes, dec, texts, meta, held)
+    stream, _ = assemble(flat, lens, int(ctx.sp_ids[unit.source_id]), hashes, dec, ctx.layout,
+                         (meta.flat, meta.lens) if meta else None)
     per_doc = {"docs": np.ones(len(lens), np.int64), "text_chars": [len(t) for t in texts],
-               "sp_literals": [_literals(ctx, t) for t in texts], **doc_counts(lens, dec, ctx.layout)}
-    counts = np.stack([np.asarray(per_doc[k], np.int64) for k in DOC_KEYS], axis=1)
+               "sp_literals": [_literals(ctx, t) for t in texts],
+               **doc_counts(lens, dec, ctx.layout, meta.lens if meta else None), **(meta.counts if meta else {})}
+    zeros = np.zeros(len(lens), np.int64)   # a source without metadata
+    counts = np.stack([np.asarray(per_doc.get(k, zeros), np.int64) for k in DOC_KEYS], axis=1)
     return Held(stream, u[held], counts, np.minimum(_bit_length(lens), HIST_BINS - 1))
 
 

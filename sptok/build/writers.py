@@ -27,6 +27,14 @@ COLUMNS = {
     "source_id": ("int", "source of the sample (packing is source-pure)"),
     "sp_positions": ("bytes", "little-endian uint32 positions of SP tokens in input_ids"),
 }
+# only in builds with metadata (options.metadata), so builds without keep their bytes
+META_COLUMN = {"meta_spans": ("bytes", "little-endian uint32 pairs (start, end) of each metadata span in "
+                                       "input_ids, sorted; a span cut by the sample's edge keeps its inside part")}
+
+
+def columns(meta: bool) -> dict:
+    """The shard columns of a build, with or without metadata, in MDS's (sorted) order."""
+    return dict(sorted({**COLUMNS, **(META_COLUMN if meta else {})}.items()))
 SHARD_SIZE = 1 << 26
 ZSTD_LEVEL = 3
 HASHES = ["xxh64"]
@@ -39,8 +47,8 @@ def ids_dtype(vocab_size: int) -> str:
     return ID_DTYPES[0] if vocab_size <= 65535 else ID_DTYPES[1]
 
 
-def sample_columns(s: Stream, source_id: int, dtype: str) -> dict:
-    return {
+def sample_columns(s: Stream, source_id: int, dtype: str, meta: bool = False) -> dict:
+    out = {
         "input_ids": s.ids.astype(dtype),
         "source_id": int(source_id),
         "doc_offsets": s.seg_starts.astype(np.uint32),
@@ -48,12 +56,16 @@ def sample_columns(s: Stream, source_id: int, dtype: str) -> dict:
         "sp_positions": s.sp_pos.astype("<u4").tobytes(),
         "msp_mask": s.sp_masked.astype(np.uint8).tobytes(),
     }
+    if meta:
+        out["meta_spans"] = s.meta_spans.astype("<u4").tobytes()
+    return out
 
 
-def open_writer(fmt: str, out_dir: str, dtype: str, shard_size: int = SHARD_SIZE):
+def open_writer(fmt: str, out_dir: str, dtype: str, shard_size: int = SHARD_SIZE, meta: bool = False):
+    """A writer of the build's columns; ``meta``: with ``meta_spans`` (a build with metadata)."""
     if fmt == "mds":
-        return MDSShardWriter(out_dir, dtype, shard_size)
-    return TableWriter(out_dir, dtype, fmt)
+        return MDSShardWriter(out_dir, dtype, shard_size, meta)
+    return TableWriter(out_dir, dtype, fmt, meta)
 
 
 # -------------------------------------------------------------------------------------------------- MDS
@@ -70,12 +82,14 @@ class MDSShardWriter:
     """Writes `shard.NNNNN.mds.zstd` files exactly as streaming's MDSWriter(compression='zstd',
     hashes=['xxh64'], size_limit=shard_size) would, and returns their index entries."""
 
-    def __init__(self, out_dir: str, dtype: str, shard_size: int = SHARD_SIZE):
+    def __init__(self, out_dir: str, dtype: str, shard_size: int = SHARD_SIZE, meta: bool = False):
         self.out_dir = out_dir
         self.dtype = dtype
         self.size_limit = shard_size
-        names = sorted(COLUMNS)
-        encodings = [COLUMNS[n][0].format(dtype=dtype) for n in names]
+        self.meta = meta
+        cols = columns(meta)
+        names = list(cols)
+        encodings = [cols[n][0].format(dtype=dtype) for n in names]
         sizes = [8 if e == "int" else None for e in encodings]
         self.config = {"version": 2, "format": "mds", "compression": "zstd", "hashes": HASHES,
                        "size_limit": shard_size, "column_names": names, "column_encodings": encodings,
@@ -89,16 +103,17 @@ class MDSShardWriter:
         self.size = 4 + 4 + len(self.config_data)
 
     def write(self, s: Stream, source_id: int) -> None:
-        c = sample_columns(s, source_id, self.dtype)
-        # columns in sorted order: doc_keys, doc_offsets, input_ids, msp_mask, source_id, sp_positions
+        c = sample_columns(s, source_id, self.dtype, self.meta)
+        # columns in sorted order: doc_keys, doc_offsets, input_ids, [meta_spans,] msp_mask, source_id,
+        # sp_positions; the head holds the sizes of all but source_id (fixed, 8 bytes)
         parts = [_shape_prefix(len(c["doc_keys"])) + c["doc_keys"].tobytes(),
                  _shape_prefix(len(c["doc_offsets"])) + c["doc_offsets"].tobytes(),
                  _shape_prefix(len(c["input_ids"])) + c["input_ids"].tobytes(),
+                 *([c["meta_spans"]] if self.meta else []),
                  c["msp_mask"],
                  np.int64(c["source_id"]).tobytes(),
                  c["sp_positions"]]
-        head = np.array([len(parts[0]), len(parts[1]), len(parts[2]), len(parts[3]), len(parts[5])],
-                        np.uint32).tobytes()
+        head = np.array([len(p) for i, p in enumerate(parts) if i != len(parts) - 2], np.uint32).tobytes()
         sample = head + b"".join(parts)
         if self.size_limit and self.size_limit < self.size + len(sample) + 4:
             self._flush()
@@ -136,7 +151,7 @@ class MDSShardWriter:
 
 # ---------------------------------------------------------------------------------------- Arrow/Parquet
 
-def arrow_schema(dtype: str):
+def arrow_schema(dtype: str, meta: bool = False):
     import pyarrow as pa
 
     return pa.schema([
@@ -146,7 +161,7 @@ def arrow_schema(dtype: str):
         ("doc_keys", pa.list_(pa.uint64())),
         ("sp_positions", pa.list_(pa.uint32())),
         ("msp_mask", pa.list_(pa.uint8())),
-    ])
+    ] + ([("meta_spans", pa.list_(pa.uint32()))] if meta else []))
 
 
 class TableWriter:
@@ -155,9 +170,9 @@ class TableWriter:
 
     ROWS_PER_GROUP = 1024
 
-    def __init__(self, out_dir: str, dtype: str, fmt: str):
-        self.out_dir, self.dtype, self.fmt = out_dir, dtype, fmt
-        self.schema = arrow_schema(dtype)
+    def __init__(self, out_dir: str, dtype: str, fmt: str, meta: bool = False):
+        self.out_dir, self.dtype, self.fmt, self.meta = out_dir, dtype, fmt, meta
+        self.schema = arrow_schema(dtype, meta)
         self.rows: list[tuple[Stream, int]] = []
         self.writer = None
         self.files: list[dict] = []
@@ -198,6 +213,7 @@ class TableWriter:
             lists([s.seg_keys for s in streams], pa.uint64()),
             lists([s.sp_pos for s in streams], pa.uint32()),
             lists([s.sp_masked for s in streams], pa.uint8()),
+            *([lists([s.meta_spans.reshape(-1) for s in streams], pa.uint32())] if self.meta else []),
         ], schema=self.schema)
         self.writer.write_batch(batch)
         self.files[-1]["samples"] += len(self.rows)

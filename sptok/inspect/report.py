@@ -32,6 +32,7 @@ figcaption{font-size:12px;color:#555}.note{color:#666}
 pre.doc{white-space:pre-wrap;word-break:break-word;margin:0;padding:.3em .6em}
 .sp{background:#d9f2d9;color:#175c17;font-weight:700}.msp{background:#b0287a;color:#fff;font-weight:700}
 .delim{background:#d8eef5;color:#14606e}.eos{color:#a07400;background:#fff4d6}.pad{color:#888}
+.meta{background:#efe3f7;color:#5b2a86}
 """
 
 
@@ -162,7 +163,23 @@ def sample_html(v: SampleView) -> str:
     return "".join(parts) + "</div>"
 
 
-_TITLES = {"sp": "SP", "msp": "SP masked for MSP", "delim": "delimiter", "eos": "end of document"}
+_TITLES = {"sp": "SP", "msp": "SP masked for MSP", "delim": "delimiter", "eos": "end of document",
+           "meta": "metadata"}
+
+
+def metadata_html(stats: dict) -> str:
+    """Per source with metadata: its documents with and without, its tokens' share, and its most frequent
+    values (stats.json's ``metadata``: ``stats.metadata_stats`` says what is exact)."""
+    per = {n: s["metadata"] for n, s in stats["sources"].items() if s.get("metadata")}
+    if not per:
+        return ""
+    rows = [[n, f"{m['field']}:{m['form']}", f"{m['docs']:,}", f"{m['missing']:,}", f"{m['empty']:,}",
+             f"{m['undrawn']:,}", f"{m['tokens']:,}", f"{100 * m['share']:.1f}%", f"{m.get('distinct', 0):,}",
+             ", ".join(f"{v} ({c:,})" for v, c in m.get("top", []))] for n, m in per.items()]
+    return ("<h2>Metadata</h2><p>Each document's own metadata, tokenized before its text (the "
+            "<code>meta_spans</code> column); the most frequent values of each source, with their documents.</p>"
+            + _table(["source", "field:form", "with", "no field", "empty", "not drawn", "tokens", "share",
+                      "distinct values", "most frequent values"], rows, set(range(2, 9)), tid="metadata"))
 
 
 def samples_html(out: str, per_source: int, seed: int) -> str:
@@ -257,7 +274,7 @@ def render_report(out: str, samples: int = 2, seed: int = 0, mixture: str | None
             f"<h1>{escape(title)}</h1><p class=note>{len(info['sp_table'])} sources · "
             f"{real_tokens(stats['totals']):,} tokens · {stats['totals']['samples']:,} samples of "
             f"{info['options']['seq_len']} tokens · fingerprint <code>{info['fingerprint'][:12]}</code></p>"
-            + identity(out, info) + source_table(info, stats) + validation_html(out, info)
+            + identity(out, info) + source_table(info, stats) + metadata_html(stats) + validation_html(out, info)
             + (mixture_html(mixture, info) if mixture else "")
             + figures_html(info, stats) + skipped_html(stats) + samples_html(out, samples, seed)
             + f'<p class="note">Written by sptok {escape(info.get("sptok_version", ""))}.</p></body></html>\n')

@@ -1,6 +1,6 @@
 """Decoded samples of a build with SPs, delimiters, EOS and document boundaries marked.
 
-The marks come from the shard metadata (``sp_positions``, ``msp_mask``, ``doc_offsets``), not from what
+The marks come from the shard metadata (``sp_positions``, ``msp_mask``, ``doc_offsets``, ``meta_spans``), not from what
 a decoder would make of the ids, so what ``sptok show`` prints is what the collators will see. Text is
 decoded run by run between marks with the build's own tokenizer.
 """
@@ -18,13 +18,13 @@ from ..errors import SptokError
 from ..shards import ShardReader, as_arrays
 from ..sp_layout import SPLayout
 
-TEXT, SP, MSP, DELIM, EOS = range(5)
-KINDS = ("text", "sp", "msp", "delim", "eos")
+TEXT, SP, MSP, DELIM, EOS, META = range(6)
+KINDS = ("text", "sp", "msp", "delim", "eos", "meta")
 
 
 @dataclass
 class Piece:
-    kind: str          # text | sp | msp | delim | eos
+    kind: str          # text | sp | msp | delim | eos | meta
     start: int         # position of its first token in the sample
     ids: list[int]
     text: str
@@ -115,10 +115,12 @@ def pick(counts: dict[str, int], n: int, seed: int, sources: list[str] | None = 
 
 
 def mark_tokens(s: dict, lay: SPLayout, real: int) -> np.ndarray:
-    """The kind of each token of sample ``s`` (TEXT, SP, MSP, DELIM, EOS), from its metadata and the SP layout;
-    ``real``: the tokens before any padding."""
+    """The kind of each token of sample ``s`` (TEXT, SP, MSP, DELIM, EOS, META), from its metadata and the SP
+    layout; ``real``: the tokens before any padding."""
     ids, pos, starts = s["input_ids"], s["sp_positions"], s["doc_offsets"]
     kind = np.full(len(ids), TEXT, np.int8)
+    for a, e in s.get("meta_spans", ()):
+        kind[a:e] = META
     kind[lay.delimiter_positions(ids, pos, lay.is_post(s), real)] = DELIM
     kind[:real][lay.stray_delimiters(ids[:real])] = DELIM   # also the half of a pair cut off from its SP
     kind[pos] = np.where(s["msp_mask"], MSP, SP)
@@ -146,7 +148,7 @@ def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> 
         i = a
         while i < e:
             j = i + 1
-            if kind[i] in (TEXT, DELIM):
+            if kind[i] in (TEXT, DELIM, META):
                 while j < e and kind[j] == kind[i]:
                     j += 1
             run = ids[i:j].tolist()
@@ -166,7 +168,8 @@ def layout(s: dict, reader: SampleReader, source: str, index: int, prev_key) -> 
 # ("\u202eevil\u202c" shows as "live"); zero-width and other invisible format characters; line separators
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f"
                       "\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
-ANSI = {"sp": "1;32", "msp": "1;97;45", "delim": "36", "eos": "2;33", "pad": "2", "head": "1;34", "doc": "34"}
+ANSI = {"sp": "1;32", "msp": "1;97;45", "delim": "36", "eos": "2;33", "meta": "35", "pad": "2", "head": "1;34",
+        "doc": "34"}
 
 
 def printable(text: str) -> str:
@@ -182,16 +185,21 @@ def _mark(p: Piece, color: bool, delim_special: bool) -> str:
         return f"\x1b[{ANSI[p.kind]}m{printable(p.text)}\x1b[0m"
     if p.kind == "eos":
         return "[EOS]"
-    label = p.text if p.kind != "delim" or delim_special else repr(p.text)
+    label = p.text if p.kind not in ("delim", "meta") or delim_special else repr(p.text)
+    if p.kind == "meta":
+        label = repr(p.text)[1:-1]   # the template's newlines shown, not breaking the line
     return f"[{p.kind.upper()} {label}]"
 
 
-def legend(color: bool) -> str:
+def legend(color: bool, meta: bool = False) -> str:
+    """What the marks mean; ``meta``: a build with metadata (its spans are marked too)."""
     if color:
         return "legend: " + " ".join(f"\x1b[{ANSI[k]}m{t}\x1b[0m" for k, t in
                                      (("sp", "SP"), ("msp", "masked SP (MSP)"), ("delim", "delimiter"),
+                                      *((("meta", "metadata"),) if meta else ()),
                                       ("eos", "end of document"), ("pad", "padding"))) + "\n"
-    return "legend: [SP x] SP, [MSP x] SP masked for MSP, [DELIM x] delimiter, [EOS] end of document\n"
+    return ("legend: [SP x] SP, [MSP x] SP masked for MSP, [DELIM x] delimiter, "
+            + ("[META x] metadata, " if meta else "") + "[EOS] end of document\n")
 
 
 def render(v: SampleView, k: int, total: int, color: bool = False, tok=None) -> str:

@@ -254,8 +254,9 @@ def check_build_args(cfg: Config) -> None:
     from ..build.options import BuildOptions
 
     built = read_json(os.path.join(cfg.data.build, MARKER)).get("options", {})
-    defaults = read_document(cfg.data.manifest).get("build") or {}
-    wanted = BuildOptions.resolve(defaults, cfg.data.build_args).identity()
+    doc = read_document(cfg.data.manifest)
+    wanted = BuildOptions.resolve(doc.get("build") or {}, cfg.data.build_args,
+                                  {s["name"]: s.get("metadata") for s in doc["sources"]}).identity()
     changes = describe_changes({"options": built}, {"options": wanted})
     if changes:
         raise SptokError(f"data.build_args: {cfg.data.build} was built with other options than {cfg.data.manifest} "
