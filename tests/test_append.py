@@ -285,3 +285,22 @@ def test_pretrain_trains_on_every_source_of_an_appended_build(appended, tmp_path
     recs = pretrain(load_config(None, [], base=doc), log=lambda m: None)
     assert len(recs) == 8 and all(r["loss"] > 0 for r in recs)
     assert all(any(r["loss_by_source"][k] is not None for r in recs) for k in range(4))   # poems, appended, too
+
+
+def test_a_metadata_build_takes_a_source_with_metadata_and_one_without_none(tmp_path):
+    d = corpus(tmp_path)
+    build(d, "meta", metadata="url:host")
+    before = tree_bytes(str(d / "meta"))
+    info = build(d, "meta", "m4.yaml", append=True, metadata="url:host").info
+    assert set(info["options"]["metadata"]) == set(OLD) | {"poems"}
+    after = tree_bytes(str(d / "meta"))
+    kept = [p for p in before if p not in REWRITTEN and not p.startswith("tokenizer/")]
+    assert any(p.startswith("pydocs/shard.") for p in kept) and all(after[p] == before[p] for p in kept)
+    assert verify_build(str(d / "meta")).ok
+    spans = [s["meta_spans"] for s in mds_samples(str(d / "meta" / "poems"))]
+    assert any(len(x) for x in spans)        # the new source's documents carry their host too
+    _refused(d, r"--append: other metadata options for source '\w+' than the build in .*"
+                r"an append keeps the build's options", out="meta", metadata="topic")
+    build(d, "plain")
+    _refused(d, r"--append: source 'pydocs' would get metadata, but the build in .* has none: its shards have no "
+                r"meta_spans column", out="plain", metadata="url:host")

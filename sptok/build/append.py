@@ -116,7 +116,8 @@ def _refuse_changes(manifest: Manifest, opts: BuildOptions, parent: dict, out: s
     """Refuse, naming what differs, a manifest or options that do not extend the build; return how many of the
     manifest's sources are the build's (the rest are new)."""
     mine, theirs = opts.identity(), parent["options"]
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "metadata")
+    _refuse_metadata_changes(mine.get("metadata"), theirs.get("metadata"), out)
     if diff:
         raise SptokError(f"--append: other options than the build in {out} ("
                          + "; ".join(f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in diff)
@@ -144,6 +145,22 @@ def _refuse_changes(manifest: Manifest, opts: BuildOptions, parent: dict, out: s
                              f"append keeps every SP, so it needs a policy that names each source alone "
                              f"(abbreviation, alphabet, custom)")
     return len(old)
+
+
+def _refuse_metadata_changes(mine: dict | None, theirs: dict | None, out: str) -> None:
+    """The build's sources keep their metadata options; a new source may have its own only where the build has
+    metadata at all (its shards have the ``meta_spans`` column, which an append cannot add to the old ones)."""
+    if theirs is None:
+        if mine:
+            first = next(n for n, m in mine.items() if m)
+            raise SptokError(f"--append: source {first!r} would get metadata, but the build in {out} has none: its "
+                             f"shards have no meta_spans column; rebuild it whole (without --append) with --metadata")
+        return
+    mine = mine or {}
+    for name, spec in theirs.items():
+        if mine.get(name) != spec:
+            raise SptokError(f"--append: other metadata options for source {name!r} than the build in {out} "
+                             f"({spec!r} -> {mine.get(name)!r}); an append keeps the build's options")
 
 
 def _source_problem(old: list[dict], now: list[dict]) -> str | None:
@@ -203,6 +220,10 @@ def _lineage(parent: dict, plan: dict) -> dict:
                 manifest={**plan["manifest"], "sources": parent["manifest"]["sources"] + plan["manifest"]["sources"]},
                 sp_table=plan["sp_table"], tokenizer=tokenizer, inputs=parent["inputs"] + plan["inputs"],
                 units=parent["units"] + len(plan["units"]))
+    if parent["options"].get("metadata") is not None:   # the new sources' metadata options join the build's
+        new = plan["options"].get("metadata") or {}
+        info["options"] = dict(parent["options"], metadata={**parent["options"]["metadata"],
+                                                            **{n: new.get(n) for n in info["appended"]}})
     return info
 
 
