@@ -325,3 +325,32 @@ def test_a_source_at_proportion_zero_is_not_read(builds):
         sizes = [ds.build.raw["counts"][n]["samples"] for n in NEW]
         assert got[3] == 0 and sum(got) == size
         assert samples_per_source(sizes, [{"proportion": prop[n] / 3} for n in NEW], size, 7) == got
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_init_from_and_phases_under_two_processes_resume_exactly(builds, tmp_path, parallel):
+    """2 processes (gloo): a run started from the old checkpoint with two phases, stopped inside the second and
+    resumed, logs the losses and per-phase counts of the unbroken run; the counts are the phases' shares."""
+    from test_train import _torchrun
+
+    src = _trained(builds)
+
+    def config(name):
+        doc = _phased(builds, name, train={"init_from": str(src), "parallel": parallel})
+        doc["log"]["dir"], doc["checkpoint"]["dir"] = str(tmp_path / name / "log"), str(tmp_path / name / "ckpt")
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return path
+
+    _torchrun("-m", "sptok", "pretrain", config("straight"))
+    _torchrun("-m", "sptok", "pretrain", config("stopped"), "--set", "train.stop_at=8")
+    _torchrun("-m", "sptok", "pretrain", config("stopped"))
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    assert b[-1]["delivered_samples_by_phase"] == a[-1]["delivered_samples_by_phase"] == [[16, 16, 16, 0],
+                                                                                          [0, 0, 8, 24]]
+    assert b[-1]["delivered_samples"] == [16, 16, 24, 24]   # the ranks' counts summed once, not at every log step
+    one, _ = _run(_phased(builds, f"one-{parallel}", train={"init_from": str(src)}))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in one], rel=1e-4)   # = one process
+    assert json.loads((tmp_path / "stopped" / "log" / "run.json").read_text())["init_from"]["step"] == 4

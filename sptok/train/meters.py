@@ -88,7 +88,9 @@ class Meter:
     def report(self, world: int) -> dict:
         """The log line's numbers, over all ranks; starts the next interval."""
         tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
-        delivered, by_phase = self.delivered.to(self.device), self.by_phase.to(self.device)
+        # copies: on CPU .to() returns the tensor itself, and the all-reduce would add the other ranks' counts
+        # into this rank's own at every log step
+        delivered, by_phase = (t.to(self.device, copy=True) for t in (self.delivered, self.by_phase))
         if dist.is_initialized():
             for t in (tokens, delivered, by_phase):
                 dist.all_reduce(t)
