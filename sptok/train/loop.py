@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..errors import SptokError
 from .config import FAMILIES, Config, check_against_build, check_build_args, check_device
 from .meters import Meter
+from .phases import enter_phase, open_phase, phase_at, phase_summary, plan_phases, sp_policy_at
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -81,23 +82,6 @@ def lr_lambda(cfg: Config):
         decay = 1.0 - frac if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
         return low + (1.0 - low) * decay
     return f
-
-
-def sp_policy_at(cfg: Config, step: int) -> str:
-    """The load-time SP policy in force at ``step``: its phase's, when that phase sets one (config.py refuses
-    a phase's policy together with a schedule), else the schedule's last entry that has begun."""
-    from .phases import phase_at, plan_phases
-
-    if cfg.data.phases:
-        phases = plan_phases(cfg)
-        own = phases[phase_at(phases, step)].sp_policy
-        if own:
-            return own
-    policy = cfg.data.sp_policy
-    for frac, p in sorted(cfg.data.sp_schedule, key=lambda x: float(x[0])):
-        if step >= float(frac) * cfg.train.steps:
-            policy = p
-    return policy
 
 
 def make_collator(cfg: Config, info):
@@ -173,7 +157,6 @@ def setup(cfg: Config, log=print) -> Run:
     from .losses import LossModel
     from .model import build_model
     from .parallelize import parallelize
-    from .phases import open_phase, phase_at, plan_phases
 
     rank, world, device = init_distributed(cfg.train.device)
     check_device(cfg, device.type)
@@ -216,22 +199,6 @@ def setup(cfg: Config, log=print) -> Run:
     meter.phase = phase
     return Run(cfg, rank, world, device, say, info, loader, collator, model, trained, optimizer, scheduler,
                autocast, accum, meter, evaluator, meta, phases, phase, resume_from)
-
-
-def enter_phase(run: Run, index: int) -> None:
-    """Read phase ``index`` from now on: its own dataset (the last one's is closed first, on every rank, so
-    streaming's shared memory is free for it) and a loader over it."""
-    from ..data import Loader
-    from .phases import open_phase
-
-    run.loader.dataset.close()
-    ds = open_phase(run.cfg, run.phases[index], run.info.sources)
-    run.loader = Loader(ds, run.collator, batch_size=run.cfg.train.micro_batch_size,
-                        num_workers=run.cfg.data.num_workers)
-    run.phase = run.meter.phase = index
-    p = run.phases[index]
-    run.say(f"phase {index}: steps {p.start + 1}-{p.end}, proportion {p.proportion or 'as data'}, "
-            f"sp_policy {sp_policy_at(run.cfg, p.start)}")
 
 
 def _accumulation(cfg: Config, world: int) -> int:
@@ -417,7 +384,7 @@ class Records:
                             "requested": requested, "world_size": run.world, "num_workers": run.loader.num_workers,
                             "init_from": run.meta["init_from"]}
             if cfg.data.phases:
-                self.summary["phases"] = [_phase_summary(run, p) for p in run.phases]
+                self.summary["phases"] = [phase_summary(run, p) for p in run.phases]
             self._write_summary()
             self.logfile = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a")
             self.writer = _tensorboard(cfg, run.rank)
@@ -447,17 +414,6 @@ class Records:
         from ..layout import write_json
 
         write_json(os.path.join(self.run.cfg.log.dir, "run.json"), self.summary)
-
-
-def _phase_summary(run: Run, phase) -> dict:
-    """run.json's record of a phase: its steps, the shares it asked for, its load-time SP policy."""
-    from ..data import source_weights
-    from .phases import phase_weights
-
-    proportion, weights = phase_weights(run.cfg, phase, run.info.sources)
-    return {"phase": phase.index, "start_step": phase.start, "end_step": phase.end,
-            "requested": source_weights(run.info, proportion, run.cfg.data.repeat, weights),
-            "sp_policy": sp_policy_at(run.cfg, phase.start)}
 
 
 def forward_backward(trained, micro: list[dict], world: int, device, meter: Meter | None = None,

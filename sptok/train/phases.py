@@ -7,6 +7,7 @@ sample unless the share is more than the source holds (then every sample comes w
 a seeded subset), and the counts per source are exact. The loader's position is saved with the phase it
 belongs to, so a resume inside a phase continues that phase's epoch, and one at its end starts the next.
 Without ``data.phases`` the run is one phase: the build's epoch, repeated as needed (as before phases).
+The load-time SP policy at a step is here too (``sp_policy_at``): a phase's own, or ``data.sp_schedule``'s.
 """
 
 from __future__ import annotations
@@ -67,3 +68,43 @@ def open_phase(cfg: Config, phase: Phase, sources: list[str] | None = None):
     return open_dataset(cfg.data.build, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
                         shuffle_seed=cfg.train.seed, proportion=proportion, repeat=cfg.data.repeat, weights=weights,
                         expected_fingerprint=cfg.data.expected_fingerprint, **kwargs)
+
+
+def sp_policy_at(cfg: Config, step: int) -> str:
+    """The load-time SP policy in force at ``step``: its phase's, when that phase sets one (config.py refuses
+    a phase's policy together with a schedule), else the schedule's last entry that has begun."""
+    if cfg.data.phases:
+        phases = plan_phases(cfg)
+        own = phases[phase_at(phases, step)].sp_policy
+        if own:
+            return own
+    policy = cfg.data.sp_policy
+    for frac, p in sorted(cfg.data.sp_schedule, key=lambda x: float(x[0])):
+        if step >= float(frac) * cfg.train.steps:
+            policy = p
+    return policy
+
+
+def enter_phase(run, index: int) -> None:
+    """Read phase ``index`` from now on: its own dataset (the last one's is closed first, on every rank, so
+    streaming's shared memory is free for it) and a loader over it."""
+    from ..data import Loader
+
+    run.loader.dataset.close()
+    ds = open_phase(run.cfg, run.phases[index], run.info.sources)
+    run.loader = Loader(ds, run.collator, batch_size=run.cfg.train.micro_batch_size,
+                        num_workers=run.cfg.data.num_workers)
+    run.phase = run.meter.phase = index
+    p = run.phases[index]
+    run.say(f"phase {index}: steps {p.start + 1}-{p.end}, proportion {p.proportion or 'as data'}, "
+            f"sp_policy {sp_policy_at(run.cfg, p.start)}")
+
+
+def phase_summary(run, phase) -> dict:
+    """run.json's record of a phase: its steps, the shares it asked for, its load-time SP policy."""
+    from ..data import source_weights
+
+    proportion, weights = phase_weights(run.cfg, phase, run.info.sources)
+    return {"phase": phase.index, "start_step": phase.start, "end_step": phase.end,
+            "requested": source_weights(run.info, proportion, run.cfg.data.repeat, weights),
+            "sp_policy": sp_policy_at(run.cfg, phase.start)}
