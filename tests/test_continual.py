@@ -141,11 +141,11 @@ def _setup(doc):
     return run
 
 
-@pytest.mark.parametrize("family", ["bert", "t5"])
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
 def test_init_from_grows_the_vocabulary_rows(builds, family):
     """Old token rows equal the checkpoint's, the new SP's row is the mean of the old SP rows, every other
-    weight is copied; BERT's tied output layer stays tied, T5's untied one grows too and its sentinels move
-    past the grown vocabulary."""
+    weight is copied; BERT's tied output layer stays tied, T5's and Llama's untied ones grow too, and T5's
+    sentinels move past the grown vocabulary."""
     from sptok.data import BuildInfo
     from sptok.train.init_from import load_origin
 

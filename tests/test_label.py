@@ -577,7 +577,8 @@ def test_a_phase_sp_policy_counts_as_training_policy():
 
     from sptok.label.table import SPTable, training_warning
 
-    build = SimpleNamespace(options={"msp_prob": 0.0, "insert_prob": 1.0}, sources=["web"], sps=["<WEB>"])
+    build = SimpleNamespace(options={"msp_prob": 0.0, "insert_prob": 1.0}, sources=["web"],
+                            sps=["<WEB>"])   # what the warning reads of sptok.json
     phases = [{"until": 0.5, "sp_policy": None}, {"until": 1.0, "sp_policy": "msp=0.2"}]
     table = SPTable(model_dir="m", spec=build, train={"data": {"sp_policy": "keep", "phases": phases}},
                     model_type="bert")
