@@ -54,13 +54,14 @@ def phase_weights(cfg: Config, phase: Phase, sources: list[str]) -> tuple[dict |
 
 
 def open_phase(cfg: Config, phase: Phase, sources: list[str] | None = None):
-    """The dataset a phase reads. ``sources``: the build's, when known (the first phase learns them here)."""
+    """The dataset a phase reads. ``sources``: the build's, when known (else read here, if the phase needs
+    them to name its shares)."""
     from ..data import open_dataset
 
     kwargs = {}
     if cfg.data.phases:
         kwargs["epoch_size"] = (phase.end - phase.start) * cfg.train.global_batch_size
-    if sources is None:
+    if sources is None and phase.proportion is not None:
         from ..build_info import BuildInfo
 
         sources = BuildInfo.load(cfg.data.build).sources
