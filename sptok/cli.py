@@ -220,7 +220,8 @@ def verify(out, as_json, inputs_root, outputs_only):
 @click.option("--plot", "plot_dir", type=click.Path(), help="Also write PNG figures into this directory "
                                                               "(needs matplotlib: pip install 'sptok[plot]').")
 @click.option("--run", "run_dir", type=click.Path(), help="A training log dir (sptok pretrain's log.dir): show the "
-                                                          "requested source proportions next to the delivered ones.")
+                                                          "requested source proportions next to the delivered ones "
+                                                          "(per phase, for a run with data.phases).")
 def stats(out, as_json, plot_dir, run_dir):
     """Per-source statistics of the build in OUT."""
     from .stats import format_accounting, format_table, load_stats, run_accounting, table_rows

@@ -209,7 +209,8 @@ def printable_values(top: list) -> str:
 # ----------------------------------------------------- stats --run: what a training run consumed, per source
 
 def run_accounting(info: dict, stats: dict, logdir: str) -> list[dict]:
-    """Rows per source: requested share, delivered samples / tokens and their shares, the build's tokens."""
+    """Rows per source: requested share, delivered samples / tokens and their shares, the build's tokens; a run
+    with ``data.phases`` has them per phase (each row names its ``phase``)."""
     try:
         with open(os.path.join(logdir, "run.json")) as f:
             run = json.load(f)
@@ -220,20 +221,43 @@ def run_accounting(info: dict, stats: dict, logdir: str) -> list[dict]:
     if run["fingerprint"] != info["fingerprint"]:
         raise SptokError(f"--run {logdir}: that run trained on build {run['fingerprint'][:12]}, not on this one "
                          f"({info['fingerprint'][:12]})")
-    req = run["requested"]
+    if not run.get("phases"):
+        return _accounting_rows(run["requested"], run["sources"], stats, last["delivered_samples"],
+                                last["delivered_tokens"], last["step"])
+    rows = []
+    for p in run["phases"]:
+        i = p["phase"]
+        rows += [dict(r, phase=i, start_step=p["start_step"], end_step=p["end_step"])
+                 for r in _accounting_rows(p["requested"], run["sources"], stats,
+                                           last["delivered_samples_by_phase"][i],
+                                           last["delivered_tokens_by_phase"][i], last["step"])]
+    return rows
+
+
+def _accounting_rows(req: dict, sources: list[str], stats: dict, samples: list, tokens: list, step: int) -> list:
     props = {n: r.get("proportion") for n, r in req.items()}
     if any(v is None for v in props.values()):   # natural sizes or repeats: the build's share times the repeat
-        total = sum(stats["sources"][n]["samples"] * req[n].get("repeat", 1.0) for n in run["sources"])
-        props = {n: stats["sources"][n]["samples"] * req[n].get("repeat", 1.0) / total for n in run["sources"]}
-    samples, tokens = last["delivered_samples"], last["delivered_tokens"]
+        total = sum(stats["sources"][n]["samples"] * req[n].get("repeat", 1.0) for n in sources)
+        props = {n: stats["sources"][n]["samples"] * req[n].get("repeat", 1.0) / total for n in sources}
     ns, nt = max(1.0, sum(samples)), max(1.0, sum(tokens))
     return [{"source": n, "requested": props[n], "delivered_samples": int(samples[i]),
              "delivered_share": samples[i] / ns, "delivered_tokens": int(tokens[i]), "token_share": tokens[i] / nt,
-             "built_tokens": stats["sources"][n]["sample_tokens"], "step": last["step"]}
-            for i, n in enumerate(run["sources"])]
+             "built_tokens": stats["sources"][n]["sample_tokens"], "step": step}
+            for i, n in enumerate(sources)]
 
 
 def format_accounting(rows: list[dict]) -> str:
+    if rows and "phase" in rows[0]:
+        phases = sorted({r["phase"] for r in rows})
+        return "\n\n".join(_format_table([r for r in rows if r["phase"] == i],
+                                          f"phase {i} (steps {p['start_step'] + 1}-{p['end_step']}): delivered by "
+                                          f"step {p['step']} (all ranks):")
+                            for i in phases for p in [next(r for r in rows if r["phase"] == i)])
+    step = rows[0]["step"] if rows else 0
+    return _format_table(rows, f"delivered to the model by step {step} (all ranks):")
+
+
+def _format_table(rows: list[dict], title: str) -> str:
     head = ["source", "requested", "delivered", "samples", "tokens", "token share", "built tokens"]
     body = [[r["source"], f"{100 * r['requested']:.1f}%", f"{100 * r['delivered_share']:.1f}%",
              f"{r['delivered_samples']:,}", f"{r['delivered_tokens']:,}", f"{100 * r['token_share']:.1f}%",
@@ -241,6 +265,4 @@ def format_accounting(rows: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    step = rows[0]["step"] if rows else 0
-    return "\n".join([f"delivered to the model by step {step} (all ranks):", line(head),
-                      line(["-" * w for w in widths])] + [line(b) for b in body])
+    return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -568,3 +568,20 @@ def test_a_build_or_a_checkpoint_given_as_model_says_what_to_give_instead(models
                                                                         f"export it with `sptok export {ckpt} --out DIR`")
         assert "tokenizer.json" not in err
     assert not o.exists()
+
+
+def test_a_phase_sp_policy_counts_as_training_policy():
+    """A model built with msp_prob 0, whose data.sp_policy kept that but one of whose data.phases masked SPs at
+    load time, did learn MSP: no warning (the phases' policies are among the ones the training used)."""
+    from types import SimpleNamespace
+
+    from sptok.label.table import SPTable, training_warning
+
+    build = SimpleNamespace(options={"msp_prob": 0.0, "insert_prob": 1.0}, sources=["web"],
+                            sps=["<WEB>"])   # what the warning reads of sptok.json
+    phases = [{"until": 0.5, "sp_policy": None}, {"until": 1.0, "sp_policy": "msp=0.2"}]
+    table = SPTable(model_dir="m", spec=build, train={"data": {"sp_policy": "keep", "phases": phases}},
+                    model_type="bert")
+    assert training_warning(table) is None
+    table.train["data"]["phases"][1]["sp_policy"] = None
+    assert "trained without masked source prediction" in training_warning(table)

@@ -130,7 +130,9 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
 
         _clean_shared_memory()
 
-        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources]
+        # a source at proportion 0 is not read: as a stream, streaming's rounding could still give it a sample
+        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources
+                   if per_source[name].get("proportion") != 0]
         kwargs.setdefault("batch_size", 1)
         kwargs.setdefault("shuffle", False)
         ds = _streaming_dataset_class()(streams=streams, **kwargs)
@@ -162,6 +164,13 @@ def samples_per_source(sizes: list[int], per_source: list[dict], epoch_size: int
     """How many samples of each source one epoch holds: streaming's rule (``Stream.apply_weights``), so an
     MDS and a table build of the same inputs and weights give the same counts per source."""
     sizes = np.array(sizes, np.int64)
+    read = [i for i, w in enumerate(per_source) if w.get("proportion") != 0]   # as open_dataset's streams
+    if len(read) < len(sizes):
+        counts = [0] * len(sizes)
+        for i, k in zip(read, samples_per_source(sizes[read].tolist(), [per_source[i] for i in read], epoch_size,
+                                                 seed)):
+            counts[i] = k
+        return counts
     if all("proportion" in w for w in per_source) or (epoch_size and not any(per_source)):
         want = np.array([w.get("proportion", n) for w, n in zip(per_source, sizes)], np.float64)
         total = epoch_size or int(sizes.sum())

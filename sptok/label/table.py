@@ -145,11 +145,12 @@ def load_table(model_dir: str) -> SPTable:
 
 
 def _policies(table: SPTable) -> list[str] | None:
-    """Every load-time SP policy the training used (its policy, then the schedule's), if recorded."""
+    """Every load-time SP policy the training used (its policy, the schedule's, its phases'), if recorded."""
     if table.train is None:
         return None
     data = table.train.get("data") or {}
-    return [data.get("sp_policy") or "keep"] + [p for _, p in data.get("sp_schedule") or []]
+    return ([data.get("sp_policy") or "keep"] + [p for _, p in data.get("sp_schedule") or []]
+            + [p["sp_policy"] for p in data.get("phases") or [] if p.get("sp_policy")])
 
 
 def training_warning(table: SPTable) -> str | None:

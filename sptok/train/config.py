@@ -106,6 +106,7 @@ class DataConfig:
     mlm_prob: float = number(0.15, low=0, high=1)
     sp_policy: str = "keep"              # load-time SP policy
     sp_schedule: list = field(default_factory=list)  # [[fraction, policy], ...]: from that fraction of steps on
+    phases: list = field(default_factory=list)       # [{until, proportion, sp_policy}, ...]: the mixture by step
     expected_fingerprint: str | None = None          # the build's fingerprint, or its first 12 characters or more
     shuffle: bool = True
     num_workers: int | str = number("auto", low=0, words=("auto",))   # loader processes per rank (auto_workers)
@@ -121,6 +122,9 @@ class DataConfig:
         for i, item in enumerate(self.sp_schedule):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and _is_number(item[0]) and 0 <= item[0] <= 1):
                 raise SptokError(f"data.sp_schedule[{i}]: expected [fraction in 0..1, policy], got {item!r}")
+        self.phases = [_phase(i, p) for i, p in enumerate(self.phases)]
+        if self.phases:
+            self._check_phases()
         fp = self.expected_fingerprint
         if fp and not (SHORT_FINGERPRINT <= len(fp) <= 64 and all(c in "0123456789abcdef" for c in fp.lower())):
             raise SptokError(f"config: data.expected_fingerprint: give the build's fingerprint or at least its first "
@@ -130,6 +134,28 @@ class DataConfig:
             raise SptokError(f"config: data.build_args.{unknown[0]} is not a build option; the options are "
                              f"{', '.join(sorted(_build_option_types()))}")
 
+    def _check_phases(self) -> None:
+        """Phases end at increasing fractions, the last at 1.0; their mixtures are proportions (a phase is one
+        streaming epoch of its own size, which streaming weighs only relatively); a phase's ``sp_policy`` and
+        ``sp_schedule`` would both say which policy holds: only one of them may."""
+        ends = [p["until"] for p in self.phases]
+        for i in range(1, len(ends)):
+            if ends[i] <= ends[i - 1]:
+                raise SptokError(f"data.phases[{i}].until: phases must end at increasing fractions of train.steps, "
+                                 f"got {ends[i]} after {ends[i - 1]}")
+        if ends[-1] != 1.0:
+            raise SptokError(f"data.phases[{len(ends) - 1}].until: the last phase must end at 1.0 (the end of "
+                             f"train.steps), got {ends[-1]}")
+        if self.repeat:
+            raise SptokError("data.repeat: cannot weigh data.phases (each phase is an epoch of its own size, which "
+                             "streaming fills by proportions); give each phase a proportion")
+        if self.sp_schedule and any(p.get("sp_policy") for p in self.phases):
+            raise SptokError("data.sp_schedule: give the load-time SP policy by data.phases[].sp_policy or by "
+                             "data.sp_schedule, not both")
+
+
+SCHEDULES = ("linear", "cosine", "constant", "wsd")
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -138,14 +164,27 @@ class OptimConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = number(1e-6, above=0)
     warmup_steps: int = number(0, low=0)
-    schedule: str = "linear"             # linear | cosine (decay to min_lr_ratio * lr at the last step)
+    schedule: str = "linear"             # linear | cosine | constant | wsd (decay to min_lr at the last step)
     min_lr_ratio: float = number(0.0, low=0, high=1)
+    min_lr: float | None = number(None, low=0)        # the learning rate the decay ends at (else min_lr_ratio * lr)
+    decay_steps: int | None = number(None, low=1)     # wsd: steps of the final linear decay
     grad_clip: float = number(1.0, low=0)   # 0 = no clipping
 
     def __post_init__(self):
         check_numbers("optim", self)
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise SptokError(f"optim.schedule: {self.schedule!r} is not one of linear, cosine, constant")
+        if self.schedule not in SCHEDULES:
+            raise SptokError(f"optim.schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.min_lr is not None:
+            if self.min_lr_ratio:
+                raise SptokError("optim.min_lr: give optim.min_lr or optim.min_lr_ratio, not both")
+            if self.min_lr > self.lr:
+                raise SptokError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
+            if self.schedule == "constant":
+                raise SptokError("optim.min_lr: the constant schedule does not decay; use linear, cosine or wsd")
+        if (self.schedule == "wsd") != (self.decay_steps is not None):
+            raise SptokError("optim.decay_steps: give it with optim.schedule: wsd (the steps of its final decay)"
+                             if self.decay_steps is None else
+                             f"optim.decay_steps: only optim.schedule: wsd takes it, not {self.schedule}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
             raise SptokError(f"config: optim.betas: must be two numbers in [0, 1), got {list(self.betas)}")
@@ -165,6 +204,7 @@ class TrainConfig:
     stop_at: int | None = number(None, low=1)      # end this run after that step (checkpointed), schedule unchanged
     max_minutes: float | None = number(None, above=0)   # end this run (checkpointed) once its budget is spent
     on_nonfinite: str = "stop"           # a NaN / inf loss or gradient norm: stop (no checkpoint) | skip the update
+    init_from: str = ""                  # a checkpoint or `sptok export` directory: its weights start this run
 
     def __post_init__(self):
         check_numbers("train", self)
@@ -220,9 +260,58 @@ class Config:
     def __post_init__(self):
         if self.train.device == "cpu":
             check_device(self, "cpu")
+        o, steps = self.optim, self.train.steps
+        if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > steps:
+            raise SptokError(f"optim.decay_steps ({o.decay_steps}) + optim.warmup_steps ({o.warmup_steps}) must not "
+                             f"exceed train.steps ({steps})")
+        ends = phase_ends(self.data.phases, steps)
+        for i, (a, b) in enumerate(zip([0] + ends, ends)):
+            if b <= a:
+                raise SptokError(f"data.phases[{i}]: ends at step {b} of train.steps ({steps}), holding no step; "
+                                 f"end it later")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def phase_ends(phases: list[dict], steps: int) -> list[int]:
+    """The step at which each phase ends (the next begins): ``until`` x ``steps``, rounded to the nearest step
+    (0.7 x 10 is 7.000000000000001 in floating point, and must be step 7)."""
+    return [round(p["until"] * steps) for p in phases]
+
+
+PHASE_KEYS = ("until", "proportion", "sp_policy")
+
+
+def _phase(i: int, p) -> dict:
+    """One entry of data.phases, checked: ``until`` a fraction in (0, 1], ``proportion`` a mapping of
+    shares (sources left out get none), ``sp_policy`` a policy."""
+    from ..data.policy import SPPolicy
+
+    where = f"data.phases[{i}]"
+    if not isinstance(p, dict) or "until" not in p:
+        raise SptokError(f"{where}: expected a mapping with until (and proportion, sp_policy), got {p!r}")
+    unknown = sorted(set(p) - set(PHASE_KEYS))
+    if unknown:
+        raise SptokError(f"{where}.{unknown[0]} is not a phase setting; a phase has: {', '.join(PHASE_KEYS)}")
+    if not (_is_number(p["until"]) and 0 < p["until"] <= 1):
+        raise SptokError(f"{where}.until: must be a fraction of train.steps in (0, 1], got {p['until']!r}")
+    prop = p.get("proportion")
+    if prop is not None:
+        if not isinstance(prop, dict) or not prop:
+            raise SptokError(f"{where}.proportion: expected a mapping of source: share, got {prop!r}")
+        for name, v in prop.items():
+            if not _is_number(v) or v < 0:
+                raise SptokError(f"config: {where}.proportion.{name}: must be a finite number >= 0, got {v!r}")
+        if not sum(prop.values()) > 0:
+            raise SptokError(f"{where}.proportion: the shares must not all be zero")
+    if p.get("sp_policy") is not None:
+        try:
+            SPPolicy.parse(str(p["sp_policy"]))
+        except SptokError as e:
+            raise SptokError(f"{where}.sp_policy: {e}") from None
+    return {"until": float(p["until"]), "proportion": dict(prop) if prop else None,
+            "sp_policy": str(p["sp_policy"]) if p.get("sp_policy") is not None else None}
 
 
 def check_device(cfg: Config, device_type: str) -> None:
@@ -388,7 +477,7 @@ def _resolve_paths(cfg: Config, doc: dict, root: str) -> None:
     """Paths in the file are relative to it (``root``); given with --set, or left at their default, to where
     the command runs."""
     for sec, attr in (("data", "build"), ("data", "manifest"), ("eval", "build"), ("checkpoint", "dir"),
-                      ("log", "dir")):
+                      ("log", "dir"), ("train", "init_from")):
         obj = getattr(cfg, sec)
         v = getattr(obj, attr)
         given = (doc.get(sec) or {}).get(attr)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..errors import SptokError
 from .config import FAMILIES, Config, check_against_build, check_build_args, check_device
 from .meters import Meter
+from .phases import enter_phase, open_phase, phase_at, phase_summary, plan_phases, sp_policy_at
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -62,26 +63,25 @@ def ensure_build(cfg: Config, rank: int, log) -> None:
 
 
 def lr_lambda(cfg: Config):
+    """The learning rate at each step as a fraction of ``optim.lr``: a linear warm-up over ``warmup_steps``,
+    then ``constant``, a ``linear`` or ``cosine`` decay over the remaining steps, or ``wsd`` (warmup-stable-
+    decay: stable at lr, then a linear decay over the last ``decay_steps``). Decays reach ``min_lr`` (else
+    ``min_lr_ratio`` x lr) after the last step."""
     o, steps = cfg.optim, cfg.train.steps
+    low = o.min_lr / o.lr if o.min_lr is not None else o.min_lr_ratio
 
     def f(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return 1.0
+        if o.schedule == "wsd":
+            frac = max(0, step - (steps - o.decay_steps)) / o.decay_steps
+            return low + (1.0 - low) * (1.0 - frac)
         frac = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
         decay = 1.0 - frac if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+        return low + (1.0 - low) * decay
     return f
-
-
-def sp_policy_at(cfg: Config, step: int) -> str:
-    """The load-time SP policy in force at ``step``: the schedule's last entry that has begun."""
-    policy = cfg.data.sp_policy
-    for frac, p in sorted(cfg.data.sp_schedule, key=lambda x: float(x[0])):
-        if step >= float(frac) * cfg.train.steps:
-            policy = p
-    return policy
 
 
 def make_collator(cfg: Config, info):
@@ -145,11 +145,15 @@ class Run:
     meter: Meter
     evaluator: object     # in-loop evaluation, or None
     meta: dict            # what every checkpoint records about the run
+    phases: list          # phases.Phase of data.phases (one when none are given)
+    phase: int            # the phase the loader reads
+    resume_from: str | None   # the checkpoint to resume from
 
 
 def setup(cfg: Config, log=print) -> Run:
     """Processes, data, model, optimizer: a run ready to start (or resume)."""
-    from ..data import Loader, open_dataset
+    from ..data import Loader
+    from . import checkpoint as ckpt
     from .losses import LossModel
     from .model import build_model
     from .parallelize import parallelize
@@ -158,9 +162,10 @@ def setup(cfg: Config, log=print) -> Run:
     check_device(cfg, device.type)
     say = log if rank == 0 else (lambda *a, **k: None)
     ensure_build(cfg, rank, say)
-    ds = open_dataset(cfg.data.build, batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
-                      shuffle_seed=cfg.train.seed, proportion=cfg.data.proportion, repeat=cfg.data.repeat,
-                      weights=cfg.data.weights, expected_fingerprint=cfg.data.expected_fingerprint)
+    resume_from = ckpt.newest_intact(cfg.checkpoint.dir, say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    phases = plan_phases(cfg)
+    phase = phase_at(phases, ckpt.step_of(resume_from)) if resume_from else 0
+    ds = open_phase(cfg, phases[phase])
     info = ds.build
     check_against_build(cfg, info)
     accum, parallel = _accumulation(cfg, world), _parallel(cfg, world)
@@ -168,6 +173,13 @@ def setup(cfg: Config, log=print) -> Run:
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, info)
+    lineage = None
+    if resume_from:   # a run started from init_from resumes from its own checkpoints
+        lineage = ckpt.load_meta(resume_from).get("init_from")
+    elif cfg.train.init_from:
+        from .init_from import init_model
+
+        lineage = init_model(cfg, model, info, say)
     loss_model = LossModel(model, cfg.model.family, info.sp_ids.tolist()).to(device)
     # bf16: FSDP2 casts parameters itself (MixedPrecisionPolicy); DDP / one process use autocast
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and parallel != "fsdp")
@@ -178,13 +190,15 @@ def setup(cfg: Config, log=print) -> Run:
     evaluator = _evaluator(cfg, info, rank, world, device) if cfg.eval.every else None
     build_desc = {k: info.raw[k] for k in ("options", "manifest", "tokenizer", "inputs", "sptok_version")}
     meta = {"config": cfg.to_dict(), "fingerprint": info.fingerprint, "build": build_desc, "world_size": world,
-            "num_workers": loader.num_workers}
+            "num_workers": loader.num_workers, "init_from": lineage}
     say(f"training {cfg.model.family} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{cfg.data.build}: {world} process(es), {parallel}, {'bf16' if bf16 else 'fp32'}, {accum} micro-batch(es) "
         f"of {cfg.train.micro_batch_size} per step, {loader.num_workers} loader worker(s) per process "
         f"(data.num_workers: {cfg.data.num_workers})")
+    meter = Meter(len(info.sources), device, len(cfg.data.phases))
+    meter.phase = phase
     return Run(cfg, rank, world, device, say, info, loader, collator, model, trained, optimizer, scheduler,
-               autocast, accum, Meter(len(info.sources), device), evaluator, meta)
+               autocast, accum, meter, evaluator, meta, phases, phase, resume_from)
 
 
 def _accumulation(cfg: Config, world: int) -> int:
@@ -217,16 +231,18 @@ def resume(run: Run) -> int:
     is reported and the one before it used; one made for another build or model shape is refused."""
     from . import checkpoint as ckpt
 
-    cfg = run.cfg
-    path = ckpt.newest_intact(cfg.checkpoint.dir, run.say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    path = run.resume_from
     if not path:
         return 0
     _check_resumable(run, path, ckpt.load_meta(path))
     extra = ckpt.load(path, run.trained, run.optimizer)
     run.scheduler.load_state_dict(extra["scheduler"])
     ckpt.set_rng_state(extra["rng"])
-    run.loader.load_state_dict(extra["loader"])
+    if extra.get("phase", 0) == run.phase:   # else it was saved at the end of the last phase: this one starts
+        run.loader.load_state_dict(extra["loader"])
     run.meter.delivered = torch.tensor(extra["delivered"], dtype=torch.float64)
+    if len(run.meter.by_phase):
+        run.meter.by_phase = torch.tensor(extra["delivered_by_phase"], dtype=torch.float64)
     run.say(f"resumed from {path} at step {int(extra['step'])}")
     return int(extra["step"])
 
@@ -271,6 +287,10 @@ def train(run: Run, start: int, emit, stop) -> None:
         if why:
             end = step
             break
+        if step == run.phases[run.phase].end:
+            batches.close()   # its loader's workers end with it
+            enter_phase(run, run.phase + 1)
+            batches = _endless(run.loader)
         run.collator.set_sp_policy(sp_policy_at(cfg, step))
         forward_backward(run.trained, [next(batches) for _ in range(run.accum)], run.world, run.device, run.meter,
                          run.autocast)
@@ -337,7 +357,8 @@ def save(run: Run, step: int) -> None:
     from . import checkpoint as ckpt
 
     extra = {"step": step, "scheduler": run.scheduler.state_dict(), "rng": ckpt.rng_state(),
-             "loader": run.loader.state_dict(), "delivered": run.meter.delivered.tolist()}
+             "loader": run.loader.state_dict(), "phase": run.phase, "delivered": run.meter.delivered.tolist(),
+             "delivered_by_phase": run.meter.by_phase.tolist()}
     ckpt.save(run.cfg.checkpoint.dir, step, run.trained, run.optimizer, extra, run.meta)
     if run.rank == 0:
         ckpt.keep_build(run.cfg.checkpoint.dir, run.cfg.data.build)
@@ -350,7 +371,7 @@ class Records:
 
     def __init__(self, run: Run):
         self.run, self.records = run, []
-        self.logfile = self.writer = None
+        self.logfile = self.writer = self.summary = None
 
     def __enter__(self):
         run, cfg = self.run, self.run.cfg
@@ -359,10 +380,12 @@ class Records:
             from ..data import source_weights
 
             requested = source_weights(run.info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
-            with open(os.path.join(cfg.log.dir, "run.json"), "w") as f:
-                json.dump({"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,
-                           "requested": requested, "world_size": run.world,
-                           "num_workers": run.loader.num_workers}, f, indent=1, sort_keys=True)
+            self.summary = {"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,
+                            "requested": requested, "world_size": run.world, "num_workers": run.loader.num_workers,
+                            "init_from": run.meta["init_from"]}
+            if cfg.data.phases:
+                self.summary["phases"] = [phase_summary(run, p) for p in run.phases]
+            self._write_summary()
             self.logfile = open(os.path.join(cfg.log.dir, "metrics.jsonl"), "a")
             self.writer = _tensorboard(cfg, run.rank)
         return self
@@ -380,6 +403,17 @@ class Records:
         for f in (self.logfile, self.writer):
             if f:
                 f.close()
+        trained = [r for r in self.records if "delivered_samples_by_phase" in r]
+        if self.logfile and trained:   # what each phase delivered, as of the last logged step
+            for p, samples, tokens in zip(self.summary["phases"], trained[-1]["delivered_samples_by_phase"],
+                                          trained[-1]["delivered_tokens_by_phase"]):
+                p.update(delivered_samples=samples, delivered_tokens=tokens)
+            self._write_summary()
+
+    def _write_summary(self) -> None:
+        from ..layout import write_json
+
+        write_json(os.path.join(self.run.cfg.log.dir, "run.json"), self.summary)
 
 
 def forward_backward(trained, micro: list[dict], world: int, device, meter: Meter | None = None,

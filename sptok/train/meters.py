@@ -59,11 +59,14 @@ class LossSums:
 
 class Meter:
     """A training run's numbers between two log lines (``LossSums``, tokens per second), and the samples and
-    tokens of each source delivered since the start of training (``delivered``, saved in checkpoints)."""
+    tokens of each source delivered since the start of training (``delivered``, saved in checkpoints), in
+    total and per phase of ``data.phases`` (``by_phase``; ``phase`` is the one running)."""
 
-    def __init__(self, n_sources: int, device):
+    def __init__(self, n_sources: int, device, n_phases: int = 0):
         self.n, self.device = n_sources, device
         self.delivered = torch.zeros(2, n_sources, dtype=torch.float64)   # samples, tokens (this rank)
+        self.by_phase = torch.zeros(n_phases, 2, n_sources, dtype=torch.float64)   # the same, per data.phases entry
+        self.phase = 0
         self.losses = LossSums(n_sources, device)
         self.tokens, self.t0 = 0, time.perf_counter()
 
@@ -73,8 +76,11 @@ class Meter:
         tok_src = batch["input_source"] if "input_source" in batch else batch["token_source"]
         real = tok_src >= 0
         self.tokens += int(real.sum())
-        self.delivered[1] += torch.bincount(tok_src[real], minlength=n)[:n].double()
-        self.delivered[0] += torch.bincount(tok_src[:, 0].clamp(min=0), minlength=n)[:n].double()
+        counts = torch.stack([torch.bincount(tok_src[:, 0].clamp(min=0), minlength=n)[:n].double(),
+                              torch.bincount(tok_src[real], minlength=n)[:n].double()])
+        self.delivered += counts
+        if len(self.by_phase):
+            self.by_phase[self.phase] += counts
 
     def add(self, out: dict) -> None:
         self.losses.add(out)
@@ -82,12 +88,17 @@ class Meter:
     def report(self, world: int) -> dict:
         """The log line's numbers, over all ranks; starts the next interval."""
         tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
-        delivered = self.delivered.to(self.device)
+        # copies: on CPU .to() returns the tensor itself, and the all-reduce would add the other ranks' counts
+        # into this rank's own at every log step
+        delivered, by_phase = (t.to(self.device, copy=True) for t in (self.delivered, self.by_phase))
         if dist.is_initialized():
-            for t in (tokens, delivered):
+            for t in (tokens, delivered, by_phase):
                 dist.all_reduce(t)
         seconds = time.perf_counter() - self.t0
         out = {**self.losses.read(), "tokens_per_s": tokens.item() / max(seconds, 1e-9),
                "delivered_samples": delivered[0].tolist(), "delivered_tokens": delivered[1].tolist()}
+        if len(by_phase):
+            out.update(phase=self.phase, delivered_samples_by_phase=by_phase[:, 0].tolist(),
+                       delivered_tokens_by_phase=by_phase[:, 1].tolist())
         self.tokens, self.t0 = 0, time.perf_counter()
         return out
