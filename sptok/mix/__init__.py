@@ -105,6 +105,7 @@ def run_proxy(out: str, k: int, log=print) -> dict:
     evals = [r for r in _records(os.path.join(d, "log", "metrics.jsonl")) if r.get("split") == "validation"]
     if not evals:
         raise SptokError(f"proxy {k}: its run logged no evaluation ({d}/log/metrics.jsonl)")
+    evals = [r for r in evals if r.get("condition") == evals[0].get("condition")]   # eval.conditions: the first
     result = {"proxy": k, "mixture": plan["mixtures"][k], "step": evals[-1]["step"],
               "losses": evals[-1]["val_loss_by_source"], "loss": evals[-1]["val_loss"]}
     if _rank() == 0:

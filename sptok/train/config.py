@@ -182,9 +182,34 @@ class EvalConfig:
     samples: int = number(64, low=0)     # samples of each source scored (0 = all of them)
     micro_batch_size: int | None = number(None, low=1)   # default: train.micro_batch_size
     sp_policy: str = "keep"              # load-time SP policy of the validation samples
+    conditions: list | None = None       # policies each scored on the same text tokens, one record each
 
     def __post_init__(self):
         check_numbers("eval", self)
+        if self.conditions is not None:
+            _check_conditions(self.conditions, self.sp_policy)
+
+
+def _check_conditions(conditions, sp_policy: str) -> None:
+    """eval.conditions: a non-empty list of distinct load-time policies, instead of eval.sp_policy."""
+    if not isinstance(conditions, list) or not conditions:
+        raise SptokError(f"eval.conditions: expected a list of load-time policies (e.g. [keep, \"meta=strip\"]), "
+                         f"got {conditions!r}")
+    if sp_policy != "keep":
+        raise SptokError("eval.conditions and eval.sp_policy: give one (the conditions list every policy scored)")
+    from ..data.policy import SPPolicy
+
+    seen: dict = {}
+    for i, c in enumerate(conditions):
+        if not isinstance(c, str):
+            raise SptokError(f"eval.conditions[{i}]: {c!r} is not a policy string")
+        try:
+            name = str(SPPolicy.parse(c))
+        except SptokError as e:
+            raise SptokError(f"eval.conditions[{i}]: {e}") from None
+        if name in seen:
+            raise SptokError(f"eval.conditions[{i}]: {c!r} is the same policy as eval.conditions[{seen[name]}]")
+        seen[name] = i
 
 
 @dataclass(kw_only=True)
@@ -220,6 +245,9 @@ class Config:
     def __post_init__(self):
         if self.train.device == "cpu":
             check_device(self, "cpu")
+        if self.eval.conditions and self.model.family != "llama":
+            raise SptokError(f"eval.conditions: scores the same text tokens under each policy, which needs a "
+                             f"decoder (model.family: llama); {self.model.family}'s targets are drawn per position")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
