@@ -101,8 +101,8 @@ class _Base:
         spans = np.concatenate(spans)
         row = np.repeat(np.arange(len(rows)), k)
         edge = np.zeros((shape[0], shape[1] + 1), np.int32)
-        np.add.at(edge, (row, spans[:, 0]), 1)
-        np.add.at(edge, (row, spans[:, 1]), -1)
+        edge[row, spans[:, 0]] = 1   # spans do not overlap: no two start (or end) at one place
+        edge[row, spans[:, 1]] -= 1
         return np.cumsum(edge[:, :-1], axis=1) > 0
 
     @staticmethod

@@ -198,8 +198,8 @@ _NO_SPANS = np.zeros((0, 2), np.int64)
 def _span_mask(spans: np.ndarray, n: int) -> np.ndarray:
     """bool[n]: the tokens inside ``spans``."""
     edge = np.zeros(n + 1, np.int64)
-    np.add.at(edge, spans[:, 0], 1)
-    np.add.at(edge, spans[:, 1], -1)
+    edge[spans[:, 0]] = 1   # spans do not overlap: no two start (or end) at one place
+    edge[spans[:, 1]] -= 1
     return np.cumsum(edge[:n]) > 0
 
 
@@ -239,29 +239,28 @@ def _edit(s: dict, cut: np.ndarray, keep_sp: np.ndarray, moved_in: list, info: B
     ``length``."""
     ids, pos = s["input_ids"], s["sp_positions"]
     n = len(ids)
-    grow = np.zeros(n + 1, np.int64)
-    for p, t in moved_in:
-        grow[p] += len(t)
-    # new index of the first token at position p (a moved-in block there comes first), of each kept token
-    at = np.arange(n + 1) - np.concatenate([[0], np.cumsum(cut)]) + np.concatenate([[0], np.cumsum(grow[:n])])
     kept = np.flatnonzero(~cut)
-    new_at = at[kept] + grow[kept]
-    size = len(kept) + int(grow.sum())
-    new = np.empty(size, np.int64)
-    origin = np.full(size, -1, np.int64)
-    new[new_at], origin[new_at] = ids[kept], kept
+    step = -cut.astype(np.int64)
+    for p, t in moved_in:
+        step[p] += len(t)
+    at = np.arange(n + 1)   # the new index of the token at p (of the block moved in there, if one is)
+    at[1:] += np.cumsum(step)
+    size = int(at[n])
     blocks = [(int(at[p]), t) for p, t in moved_in]
-    for b, t in blocks:
-        new[b:b + len(t)] = t
+    if blocks:
+        new, origin = np.empty(size, np.int64), np.full(size, -1, np.int64)
+        new[at[kept]], origin[at[kept]] = ids[kept], kept
+        for b, t in blocks:
+            new[b:b + len(t)] = t
+    else:
+        new, origin = ids[kept], kept
     spans = s.get("meta_spans", _NO_SPANS)
-    whole = ~cut[spans[:, 0]] if len(spans) else np.zeros(0, bool)   # spans are cut whole or not at all
-    remap = np.zeros(n + 1, np.int64)
-    remap[kept] = new_at
-    remap[n] = size
-    kept_spans = np.stack([remap[spans[whole, 0]], remap[spans[whole, 1] - 1] + 1], axis=1) if whole.any() \
-        else _NO_SPANS
-    spans = np.concatenate([kept_spans, np.array([[b, b + len(t)] for b, t in blocks], np.int64).reshape(-1, 2)])
-    spans = spans[np.argsort(spans[:, 0], kind="stable")]
+    if len(spans):
+        whole = spans[~cut[spans[:, 0]]]   # spans are cut whole or not at all
+        spans = np.stack([at[whole[:, 0]], at[whole[:, 1] - 1] + 1], axis=1)
+    if blocks:
+        spans = np.concatenate([spans, np.array([[b, b + len(t)] for b, t in blocks], np.int64)])
+        spans = spans[np.argsort(spans[:, 0], kind="stable")]
 
     length = n if length is None else length
     used = min(size, length)
@@ -269,7 +268,7 @@ def _edit(s: dict, cut: np.ndarray, keep_sp: np.ndarray, moved_in: list, info: B
     new_starts, new_ends = at[starts], np.minimum(at[np.append(starts[1:], n)], used)
     keep_seg = new_ends > new_starts                  # a segment whose every token went is gone
     offsets = new_starts[keep_seg] if keep_seg.any() else np.zeros(1, np.int64)
-    new_pos = new_at[np.searchsorted(kept, pos[keep_sp])] if len(pos) else pos
+    new_pos = at[pos[keep_sp]]
     inside = new_pos < used
     spans = np.minimum(spans, used)
     pad = info.pad_id if info.pad_id is not None else info.eos_id
