@@ -115,10 +115,10 @@ class _Base:
 class MLMCollator(_Base):
     """Masked language modelling with masked source prediction (encoders).
 
-    Ordinary tokens are MLM targets with probability ``mlm_prob`` (80% [MASK], 10% a random ordinary token —
-    never an SP or special —, 10% unchanged); a metadata token never is one, nor replaced. SPs are never MLM targets; an SP flagged in ``msp_mask`` becomes
-    [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP loss and accuracy can be
-    reported apart from MLM.
+    Ordinary tokens are MLM targets with probability ``mlm_prob`` (80% [MASK], 10% a random ordinary token — never
+    an SP or special —, 10% unchanged); a metadata token never is one, nor replaced. SPs are never MLM targets; an
+    SP flagged in ``msp_mask`` becomes [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP
+    loss and accuracy can be reported apart from MLM.
 
     ``doc_attention`` (default on): the batch carries ``doc_ids`` instead of ``attention_mask``, and each token
     attends only to its own document (``LossModel``, or ``apply_document_attention(model)`` for a Hugging Face
@@ -232,11 +232,11 @@ class CausalLMCollator(_Base):
 
 
 class SpanCorruptionCollator(_Base):
-    """T5 span corruption: noise spans over ordinary tokens only (never metadata), each replaced by one sentinel
-    in the input; the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
-    its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
-    ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
-    with ``vocab_size + max_sentinels``). No span crosses a document.
+    """T5 span corruption: noise spans over ordinary tokens only (never metadata), each replaced by one sentinel in
+    the input; the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a
+    span of its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
+    ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings with
+    ``vocab_size + max_sentinels``). No span crosses a document.
 
     ``doc_attention`` (default on): the batch carries ``doc_ids`` (the document of each input token: a
     sentinel belongs to its span's document) and ``decoder_doc_ids`` (of each target token) instead of
