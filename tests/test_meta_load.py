@@ -358,6 +358,7 @@ def test_eval_conditions_score_the_same_text_tokens(built):
             assert not np.isin(lab.numpy(), info.sp_ids).any() and "eval_origin" not in b
             assert not b["sp_target"].any()
     assert sum(map(len, texts[0])) > 500
+    assert sum(row.count(info.eos_id) for row in texts[0]) > 0          # EOS is a target
     assert all(t == texts[0] for t in texts[1:])
 
 
@@ -380,6 +381,12 @@ def test_eval_conditions_config_and_records(built, tmp_path):
         with pytest.raises(SptokError, match=match) as e:
             load_config(None, [], base={**base, "eval": {**base["eval"], "conditions": conditions}})
         assert "\n" not in str(e.value)
+    for data, match in [({"sp_schedule": [[0.9, "meta=sometimes"]]}, r"data.sp_schedule\[0\]: SP policy 'meta=some"),
+                        ({"sp_policy": "meta=2"}, r"data.sp_policy: SP policy 'meta=2': meta must be a probability")]:
+        with pytest.raises(SptokError, match=match):   # at load time, not when the schedule reaches it
+            load_config(None, [], base={**base, "data": {**base["data"], **data}})
+    with pytest.raises(SptokError, match="eval.conditions and eval.sp_policy: give one"):
+        load_config(None, [], base={**base, "eval": {**base["eval"], "conditions": ["keep"], "sp_policy": "strip"}})
     with pytest.raises(SptokError, match="needs a decoder"):
         load_config(None, [], base={**base, "model": {"family": "bert"}, "eval": {**base["eval"],
                                                                                   "conditions": ["keep"]}})

@@ -121,6 +121,10 @@ class DataConfig:
         for i, item in enumerate(self.sp_schedule):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and _is_number(item[0]) and 0 <= item[0] <= 1):
                 raise SptokError(f"data.sp_schedule[{i}]: expected [fraction in 0..1, policy], got {item!r}")
+        # parsed now, not when the schedule reaches them: a bad cooldown policy must not end a run at 90%
+        _check_policy("data.sp_policy", self.sp_policy)
+        for i, (_, policy) in enumerate(self.sp_schedule):
+            _check_policy(f"data.sp_schedule[{i}]", policy)
         fp = self.expected_fingerprint
         if fp and not (SHORT_FINGERPRINT <= len(fp) <= 64 and all(c in "0123456789abcdef" for c in fp.lower())):
             raise SptokError(f"config: data.expected_fingerprint: give the build's fingerprint or at least its first "
@@ -186,8 +190,23 @@ class EvalConfig:
 
     def __post_init__(self):
         check_numbers("eval", self)
+        _check_policy("eval.sp_policy", self.sp_policy)
         if self.conditions is not None:
             _check_conditions(self.conditions, self.sp_policy)
+
+
+def _check_policy(key: str, text) -> str:
+    """A load-time policy given under ``key``, written back in its one form; one line naming the key if bad."""
+    if not isinstance(text, str):
+        raise SptokError(f"{key}: {text!r} is not a policy string")
+    if text.strip() == "keep":
+        return "keep"
+    from ..data.policy import SPPolicy   # numpy only, and only for a policy other than keep
+
+    try:
+        return str(SPPolicy.parse(text))
+    except SptokError as e:
+        raise SptokError(f"{key}: {e}") from None
 
 
 def _check_conditions(conditions, sp_policy: str) -> None:
@@ -197,16 +216,9 @@ def _check_conditions(conditions, sp_policy: str) -> None:
                          f"got {conditions!r}")
     if sp_policy != "keep":
         raise SptokError("eval.conditions and eval.sp_policy: give one (the conditions list every policy scored)")
-    from ..data.policy import SPPolicy
-
     seen: dict = {}
     for i, c in enumerate(conditions):
-        if not isinstance(c, str):
-            raise SptokError(f"eval.conditions[{i}]: {c!r} is not a policy string")
-        try:
-            name = str(SPPolicy.parse(c))
-        except SptokError as e:
-            raise SptokError(f"eval.conditions[{i}]: {e}") from None
+        name = _check_policy(f"eval.conditions[{i}]", c)
         if name in seen:
             raise SptokError(f"eval.conditions[{i}]: {c!r} is the same policy as eval.conditions[{seen[name]}]")
         seen[name] = i
