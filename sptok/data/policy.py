@@ -160,7 +160,7 @@ def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, len
     pos, msk = s["sp_positions"], s["msp_mask"]
     out = dict(s)
     n = len(s["input_ids"])
-    cut, keep_sp, moved_in = None, np.ones(len(pos), bool), []
+    cut, keep_sp, moved_in = None, np.ones(len(pos), bool), None
     if policy.insert is not None:
         u = u_insert[: len(pos)] if u_insert is not None else draws(key, len(pos), SLOT_INSERT)
         keep_sp = u < policy.insert
@@ -203,20 +203,24 @@ def _span_mask(spans: np.ndarray, n: int) -> np.ndarray:
     return np.cumsum(edge[:n]) > 0
 
 
-def _misplace(ids: np.ndarray, spans: np.ndarray, key: np.uint64, pool: list[bytes]) -> list:
-    """(position, tokens) moved in for each span: a value of ``pool`` other than the span's own, by a keyed
-    draw. A span with no other value in the pool gets nothing (it is removed: no wrong value to give)."""
+def _misplace(ids: np.ndarray, spans: np.ndarray, key: np.uint64, pool: list[bytes]) -> tuple:
+    """(positions, lengths, tokens) moved in: for each span a value of ``pool`` other than its own, by a keyed
+    draw, at the span's start. A span with no other value in the pool gets nothing (it is removed: there is no
+    wrong value to give it)."""
     u = draws(key, len(spans), SLOT_META_MISPLACED)
-    out = []
+    at, donors = [], []
     for (b, e), x in zip(spans.tolist(), u.tolist()):
         own = ids[b:e].tobytes()
-        at = bisect.bisect_left(pool, own)
-        mine = at < len(pool) and pool[at] == own
+        i = bisect.bisect_left(pool, own)
+        mine = i < len(pool) and pool[i] == own
         others = len(pool) - mine
         if others:
             k = int(x * others)
-            out.append((b, np.frombuffer(pool[k + (mine and k >= at)], np.int64)))
-    return out
+            at.append(b)
+            donors.append(np.frombuffer(pool[k + (mine and k >= i)], np.int64))
+    if not at:
+        return None
+    return np.array(at, np.int64), np.array([len(t) for t in donors], np.int64), np.concatenate(donors)
 
 
 def _sp_cut(s: dict, drop: np.ndarray, info: BuildInfo) -> np.ndarray:
@@ -232,51 +236,59 @@ def _sp_cut(s: dict, drop: np.ndarray, info: BuildInfo) -> np.ndarray:
     return cut
 
 
-def _edit(s: dict, cut: np.ndarray, keep_sp: np.ndarray, moved_in: list, info: BuildInfo,
+def _edit(s: dict, cut: np.ndarray, keep_sp: np.ndarray, moved_in: tuple | None, info: BuildInfo,
           length: int | None) -> dict:
-    """``s`` with the ``cut`` tokens removed and each (position, tokens) of ``moved_in`` put where the cut
-    token at that position was; documents, SPs and metadata spans follow, and the result is padded or cut to
-    ``length``."""
+    """``s`` with the ``cut`` tokens removed and the blocks of ``moved_in`` (positions, lengths, their tokens one
+    after another) each put where the cut token at its position was; documents, SPs and metadata spans follow,
+    and the result is padded or cut to ``length``."""
     ids, pos = s["input_ids"], s["sp_positions"]
     n = len(ids)
-    kept = np.flatnonzero(~cut)
-    step = -cut.astype(np.int64)
-    for p, t in moved_in:
-        step[p] += len(t)
-    at = np.arange(n + 1)   # the new index of the token at p (of the block moved in there, if one is)
-    at[1:] += np.cumsum(step)
-    size = int(at[n])
-    blocks = [(int(at[p]), t) for p, t in moved_in]
-    if blocks:
-        new, origin = np.empty(size, np.int64), np.full(size, -1, np.int64)
-        new[at[kept]], origin[at[kept]] = ids[kept], kept
-        for b, t in blocks:
-            new[b:b + len(t)] = t
-    else:
+    keep = ~cut
+    kept = np.flatnonzero(keep)
+    at = np.zeros(n + 1, np.int64)   # the new index of the token at p (of the block moved in there, if one is)
+    if moved_in is None:
+        np.cumsum(keep, out=at[1:])
         new, origin = ids[kept], kept
+    else:
+        where, lens, tokens = moved_in
+        step = keep.astype(np.int64)
+        step[where] += lens   # one block a position
+        np.cumsum(step, out=at[1:])
+        start, to = at[where], at[kept]
+        new, origin = np.empty(at[n], np.int64), np.full(at[n], -1, np.int64)
+        new[to], origin[to] = ids[kept], kept
+        new[np.repeat(start - np.cumsum(lens) + lens, lens) + np.arange(len(tokens))] = tokens
+    size = int(at[n])
     spans = s.get("meta_spans", _NO_SPANS)
     if len(spans):
-        whole = spans[~cut[spans[:, 0]]]   # spans are cut whole or not at all
-        spans = np.stack([at[whole[:, 0]], at[whole[:, 1] - 1] + 1], axis=1)
-    if blocks:
-        spans = np.concatenate([spans, np.array([[b, b + len(t)] for b, t in blocks], np.int64)])
+        whole = spans[keep[spans[:, 0]]]   # spans are cut whole or not at all
+        spans = np.empty_like(whole)
+        spans[:, 0], spans[:, 1] = at[whole[:, 0]], at[whole[:, 1] - 1] + 1
+    if moved_in is not None:
+        spans = np.concatenate([spans, np.stack([start, start + lens], axis=1)])
         spans = spans[np.argsort(spans[:, 0], kind="stable")]
 
     length = n if length is None else length
     used = min(size, length)
     starts = s["doc_offsets"]
-    new_starts, new_ends = at[starts], np.minimum(at[np.append(starts[1:], n)], used)
+    ends = np.empty_like(starts)
+    ends[:-1], ends[-1:] = starts[1:], n
+    new_starts, new_ends = at[starts], np.minimum(at[ends], used)
     keep_seg = new_ends > new_starts                  # a segment whose every token went is gone
     offsets = new_starts[keep_seg] if keep_seg.any() else np.zeros(1, np.int64)
     new_pos = at[pos[keep_sp]]
     inside = new_pos < used
-    spans = np.minimum(spans, used)
-    pad = info.pad_id if info.pad_id is not None else info.eos_id
-    padded = np.full(length, pad, np.int64)
-    padded[:used] = new[:used]
+    if used < size:
+        spans = np.minimum(spans, used)
+        spans = spans[spans[:, 1] > spans[:, 0]]
+    if used == length:
+        padded = new[:used]
+    else:
+        padded = np.full(length, info.pad_id if info.pad_id is not None else info.eos_id, np.int64)
+        padded[:used] = new
     out = {"input_ids": padded, "source_id": s["source_id"], "doc_offsets": offsets,
            "sp_positions": new_pos[inside], "msp_mask": s["msp_mask"][keep_sp][inside], "length": used,
-           "meta_spans": spans[spans[:, 1] > spans[:, 0]], "origin": origin[:used]}
+           "meta_spans": spans, "origin": origin[:used]}
     if "doc_keys" in s:
         out["doc_keys"] = s["doc_keys"][keep_seg] if keep_seg.any() else s["doc_keys"][:1]
     return out
