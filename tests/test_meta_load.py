@@ -436,3 +436,19 @@ def test_a_real_metadata_build_end_to_end(tmp_path):
                 assert not np.asarray(_t5_noise(b, i, set(c.sentinels.tolist()))[1])[m].any()
             else:
                 assert (b["labels"][i][: len(m)][m] == IGNORE).all()
+
+
+def test_mix_proxies_are_scored_without_eval_conditions(built, tmp_path):
+    """sptok mix reads one validation record per evaluation: a base config's eval.conditions stays out of the
+    proxies' configs."""
+    from sptok.mix import plan_search
+    from sptok.train.config import load_config
+
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("model: {family: llama, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}\n"
+                   f"data: {{build: {built[0].path}}}\noptim: {{lr: 1.0e-3, warmup_steps: 1}}\n"
+                   "train: {steps: 2, global_batch_size: 4, micro_batch_size: 4}\n"
+                   f"eval: {{samples: 2, build: {built[0].path}, conditions: [keep, strip]}}\n")
+    plan_search(str(cfg), [], str(tmp_path / "search"), 4, 1.0, "natural", 0, log=lambda m: None)
+    proxy = load_config(str(tmp_path / "search" / "proxies" / "000" / "config.yaml"))
+    assert proxy.eval.conditions is None and load_config(str(cfg)).eval.conditions == ["keep", "strip"]

@@ -81,6 +81,7 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         doc["log"].update(dir="log", tensorboard=False)          # relative to the proxy's config.yaml
         doc["checkpoint"].update(dir="ckpt", resume=True)
         doc["eval"]["every"] = base["eval"]["every"] or cfg.eval.every
+        doc["eval"]["conditions"] = None   # a proxy is scored by one validation loss (its eval.sp_policy)
         with open(os.path.join(d, "config.yaml"), "w") as f:
             yaml.safe_dump(doc, f, sort_keys=False)
     write_json(path, plan)
@@ -105,7 +106,6 @@ def run_proxy(out: str, k: int, log=print) -> dict:
     evals = [r for r in _records(os.path.join(d, "log", "metrics.jsonl")) if r.get("split") == "validation"]
     if not evals:
         raise SptokError(f"proxy {k}: its run logged no evaluation ({d}/log/metrics.jsonl)")
-    evals = [r for r in evals if r.get("condition") == evals[0].get("condition")]   # eval.conditions: the first
     result = {"proxy": k, "mixture": plan["mixtures"][k], "step": evals[-1]["step"],
               "losses": evals[-1]["val_loss_by_source"], "loss": evals[-1]["val_loss"]}
     if _rank() == 0:
