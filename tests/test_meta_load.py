@@ -211,6 +211,34 @@ def test_meta_strip_cuts_exactly_the_metadata(built):
             assert np.array_equal(got["input_ids"][:n], a["input_ids"][got["origin"]])
 
 
+@pytest.mark.parametrize("policy", ["meta=strip", "meta=0.5", "meta=misplaced", "msp=0.3,meta=0.5",
+                                    "misplaced,meta=misplaced", "msp=0.5"])
+def test_the_batch_wide_meta_policy_equals_the_per_sample_one(built, policy):
+    """The collators edit metadata over the whole batch at once; each row is exactly what ``apply_policy`` gives
+    the sample alone (with the batch's donors for misplaced): tokens, length, documents, SPs, spans, origins."""
+    from sptok.data.policy import apply_meta_policy, draws, meta_pool, misplaced_sp_map
+
+    info, samples = built
+    raw = _meta_samples(built, 30, start=5) + samples[:3]   # and samples with no metadata column
+    arrays = [as_arrays(s) for s in raw]
+    keys = np.array([sample_key(a["input_ids"], a["source_id"], 9) for a in arrays], np.uint64)
+    p = SPPolicy.parse(policy)
+    um = draws(keys, max(len(a["sp_positions"]) for a in arrays), 11) if p.msp is not None else None
+    sp_map = misplaced_sp_map(info, 9)
+    got = apply_meta_policy(arrays, p, info, keys, um, sp_map, 9)
+    pool = meta_pool(arrays)
+    cut = pushed = 0
+    for b, (a, key) in enumerate(zip(arrays, keys)):
+        want = apply_policy(a, p, info, key, len(a["input_ids"]), None, None if um is None else um[b], pool, sp_map)
+        assert got[b].keys() == want.keys(), (policy, b)
+        for k in want:
+            assert np.array_equal(got[b][k], want[k]), (policy, b, k)
+        cut += want.get("length", len(a["input_ids"])) < len(a["input_ids"])
+        pushed += "origin" in want and (want["origin"] >= 0).sum() < (~_meta_mask(a)).sum()
+    assert policy != "meta=strip" or cut > 20
+    assert "meta=misplaced" not in policy or pushed > 0      # a longer value pushed text out of some samples
+
+
 def test_meta_q_keeps_each_span_at_its_rate(built):
     info = built[0]
     meta = [as_arrays(s) for s in _meta_samples(built, len(built[1]))]
@@ -235,7 +263,7 @@ def test_meta_misplaced_gives_another_value_of_the_batch(built):
     sample keeps its length (cut where a longer value pushed text out), and the batch is the same in any order."""
     info = built[0]
     raw = _meta_samples(built)
-    coll = CausalLMCollator(info, sp_policy="meta=misplaced", seed=1)
+    coll = CausalLMCollator(info, sp_policy="meta=misplaced", seed=1, eval_targets=True)   # rows keep origins
     _, _, rows, _ = coll._prepare(raw)
     arrays = [as_arrays(s) for s in raw]
     values = {a["input_ids"][s:e].tobytes() for a in arrays for s, e in a["meta_spans"].tolist()}

@@ -18,7 +18,7 @@ import numpy as np
 from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..shards import as_arrays
-from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_policy, draws, meta_pool, \
+from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_meta_policy, apply_policy, draws, meta_pool, \
     misplaced_sp_map, sample_key
 
 IGNORE = -100
@@ -48,9 +48,13 @@ class _Base:
             m = max(len(a["sp_positions"]) for a in arrays)
             ui = draws(keys, m, SLOT_INSERT) if self.policy.insert is not None else [None] * len(arrays)
             um = draws(keys, m, SLOT_MSP) if self.policy.msp is not None else [None] * len(arrays)
-            pool = meta_pool(arrays) if self.policy.meta == "misplaced" else None
-            rows = [apply_policy(a, self.policy, self.info, k, len(a["input_ids"]), ui[b], um[b], pool, self._sp_map)
-                    for b, (a, k) in enumerate(zip(arrays, keys))]
+            if self.policy.insert is None:   # no SP moves: metadata edits over the whole batch at once
+                rows = apply_meta_policy(arrays, self.policy, self.info, keys, um, self._sp_map,
+                                         with_origin=getattr(self, "eval_targets", False))
+            else:
+                pool = meta_pool(arrays) if self.policy.meta == "misplaced" else None
+                rows = [apply_policy(a, self.policy, self.info, k, len(a["input_ids"]), ui[b], um[b], pool,
+                                     self._sp_map) for b, (a, k) in enumerate(zip(arrays, keys))]
         for a in rows:
             a.setdefault("length", len(a["input_ids"]))
         pad = self.info.pad_id if self.info.pad_id is not None else self.info.eos_id

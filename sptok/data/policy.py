@@ -31,7 +31,7 @@ from ..sp import GOLDEN, SLOT_LOAD_INSERT as SLOT_INSERT, SLOT_LOAD_META as SLOT
     SLOT_LOAD_META_MISPLACED as SLOT_META_MISPLACED, SLOT_LOAD_MLM as SLOT_MLM, SLOT_LOAD_MSP as SLOT_MSP, \
     derangement, mix64, uniforms
 
-__all__ = ["SPPolicy", "apply_policy", "draws", "sample_key", "meta_pool", "misplaced_sp_map", "SLOT_INSERT",
+__all__ = ["SPPolicy", "apply_policy", "apply_meta_policy", "draws", "sample_key", "meta_pool", "misplaced_sp_map", "SLOT_INSERT",
            "SLOT_MSP", "SLOT_MLM", "SLOT_META", "SLOT_META_MISPLACED"]
 
 GRAMMAR = ("keep, strip, misplaced, insert=Q, msp=P, meta=keep|strip|misplaced|Q, or parts joined by commas "
@@ -157,7 +157,7 @@ def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, len
     edited carries ``origin``: the position in ``s`` each token came from (-1: moved in)."""
     if policy.is_keep:
         return s
-    pos, msk = s["sp_positions"], s["msp_mask"]
+    pos = s["sp_positions"]
     out = dict(s)
     n = len(s["input_ids"])
     cut, keep_sp, moved_in = None, np.ones(len(pos), bool), None
@@ -178,7 +178,12 @@ def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, len
             cut[_span_mask(spans[drop], n)] = True
     if cut is not None:
         out = _edit(s, cut, keep_sp, moved_in, info, length)
-        pos, msk = out["sp_positions"], out["msp_mask"]
+    return _sp_draws(out, s, policy, info, key, u_msp, sp_map, seed)
+
+
+def _sp_draws(out: dict, s: dict, policy: SPPolicy, info: BuildInfo, key, u_msp, sp_map, seed: int) -> dict:
+    """``out`` (sample ``s`` edited) with the MSP flags re-drawn and the SPs misplaced, as ``policy`` says."""
+    pos, msk = out["sp_positions"], out["msp_mask"]
     if policy.msp is not None:
         if u_msp is not None and len(pos) == len(s["sp_positions"]):
             msk = u_msp[: len(pos)] < policy.msp
@@ -192,6 +197,121 @@ def apply_policy(s: dict, policy: SPPolicy, info: BuildInfo, key: np.uint64, len
     return out
 
 
+def apply_meta_policy(arrays: list[dict], policy: SPPolicy, info: BuildInfo, keys: np.ndarray,
+                      u_msp: np.ndarray | None = None, sp_map: np.ndarray | None = None, seed: int = 0,
+                      with_origin: bool = True) -> list[dict]:
+    """``apply_policy`` of every sample of a batch at once, for a policy that moves no SP (``insert`` unset):
+    the metadata edits of all samples in a few array operations over the batch, not a few dozen per sample
+    (``tests/test_meta_load.py`` holds the two equal). ``with_origin=False`` leaves ``origin`` out (only
+    evaluation reads it)."""
+    B = len(arrays)
+    k = np.array([len(a["meta_spans"]) for a in arrays], np.int64)
+    rows = [dict(a) for a in arrays]
+    if policy.meta is not None and k.any():
+        _edit_batch(arrays, rows, k, policy, info, keys, with_origin)
+    u = u_msp if u_msp is not None else [None] * B
+    return [_sp_draws(r, a, policy, info, key, u[b], sp_map, seed) for b, (r, a, key) in
+            enumerate(zip(rows, arrays, keys))]
+
+
+def _edit_batch(arrays: list[dict], rows: list[dict], k: np.ndarray, policy: SPPolicy, info: BuildInfo,
+                keys: np.ndarray, with_origin: bool) -> None:
+    """The metadata edits of ``_edit`` for a whole batch: each sample's row in ``rows`` replaced where one of its
+    spans goes (kept to its own length)."""
+    B = len(arrays)
+    n = np.array([len(a["input_ids"]) for a in arrays], np.int64)
+    L = int(n.max())
+    spans = np.concatenate([a["meta_spans"] for a in arrays])
+    row = np.repeat(np.arange(B), k)
+    rank = np.arange(len(spans)) - np.repeat(np.cumsum(k) - k, k)
+    if policy.meta == "misplaced":
+        drop = np.ones(len(spans), bool)
+        pool = meta_pool(arrays)
+        u = draws(keys, int(k.max()), SLOT_META_MISPLACED)[row, rank]
+        picks = [_donor(a["input_ids"][b:e].tobytes(), x, pool) for a, (b, e), x in
+                 zip((arrays[r] for r in row.tolist()), spans.tolist(), u.tolist())]
+        moved = np.array([p is not None for p in picks], bool)
+        donors = [p for p in picks if p is not None]
+        lens = np.array([len(d) for d in donors], np.int64)
+        tokens = np.concatenate(donors) if donors else np.zeros(0, np.int64)
+    else:
+        drop = draws(keys, int(k.max()), SLOT_META)[row, rank] >= policy.meta_keep
+        moved, lens, tokens = np.zeros(len(spans), bool), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    edited = np.bincount(row[drop], minlength=B) > 0
+    if not edited.any():
+        return
+    col = np.arange(L + 1)[None, :]
+    real = col[:, :L] < n[:, None]
+    ids = np.zeros((B, L), np.int64)
+    ids[real] = np.concatenate([a["input_ids"] for a in arrays])
+    edge = np.zeros((B, L + 1), np.int64)
+    edge[row[drop], spans[drop, 0]] = 1   # spans do not overlap: no two start (or end) at one place
+    edge[row[drop], spans[drop, 1]] -= 1
+    keep = real & (np.cumsum(edge[:, :L], axis=1) == 0)
+    step = keep.astype(np.int64)
+    step[row[moved], spans[moved, 0]] += lens
+    at = np.zeros((B, L + 1), np.int64)   # the new index of each position (of the block moved in there)
+    np.cumsum(step, axis=1, out=at[:, 1:])
+    size = at[np.arange(B), n]
+    used = np.minimum(size, n)
+    pad = info.pad_id if info.pad_id is not None else info.eos_id
+    new = np.full(B * L, pad, np.int64)   # flat: one index per token, not two
+    base = np.arange(B)[:, None] * L
+    dest = at[:, :L] + base
+    src = np.flatnonzero(keep & (at[:, :L] < n[:, None]))   # a token pushed past its row's length goes
+    to = dest.ravel()[src]
+    new[to] = ids.ravel()[src]
+    if with_origin:
+        origin = np.full(B * L, -1, np.int64)
+        origin[to] = src % L
+        origin = origin.reshape(B, L)
+    start = at[row[moved], spans[moved, 0]]
+    tr = np.repeat(row[moved], lens)
+    tc = np.repeat(start - np.cumsum(lens) + lens, lens) + np.arange(len(tokens))
+    ok = tc < n[tr]
+    new[tr[ok] * L + tc[ok]] = tokens[ok]
+    new = new.reshape(B, L)
+    # the new spans: those kept, then those moved in, by row and start; cut to each row's length
+    kept = ~drop
+    s_row = np.concatenate([row[kept], row[moved]])
+    s_new = np.concatenate([np.stack([at[row[kept], spans[kept, 0]], at[row[kept], spans[kept, 1] - 1] + 1], 1),
+                            np.stack([start, start + lens], 1)])
+    s_new = np.minimum(s_new, used[s_row][:, None])
+    order = np.lexsort((s_new[:, 0], s_row))
+    s_row, s_new = s_row[order], s_new[order]
+    fine = s_new[:, 1] > s_new[:, 0]
+    per_row = np.split(s_new[fine], np.cumsum(np.bincount(s_row[fine], minlength=B))[:-1])
+    for b in np.flatnonzero(edited).tolist():
+        a, atb, m = arrays[b], at[b], int(used[b])
+        starts = a["doc_offsets"]
+        ends = np.empty_like(starts)
+        ends[:-1], ends[-1:] = starts[1:], n[b]
+        new_starts, new_ends = atb[starts], np.minimum(atb[ends], m)
+        keep_seg = new_ends > new_starts
+        new_pos = atb[a["sp_positions"]]
+        inside = new_pos < m
+        out = {"input_ids": new[b, : n[b]], "source_id": a["source_id"],
+               "doc_offsets": new_starts[keep_seg] if keep_seg.any() else np.zeros(1, np.int64),
+               "sp_positions": new_pos[inside], "msp_mask": a["msp_mask"][inside], "length": m,
+               "meta_spans": per_row[b]}
+        if with_origin:
+            out["origin"] = origin[b, :m]
+        if "doc_keys" in a:
+            out["doc_keys"] = a["doc_keys"][keep_seg] if keep_seg.any() else a["doc_keys"][:1]
+        rows[b] = out
+
+
+def _donor(own: bytes, x: float, pool: list[bytes]) -> np.ndarray | None:
+    """The value of ``pool`` other than ``own`` that the uniform ``x`` picks; None when there is none."""
+    i = bisect.bisect_left(pool, own)
+    mine = i < len(pool) and pool[i] == own
+    others = len(pool) - mine
+    if not others:
+        return None
+    k = int(x * others)
+    return np.frombuffer(pool[k + (mine and k >= i)], np.int64)
+
+
 _NO_SPANS = np.zeros((0, 2), np.int64)
 
 
@@ -203,24 +323,17 @@ def _span_mask(spans: np.ndarray, n: int) -> np.ndarray:
     return np.cumsum(edge[:n]) > 0
 
 
-def _misplace(ids: np.ndarray, spans: np.ndarray, key: np.uint64, pool: list[bytes]) -> tuple:
+def _misplace(ids: np.ndarray, spans: np.ndarray, key: np.uint64, pool: list[bytes]) -> tuple | None:
     """(positions, lengths, tokens) moved in: for each span a value of ``pool`` other than its own, by a keyed
     draw, at the span's start. A span with no other value in the pool gets nothing (it is removed: there is no
     wrong value to give it)."""
     u = draws(key, len(spans), SLOT_META_MISPLACED)
-    at, donors = [], []
-    for (b, e), x in zip(spans.tolist(), u.tolist()):
-        own = ids[b:e].tobytes()
-        i = bisect.bisect_left(pool, own)
-        mine = i < len(pool) and pool[i] == own
-        others = len(pool) - mine
-        if others:
-            k = int(x * others)
-            at.append(b)
-            donors.append(np.frombuffer(pool[k + (mine and k >= i)], np.int64))
-    if not at:
+    picks = [(b, _donor(ids[b:e].tobytes(), x, pool)) for (b, e), x in zip(spans.tolist(), u.tolist())]
+    picks = [(b, d) for b, d in picks if d is not None]
+    if not picks:
         return None
-    return np.array(at, np.int64), np.array([len(t) for t in donors], np.int64), np.concatenate(donors)
+    return (np.array([b for b, _ in picks], np.int64), np.array([len(d) for _, d in picks], np.int64),
+            np.concatenate([d for _, d in picks]))
 
 
 def _sp_cut(s: dict, drop: np.ndarray, info: BuildInfo) -> np.ndarray:
