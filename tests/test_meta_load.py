@@ -216,14 +216,14 @@ def test_meta_strip_cuts_exactly_the_metadata(built):
 def test_the_batch_wide_meta_policy_equals_the_per_sample_one(built, policy):
     """The collators edit metadata over the whole batch at once; each row is exactly what ``apply_policy`` gives
     the sample alone (with the batch's donors for misplaced): tokens, length, documents, SPs, spans, origins."""
-    from sptok.data.policy import apply_meta_policy, draws, meta_pool, misplaced_sp_map
+    from sptok.data.policy import SLOT_MSP, apply_meta_policy, draws, meta_pool, misplaced_sp_map
 
     info, samples = built
     raw = _meta_samples(built, 30, start=5) + samples[:3]   # and samples with no metadata column
     arrays = [as_arrays(s) for s in raw]
     keys = np.array([sample_key(a["input_ids"], a["source_id"], 9) for a in arrays], np.uint64)
     p = SPPolicy.parse(policy)
-    um = draws(keys, max(len(a["sp_positions"]) for a in arrays), 11) if p.msp is not None else None
+    um = draws(keys, max(len(a["sp_positions"]) for a in arrays), SLOT_MSP) if p.msp is not None else None
     sp_map = misplaced_sp_map(info, 9)
     got = apply_meta_policy(arrays, p, info, keys, um, sp_map, 9)
     pool = meta_pool(arrays)

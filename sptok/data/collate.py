@@ -18,8 +18,8 @@ import numpy as np
 from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..shards import as_arrays
-from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_meta_policy, apply_policy, draws, meta_pool, \
-    misplaced_sp_map, sample_key
+from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SLOT_T5, SPPolicy, apply_meta_policy, apply_policy, draws, \
+    meta_pool, misplaced_sp_map, sample_key
 
 IGNORE = -100
 
@@ -307,7 +307,7 @@ class SpanCorruptionCollator(_Base):
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, keys = self._prepare(samples)
         B, L = ids.shape
-        u = draws(keys, L, SLOT_MLM + 1)                  # all the batch's random numbers at once
+        u = draws(keys, L, SLOT_T5)                  # all the batch's random numbers at once
         real = self._real(lengths, L)
         ordinary = real & ~self.info.is_special[ids]
         meta = self._meta_grid(rows, (B, L))

@@ -29,10 +29,10 @@ from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..sp import GOLDEN, SLOT_LOAD_INSERT as SLOT_INSERT, SLOT_LOAD_META as SLOT_META, \
     SLOT_LOAD_META_MISPLACED as SLOT_META_MISPLACED, SLOT_LOAD_MLM as SLOT_MLM, SLOT_LOAD_MSP as SLOT_MSP, \
-    derangement, mix64, uniforms
+    SLOT_LOAD_T5 as SLOT_T5, derangement, mix64, uniforms
 
-__all__ = ["SPPolicy", "apply_policy", "apply_meta_policy", "draws", "sample_key", "meta_pool", "misplaced_sp_map", "SLOT_INSERT",
-           "SLOT_MSP", "SLOT_MLM", "SLOT_META", "SLOT_META_MISPLACED"]
+__all__ = ["SPPolicy", "apply_policy", "apply_meta_policy", "draws", "sample_key", "meta_pool", "misplaced_sp_map",
+           "SLOT_INSERT", "SLOT_MSP", "SLOT_MLM", "SLOT_T5", "SLOT_META", "SLOT_META_MISPLACED"]
 
 GRAMMAR = ("keep, strip, misplaced, insert=Q, msp=P, meta=keep|strip|misplaced|Q, or parts joined by commas "
            "(insert=0.9,meta=strip)")
