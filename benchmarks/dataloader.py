@@ -13,6 +13,11 @@ worker, and the ratios to raw iteration and to the Hugging Face collator (timed 
 batches only: it is ~20x slower). Variants alternate over --rounds passes and each keeps its best, since other
 processes share the CPU. Targets: MLM + MSP >= 0.5x raw and >= 3x Hugging Face's collator. Not part of the
 test suite.
+
+Then, at the default workers, the "meta" rows: the same sources built again with ``--metadata url:host`` (MeCo's
+short URL), raw reading of that build, and each collator as pretrain makes it under meta=keep, meta=strip,
+meta=0.9 and meta=misplaced (target: >= 0.5x raw). Skipped, with the reason, when the build cannot be made with
+metadata or holds no ``meta_spans`` column.
 """
 
 from __future__ import annotations
@@ -95,6 +100,49 @@ def variants(info, build: str) -> list:
             ("MLM + MSP in DL workers*", pretrain("bert"), True)]
 
 
+META_POLICIES = ("meta=keep", "meta=strip", "meta=0.9", "meta=misplaced")
+
+
+def meta_variants(info, build: str) -> list:
+    """(name, collate, False): raw reading, then each family's collator under each ``meta=`` policy."""
+    variants = [("raw StreamingDataset", raw, False)]
+    for family, what in (("bert", "MLM + MSP"), ("llama", "causal LM"), ("t5", "T5 span corr.")):
+        for policy in META_POLICIES:
+            collate = _pretrain_collator(family, build, info)
+            collate.set_sp_policy(policy)
+            variants.append((f"{what}, {policy}", collate, False))
+    return variants
+
+
+def _pretrain_collator(family: str, build: str, info):
+    from sptok.train.config import Config, DataConfig, ModelConfig
+    from sptok.train.loop import make_collator
+
+    return make_collator(Config(model=ModelConfig(family=family), data=DataConfig(build=build)), info)
+
+
+def meta_build(data: Path, tok: Path, out: Path, seq: int) -> str | None:
+    """Build the sources with ``--metadata url:host`` into ``out``; None, with the reason printed, when that is
+    not possible or the build has no ``meta_spans`` column."""
+    from sptok import layout
+
+    if not (out / "sptok.json").exists():
+        res = subprocess.run([sys.executable, "-m", "sptok", "build", str(data / "m.yaml"), "--out", str(out),
+                              "--tokenizer", str(tok), "--seq-len", str(seq), "--msp-prob", "0.15",
+                              "--position", "both", "--metadata", "url:host", "--quiet", "--overwrite"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if res.returncode:
+            print(f"meta rows skipped: sptok build --metadata url:host failed: "
+                  f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
+            return None
+    first = out / "pydocs"
+    columns = {c for e in layout.read_index(str(first), "mds") for c in e.get("column_names", ())}
+    if "meta_spans" not in columns:
+        print(f"meta rows skipped: {out} has no meta_spans column (its build made no metadata)")
+        return None
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=str(HERE.parent.parent / "shared" / "corpus"))
@@ -147,6 +195,20 @@ def main() -> None:
                       f"{tps / max(1, resolve_workers(workers)) / 1e6:11.2f} "
                       f"{tps / base:7.2f} {tps / hf:7.2f}", flush=True)
             del ds
+        out = meta_build(data, tok, work / f"dl-{a.target_mb:g}mb-{seq}-meta", seq)
+        if out is None:
+            continue
+        ds = open_dataset(out, batch_size=batch, weights=False)
+        label = f"{resolve_workers(default_workers)} ({default_workers})"
+        rates = {}
+        for _ in range(a.rounds):
+            for name, collate, in_workers in meta_variants(ds.build, out):
+                rates[name] = max(pass_rate(ds, collate, batch, default_workers), rates.get(name, 0.0))
+        base = rates["raw StreamingDataset"]
+        for name, tps in rates.items():
+            print(f"{batch:>3} x {seq:<8} {label:>8} {'meta: ' + name:<30} {tps / 1e6:8.2f} "
+                  f"{tps / max(1, resolve_workers(default_workers)) / 1e6:11.2f} {tps / base:7.2f} {'':>7}", flush=True)
+        del ds
     print("\n* for comparison: the collator passed to the DataLoader itself, running inside the streaming workers;"
           "\n  every other row uses sptok.data.Loader, which collates where the batches are consumed")
 

@@ -17,18 +17,19 @@ from . import layout
 
 
 def as_arrays(sample: dict) -> dict:
-    """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays; ``meta_spans`` int64 (k, 2), empty
-    where the build has no metadata (no column)."""
-    sp, mask, spans = sample["sp_positions"], sample["msp_mask"], sample.get("meta_spans")
+    """A sample from MDS (bytes columns) or Arrow (lists) as numpy arrays. ``meta_spans`` is always there:
+    (k, 2) int64 rows of (start, end) of each metadata span, none when the build has no metadata column."""
+    sp, mask = sample["sp_positions"], sample["msp_mask"]
     raw = (bytes, bytearray)
+    meta = sample.get("meta_spans")
+    meta = () if meta is None else np.frombuffer(meta, "<u4") if isinstance(meta, raw) else meta
     out = {
         "input_ids": np.asarray(sample["input_ids"], dtype=np.int64),
         "source_id": int(sample["source_id"]),
         "doc_offsets": np.asarray(sample["doc_offsets"], dtype=np.int64),
         "sp_positions": (np.frombuffer(sp, "<u4") if isinstance(sp, raw) else np.asarray(sp)).astype(np.int64),
         "msp_mask": (np.frombuffer(mask, np.uint8) if isinstance(mask, raw) else np.asarray(mask)).astype(bool),
-        "meta_spans": (np.frombuffer(spans, "<u4") if isinstance(spans, raw) else
-                       np.asarray(spans if spans is not None else [], np.int64)).astype(np.int64).reshape(-1, 2),
+        "meta_spans": np.asarray(meta, dtype=np.int64).reshape(-1, 2),
     }
     if "doc_keys" in sample:
         out["doc_keys"] = np.asarray(sample["doc_keys"], dtype=np.uint64)

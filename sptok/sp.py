@@ -26,6 +26,8 @@ from .errors import SptokError
 SLOT_INSERT, SLOT_MSP_PREFIX, SLOT_MSP_POST, SLOT_HOLDOUT = 0, 1, 2, 3   # the build, keyed by document
 SLOT_META = 4                                                             # the build: metadata drawn (prob)
 SLOT_LOAD_INSERT, SLOT_LOAD_MSP, SLOT_LOAD_MLM = 10, 11, 12               # load time (data/), keyed by sample
+SLOT_LOAD_T5 = 13                                                         # T5 noise spans
+SLOT_LOAD_META, SLOT_LOAD_META_MISPLACED = 14, 15                         # meta=Q keeps, meta=misplaced donors
 SLOT_LABEL_RANDOM = 30                                                    # sptok label --mode random, by row
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..shards import as_arrays
-from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SPPolicy, apply_policy, draws, sample_key
+from .policy import SLOT_INSERT, SLOT_MLM, SLOT_MSP, SLOT_T5, SPPolicy, apply_meta_policy, apply_policy, draws, \
+    meta_pool, misplaced_sp_map, sample_key
 
 IGNORE = -100
 
@@ -26,13 +27,16 @@ IGNORE = -100
 class _Base:
     def __init__(self, info: BuildInfo, sp_policy: str | SPPolicy = "keep", seed: int = 0, extras: bool = True):
         self.info = info
-        self.policy = SPPolicy.parse(sp_policy)
         self.seed = seed
         self.extras = extras
+        self._sp_map = None
+        self.set_sp_policy(sp_policy)
 
     def set_sp_policy(self, policy: str | SPPolicy) -> None:
-        """Change the load-time SP policy (e.g. `strip` for a cooldown at the end of training)."""
+        """Change the load-time SP policy (e.g. `strip`, or `meta=strip`, for a cooldown at the end of training)."""
         self.policy = SPPolicy.parse(policy)
+        if self.policy.misplaced and self._sp_map is None:
+            self._sp_map = misplaced_sp_map(self.info, self.seed)
 
     def _prepare(self, samples: list[dict]):
         """Apply the SP policy and stack: (ids B x L, lengths, per-sample dicts, keys)."""
@@ -44,8 +48,13 @@ class _Base:
             m = max(len(a["sp_positions"]) for a in arrays)
             ui = draws(keys, m, SLOT_INSERT) if self.policy.insert is not None else [None] * len(arrays)
             um = draws(keys, m, SLOT_MSP) if self.policy.msp is not None else [None] * len(arrays)
-            rows = [apply_policy(a, self.policy, self.info, k, len(a["input_ids"]), ui[b], um[b])
-                    for b, (a, k) in enumerate(zip(arrays, keys))]
+            if self.policy.insert is None:   # no SP moves: metadata edits over the whole batch at once
+                rows = apply_meta_policy(arrays, self.policy, self.info, keys, um, self._sp_map,
+                                         with_origin=getattr(self, "eval_targets", False))
+            else:
+                pool = meta_pool(arrays) if self.policy.meta == "misplaced" else None
+                rows = [apply_policy(a, self.policy, self.info, k, len(a["input_ids"]), ui[b], um[b], pool,
+                                     self._sp_map) for b, (a, k) in enumerate(zip(arrays, keys))]
         for a in rows:
             a.setdefault("length", len(a["input_ids"]))
         pad = self.info.pad_id if self.info.pad_id is not None else self.info.eos_id
@@ -87,6 +96,20 @@ class _Base:
         return grid
 
     @staticmethod
+    def _meta_grid(rows: list[dict], shape) -> np.ndarray | None:
+        """B x L bool: the metadata tokens (never targets); None when the batch has none."""
+        spans = [s["meta_spans"] for s in rows]
+        k = np.array([len(x) for x in spans])
+        if not k.any():
+            return None
+        spans = np.concatenate(spans)
+        row = np.repeat(np.arange(len(rows)), k)
+        edge = np.zeros((shape[0], shape[1] + 1), np.int32)
+        edge[row, spans[:, 0]] = 1   # spans do not overlap: no two start (or end) at one place
+        edge[row, spans[:, 1]] -= 1
+        return np.cumsum(edge[:, :-1], axis=1) > 0
+
+    @staticmethod
     def _torch(batch: dict) -> dict:
         import torch
 
@@ -96,10 +119,10 @@ class _Base:
 class MLMCollator(_Base):
     """Masked language modelling with masked source prediction (encoders).
 
-    Ordinary tokens are MLM targets with probability ``mlm_prob`` (80% [MASK], 10% a random ordinary token —
-    never an SP or special —, 10% unchanged). SPs are never MLM targets; an SP flagged in ``msp_mask`` becomes
-    [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP loss and accuracy can be
-    reported apart from MLM.
+    Ordinary tokens are MLM targets with probability ``mlm_prob`` (80% [MASK], 10% a random ordinary token — never
+    an SP or special —, 10% unchanged); a metadata token never is one, nor replaced. SPs are never MLM targets; an
+    SP flagged in ``msp_mask`` becomes [MASK] with the SP as its label. ``msp_target`` marks those positions, so MSP
+    loss and accuracy can be reported apart from MLM.
 
     ``doc_attention`` (default on): the batch carries ``doc_ids`` instead of ``attention_mask``, and each token
     attends only to its own document (``LossModel``, or ``apply_document_attention(model)`` for a Hugging Face
@@ -121,6 +144,9 @@ class MLMCollator(_Base):
         B, L = ids.shape
         real = self._real(lengths, L)
         ordinary = real & ~self.info.is_special[ids]
+        meta = self._meta_grid(rows, (B, L))
+        if meta is not None:
+            ordinary &= ~meta
         u = draws(keys, L, SLOT_MLM)                 # one uniform per token decides everything
         target = ordinary & (u < self.mlm_prob)
         r = u / self.mlm_prob                                 # uniform in [0, 1) again among targets
@@ -152,10 +178,17 @@ class CausalLMCollator(_Base):
     ``position_ids`` restart at every document (padding is a document of its own), and there is no
     ``attention_mask``: from restarting position ids transformers masks each document itself (sdpa, eager,
     flex_attention), and a 2-D padding mask would turn that off. ``cu_seqlens`` / ``max_seqlen`` describe the
-    documents for varlen kernels (flash-attention). Labels are the input ids (models shift them) with padding
-    and each document's first token ignored: nothing in the document predicts it. A post SP is an ordinary
-    target; ``sp_target`` marks it.
+    documents for varlen kernels (flash-attention). Labels are the input ids (models shift them) with padding,
+    metadata and each document's first token ignored: nothing in the document predicts it. A post SP is an
+    ordinary target; ``sp_target`` marks it.
+
+    ``eval_targets`` (evaluation): only text and EOS tokens are labels, and ``eval_origin`` says where each
+    came from in the sample as built, so that losses under different policies can be held to the same tokens.
     """
+
+    def __init__(self, info: BuildInfo, eval_targets: bool = False, **kw):
+        super().__init__(info, **kw)
+        self.eval_targets = eval_targets
 
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, _ = self._prepare(samples)
@@ -164,8 +197,14 @@ class CausalLMCollator(_Base):
         seg_start, seg_id = self._segments(rows, lengths, L)
         first = np.maximum.accumulate(np.where(seg_start, np.arange(L)[None, :], 0), axis=1)
         position_ids = np.arange(L)[None, :] - first
-        labels = np.where(real & ~seg_start, ids, IGNORE)
+        target = real & ~seg_start
+        meta = self._meta_grid(rows, (B, L))
+        if meta is not None:
+            target &= ~meta                                  # metadata is read, never predicted
+        labels = np.where(target, ids, IGNORE)
         batch = {"input_ids": ids, "labels": labels, "position_ids": position_ids}
+        if self.eval_targets:
+            batch["eval_origin"] = self._eval_origin(samples, rows, labels)
         if self.extras:
             # varlen view: the documents of all samples, one after another
             flat_starts = (np.flatnonzero(seg_start.ravel())).astype(np.int32)
@@ -176,13 +215,32 @@ class CausalLMCollator(_Base):
             batch["doc_ids"] = self._doc_ids(seg_id, real)
         return self._torch(batch)
 
+    def _eval_origin(self, samples: list[dict], rows: list[dict], labels: np.ndarray) -> np.ndarray:
+        """B x L: for each label that is a text or EOS token, its position in the sample as built; -1 elsewhere,
+        and the label of an SP, a delimiter or metadata is set to IGNORE. Every eval condition scores the labels
+        whose positions are in all conditions (``sptok.train.evaluate``), so the numbers compare."""
+        origin = np.full(labels.shape, -1, np.int64)
+        lay = self.info.layout
+        for b, (raw, r) in enumerate(zip(samples, rows)):
+            a = as_arrays(raw)
+            text = np.ones(len(a["input_ids"]), bool)
+            text[a["sp_positions"]] = False
+            text[lay.delimiter_positions(a["input_ids"], a["sp_positions"], lay.is_post(a))] = False
+            text &= ~lay.stray_delimiters(a["input_ids"])
+            for start, end in a["meta_spans"].tolist():
+                text[start:end] = False
+            o = r.get("origin", np.arange(r["length"]))[: r["length"]]
+            origin[b, : len(o)] = np.where((o >= 0) & text[np.maximum(o, 0)], o, -1)
+        labels[origin < 0] = IGNORE
+        return np.where(labels != IGNORE, origin, -1)
+
 
 class SpanCorruptionCollator(_Base):
-    """T5 span corruption: noise spans over ordinary tokens only, each replaced by one sentinel in the input;
-    the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a span of
-    its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
-    ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings
-    with ``vocab_size + max_sentinels``). No span crosses a document.
+    """T5 span corruption: noise spans over ordinary tokens only (never metadata), each replaced by one sentinel in
+    the input; the target lists each sentinel followed by its span, then EOS. An SP flagged in ``msp_mask`` is a
+    span of its own (MSP as in MLM + MSP); other SPs stay visible in the input. Sentinels are the tokenizer's
+    ``<extra_id_N>`` when it has them, else ids from ``vocab_size`` upward (size the model's embeddings with
+    ``vocab_size + max_sentinels``). No span crosses a document.
 
     ``doc_attention`` (default on): the batch carries ``doc_ids`` (the document of each input token: a
     sentinel belongs to its span's document) and ``decoder_doc_ids`` (of each target token) instead of
@@ -249,9 +307,13 @@ class SpanCorruptionCollator(_Base):
     def __call__(self, samples: list[dict]) -> dict:
         ids, lengths, rows, keys = self._prepare(samples)
         B, L = ids.shape
-        u = draws(keys, L, SLOT_MLM + 1)                  # all the batch's random numbers at once
+        u = draws(keys, L, SLOT_T5)                  # all the batch's random numbers at once
         real = self._real(lengths, L)
-        noise = self._noise(real & ~self.info.is_special[ids], u)
+        ordinary = real & ~self.info.is_special[ids]
+        meta = self._meta_grid(rows, (B, L))
+        if meta is not None:
+            ordinary &= ~meta                               # no span over metadata: never a target
+        noise = self._noise(ordinary, u)
         doc_start, doc = self._segments(rows, lengths, L)   # each token's document (padding: one more)
         msp = self._sp_grid(rows, (B, L), masked_only=True)
         prev = np.zeros_like(noise)

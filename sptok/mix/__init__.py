@@ -81,6 +81,7 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         doc["log"].update(dir="log", tensorboard=False)          # relative to the proxy's config.yaml
         doc["checkpoint"].update(dir="ckpt", resume=True)
         doc["eval"]["every"] = base["eval"]["every"] or cfg.eval.every
+        doc["eval"]["conditions"] = None   # a proxy is scored by one validation loss (its eval.sp_policy)
         with open(os.path.join(d, "config.yaml"), "w") as f:
             yaml.safe_dump(doc, f, sort_keys=False)
     write_json(path, plan)

@@ -122,6 +122,10 @@ class DataConfig:
         for i, item in enumerate(self.sp_schedule):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and _is_number(item[0]) and 0 <= item[0] <= 1):
                 raise SptokError(f"data.sp_schedule[{i}]: expected [fraction in 0..1, policy], got {item!r}")
+        # parsed now, not when the schedule reaches them: a bad cooldown policy must not end a run at 90%
+        _check_policy("data.sp_policy", self.sp_policy)
+        for i, (_, policy) in enumerate(self.sp_schedule):
+            _check_policy(f"data.sp_schedule[{i}]", policy)
         self.phases = [_phase(i, p) for i, p in enumerate(self.phases)]
         if self.phases:
             self._check_phases()
@@ -222,9 +226,42 @@ class EvalConfig:
     samples: int = number(64, low=0)     # samples of each source scored (0 = all of them)
     micro_batch_size: int | None = number(None, low=1)   # default: train.micro_batch_size
     sp_policy: str = "keep"              # load-time SP policy of the validation samples
+    conditions: list | None = None       # policies each scored on the same text tokens, one record each
 
     def __post_init__(self):
         check_numbers("eval", self)
+        _check_policy("eval.sp_policy", self.sp_policy)
+        if self.conditions is not None:
+            _check_conditions(self.conditions, self.sp_policy)
+
+
+def _check_policy(key: str, text) -> str:
+    """A load-time policy given under ``key``, written back in its one form; one line naming the key if bad."""
+    if not isinstance(text, str):
+        raise SptokError(f"{key}: {text!r} is not a policy string")
+    if text.strip() == "keep":
+        return "keep"
+    from ..data.policy import SPPolicy   # numpy only, and only for a policy other than keep
+
+    try:
+        return str(SPPolicy.parse(text))
+    except SptokError as e:
+        raise SptokError(f"{key}: {e}") from None
+
+
+def _check_conditions(conditions, sp_policy: str) -> None:
+    """eval.conditions: a non-empty list of distinct load-time policies, instead of eval.sp_policy."""
+    if not isinstance(conditions, list) or not conditions:
+        raise SptokError(f"eval.conditions: expected a list of load-time policies (e.g. [keep, \"meta=strip\"]), "
+                         f"got {conditions!r}")
+    if sp_policy != "keep":
+        raise SptokError("eval.conditions and eval.sp_policy: give one (the conditions list every policy scored)")
+    seen: dict = {}
+    for i, c in enumerate(conditions):
+        name = _check_policy(f"eval.conditions[{i}]", c)
+        if name in seen:
+            raise SptokError(f"eval.conditions[{i}]: {c!r} is the same policy as eval.conditions[{seen[name]}]")
+        seen[name] = i
 
 
 @dataclass(kw_only=True)
@@ -269,6 +306,9 @@ class Config:
             if b <= a:
                 raise SptokError(f"data.phases[{i}]: ends at step {b} of train.steps ({steps}), holding no step; "
                                  f"end it later")
+        if self.eval.conditions and self.model.family != "llama":
+            raise SptokError(f"eval.conditions: scores the same text tokens under each policy, which needs a "
+                             f"decoder (model.family: llama); {self.model.family}'s targets are drawn per position")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .. import layout
+from ..data import IGNORE
 from ..errors import SptokError
 
 
@@ -49,13 +50,30 @@ class Evaluator:
         if hasattr(ds, "close"):   # an MDS build: give its shared memory back now
             ds.close()
         bs = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-        self.batches = [collator(mine[j:j + bs]) for j in range(0, len(mine), bs)]
+        if cfg.eval.conditions:
+            self.conditions = condition_batches(collator, mine, cfg.eval.conditions, bs)
+        else:
+            self.conditions = [(None, [collator(mine[j:j + bs]) for j in range(0, len(mine), bs)])]
         # every rank runs as many forward passes as the rank with the most samples
         self.steps = math.ceil(math.ceil(len(ids) / world) / bs)
         self.n_sources, self.device, self.path, self.samples = len(info.sources), device, path, len(ids)
 
-    @torch.no_grad()
+    @property
+    def batches(self) -> list[dict]:
+        """The batches of the first condition (the only one without ``eval.conditions``)."""
+        return self.conditions[0][1]
+
+    def records(self, model, autocast=None) -> list[dict]:
+        """One record per condition: ``val_*`` numbers, and ``condition`` (the policy) with ``eval.conditions``."""
+        return [{**({"condition": name} if name is not None else {}), **self._score(batches, model, autocast)}
+                for name, batches in self.conditions]
+
     def __call__(self, model, autocast=None) -> dict:
+        """The first condition's numbers."""
+        return self._score(self.batches, model, autocast)
+
+    @torch.no_grad()
+    def _score(self, batches: list[dict], model, autocast=None) -> dict:
         from contextlib import nullcontext
 
         from .losses import label_positions
@@ -65,8 +83,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         for k in range(self.steps):
-            real = k < len(self.batches)
-            batch = self.batches[k if real else 0]          # a pass that counts nothing keeps ranks in step
+            real = k < len(batches)
+            batch = batches[k if real else 0]          # a pass that counts nothing keeps ranks in step
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
             batch["target_index"] = label_positions(batch["labels"])
             with autocast or nullcontext():
@@ -75,3 +93,45 @@ class Evaluator:
                 sums.add(out)
         model.train(was_training)
         return {f"val_{k}": v for k, v in sums.read().items()}
+
+
+def condition_batches(collator, samples: list, conditions: list[str], bs: int) -> list[tuple[str, list[dict]]]:
+    """(condition, its batches) for each load-time policy in ``conditions``: the same samples, in batches that
+    mix the sources (so ``meta=misplaced`` finds other values), scored on the same target tokens — the text and
+    EOS tokens that are targets under every condition (a first text token is one only while something precedes
+    it; a token a longer misplaced value pushed out of the sample is one in none)."""
+    import numpy as np
+
+    from ..data.policy import SPPolicy
+
+    by_source: dict = {}
+    for s in samples:
+        by_source.setdefault(int(s["source_id"]), []).append(s)
+    queues = list(by_source.values())
+    mixed = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    was = collator.policy, collator.eval_targets
+    collator.eval_targets = True
+    out = []
+    try:
+        for text in conditions:
+            collator.set_sp_policy(text)
+            out.append((str(SPPolicy.parse(text)), [collator(mixed[j:j + bs]) for j in range(0, len(mixed), bs)]))
+    finally:
+        collator.policy, collator.eval_targets = was
+    for k in range(len(out[0][1]) if out else 0):
+        origins = [batches[k].pop("eval_origin").numpy() for _, batches in out]
+        width = max(int(o.max(initial=0)) for o in origins) + 2
+        common = np.ones((origins[0].shape[0], width), bool)
+        for o in origins:
+            seen = np.zeros_like(common)
+            np.put_along_axis(seen, np.where(o >= 0, o, width - 1), True, axis=1)
+            seen[:, width - 1] = False
+            common &= seen
+        for (_, batches), o in zip(out, origins):
+            drop = torch.from_numpy(~np.take_along_axis(common, np.where(o >= 0, o, width - 1), axis=1))
+            b = batches[k]
+            b["labels"][drop] = IGNORE
+            for key in ("sp_target", "msp_target"):
+                if key in b:
+                    b[key] &= b["labels"] != IGNORE
+    return out

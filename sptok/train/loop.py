@@ -315,8 +315,8 @@ def train(run: Run, start: int, emit, stop) -> None:
         elif saving:
             _stop_if_nonfinite(run, int(first_bad))
         if run.evaluator and ((step + 1) % cfg.eval.every == 0 or last):
-            emit({"step": step + 1, "split": "validation", **run.evaluator(run.trained, run.autocast),
-                  "sources": info.sources})
+            for rec in run.evaluator.records(run.trained, run.autocast):
+                emit({"step": step + 1, "split": "validation", **rec, "sources": info.sources})
         if saving:
             save(run, step + 1)
     if end > start and cfg.checkpoint.dir and not os.path.exists(ckpt.step_dir(cfg.checkpoint.dir, end)):
@@ -466,7 +466,8 @@ def _value(norm: torch.Tensor) -> float:
 
 
 def _evaluator(cfg: Config, info, rank: int, world: int, device):
-    """In-loop evaluation on the validation build, its samples collated once with ``eval.sp_policy``."""
+    """In-loop evaluation on the validation build, its samples collated once with ``eval.sp_policy`` (or once per
+    policy of ``eval.conditions``)."""
     from .evaluate import Evaluator
 
     collator = make_collator(cfg, info)
@@ -476,7 +477,8 @@ def _evaluator(cfg: Config, info, rank: int, world: int, device):
 
 def _print(rec: dict, cfg: Config, say) -> None:
     v = "val_" if rec.get("split") == "validation" else ""
-    parts = [f"{'eval at ' if v else ''}step {rec['step']}/{cfg.train.steps}", f"{v}loss {rec[v + 'loss']:.4f}"]
+    cond = f" ({rec['condition']})" if "condition" in rec else ""
+    parts = [f"{'eval at ' if v else ''}step {rec['step']}/{cfg.train.steps}{cond}", f"{v}loss {rec[v + 'loss']:.4f}"]
     if rec[v + "sp_acc"] is not None:
         parts.append(f"{v}{'msp' if cfg.model.family != 'llama' else 'sp'} acc {rec[v + 'sp_acc']:.3f}")
     if not v:
@@ -501,7 +503,8 @@ def _tb(writer, rec: dict) -> None:
     """Training scalars by their names; validation ones under val/ (val/loss, val/loss_by_source/<source>)."""
     step = rec["step"]
     v = "val_" if rec.get("split") == "validation" else ""
-    tag = (lambda k: f"val/{k}") if v else (lambda k: k)
+    group = f"val/{rec['condition']}" if "condition" in rec else "val"   # one curve per eval condition
+    tag = (lambda k: f"{group}/{k}") if v else (lambda k: k)
     for k in ("loss", "sp_loss", "sp_acc", "lr", "grad_norm", "tokens_per_s", "mfu"):
         if rec.get(v + k) is not None:
             writer.add_scalar(tag(k), rec[v + k], step)
