@@ -178,7 +178,7 @@ def format_table(info: dict, stats: dict) -> str:
         lines.append("")
         lines.append("metadata (each document's own, before its text):")
         for n, m in meta.items():
-            distinct = f"; {m['distinct']:,} distinct values" if "distinct" in m else ""
+            distinct = f"; {m['distinct']:,} distinct value{'s' * (m['distinct'] != 1)}" if "distinct" in m else ""
             top = f", the most frequent (documents with it): {printable_values(m['top'][:3])}" if m.get("top") else ""
             lines.append(f"  {n}: {m['field']}:{m['form']} on {m['docs']:,} documents, {m['tokens']:,} tokens "
                          f"({100 * m['share']:.1f}%); without: {m['missing']:,} no field, {m['empty']:,} empty, "

@@ -298,7 +298,7 @@ def test_show_report_stats_and_verify(tmp_path, small_corpus, manifest, build):
     assert r.exit_code == 0 and "[META URL: docs.python.org\\n\\n]" in r.output and "[META x] metadata" in r.output
     r = CliRunner().invoke(main, ["stats", out])
     assert r.exit_code == 0 and "pydocs: url:host on 12 documents" in r.output
-    assert "1 distinct values, the most frequent (documents with it): docs.python.org (12)" in r.output
+    assert "1 distinct value, the most frequent (documents with it): docs.python.org (12)" in r.output
     r = CliRunner().invoke(main, ["report", out, "--out", str(tmp_path / "r.html")])
     assert r.exit_code == 0, r.output
     html = (tmp_path / "r.html").read_text()
