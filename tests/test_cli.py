@@ -105,6 +105,7 @@ def test_cli_choices_are_the_code_s():
     assert tuple(sp.POLICIES) == options.POLICIES          # every policy named is implemented, and only those
     want = {("build", "policy"): options.POLICIES, ("build", "position"): options.POSITIONS,
             ("build", "tail"): options.TAILS, ("build", "fmt"): options.FORMATS, ("build", "encoder"): options.ENCODERS,
+            ("build", "executor"): options.EXECUTORS,
             ("tokenizer train", "model"): tokenizer.MODELS, ("tokenizer train", "policy"): options.POLICIES,
             ("tokenizer extend", "policy"): options.POLICIES,
             # written out in cli.py (sptok.label needs the train extra, `sptok label --help` must not): held here

@@ -58,7 +58,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
                          "directory), set build.tokenizer in the manifest, or train one with "
                          "`sptok tokenizer train`")
-    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
+    pool = _start_pool(opts)   # starts while we plan
     try:
         res = _build(manifest, opts, out, overwrite, partition, log, pool)
     except BaseException:
@@ -69,6 +69,15 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         pool.close()
     res.seconds = time.time() - t0
     return res
+
+
+def _start_pool(opts: BuildOptions):
+    """Where the units run: worker processes here (none for one worker), or a Ray cluster."""
+    if opts.executor == "ray":
+        from .ray_executor import RayPool
+
+        return RayPool(opts.ray_address, opts.workers)
+    return WorkerPool(opts.workers) if opts.workers > 1 else None
 
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
