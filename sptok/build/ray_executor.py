@@ -6,8 +6,8 @@ asks Ray for one CPU (a unit runs on one core), and is retried by Ray up to RETR
 dies: a retry rebuilds the unit from its inputs, so its bytes are the same. The driver plans, holds the build
 directory's lock, and finalizes from the committed units, as for a local build.
 
-The cluster is ``--ray-address``, else ``RAY_ADDRESS``, else (Ray's own rule) one started with ``ray start`` on
-this machine, else a local one started for this build with ``--workers`` CPUs. ray is imported only here, and this
+The cluster is ``--ray-address``, else ``RAY_ADDRESS``, else a new local one started for this build with
+``--workers`` CPUs (never one found on this machine: Ray's own rule would join a ``ray start`` cluster silently). ray is imported only here, and this
 module only by ``--executor ray`` (``pip install 'sptok[ray]'``).
 """
 
@@ -68,9 +68,10 @@ class RayPool:
         self.ray = ray
         self.refs: dict = {}
         address = address or os.environ.get("RAY_ADDRESS")
-        start = {} if address else {"num_cpus": workers, "include_dashboard": False}   # only for a local one
+        where = {"address": address} if address else {"address": "local", "num_cpus": workers,
+                                                         "include_dashboard": False}
         # log_to_driver off: a task's errors reach the driver as exceptions, turned into sptok's one line here
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **start)
+        ray.init(**where, log_to_driver=False, logging_level=logging.WARNING)
         self.unit_task = ray.remote(_unit_task).options(num_cpus=1, max_retries=RETRIES)
         self.choose_task = ray.remote(_choose_task).options(num_cpus=1, max_retries=RETRIES)
         warm = ray.remote(_warm_task).options(num_cpus=1)
