@@ -9,7 +9,8 @@ Scenarios, in order:
   local          no address: the build starts a local Ray with --workers CPUs (before any cluster exists)
   cluster        a two-node cluster (`ray start --head`, then a second node), the build on it via RAY_ADDRESS
   worker_killed  a Ray worker running a unit is killed (SIGKILL, by the pid in its unit's temporary directory)
-  driver_killed  the build's own process is killed after a few units; the same command again
+  driver_killed  who holds the lock mid-build; the build's own process is killed after a few units; the same
+                 command again
   task_error     --strict on a bad record deep in a unit: the task's SptokError
 """
 
@@ -77,10 +78,14 @@ def kill_the_driver(build: list[str], out: str, env: dict, after_units: int = 3)
     p = sptok(build, env)
     wait_for(f"{after_units} units were committed",
              lambda: os.path.isdir(units) and len(os.listdir(units)) >= after_units, p)
+    from sptok.layout import writer_of
+
+    writer = writer_of(out)   # the driver holds the directory's lock while Ray's workers write units into it
     p.kill()
     p.wait()
     left_complete = os.path.exists(os.path.join(out, "sptok.json"))
-    return {"killed_complete": left_complete, **finished(sptok(build, env))}
+    return {"lock_holder": (writer or {}).get("pid"), "driver": p.pid, "killed_complete": left_complete,
+            **finished(sptok(build, env))}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ it. One namespace, one cluster, every scenario; the asserts are here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -70,6 +71,25 @@ def runs(corpus, tmp_path_factory):
     return d, json.loads((d / "results.json").read_text())
 
 
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_no_ray_process_outlives_its_namespace(runs):
+    """Ray's processes name their session directory (under RAY_TMPDIR): none may be left once the namespace ended."""
+    assert (runs[0] / "ray").is_dir()
+    assert _processes_naming(str(runs[0] / "ray")) == []
+
+
 def _built(run: dict) -> None:
     assert run["rc"] == 0 and "Traceback" not in run["stderr"], run["stderr"][-3000:]
 
@@ -100,6 +120,7 @@ def test_a_killed_worker_s_unit_is_retried_to_the_same_bytes(runs, reference):
 
 def test_a_killed_driver_resumes_from_the_committed_units(runs, reference):
     run = runs[1]["driver_killed"]
+    assert run["lock_holder"] == run["driver"]   # the build's lock is the driver's, as a local build's is
     assert not run["killed_complete"]
     _built(run)
     assert "resuming: " in run["stderr"]
