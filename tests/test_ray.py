@@ -62,8 +62,8 @@ def runs(corpus, tmp_path_factory):
         pytest.skip(problem)
     d = tmp_path_factory.mktemp("ray")
     cfg = d / "config.json"
-    cfg.write_text(json.dumps({"dir": str(d), "manifest": str(corpus / "m.yaml"), "bad_manifest": str(corpus / "bad.yaml"),
-                               "tokenizer": str(TOKENIZER), "flags": FLAGS}))
+    cfg.write_text(json.dumps({"dir": str(d), "manifest": str(corpus / "m.yaml"), "tokenizer": str(TOKENIZER),
+                               "bad_manifest": str(corpus / "bad.yaml"), "flags": FLAGS}))
     script = f"ip link set lo up && exec {sys.executable} {ROOT / 'tests' / 'ray_cluster.py'} {cfg}"
     r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
                        capture_output=True, text=True, timeout=600)
@@ -139,3 +139,12 @@ def test_an_error_in_a_task_is_sptok_s_one_line(runs, corpus, tmp_path):
     line = local.stderr.strip()
     assert line.startswith("error: bad.jsonl line ") and "\n" not in line
     assert run["stderr"].strip().splitlines()[-1] == line
+
+
+def test_a_cluster_that_does_not_answer_is_one_line(corpus, tmp_path):
+    """Nothing listens at the address: one line at once (Ray itself retries for minutes); no Ray is started."""
+    r = subprocess.run([sys.executable, "-m", "sptok", "build", corpus / "m.yaml", "--out", tmp_path / "o",
+                        "--tokenizer", TOKENIZER, "--executor", "ray", "--ray-address", "127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --executor ray: no Ray cluster answers at 127.0.0.1:9 ")
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -7,8 +7,8 @@ dies: a retry rebuilds the unit from its inputs, so its bytes are the same. The 
 directory's lock, and finalizes from the committed units, as for a local build.
 
 The cluster is ``--ray-address``, else ``RAY_ADDRESS``, else a new local one started for this build with
-``--workers`` CPUs (never one found on this machine: Ray's own rule would join a ``ray start`` cluster silently). ray is imported only here, and this
-module only by ``--executor ray`` (``pip install 'sptok[ray]'``).
+``--workers`` CPUs (never one found on this machine: Ray's own rule would join a ``ray start`` cluster silently).
+ray is imported only here, and this module only by ``--executor ray`` (``pip install 'sptok[ray]'``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,32 @@ def _check_shared(work: str) -> None:
                          f"(or --local, for a remote --out) must be on a filesystem every Ray node mounts")
 
 
+def _connect(ray, address: str | None, workers: int) -> None:
+    """Join the cluster at ``address``, or start a local Ray with ``workers`` CPUs; either fails in one line."""
+    if address:
+        _check_reachable(address)
+    where = {"address": address} if address else {"address": "local", "num_cpus": workers, "include_dashboard": False}
+    try:
+        # log_to_driver off: a task's errors reach the driver as exceptions, turned into sptok's one line here
+        ray.init(**where, log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as e:   # Ray raises its own types (ConnectionError, AuthenticationError, ...)
+        what = f"join the Ray cluster at {address}" if address else "start a local Ray"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SptokError(f"--executor ray: cannot {what} ({type(e).__name__}: {first})") from None
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster's address (host:port) that nothing answers on is one line now: Ray itself would retry for minutes."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():   # ray://, auto: Ray's own resolution
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SptokError(f"--executor ray: no Ray cluster answers at {address} ({e.strerror or e}); start one "
+                         f"(`ray start --head`) or fix --ray-address / RAY_ADDRESS") from None
+
+
 class RayPool:
     """What ``runner.WorkerPool`` does, on a Ray cluster: connected at once, so its workers start (and import the
     encoders) while the driver plans."""
@@ -67,11 +93,7 @@ class RayPool:
 
         self.ray = ray
         self.refs: dict = {}
-        address = address or os.environ.get("RAY_ADDRESS")
-        where = {"address": address} if address else {"address": "local", "num_cpus": workers,
-                                                         "include_dashboard": False}
-        # log_to_driver off: a task's errors reach the driver as exceptions, turned into sptok's one line here
-        ray.init(**where, log_to_driver=False, logging_level=logging.WARNING)
+        _connect(ray, address or os.environ.get("RAY_ADDRESS"), workers)
         self.unit_task = ray.remote(_unit_task).options(num_cpus=1, max_retries=RETRIES)
         self.choose_task = ray.remote(_choose_task).options(num_cpus=1, max_retries=RETRIES)
         warm = ray.remote(_warm_task).options(num_cpus=1)

@@ -81,7 +81,7 @@ def _init_worker(queue, parent: int) -> None:
 
 def warm_up() -> None:
     """Import what a unit needs, while the main process plans."""
-    import tokenizers  # noqa: F401
+    import tokenizers  # noqa: F401 - imported for its start-up cost
 
     for name in FAST:
         try:
