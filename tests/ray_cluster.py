@@ -6,7 +6,9 @@ every Ray process ends with the namespace): builds with `--executor ray`, and wh
 CONFIG names the corpus, the tokenizer, the build flags and a directory; the builds go there, and results.json
 records each one's exit code and stderr (and what the kill scenarios saw). The asserts are in tests/test_ray.py.
 Scenarios, in order:
-  local          no address: the build starts a local Ray with --workers CPUs (before any cluster exists)
+  local          no address: the build starts a local Ray with --workers CPUs (before any cluster exists), on a
+                 corpus where the fast encoder (gigatoken hidden) is caught giving other ids mid-build: the
+                 fallback to the Hugging Face tokenizer, with every unit it built built again
   cluster        a two-node cluster (`ray start --head`, then a second node), the build on it via RAY_ADDRESS
   worker_killed  a Ray worker running a unit is killed (SIGKILL, by the pid in its unit's temporary directory)
   driver_killed  who holds the lock mid-build; the build's own process is killed after a few units; the same
@@ -102,7 +104,10 @@ def main() -> None:
                 "--executor", "ray", *extra]
 
     t0 = time.time()
-    results = {"local": finished(sptok(build("local", cfg["manifest"], "--workers", "2", "--quiet")))}
+    mismatch = cfg["mismatch"]
+    results = {"local": finished(sptok(["build", mismatch["manifest"], "--out", os.path.join(d, "local"),
+                                        "--tokenizer", mismatch["tokenizer"], *mismatch["flags"], "--workers", "2",
+                                        "--executor", "ray"], mismatch["env"]))}
     t1 = time.time()
     ray("start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--num-cpus=1", "--include-dashboard=false",
         "--disable-usage-stats")

@@ -1,5 +1,6 @@
 """`sptok build --executor ray` on a real local Ray cluster: the bytes of a `--workers 2` build, also after a Ray
-worker or the driver is killed mid-build, and a task's error as sptok's one line.
+worker or the driver is killed mid-build or a fast encoder is caught giving other ids, and a task's error as
+sptok's one line.
 
 Ray must only ever talk over loopback, and none of its processes may outlive the test: the cluster runs inside a
 network + PID namespace of its own (tests/ray_cluster.py, as root: CI is root), which ends every Ray process with
@@ -16,7 +17,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SOURCES, TOKENIZER, build_bytes, demo_records, write_jsonl
+from conftest import ROOT, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
+from test_encoders import _mismatch_corpus, unreachable_token_bpe
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray")
@@ -55,7 +57,21 @@ def reference(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory):
+def mismatch(tmp_path_factory):
+    """A corpus on which riptoken and tiktoken are caught giving other ids mid-build (gigatoken is hidden), and the
+    Hugging Face tokenizer's build of it: what the fallback must give."""
+    d = tmp_path_factory.mktemp("mismatch")
+    m = _mismatch_corpus(d)
+    unreachable_token_bpe(d).save(str(d / "tok.json"))
+    flags = ["--seq-len", "128", "--unit-size", "24KB"]
+    subprocess.run([sys.executable, "-m", "sptok", "build", m, "--out", d / "hf", "--tokenizer", d / "tok.json",
+                    *flags, "--encoder", "hf", "--workers", "2", "--quiet"], check=True, capture_output=True)
+    return {"manifest": str(m), "tokenizer": str(d / "tok.json"), "flags": flags, "hf": build_bytes(d / "hf"),
+            "env": without_modules(d, "gigatoken")}
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, mismatch, tmp_path_factory):
     """Every scenario of tests/ray_cluster.py, run once in its own namespace: (its directory, its results)."""
     problem = _namespace_problem()
     if problem:
@@ -63,7 +79,8 @@ def runs(corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("ray")
     cfg = d / "config.json"
     cfg.write_text(json.dumps({"dir": str(d), "manifest": str(corpus / "m.yaml"), "tokenizer": str(TOKENIZER),
-                               "bad_manifest": str(corpus / "bad.yaml"), "flags": FLAGS}))
+                               "bad_manifest": str(corpus / "bad.yaml"), "flags": FLAGS,
+                               "mismatch": {k: v for k, v in mismatch.items() if k != "hf"}}))
     script = f"ip link set lo up && exec {sys.executable} {ROOT / 'tests' / 'ray_cluster.py'} {cfg}"
     r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
                        capture_output=True, text=True, timeout=600)
@@ -98,9 +115,13 @@ def test_the_cluster_has_two_nodes_on_loopback(runs):
     assert runs[1]["nodes"] == ["127.0.0.1", "127.0.0.1"]
 
 
-def test_a_build_on_a_local_ray_is_the_local_build(runs, reference):
-    _built(runs[1]["local"])
-    assert build_bytes(runs[0] / "local") == reference
+def test_a_local_ray_falls_back_to_the_reference_encoder(runs, mismatch):
+    """No address: a local Ray; a fast encoder caught mid-build stops its tasks, and the units it built are
+    built again by the Hugging Face tokenizer, to its bytes exactly."""
+    run = runs[1]["local"]
+    _built(run)
+    assert re.search(r"encoder: hf \(the (riptoken|tiktoken) encoder gave other ids", run["stderr"]), run["stderr"]
+    assert build_bytes(runs[0] / "local") == mismatch["hf"]
 
 
 def test_a_build_on_a_two_node_cluster_is_the_local_build(runs, reference):
