@@ -64,8 +64,14 @@ def kill_a_worker(build: list[str], out: str, env: dict) -> dict:
     """Kill the Ray worker process building the first unit seen in .sptok/tmp (named u<index>.<pid>)."""
     tmp = os.path.join(out, ".sptok", "tmp")
     p = sptok(build, env)
-    wait_for("a unit started", lambda: os.path.isdir(tmp) and os.listdir(tmp), p)
-    name = os.listdir(tmp)[0]
+    seen: list[str] = []
+
+    def started() -> bool:
+        seen[:] = os.listdir(tmp) if os.path.isdir(tmp) else []
+        return bool(seen)
+
+    wait_for("a unit started", started, p)
+    name = seen[0]
     pid = int(name.rsplit(".", 1)[1])
     os.kill(pid, signal.SIGKILL)
     while alive(pid):
@@ -95,11 +101,11 @@ def main() -> None:
     d, flags = cfg["dir"], cfg["flags"]
     os.environ["RAY_TMPDIR"] = os.path.join(d, "ray")   # Ray's sockets and logs: not the machine's /tmp/ray
     os.environ.pop("RAY_ADDRESS", None)
-    # no cluster token: nothing outside this namespace can reach its loopback (Ray 2.5x's token setup also
+    # no cluster token: nothing outside this namespace can reach its loopback (Ray 2.60's token setup also
     # refuses a second `ray start` on the same machine, and writes ~/.ray)
     os.environ["RAY_AUTH_MODE"] = "disabled"
 
-    def build(name: str, manifest: str = cfg["manifest"], *extra: str) -> list[str]:
+    def build(name: str, *extra: str, manifest: str = cfg["manifest"]) -> list[str]:
         return ["build", manifest, "--out", os.path.join(d, name), "--tokenizer", cfg["tokenizer"], *flags,
                 "--executor", "ray", *extra]
 
@@ -120,11 +126,11 @@ def main() -> None:
     results["seconds"] = {"local": t1 - t0, "cluster start": time.time() - t1}
     env = {"RAY_ADDRESS": ADDRESS}
     results["cluster"] = finished(sptok(build("cluster"), env))
-    results["worker_killed"] = kill_a_worker(build("worker_killed", cfg["manifest"], "--encoder", "hf"),
+    results["worker_killed"] = kill_a_worker(build("worker_killed", "--encoder", "hf"),
                                              os.path.join(d, "worker_killed"), env)
-    results["driver_killed"] = kill_the_driver(build("driver_killed", cfg["manifest"], "--encoder", "hf"),
+    results["driver_killed"] = kill_the_driver(build("driver_killed", "--encoder", "hf"),
                                                os.path.join(d, "driver_killed"), env)
-    results["task_error"] = finished(sptok(build("task_error", cfg["bad_manifest"], "--strict"), env))
+    results["task_error"] = finished(sptok(build("task_error", "--strict", manifest=cfg["bad_manifest"]), env))
     results["seconds"]["scenarios"] = time.time() - t1 - results["seconds"]["cluster start"]
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump(results, f)
