@@ -3,7 +3,7 @@
 1. No distribution that an extra names is installed: the core's dependencies pull none of them in.
 2. build -> verify -> stats -> show -> rejects -> report succeed on the demo corpus, then a partitioned build,
    merge, tokenizer train and extend, and no process of theirs (the build's workers included) imports torch,
-   transformers, datasets or streaming: PYTHONPROFILEIMPORTTIME makes every Python process list each module it
+   transformers, datasets, streaming or ray: PYTHONPROFILEIMPORTTIME makes every Python process list each module it
    imports.
 3. Every command that needs an extra fails with exit code 2 and one line naming the extra to install.
 
@@ -21,7 +21,7 @@ import tempfile
 from importlib import metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEVER = ("torch", "transformers", "datasets", "streaming")   # modules no core command may import
+NEVER = ("torch", "transformers", "datasets", "streaming", "ray")   # modules no core command may import
 
 # (arguments, the extra the error must name); WORK is replaced by the working directory, BUILD by the demo build
 NEEDS_EXTRA = [
@@ -31,6 +31,7 @@ NEEDS_EXTRA = [
     (["label", "--model", "WORK/model", "--input", "WORK/rows.jsonl", "--out", "WORK/labelled.jsonl"], "train"),
     (["stats", "BUILD", "--plot", "WORK/figures"], "plot"),
     (["build", "pipelines/demo.yaml", "--out", "s3://sptok-ci/demo", "--local", "WORK/staging"], "remote"),
+    (["build", "pipelines/demo.yaml", "--out", "WORK/on-ray", "--executor", "ray"], "ray"),
 ]
 IMPORTS_NEEDING_EXTRA = [("sptok.data", "train"), ("sptok.train", "train"), ("sptok.label", "train"),
                          ("sptok.mix", "train")]
@@ -145,7 +146,7 @@ def main() -> int:
         print(f"core-only check: {p}", file=sys.stderr)
     if not problems:
         print(f"core-only check: {len(core_commands('', ''))} core commands ran without torch, transformers, "
-              f"datasets or streaming; {len(NEEDS_EXTRA) + len(IMPORTS_NEEDING_EXTRA)} extra-only commands and "
+              f"datasets, streaming or ray; {len(NEEDS_EXTRA) + len(IMPORTS_NEEDING_EXTRA)} extra-only commands and "
               f"imports named their extra")
     return 1 if problems else 0
 

@@ -13,7 +13,8 @@ import sys
 import click
 
 from . import __version__
-from .build.options import ENCODERS, FORMATS as OUTPUT_FORMATS, POLICIES, POSITIONS, TAILS, partition_of
+from .build.options import (ENCODERS, EXECUTORS, FORMATS as OUTPUT_FORMATS, POLICIES, POSITIONS, TAILS,
+                            partition_of)
 from .build.tokenizer import MODELS
 from .errors import SptokError, Stopped
 from .extras import available, require
@@ -78,7 +79,12 @@ def main():
 @click.option("--eos", help="End-of-document token [the tokenizer's eos, e.g. <|endoftext|>].")
 @click.option("--unit-size", help="Input bytes per work unit [16MB].")
 @click.option("--shard-size", help="Uncompressed bytes per MDS shard [64MiB].")
-@click.option("--workers", type=int, help="Worker processes [one per CPU].")
+@click.option("--workers", type=int, help="Worker processes [one per CPU]; with --executor ray, the CPUs of a "
+                                         "local Ray.")
+@click.option("--executor", type=click.Choice(EXECUTORS),
+              help="local: worker processes on this machine; ray: a Ray task per unit, on the cluster of "
+                   "--ray-address or RAY_ADDRESS, else a local Ray [local].")
+@click.option("--ray-address", help="The Ray cluster of --executor ray (host:port) [RAY_ADDRESS].")
 @click.option("--encoder", type=click.Choice(ENCODERS),
               help="auto: the fastest exact encoder, else Hugging Face's; fast: the fastest exact one or stop; or "
                    "one by name [auto].")

@@ -1,7 +1,7 @@
 """The optional extras, and the one place where a missing one becomes a single line naming what to install.
 
 The core install (``pip install sptok``) builds, merges, trains tokenizers, verifies and inspects builds. The
-training stack, figures and remote output come with the extras of ``pyproject.toml``, named here by what they
+training stack, figures, remote output and Ray come with the extras of ``pyproject.toml``, named here by what they
 provide. Presence is checked with ``find_spec``, which imports nothing: finding out that torch is there must
 not cost the seconds of importing it.
 """
@@ -18,6 +18,7 @@ EXTRAS = {
               "datasets": "datasets", "sklearn": "scikit-learn"},
     "plot": {"matplotlib": "matplotlib"},
     "remote": {"streaming": "mosaicml-streaming"},
+    "ray": {"ray": "ray"},
 }
 
 

@@ -29,7 +29,7 @@ def test_help_of_every_command(path):
 def test_help_imports_nothing_heavy():
     code = ("import sys; from sptok.cli import main\n"
             "try: main(['--help'])\nexcept SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'streaming', 'datasets', 'transformers', 'numpy') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'streaming', 'datasets', 'transformers', 'ray', 'numpy') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
@@ -105,6 +105,7 @@ def test_cli_choices_are_the_code_s():
     assert tuple(sp.POLICIES) == options.POLICIES          # every policy named is implemented, and only those
     want = {("build", "policy"): options.POLICIES, ("build", "position"): options.POSITIONS,
             ("build", "tail"): options.TAILS, ("build", "fmt"): options.FORMATS, ("build", "encoder"): options.ENCODERS,
+            ("build", "executor"): options.EXECUTORS,
             ("tokenizer train", "model"): tokenizer.MODELS, ("tokenizer train", "policy"): options.POLICIES,
             ("tokenizer extend", "policy"): options.POLICIES,
             # written out in cli.py (sptok.label needs the train extra, `sptok label --help` must not): held here

@@ -68,7 +68,7 @@ def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, 
 
 def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
     """``work(pool)``, the worker processes (None for one worker) started while it plans and closed after."""
-    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
+    pool = _start_pool(opts)   # starts while we plan
     try:
         res = work(pool)
     except BaseException:
@@ -79,6 +79,15 @@ def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
         pool.close()
     res.seconds = time.time() - t0
     return res
+
+
+def _start_pool(opts: BuildOptions):
+    """Where the units run: worker processes here (none for one worker), or a Ray cluster."""
+    if opts.executor == "ray":
+        from .ray_executor import RayPool
+
+        return RayPool(opts.ray_address, opts.workers)
+    return WorkerPool(opts.workers) if opts.workers > 1 else None
 
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,

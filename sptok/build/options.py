@@ -17,6 +17,7 @@ POLICIES = ("abbreviation", "alphabet", "misplaced", "custom")   # --policy: eac
 POSITIONS = ("prefix", "post", "both")   # --position: where the SP goes (sp_layout.SPLayout)
 FORMATS = ("mds", "parquet", "arrow")    # --format: MDSShardWriter, or TableWriter for the other two (writers.py)
 TAILS = ("keep", "pad", "drop")          # --tail: the last short sample of a source (finalize._pack_streams)
+EXECUTORS = ("local", "ray")             # --executor: runner.WorkerPool, or ray_executor.RayPool
 DEFAULT_DELIMITER = "<SPSEP>"            # --delimiter: a special token between the SP and the text
 METADATA_FORMS = ("value", "host", "url")   # --metadata FIELD:FORM: how a value is written (metadata.form_value)
 METADATA_DEFAULTS = {"form": "value", "template": "{}\n\n", "prob": 1.0, "max_tokens": 64}
@@ -83,8 +84,10 @@ class BuildOptions:
     encoder: str = "auto"
     strict: bool = False
     quiet: bool = False
+    executor: str = "local"
+    ray_address: str | None = None   # else RAY_ADDRESS, else a local Ray
 
-    RUN_ONLY = ("workers", "encoder", "strict", "quiet", "tokenizer")
+    RUN_ONLY = ("workers", "encoder", "strict", "quiet", "tokenizer", "executor", "ray_address")
 
     def __post_init__(self):
         def choice(flag, value, allowed):
@@ -96,6 +99,9 @@ class BuildOptions:
         choice("tail", self.tail, TAILS)
         choice("format", self.format, FORMATS)
         choice("encoder", self.encoder, ENCODERS)
+        choice("executor", self.executor, EXECUTORS)
+        if self.ray_address and self.executor != "ray":
+            raise SptokError("--ray-address: names the cluster of --executor ray; add --executor ray")
         for flag in ("delimiter", "eos"):
             v = getattr(self, flag)
             if v is not None and (not isinstance(v, str) or len(v) > MAX_TOKEN_CHARS):

@@ -76,7 +76,12 @@ def _init_worker(queue, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no thread pool inside
     global _QUEUE
     _QUEUE = queue
-    import tokenizers  # noqa: F401 - warm up while the main process plans
+    warm_up()
+
+
+def warm_up() -> None:
+    """Import what a unit needs, while the main process plans."""
+    import tokenizers  # noqa: F401 - imported for its start-up cost
 
     for name in FAST:
         try:
@@ -102,13 +107,18 @@ class _Batched:
         self.acc, self.last = [0, 0, 0], time.time()
 
 
-def _run_one(work: str, strict: bool, encoder: str, unit) -> dict:
+def unit_context(work: str, strict: bool, encoder: str) -> UnitContext:
+    """This worker's context for a build, loaded on its first unit."""
     key = (work, strict, encoder)
     if key not in _CTXS:
         _CTXS[key] = load_context(work, strict, encoder)
+    return _CTXS[key]
+
+
+def _run_one(work: str, strict: bool, encoder: str, unit) -> dict:
     report = _Batched(_QUEUE)
     try:
-        return process_unit(_CTXS[key], unit, progress=report)
+        return process_unit(unit_context(work, strict, encoder), unit, progress=report)
     finally:
         report.flush()
 
@@ -124,7 +134,10 @@ def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
 
 
 class WorkerPool:
-    """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
+    """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning.
+    ``ray_executor.RayPool`` is the same interface on a Ray cluster."""
+
+    distributed = False   # one unit runs in the main process, which is on the same machine
 
     def __init__(self, workers: int):
         import multiprocessing as mp
@@ -202,12 +215,13 @@ def _worker_deaths():
 
 def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None,
               on_done=lambda unit: None) -> None:
-    """Process ``todo``: in the pool when there is one and more than one unit, else in this process.
+    """Process ``todo``: in the pool when there is one and more than one unit (or it is a cluster), else in this
+    process.
     ``on_done(unit)`` runs in this process after each commit (it may raise to stop the build)."""
     progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if pool is not None and len(todo) > 1:
+        if pool is not None and (len(todo) > 1 or pool.distributed):
             pool.run(work, todo, opts.strict, encoder, progress, on_done)
         else:
             ctx = load_context(work, opts.strict, encoder)
