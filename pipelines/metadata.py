@@ -1,6 +1,6 @@
 """Metadata conditioning in miniature (MeCo, arXiv 2501.01956): does a document's own metadata as a prefix help?
 
-    python pipelines/metadata.py [--corpus ../shared/corpus] [--work out/metadata] [--steps 150] [--fresh]
+    python pipelines/metadata.py [--corpus ../shared/corpus] [--work out/metadata] [--steps 100] [--fresh]
 
 1. Build the four shared sources five times, each with the same validation split (`--holdout-docs`, decided
    by each document's keyed draw, so every build holds out the same documents):
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "metadata")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--holdout-docs", type=int, default=12)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
