@@ -90,3 +90,24 @@ def test_take_docs_is_assembling_only_those_documents(position, keep):
     got = take_docs(whole, k)
     for field in ("ids", "seg_starts", "seg_keys", "sp_pos", "sp_masked"):
         assert getattr(got, field).tolist() == getattr(want, field).tolist(), field
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+@pytest.mark.parametrize("mean_len", [3, 500])
+def test_assemble_lays_out_short_and_long_documents_alike(position, mean_len):
+    """Long documents are copied one slice each, short ones through a mask: the same layout either way, as
+    written out document by document."""
+    rng = np.random.default_rng(mean_len)
+    lens = rng.integers(1, 2 * mean_len, 40)
+    flat = rng.integers(0, 1000, int(lens.sum())).astype(np.uint32)
+    dec = Decisions(rng.random(40) < 0.7, rng.random(40) < 0.5, rng.random(40) < 0.5)
+    lay = _layout(position)
+    s, _ = assemble(flat, lens, 101, np.arange(40, dtype=np.uint64), dec, lay)
+    want, at = [], 0
+    for i, n in enumerate(lens):
+        text, sp = flat[at:at + n].tolist(), [101] if dec.inserted[i] else []
+        at += n
+        pre = sp + [90, 91] if sp and lay.prefix else []
+        post = [90, 91] + sp if sp and lay.post else []
+        want += pre + text + post + [99]
+    assert s.ids.tolist() == want

@@ -15,6 +15,8 @@ import numpy as np
 from ..sp import Decisions
 from ..sp_layout import SPLayout
 
+LONG_DOC_TOKENS = 128   # from this many tokens per document on average, assemble copies each one's as a slice
+
 
 @dataclass
 class Stream:
@@ -72,9 +74,10 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     doc_start = np.zeros(n, np.int64)
     np.cumsum(doc_len[:-1], out=doc_start[1:])
     out = np.empty(int(doc_len.sum()), np.uint32)
-    # text tokens fill what SPs, delimiters and EOS leave, in order: a mask costs one byte per token, where
-    # an index array (a shift per token) would cost sixteen
-    is_text = np.ones(len(out), bool)
+    # text tokens fill what SPs, delimiters and EOS leave, in order: one slice per document where documents are
+    # long (a mask over a 50 MB document's tokens costs 8x its copy), else a mask, which costs one byte per
+    # token, where an index array (a shift per token) would cost sixteen
+    is_text = np.ones(len(out), bool) if len(flat) < LONG_DOC_TOKENS * n else None
     sp_pos, sp_masked = [], []
     for post, on, masked in ((False, layout.prefix, dec.masked_prefix), (True, layout.post, dec.masked_post)):
         if not on:
@@ -82,12 +85,18 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
         p = doc_start[ins] + layout.post_sp_offset(text_len[ins]) if post else doc_start[ins]
         out[p] = np.uint32(sp_id)
         out[p[:, None] + layout.delimiter_offsets(post)] = delim
-        is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
+        if is_text is not None:
+            is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
         sp_pos.append(p)
         sp_masked.append(masked[ins])
     out[doc_start + doc_len - 1] = layout.eos_id
-    is_text[doc_start + doc_len - 1] = False
-    out[is_text] = flat
+    if is_text is not None:
+        is_text[doc_start + doc_len - 1] = False
+        out[is_text] = flat
+    else:
+        text_start = doc_start + pre_len
+        for a, b, k in zip(text_start.tolist(), (np.cumsum(text_len) - text_len).tolist(), text_len.tolist()):
+            out[a:a + k] = flat[b:b + k]
     pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
