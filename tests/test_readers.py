@@ -180,3 +180,20 @@ def test_starts_a_record_is_whether_a_unit_yields_one(tmp_path, manifest, unit_s
     units = plan_units(m, unit_size)
     assert [starts_a_record(u) for u in units] == [bool(_docs([u])[0]) for u in units]
     assert unit_size > 1000 or not all(starts_a_record(u) for u in units)
+
+
+def test_lone_surrogates_are_rejected_however_written(tmp_path, manifest):
+    """A lone surrogate, escaped or as raw UTF-8-style bytes (which json.loads lets through), is invalid UTF-8;
+    a pair is a character. A text is searched for one only where its line could hold one."""
+    lines = [b'{"text": "ok \\ud83d\\ude00 pair"}', b'{"text": "lone \\ud800 escape"}',
+             b'{"text": "lone \xed\xa0\x80 bytes"}', '{"text": "plain é"}'.encode()]
+    (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    unit = plan_units(load_manifest(manifest([{"name": "s", "paths": "f.jsonl"}])), 1 << 20)[0]
+    quarantined = []
+    rejects = Rejects(source="s", sink=quarantined.append)
+    texts = [t for b in read_unit(unit, "text", None, rejects) for t in b.texts]
+    assert texts == ["ok \U0001F600 pair", "plain é"]
+    assert rejects.counts == {"invalid_utf8": 2}
+    assert [r["detail"] for r in quarantined] == ["field 'text' holds a lone surrogate escape (not valid UTF-8)"] * 2
+    import base64
+    assert [base64.b64decode(r["raw_b64"]) if "raw_b64" in r else r["raw"].encode() for r in quarantined] == lines[1:3]

@@ -107,12 +107,16 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, limit=None):
         encoding = json.detect_encoding(raw)
         try:   # decoded here as json.loads(raw) would, so that the raw line goes before the parse: a long line is
             # held twice at most (as text and as the record's value), not three times
-            line = raw.decode(encoding, "surrogatepass")
-        except UnicodeDecodeError as e:
-            reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line", raw)
-            continue
+            line = raw.decode(encoding)
+            surrogates = not encoding.startswith("utf-8") or b"\\ud" in raw or b"\\uD" in raw
+        except UnicodeDecodeError:
+            try:
+                line, surrogates = raw.decode(encoding, "surrogatepass"), True
+            except UnicodeDecodeError as e:
+                reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line", raw)
+                continue
         nbytes, raw = len(raw), None
-        got = _parse_record(unit, line, first, text_field, id_field,
+        got = _parse_record(unit, line, first, text_field, id_field, surrogates,
                             lambda reason, detail: reject(reason, detail, line.encode(encoding, "surrogatepass")))
         line = None
         if got is None:
@@ -129,8 +133,9 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, limit=None):
         yield Batch(keys, texts, lines.consumed, cut=lines.cut)
 
 
-def _parse_record(unit, line: str, first: bool, text_field: str, id_field: str | None, reject):
-    """(key or None, text) of one JSONL line, or None when it is rejected (through ``reject(reason, detail)``)."""
+def _parse_record(unit, line: str, first: bool, text_field: str, id_field: str | None, surrogates: bool, reject):
+    """(key or None, text) of one JSONL line, or None when it is rejected (through ``reject(reason, detail)``).
+    ``surrogates``: whether the line may decode to a lone surrogate (else its text is not searched for one)."""
     try:
         rec = json.loads(line)
     except ValueError as e:
@@ -144,7 +149,7 @@ def _parse_record(unit, line: str, first: bool, text_field: str, id_field: str |
         return None
     if first and isinstance(rec, list):
         _refuse_json_array(unit, line)
-    got = check_record(rec, text_field, id_field)
+    got = check_record(rec, text_field, id_field, surrogates)
     if isinstance(got, Problem):
         reject(got.reason, got.detail)
         return None
@@ -371,8 +376,9 @@ class Problem:
     detail: str
 
 
-def check_record(rec, text_field: str, id_field: str | None):
-    """(key or None, text) of a parsed JSON record, or the Problem that makes it unusable."""
+def check_record(rec, text_field: str, id_field: str | None, surrogates: bool = True):
+    """(key or None, text) of a parsed JSON record, or the Problem that makes it unusable. ``surrogates=False``:
+    its line was valid UTF-8 without a ``\\ud...`` escape, so its text holds no lone surrogate."""
     if not isinstance(rec, dict):
         return Problem("not_an_object", f"expected a JSON object, got {type(rec).__name__}")
     if text_field not in rec:
@@ -383,7 +389,7 @@ def check_record(rec, text_field: str, id_field: str | None):
         return Problem("non_string_text", f"field {text_field!r} holds {type(text).__name__}, expected a string")
     if not text or text.isspace():
         return Problem("empty_text", f"field {text_field!r} is {_blank(text)}")
-    if not _valid_unicode(text):
+    if surrogates and not _valid_unicode(text):
         return Problem("invalid_utf8", f"field {text_field!r} holds a lone surrogate escape (not valid UTF-8)")
     if id_field is None:
         return None, text
@@ -408,10 +414,12 @@ def _blank(text: str) -> str:
 
 
 def _valid_unicode(text: str) -> bool:
+    """Whether ``text`` holds no lone surrogate; a long text is encoded a slice at a time, never whole."""
     if text.isascii():
         return True
     try:
-        text.encode("utf-8")
+        for i in range(0, len(text), BATCH_BYTES):
+            text[i:i + BATCH_BYTES].encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False
