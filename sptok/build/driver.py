@@ -29,7 +29,7 @@ from ..sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
                         load_tokenizer, save_tokenizer_dir, sp_tokens)
-from .runner import WorkerPool, run_units, unmap_freed_blocks
+from .runner import WorkerPool, run_units, split_work, unmap_freed_blocks
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
@@ -58,7 +58,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
                          "directory), set build.tokenizer in the manifest, or train one with "
                          "`sptok tokenizer train`")
-    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # starts while we plan
+    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # started once there are units for it
     try:
         res = _build(manifest, opts, out, overwrite, partition, log, pool)
     except BaseException:
@@ -132,6 +132,10 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     work = os.path.join(out, WORK)
     if state == "complete":
         return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
+    mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
+    todo = [u for u in mine if not is_committed(work, u)]
+    if pool is not None and len(todo) > 1 and split_work(todo)[1]:
+        pool.start()   # the workers start up while this process writes the plan and checks the encoder
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
@@ -144,15 +148,12 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     elif os.path.exists(part_file):
         os.remove(part_file)
 
-    mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
-    todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
     watch = _SourceWatch(work, units, opts.holdout_docs)   # stops the build when a source ends without documents
     if todo:
         sample = corpus_sample(manifest, units)
-        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
-            choose_encoder(tok, opts.encoder, sample)
+        name, why = choose_encoder(tok, opts.encoder, sample)
         if not opts.quiet:
             log(f"encoder: {name} ({why})")
         _run_with_fallback(work, mine, todo, opts, name, pool, log, watch)
@@ -246,8 +247,9 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
 def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
     """Fail before anything is written when a source cannot give a document: a field or column that is
     not there (checked in every table file's schema, and in the first JSONL records), or a first unit
-    without one document when it is the source's only unit (then the whole source was read)."""
-    from .readers import TABLES, Rejects, read_unit, schema_problem, table_schema
+    without one document in its first bytes when those are all of the source's only unit (then the whole
+    source was read)."""
+    from .readers import TABLES, Rejects, read_prefix, schema_problem, table_schema
 
     for src in manifest.sources:
         where = f"manifest {manifest.path}: source {src.name!r}"
@@ -261,12 +263,13 @@ def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
         if not mine:
             continue
         probe = Rejects(source=src.name)
-        if next(read_unit(mine[0], src.text_field, src.id_field, probe, batch_bytes=1), None) is not None:
+        texts, whole = read_prefix(mine[0], src.text_field, src.id_field, probe)
+        if texts:
             continue
         if "missing_field" in probe.counts:
             raise SptokError(f"{where}: {probe.examples['missing_field']}; set text_field (and id_field) to "
                              f"fields the records have")
-        if len(mine) == 1:
+        if len(mine) == 1 and whole:
             raise SptokError(f"manifest {manifest.path}: " + no_documents(src.name, dict(probe.counts),
                                                                           probe.examples))
 
@@ -352,23 +355,24 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
 
 def source_samples(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> dict[str, list[str]]:
     """Source name -> its first documents, ``per_source`` characters at most (a longer document is cut), for
-    the checks made before a build."""
-    from .readers import Rejects, read_unit
+    the checks made before a build; read from the first bytes of the source only (``readers.read_prefix``)."""
+    from .readers import Rejects, read_prefix
 
     out = {}
     for src in manifest.sources:
         first = next((u for u in units if u.source == src.name), None)
         if first is None:
             continue
-        for batch in read_unit(first, src.text_field, src.id_field, Rejects(source=src.name), batch_bytes=per_source):
-            texts, left = [], per_source
-            for text in batch.texts:
-                if left <= 0:
-                    break
-                texts.append(text[:left])
-                left -= len(texts[-1])
-            out[src.name] = texts
-            break
+        found, _ = read_prefix(first, src.text_field, src.id_field, Rejects(source=src.name))
+        if not found:
+            continue
+        texts, left = [], per_source
+        for text in found:
+            if left <= 0:
+                break
+            texts.append(text[:left])
+            left -= len(texts[-1])
+        out[src.name] = texts
     return out
 
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from .. import layout
 from ..errors import SptokError
-from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
+from .encoders import FAST, EncoderMismatch, make_encoder
 from .progress import Progress
 from ..spec import BuildSpec
 from .unit import UnitContext, process_unit
@@ -117,63 +117,83 @@ def _ready() -> None:
     """A no-op task: returns once a worker has started and imported what it needs."""
 
 
-def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
-    from tokenizers import Tokenizer
+def split_work(todo: list) -> tuple[list, list]:
+    """(units to build in this process, units for the worker processes). This process builds the largest unit
+    itself, and every unit that starts no record (a JSONL byte range inside one long line: it only reads to that
+    line's end), so that a build of one long document starts no worker and waits for none."""
+    from .readers import starts_a_record
 
-    return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
+    order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
+    there = [u for u in order[1:] if starts_a_record(u)]
+    return [u for u in order if u not in there], there
 
 
 class WorkerPool:
-    """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
+    """Worker processes, spawned by ``start`` (once a build knows it has units for them), so that their start-up
+    overlaps with the encoder check and the unit this process builds."""
 
     def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = self.queue = None
+
+    def start(self) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        if self.pool is not None:
+            return
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
-        self.workers = workers
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
                                         initargs=(self.queue, os.getpid()))
-        for _ in range(workers):
+        for _ in range(self.workers):
             self.pool.submit(_ready)
-
-    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
-        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
-        planned: the main process never loads them."""
-        with _worker_deaths():
-            return self.pool.submit(_choose, work, kind, sample).result()
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         with _worker_deaths():
             self._run(work, todo, strict, encoder, progress, on_done)
 
     def _run(self, work, todo, strict, encoder, progress, on_done) -> None:
-        import queue as queue_mod
         from concurrent.futures import FIRST_EXCEPTION, wait
 
-        order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
-        units = {self.pool.submit(_run_one, work, strict, encoder, u): u for u in order}
+        here, there = split_work(todo)
+        if there:
+            self.start()
+        units = {self.pool.submit(_run_one, work, strict, encoder, u): u for u in there}
         pending = set(units)
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            while True:
-                try:
-                    progress.update(*self.queue.get_nowait())
-                except queue_mod.Empty:
-                    break
-            try:
+        try:
+            if here:
+                ctx = load_context(work, strict, encoder)
+            for u in here:
+                process_unit(ctx, u, progress=lambda *a: (progress.update(*a), self._forward(progress)))
+                progress.unit_done()
+                on_done(u)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                self._forward(progress)
                 for fut in done:
                     fut.result()          # re-raises a worker's SptokError
                     progress.unit_done()
                     on_done(units[fut])
-            except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
-                for fut in pending:
-                    fut.cancel()
-                wait(pending)
-                raise
+        except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
+            for fut in pending:
+                fut.cancel()
+            wait(pending)
+            raise
+
+    def _forward(self, progress) -> None:
+        """Hand the workers' progress messages to ``progress``."""
+        import queue as queue_mod
+
+        while self.queue is not None:
+            try:
+                progress.update(*self.queue.get_nowait())
+            except queue_mod.Empty:
+                return
 
     def close(self, kill: bool = False) -> None:
+        if self.pool is None:
+            return
         if kill:
             import multiprocessing as mp
 
