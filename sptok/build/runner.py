@@ -144,10 +144,21 @@ class WorkerPool:
             return
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
-        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.queue, os.getpid()))
-        for _ in range(self.workers):
-            self.pool.submit(_ready)
+        # the workers are born ignoring SIGINT (an ignored signal stays ignored through exec): a Ctrl-C while one
+        # still starts up, before _init_worker, would print its traceback. The main process ignores it only
+        # while it spawns them, here.
+        import threading
+
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.queue, os.getpid()))
+            for _ in range(self.workers):
+                self.pool.submit(_ready)   # spawns every worker, now
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         with _worker_deaths():
