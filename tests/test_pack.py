@@ -111,3 +111,29 @@ def test_assemble_lays_out_short_and_long_documents_alike(position, mean_len):
         post = [90, 91] + sp if sp and lay.post else []
         want += pre + text + post + [99]
     assert s.ids.tolist() == want
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+def test_runs_inside_a_long_document_are_the_samples_cut_one_by_one(position):
+    """The packer hands the middle of a long document on as runs (one row per sample); expanded, they are the
+    samples it cuts one at a time, in the same order, with the same segments and SPs."""
+    rng = np.random.default_rng(3)
+    lens = np.array([5, 64 * 40 + 17, 30, 64 * 9, 3])
+    flat = rng.integers(0, 1000, int(lens.sum())).astype(np.uint32)
+    dec = Decisions(np.array([True, True, False, True, True]), np.ones(5, bool), np.zeros(5, bool))
+    s, _ = assemble(flat, lens, 101, np.arange(5, dtype=np.uint64) + 7, dec, _layout(position))
+    one, runs = [], []
+    p = Packer(64, one.append)
+    q = Packer(64, lambda x: runs.append([x]), emit_run=lambda ids, key: runs.append(
+        [Stream(r, np.zeros(1, np.int64), np.array([key], np.uint64), np.empty(0, np.int64), np.empty(0, np.uint8))
+         for r in ids]))
+    for part in (cut(s, 0, 30), cut(s, 30, 1000), cut(s, 1000, len(s))):   # the first holds no sample
+        p.add(part.copy())
+        q.add(part.copy())
+    assert sum(len(r) > 1 for r in runs) >= 2       # the two long documents went as runs
+    both = [x for r in runs for x in r]
+    assert len(both) == len(one) == p.samples == q.samples
+    for a, b in zip(one, both):
+        for k, v in a.to_npz().items():
+            assert np.array_equal(v, getattr(b, k)) and v.dtype == getattr(b, k).dtype, k
+    assert all(np.array_equal(v, w) for v, w in zip(p.take_tail().to_npz().values(), q.take_tail().to_npz().values()))

@@ -16,6 +16,7 @@ from ..sp import Decisions
 from ..sp_layout import SPLayout
 
 LONG_DOC_TOKENS = 128   # from this many tokens per document on average, assemble copies each one's as a slice
+MIN_RUN = 8             # samples inside one document that the packer hands on as one run
 
 
 @dataclass
@@ -152,11 +153,17 @@ def cut(s: Stream, lo: int, hi: int) -> Stream:
 
 
 class Packer:
-    """Cuts a stream into ``seq_len`` samples as it arrives; keeps the remainder (< seq_len) as the tail."""
+    """Cuts a stream into ``seq_len`` samples as it arrives; keeps the remainder (< seq_len) as the tail.
 
-    def __init__(self, seq_len: int, emit: Callable[[Stream], None]):
+    ``emit_run(ids, key)``, where given, takes a run of samples that lie inside one document and hold no SP
+    (``ids``: one row each; ``key``: the document's hash) at once: the middle of a long document, written
+    without a Stream per sample."""
+
+    def __init__(self, seq_len: int, emit: Callable[[Stream], None],
+                 emit_run: Callable[[np.ndarray, int], None] | None = None):
         self.seq_len = seq_len
         self.emit = emit
+        self.emit_run = emit_run
         self.pending = Stream.empty()
         self.samples = 0
 
@@ -165,8 +172,14 @@ class Packer:
             return
         buf = concat(self.pending, s) if len(self.pending) else s
         full = len(buf) // self.seq_len
-        for k in range(full):
-            self.emit(cut(buf, k * self.seq_len, (k + 1) * self.seq_len))
+        k, n = 0, self.seq_len
+        for a, b, key in _runs(buf, full, n) if self.emit_run is not None else ():
+            for j in range(k, a):
+                self.emit(cut(buf, j * n, (j + 1) * n))
+            self.emit_run(buf.ids[a * n:b * n].reshape(b - a, n), key)
+            k = b
+        for j in range(k, full):
+            self.emit(cut(buf, j * n, (j + 1) * n))
         self.samples += full
         rest = full * self.seq_len
         # a copy: a view would keep all of ``s`` (a long document's ids) alive until the next add
@@ -175,6 +188,22 @@ class Packer:
     def take_tail(self) -> Stream:
         tail, self.pending = self.pending, Stream.empty()
         return tail
+
+
+def _runs(s: Stream, full: int, n: int, least: int = MIN_RUN):
+    """(first, end, document key) of each run of at least ``least`` consecutive samples of ``s`` (sample j is
+    [j * n, (j + 1) * n)) that lie inside one segment and hold no SP."""
+    if full < least:
+        return
+    lo = np.arange(full, dtype=np.int64) * n
+    seg = np.searchsorted(s.seg_starts, lo, side="right") - 1
+    inside = np.searchsorted(s.seg_starts, lo + n, side="left") - seg == 1
+    no_sp = np.searchsorted(s.sp_pos, lo + n) == np.searchsorted(s.sp_pos, lo)
+    run = np.where(inside & no_sp, seg, -1)
+    bounds = [0, *(np.flatnonzero(np.diff(run)) + 1).tolist(), full]
+    for a, b in zip(bounds, bounds[1:]):
+        if run[a] >= 0 and b - a >= least:
+            yield a, b, int(s.seg_keys[run[a]])
 
 
 def pad(s: Stream, seq_len: int, pad_id: int) -> Stream:
