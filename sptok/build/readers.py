@@ -108,7 +108,7 @@ def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, limit=None):
         try:   # decoded here as json.loads(raw) would, so that the raw line goes before the parse: a long line is
             # held twice at most (as text and as the record's value), not three times
             line = raw.decode(encoding)
-            surrogates = not encoding.startswith("utf-8") or b"\\ud" in raw or b"\\uD" in raw
+            surrogates = not encoding.startswith("utf-8") or (b"\\u" in raw and (b"\\ud" in raw or b"\\uD" in raw))
         except UnicodeDecodeError:
             try:
                 line, surrogates = raw.decode(encoding, "surrogatepass"), True
