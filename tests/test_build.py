@@ -366,18 +366,26 @@ def test_the_checks_before_a_build_hold_a_prefix_of_a_long_document(tmp_path):
 
 def test_a_build_of_one_long_line_needs_no_worker_process(tmp_path):
     """A long line split into several byte-range units: only its first unit holds a record, so the build runs
-    in this process whatever --workers says; a file of many lines gives the workers every unit but the largest."""
+    in this process whatever --workers says (and starts no worker); a file of many lines needs workers."""
     from sptok.build.manifest import load_manifest, plan_units
-    from sptok.build.runner import split_work
+    from sptok.build.runner import needs_workers
 
-    m = load_manifest(str(_one_document(tmp_path / "one", _long_text(1 << 20))))
-    units = plan_units(m, 300 << 10)
-    assert len(units) == 4 and split_work(units) == (units, [])
+    m = _one_document(tmp_path / "one", _long_text(1 << 20))
+    units = plan_units(load_manifest(str(m)), 300 << 10)
+    assert len(units) == 4 and not needs_workers(units)
+    import subprocess
+    import sys
+
+    for workers in (1, 2):   # the pool's module is imported when a pool starts: with 2 workers it never was
+        code = (f"import sys; from sptok.build import run_build; run_build({str(m)!r}, {str(tmp_path / str(workers))!r}, "
+                f"dict(tokenizer={str(TOKENIZER)!r}, workers={workers}, unit_size='300KB', quiet=True)); "
+                f"print('concurrent.futures.process' in sys.modules)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert r.stdout.split()[-1] == "False", r.stdout
+    assert tree_bytes(tmp_path / "2") == tree_bytes(tmp_path / "1")
     d = tmp_path / "many"
     d.mkdir()
     text = _long_text(2000)
     (d / "doc.jsonl").write_text("".join(json.dumps({"text": text[:1000 + i]}) + "\n" for i in range(1000)))
     (d / "m.yaml").write_text("sources:\n  - {name: many, paths: doc.jsonl}\n")
-    units = plan_units(load_manifest(str(d / "m.yaml")), 300 << 10)
-    here, there = split_work(units)
-    assert here == [max(units, key=lambda u: u.size)] and sorted(there + here, key=lambda u: u.index) == units
+    assert needs_workers(plan_units(load_manifest(str(d / "m.yaml")), 300 << 10))

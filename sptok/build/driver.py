@@ -29,7 +29,7 @@ from ..sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
                         load_tokenizer, save_tokenizer_dir, sp_tokens)
-from .runner import WorkerPool, run_units, split_work, unmap_freed_blocks
+from .runner import WorkerPool, needs_workers, run_units, unmap_freed_blocks
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
@@ -134,8 +134,8 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
         return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
     mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
     todo = [u for u in mine if not is_committed(work, u)]
-    if pool is not None and len(todo) > 1 and split_work(todo)[1]:
-        pool.start()   # the workers start up while this process writes the plan and checks the encoder
+    if pool is not None and needs_workers(todo):
+        pool.start()   # the workers start up while this process writes the plan
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
@@ -153,7 +153,8 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     watch = _SourceWatch(work, units, opts.holdout_docs)   # stops the build when a source ends without documents
     if todo:
         sample = corpus_sample(manifest, units)
-        name, why = choose_encoder(tok, opts.encoder, sample)
+        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool is not None and pool.started else \
+            choose_encoder(tok, opts.encoder, sample)
         if not opts.quiet:
             log(f"encoder: {name} ({why})")
         _run_with_fallback(work, mine, todo, opts, name, pool, log, watch)

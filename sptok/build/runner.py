@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from .. import layout
 from ..errors import SptokError
-from .encoders import FAST, EncoderMismatch, make_encoder
+from .encoders import FAST, EncoderMismatch, choose_encoder, make_encoder
 from .progress import Progress
 from ..spec import BuildSpec
 from .unit import UnitContext, process_unit
@@ -117,24 +117,32 @@ def _ready() -> None:
     """A no-op task: returns once a worker has started and imported what it needs."""
 
 
-def split_work(todo: list) -> tuple[list, list]:
-    """(units to build in this process, units for the worker processes). This process builds the largest unit
-    itself, and every unit that starts no record (a JSONL byte range inside one long line: it only reads to that
-    line's end), so that a build of one long document starts no worker and waits for none."""
+def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+    from tokenizers import Tokenizer
+
+    return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
+
+
+def needs_workers(todo: list) -> bool:
+    """Whether units ``todo`` are worth worker processes: more than one of them may hold a record. A unit that
+    starts none (a JSONL byte range inside one long line) only reads to that line's end, so a build of one long
+    document runs in this process, and starts no worker to wait for."""
     from .readers import starts_a_record
 
-    order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
-    there = [u for u in order[1:] if starts_a_record(u)]
-    return [u for u in order if u not in there], there
+    return sum(map(starts_a_record, todo)) > 1
 
 
 class WorkerPool:
-    """Worker processes, spawned by ``start`` (once a build knows it has units for them), so that their start-up
-    overlaps with the encoder check and the unit this process builds."""
+    """Worker processes, spawned by ``start`` once the plan shows work for them (``needs_workers``), before the plan
+    is written and the encoder checked, so their start-up overlaps that."""
 
     def __init__(self, workers: int):
         self.workers = workers
         self.pool = self.queue = None
+
+    @property
+    def started(self) -> bool:
+        return self.pool is not None
 
     def start(self) -> None:
         import multiprocessing as mp
@@ -164,33 +172,31 @@ class WorkerPool:
         with _worker_deaths():
             self._run(work, todo, strict, encoder, progress, on_done)
 
+    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
+        wrote the plan: the main process of a build with workers never loads them."""
+        with _worker_deaths():
+            return self.pool.submit(_choose, work, kind, sample).result()
+
     def _run(self, work, todo, strict, encoder, progress, on_done) -> None:
         from concurrent.futures import FIRST_EXCEPTION, wait
 
-        here, there = split_work(todo)
-        if there:
-            self.start()
-        units = {self.pool.submit(_run_one, work, strict, encoder, u): u for u in there}
+        order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
+        units = {self.pool.submit(_run_one, work, strict, encoder, u): u for u in order}
         pending = set(units)
-        try:
-            if here:
-                ctx = load_context(work, strict, encoder)
-            for u in here:
-                process_unit(ctx, u, progress=lambda *a: (progress.update(*a), self._forward(progress)))
-                progress.unit_done()
-                on_done(u)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                self._forward(progress)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            self._forward(progress)
+            try:
                 for fut in done:
                     fut.result()          # re-raises a worker's SptokError
                     progress.unit_done()
                     on_done(units[fut])
-        except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
-            for fut in pending:
-                fut.cancel()
-            wait(pending)
-            raise
+            except EncoderMismatch:       # the build falls back: let no unit of this encoder commit after this
+                for fut in pending:
+                    fut.cancel()
+                wait(pending)
+                raise
 
     def _forward(self, progress) -> None:
         """Hand the workers' progress messages to ``progress``."""
@@ -233,12 +239,12 @@ def _worker_deaths():
 
 def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None,
               on_done=lambda unit: None) -> None:
-    """Process ``todo``: in the pool when there is one and more than one unit, else in this process.
+    """Process ``todo``: in the pool when it was started, else in this process.
     ``on_done(unit)`` runs in this process after each commit (it may raise to stop the build)."""
     progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if pool is not None and len(todo) > 1:
+        if pool is not None and pool.started:
             pool.run(work, todo, opts.strict, encoder, progress, on_done)
         else:
             ctx = load_context(work, opts.strict, encoder)
