@@ -58,9 +58,10 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
                          "directory), set build.tokenizer in the manifest, or train one with "
                          "`sptok tokenizer train`")
-    pool = WorkerPool(opts.workers) if opts.workers > 1 else None   # started once there are units for it
+    units = plan_units(manifest, opts.unit_size)
+    pool = WorkerPool(opts.workers) if opts.workers > 1 and needs_workers(units) else None   # starts while we plan
     try:
-        res = _build(manifest, opts, out, overwrite, partition, log, pool)
+        res = _build(manifest, opts, out, overwrite, partition, log, pool, units)
     except BaseException:
         if pool is not None:
             pool.close(kill=True)
@@ -72,8 +73,8 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
 
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
-           pool: WorkerPool | None) -> BuildResult:
-    plan, tok, units = make_plan(manifest, opts)
+           pool: WorkerPool | None, units: list[Unit]) -> BuildResult:
+    plan, tok = make_plan(manifest, opts, units)
     _refuse_foreign(out)
     if not overwrite and _holds(out, plan):   # nothing to write, so no lock either: it may be a read-only copy
         return _already(out, plan, opts.strict)
@@ -132,10 +133,6 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     work = os.path.join(out, WORK)
     if state == "complete":
         return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
-    mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
-    todo = [u for u in mine if not is_committed(work, u)]
-    if pool is not None and needs_workers(todo):
-        pool.start()   # the workers start up while this process writes the plan
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
         save_tokenizer_dir(tok, os.path.join(work, layout.TOKENIZER), plan["tokenizer"]["roles"],
@@ -148,12 +145,14 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     elif os.path.exists(part_file):
         os.remove(part_file)
 
+    mine = [u for u in units if partition is None or u.index % partition[1] == partition[0]]
+    todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
     watch = _SourceWatch(work, units, opts.holdout_docs)   # stops the build when a source ends without documents
     if todo:
         sample = corpus_sample(manifest, units)
-        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool is not None and pool.started else \
+        name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
             choose_encoder(tok, opts.encoder, sample)
         if not opts.quiet:
             log(f"encoder: {name} ({why})")
@@ -188,8 +187,9 @@ def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: Buil
 
 # ------------------------------------------------------------------------------------------------ plan
 
-def make_plan(manifest: Manifest, opts: BuildOptions):
-    """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs."""
+def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit]):
+    """Resolve everything that determines the output: SP table, tokenizer, layout, inputs, for ``units``
+    (``plan_units``)."""
     sps, special = sp_tokens(manifest, opts)
     special_delim = special is not None
     if opts.policy != "custom" and any(s.sp for s in manifest.sources):
@@ -217,7 +217,6 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     roles = {**default_roles(tok), **lt.roles}
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok_json = tok.to_str()
-    units = plan_units(manifest, opts.unit_size)
     _probe_sources(manifest, units)
     _probe_encoding(manifest, units, tok, roles.get("unk_token"), opts.strict)
     identity = {
@@ -242,7 +241,7 @@ def make_plan(manifest: Manifest, opts: BuildOptions):
     plan["eos"] = {"token": eos, "id": tok.token_to_id(eos)}
     plan["pad"] = {"token": pad, "id": tok.token_to_id(pad) if pad else None}
     plan["input_ids_dtype"] = ids_dtype(vocab)
-    return plan, tok, units
+    return plan, tok
 
 
 def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:

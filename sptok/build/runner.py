@@ -123,62 +123,52 @@ def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
     return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
 
 
-def needs_workers(todo: list) -> bool:
-    """Whether units ``todo`` are worth worker processes: more than one of them may hold a record. A unit that
-    starts none (a JSONL byte range inside one long line) only reads to that line's end, so a build of one long
+def needs_workers(units: list) -> bool:
+    """Whether ``units`` are worth worker processes: more than one of them may hold a record. A unit that starts
+    none (a JSONL byte range inside one long line) only reads to that line's end, so a build of one long
     document runs in this process, and starts no worker to wait for."""
     from .readers import starts_a_record
 
-    return sum(map(starts_a_record, todo)) > 1
+    return sum(map(starts_a_record, units)) > 1
 
 
 class WorkerPool:
-    """Worker processes, spawned by ``start`` once the plan shows work for them (``needs_workers``), before the plan
-    is written and the encoder checked, so their start-up overlaps that."""
+    """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning."""
 
     def __init__(self, workers: int):
-        self.workers = workers
-        self.pool = self.queue = None
-
-    @property
-    def started(self) -> bool:
-        return self.pool is not None
-
-    def start(self) -> None:
         import multiprocessing as mp
+        import threading
         from concurrent.futures import ProcessPoolExecutor
 
-        if self.pool is not None:
-            return
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
+        self.workers = workers
         # the workers are born ignoring SIGINT (an ignored signal stays ignored through exec): a Ctrl-C while one
         # still starts up, before _init_worker, would print its traceback. The main process ignores it only
         # while it spawns them, here.
-        import threading
-
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
             if threading.current_thread() is threading.main_thread() else None
         try:
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(self.queue, os.getpid()))
-            for _ in range(self.workers):
+            for _ in range(workers):
                 self.pool.submit(_ready)   # spawns every worker, now
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
+    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
+        planned: the main process never loads them."""
+        with _worker_deaths():
+            return self.pool.submit(_choose, work, kind, sample).result()
+
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         with _worker_deaths():
             self._run(work, todo, strict, encoder, progress, on_done)
 
-    def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
-        """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
-        wrote the plan: the main process of a build with workers never loads them."""
-        with _worker_deaths():
-            return self.pool.submit(_choose, work, kind, sample).result()
-
     def _run(self, work, todo, strict, encoder, progress, on_done) -> None:
+        import queue as queue_mod
         from concurrent.futures import FIRST_EXCEPTION, wait
 
         order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
@@ -186,7 +176,11 @@ class WorkerPool:
         pending = set(units)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            self._forward(progress)
+            while True:
+                try:
+                    progress.update(*self.queue.get_nowait())
+                except queue_mod.Empty:
+                    break
             try:
                 for fut in done:
                     fut.result()          # re-raises a worker's SptokError
@@ -198,19 +192,7 @@ class WorkerPool:
                 wait(pending)
                 raise
 
-    def _forward(self, progress) -> None:
-        """Hand the workers' progress messages to ``progress``."""
-        import queue as queue_mod
-
-        while self.queue is not None:
-            try:
-                progress.update(*self.queue.get_nowait())
-            except queue_mod.Empty:
-                return
-
     def close(self, kill: bool = False) -> None:
-        if self.pool is None:
-            return
         if kill:
             import multiprocessing as mp
 
@@ -239,12 +221,12 @@ def _worker_deaths():
 
 def run_units(work: str, todo: list, opts, encoder: str, pool: WorkerPool | None = None,
               on_done=lambda unit: None) -> None:
-    """Process ``todo``: in the pool when it was started, else in this process.
+    """Process ``todo``: in the pool when there is one and more than one unit, else in this process.
     ``on_done(unit)`` runs in this process after each commit (it may raise to stop the build)."""
     progress = Progress(total_bytes=sum(u.size for u in todo), total_units=len(todo), quiet=opts.quiet)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if pool is not None and pool.started:
+        if pool is not None and len(todo) > 1:
             pool.run(work, todo, opts.strict, encoder, progress, on_done)
         else:
             ctx = load_context(work, opts.strict, encoder)
