@@ -290,7 +290,8 @@ def test_wordpiece_tokenizer_and_uint32_ids(tmp_path, small_corpus, manifest, bu
 def _one_document(d, text: str):
     """A manifest of one source holding one document, ``text``."""
     d.mkdir()
-    (d / "doc.jsonl").write_text(json.dumps({"id": "one", "text": text}) + "\n")
+    (d / "doc.jsonl").write_text(json.dumps({"id": "one", "text": text}, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
     (d / "m.yaml").write_text("sources:\n  - {name: one, paths: doc.jsonl}\n")
     return d / "m.yaml"
 
@@ -309,22 +310,28 @@ def _peak_rss_of_build(manifest_path, out) -> int:
     return int(r.stdout.split()[-1]) << 10
 
 
-def _long_text(nbytes: int) -> str:
-    """Real ASCII text (the demo slice; Python holds it at one byte per character), ``nbytes`` long."""
+def _long_text(nbytes: int, ascii: bool = True) -> str:
+    """Real text (the demo slice), ``nbytes`` characters long: ASCII only (Python holds it at one byte per
+    character), or as written (two bytes per character: the Chinese source's characters)."""
     from conftest import demo_records
 
-    one = "\n\n".join(r["text"] for n in SOURCES for r in demo_records(n)).encode("ascii", "ignore").decode()
+    one = "\n\n".join(r["text"] for n in SOURCES for r in demo_records(n))
+    if ascii:
+        one = one.encode("ascii", "ignore").decode()
     return (one * (nbytes // len(one) + 1))[:nbytes]
 
 
-def test_a_long_document_builds_in_memory_bounded_by_its_size(tmp_path):
+@pytest.mark.parametrize("ascii", [True, False])
+def test_a_long_document_builds_in_memory_bounded_by_its_size(tmp_path, ascii):
     """A one-document corpus of 8 MB builds within 4x its bytes over what a one-document corpus of 20 KB takes
     (interpreter, tokenizer, encoders): no stage holds the reference's encoding of the whole document (~100
-    bytes per byte), an index per token, or several copies of the text."""
-    text = _long_text(8 << 20)
+    bytes per byte), an index per token, or several copies of the text: as a line, decoded and parsed, that
+    is three, and at two bytes per character already 4.7x."""
+    text = _long_text(8 << 20, ascii)
     big = _peak_rss_of_build(_one_document(tmp_path / "big", text), tmp_path / "big-out")
     tiny = _peak_rss_of_build(_one_document(tmp_path / "tiny", text[:20 << 10]), tmp_path / "tiny-out")
-    assert big - tiny <= 4 * len(text), f"{(big - tiny) / len(text):.1f}x the document's bytes"
+    nbytes = len(text.encode())
+    assert big - tiny <= 4 * nbytes, f"{(big - tiny) / nbytes:.1f}x the document's bytes"
 
 
 def test_the_encoder_check_reads_a_prefix_of_a_long_document(tmp_path):
@@ -334,3 +341,51 @@ def test_the_encoder_check_reads_a_prefix_of_a_long_document(tmp_path):
     m = load_manifest(str(_one_document(tmp_path / "c", _long_text(1 << 20))))
     sample = corpus_sample(m, plan_units(m, 1 << 30))
     assert sample == [_long_text(1 << 20)[:32 << 10]]
+
+
+def test_the_checks_before_a_build_hold_a_prefix_of_a_long_document(tmp_path):
+    """The source probe and the encoder sample read a few hundred KB of a 16 MB document, never all of it."""
+    import tracemalloc
+
+    from sptok.build.driver import _probe_sources, source_samples
+    from sptok.build.manifest import load_manifest, plan_units
+
+    text = _long_text(16 << 20)
+    m = load_manifest(str(_one_document(tmp_path / "c", text)))
+    units = plan_units(m, 1 << 30)
+    tracemalloc.start()
+    try:
+        _probe_sources(m, units)
+        samples = source_samples(m, units)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert samples == {"one": [text[:32 << 10]]}
+    assert peak < 2 << 20, f"{peak / 1e6:.1f} MB held"
+
+
+def test_a_build_of_one_long_line_needs_no_worker_process(tmp_path):
+    """A long line split into several byte-range units: only its first unit holds a record, so the build runs
+    in this process whatever --workers says (and starts no worker); a file of many lines needs workers."""
+    from sptok.build.manifest import load_manifest, plan_units
+    from sptok.build.runner import needs_workers
+
+    m = _one_document(tmp_path / "one", _long_text(1 << 20))
+    units = plan_units(load_manifest(str(m)), 300 << 10)
+    assert len(units) == 4 and not needs_workers(units)
+    import subprocess
+    import sys
+
+    for workers in (1, 2):   # the pool's module is imported when a pool starts: with 2 workers it never was
+        code = (f"import sys; from sptok.build import run_build; run_build({str(m)!r}, {str(tmp_path / str(workers))!r}, "
+                f"dict(tokenizer={str(TOKENIZER)!r}, workers={workers}, unit_size='300KB', quiet=True)); "
+                f"print('concurrent.futures.process' in sys.modules)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert r.stdout.split()[-1] == "False", r.stdout
+    assert tree_bytes(tmp_path / "2") == tree_bytes(tmp_path / "1")
+    d = tmp_path / "many"
+    d.mkdir()
+    text = _long_text(2000)
+    (d / "doc.jsonl").write_text("".join(json.dumps({"text": text[:1000 + i]}) + "\n" for i in range(1000)))
+    (d / "m.yaml").write_text("sources:\n  - {name: many, paths: doc.jsonl}\n")
+    assert needs_workers(plan_units(load_manifest(str(d / "m.yaml")), 300 << 10))

@@ -150,3 +150,58 @@ def test_cuts_concat_take_and_pad_carry_the_spans():
     assert pad(samples[-1], 16, 0).meta_spans.tolist() == samples[-1].meta_spans.tolist()
     back = Stream.from_npz(whole.to_npz())
     assert back.meta_spans.tolist() == whole.meta_spans.tolist() and whole.copy().meta_spans.shape[1] == 2
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+@pytest.mark.parametrize("mean_len", [3, 500])
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_assemble_lays_out_short_and_long_documents_alike(position, mean_len, with_meta):
+    """Long documents are copied one slice each, short ones through a mask: the same layout either way, as
+    written out document by document, metadata right before the text."""
+    rng = np.random.default_rng(mean_len)
+    lens = rng.integers(1, 2 * mean_len, 40)
+    flat = rng.integers(0, 1000, int(lens.sum())).astype(np.uint32)
+    dec = Decisions(rng.random(40) < 0.7, rng.random(40) < 0.5, rng.random(40) < 0.5)
+    mlens = rng.integers(0, 5, 40) if with_meta else np.zeros(40, np.int64)
+    mflat = rng.integers(2000, 3000, int(mlens.sum())).astype(np.uint32)
+    lay = _layout(position)
+    s, _ = assemble(flat, lens, 101, np.arange(40, dtype=np.uint64), dec, lay, (mflat, mlens) if with_meta else None)
+    want, at, mat = [], 0, 0
+    for i, n in enumerate(lens):
+        text, sp = flat[at:at + n].tolist(), [101] if dec.inserted[i] else []
+        meta = mflat[mat:mat + mlens[i]].tolist()
+        at, mat = at + n, mat + mlens[i]
+        pre = sp + [90, 91] if sp and lay.prefix else []
+        post = [90, 91] + sp if sp and lay.post else []
+        want += pre + meta + text + post + [99]
+    assert s.ids.tolist() == want
+
+
+@pytest.mark.parametrize("position", ["prefix", "post", "both"])
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_runs_inside_a_long_document_are_the_samples_cut_one_by_one(position, with_meta):
+    """The packer hands the middle of a long document on as runs (one row per sample); expanded, they are the
+    samples it cuts one at a time, in the same order, with the same segments, SPs and metadata spans (a sample
+    holding metadata, here a 70-token span, is no part of a run)."""
+    rng = np.random.default_rng(3)
+    lens = np.array([5, 64 * 40 + 17, 30, 64 * 9, 3])
+    flat = rng.integers(0, 1000, int(lens.sum())).astype(np.uint32)
+    dec = Decisions(np.array([True, True, False, True, True]), np.ones(5, bool), np.zeros(5, bool))
+    mlens = np.array([2, 70, 0, 3, 1])
+    meta = (np.full(int(mlens.sum()), 2000, np.uint32), mlens) if with_meta else None
+    s, _ = assemble(flat, lens, 101, np.arange(5, dtype=np.uint64) + 7, dec, _layout(position), meta)
+    one, runs = [], []
+    p = Packer(64, one.append)
+    q = Packer(64, lambda x: runs.append([x]), emit_run=lambda ids, key: runs.append(
+        [Stream(r, np.zeros(1, np.int64), np.array([key], np.uint64), np.empty(0, np.int64), np.empty(0, np.uint8))
+         for r in ids]))
+    for part in (cut(s, 0, 30), cut(s, 30, 1000), cut(s, 1000, len(s))):   # the first holds no sample
+        p.add(part.copy())
+        q.add(part.copy())
+    assert sum(len(r) > 1 for r in runs) >= 2       # the two long documents went as runs
+    both = [x for r in runs for x in r]
+    assert len(both) == len(one) == p.samples == q.samples
+    for a, b in zip(one, both):
+        for k, v in a.to_npz().items():
+            assert np.array_equal(v, getattr(b, k)) and v.dtype == getattr(b, k).dtype, k
+    assert all(np.array_equal(v, w) for v, w in zip(p.take_tail().to_npz().values(), q.take_tail().to_npz().values()))

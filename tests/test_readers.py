@@ -128,3 +128,72 @@ def test_parquet_bad_values_and_columns(tmp_path, manifest):
         _docs(plan_units(m, 1 << 20), text_field="body", id_field=None)
     with pytest.raises(SptokError, match="column 'n' \\(text_field\\) has type int64, expected a string"):
         _docs(plan_units(m, 1 << 20), text_field="n", id_field=None)
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_prefix_read_gives_the_exact_start_of_a_long_record_cut_anywhere(tmp_path, manifest, ensure_ascii):
+    """The checks before a build read a prefix of a unit: a record cut there (in an escape, in a character, in
+    a surrogate pair) gives the start of its text, exactly, and holds no more than the prefix."""
+    from sptok.build.readers import read_prefix
+
+    text = ("line one\n\t\"quoted\" \\ é 中文 😀 " * 400)[:9000]
+    (tmp_path / "f.jsonl").write_text(json.dumps({"id": 1, "meta": {"a": [1, "}"]}, "text": text},
+                                                 ensure_ascii=ensure_ascii) + "\n" + json.dumps({"text": "next"}))
+    (tmp_path / "f.txt").write_text(text)
+    for paths in ("f.jsonl", "f.txt"):
+        unit = plan_units(load_manifest(manifest([{"name": "s", "paths": paths}])), 1 << 20)[0]
+        seen = set()
+        for nbytes in range(40, 3000, 7):
+            got, whole = read_prefix(unit, "text", None, Rejects(source="s"), nbytes=nbytes)
+            assert not whole and len(got) <= 1
+            if got:
+                assert text.startswith(got[0]) and len(got[0].encode()) <= nbytes, (paths, nbytes)
+                seen.add(len(got[0]))
+        assert len(seen) > 100, paths   # most cuts tell a text, and a longer one the further they go
+    got, whole = read_prefix(unit, "text", None, Rejects(source="s"), nbytes=1 << 20)
+    assert got == [text] and whole
+
+
+def test_a_prefix_read_tells_nothing_it_cannot_see(tmp_path, manifest):
+    """A record whose text lies beyond the prefix, or whose prefix is blank, is no document yet and no reject:
+    the build decides about it when it reads it whole."""
+    from sptok.build.readers import read_prefix
+
+    long = "x" * 5000
+    for rec in ({"meta": long, "text": "t"}, {"text": " " * 5000 + "t"}, {"id": [long], "text": "t"}):
+        (tmp_path / "f.jsonl").write_text(json.dumps(rec) + "\n")
+        unit = plan_units(load_manifest(manifest([{"name": "s", "paths": "f.jsonl"}])), 1 << 20)[0]
+        rejects = Rejects(source="s")
+        assert read_prefix(unit, "text", None, rejects, nbytes=1000) == ([], False)
+        assert not rejects.counts
+
+
+@pytest.mark.parametrize("unit_size", [13, 97, 1000, 30000])
+def test_starts_a_record_is_whether_a_unit_yields_one(tmp_path, manifest, unit_size):
+    """A byte range inside one long line starts no record: such units are built without a worker."""
+    from sptok.build.readers import starts_a_record
+
+    recs = demo_records("fortunes", 40)
+    recs[7]["text"] *= 300   # a line longer than several units
+    write_jsonl(tmp_path / "f.jsonl", recs)
+    m = load_manifest(manifest([{"name": "s", "paths": "f.jsonl", "id_field": "id"}]))
+    units = plan_units(m, unit_size)
+    assert [starts_a_record(u) for u in units] == [bool(_docs([u])[0]) for u in units]
+    assert unit_size > 1000 or not all(starts_a_record(u) for u in units)
+
+
+def test_lone_surrogates_are_rejected_however_written(tmp_path, manifest):
+    """A lone surrogate, escaped or as raw UTF-8-style bytes (which json.loads lets through), is invalid UTF-8;
+    a pair is a character. A text is searched for one only where its line could hold one."""
+    lines = [b'{"text": "ok \\ud83d\\ude00 pair"}', b'{"text": "lone \\ud800 escape"}',
+             b'{"text": "lone \xed\xa0\x80 bytes"}', '{"text": "plain é"}'.encode()]
+    (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    unit = plan_units(load_manifest(manifest([{"name": "s", "paths": "f.jsonl"}])), 1 << 20)[0]
+    quarantined = []
+    rejects = Rejects(source="s", sink=quarantined.append)
+    texts = [t for b in read_unit(unit, "text", None, rejects) for t in b.texts]
+    assert texts == ["ok \U0001F600 pair", "plain é"]
+    assert rejects.counts == {"invalid_utf8": 2}
+    assert [r["detail"] for r in quarantined] == ["field 'text' holds a lone surrogate escape (not valid UTF-8)"] * 2
+    import base64
+    assert [base64.b64decode(r["raw_b64"]) if "raw_b64" in r else r["raw"].encode() for r in quarantined] == lines[1:3]

@@ -109,3 +109,26 @@ def test_columns_are_defined_once(tmp_path, fmt):
     got = as_arrays(back)
     assert got["input_ids"].tolist() == s.ids.tolist() and got["sp_positions"].tolist() == s.sp_pos.tolist()
     assert got["doc_keys"].tolist() == s.seg_keys.tolist() and got["source_id"] == 2
+
+
+@pytest.mark.parametrize("fmt,dtype", [("mds", "uint16"), ("mds", "uint32"), ("parquet", "uint16"),
+                                       ("arrow", "uint32")])
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_run_of_samples_writes_the_bytes_of_each_sample(tmp_path, fmt, dtype, meta):
+    """write_run (the middle of a long document, many samples at once) writes what write gives each sample:
+    the same shard files, shard breaks included, in a build with metadata (an empty meta_spans) too."""
+    from sptok.build.writers import open_writer
+
+    ids = np.random.default_rng(1).integers(0, 60000, (300, 64)).astype(np.uint32)
+    files = {}
+    for how in ("one", "run"):
+        (tmp_path / how).mkdir()
+        w = open_writer(fmt, str(tmp_path / how), dtype, 1 << 14, meta=meta)
+        if how == "run":
+            w.write_run(ids, 2**63 + 5, 3)
+        else:
+            for row in ids:
+                w.write(Stream(row, np.zeros(1, np.int64), np.array([2**63 + 5], np.uint64), np.empty(0, np.int64),
+                               np.empty(0, np.uint8)), 3)
+        files[how] = (w.finish(), {p.name: p.read_bytes() for p in (tmp_path / how).iterdir()})
+    assert files["one"] == files["run"] and len(files["one"][1]) >= (4 if fmt == "mds" else 1)

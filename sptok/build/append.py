@@ -34,7 +34,7 @@ from . import outdir
 from .driver import (BuildResult, _fill, _prepare_out, _refuse_skipped, describe_changes, make_plan, resolve_build,
                      run_pooled)
 from .finalize import _copy_dir, fingerprint_of
-from .manifest import Manifest, describe_sources, input_fingerprint
+from .manifest import Manifest, describe_sources, input_fingerprint, plan_units
 from .options import BuildOptions
 from .tokenizer import load_tokenizer, sp_tokens
 
@@ -71,7 +71,8 @@ def _append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, p
             return _unchanged(out, parent, opts)
         new = dataclasses.replace(manifest, sources=manifest.sources[n_old:])
         new_opts = dataclasses.replace(opts, tokenizer=os.path.join(where, TOKENIZER))
-        plan, tok, units = make_plan(new, new_opts, named=manifest)
+        units = plan_units(new, opts.unit_size)
+        plan, tok = make_plan(new, new_opts, units, named=manifest)
         if plan["input_ids_dtype"] != parent["input_ids_dtype"]:
             raise SptokError(f"--append: the new SPs take the vocabulary to {plan['tokenizer']['vocab_size']:,} "
                              f"tokens, which need {plan['input_ids_dtype']} ids; the build's shards hold "

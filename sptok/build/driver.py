@@ -29,7 +29,7 @@ from ..sp import SPEntry
 from .encoders import EncoderMismatch, choose_encoder
 from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
                         load_tokenizer, save_tokenizer_dir, sp_tokens)
-from .runner import WorkerPool, run_units, unmap_freed_blocks
+from .runner import WorkerPool, needs_workers, run_units, unmap_freed_blocks
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
@@ -52,7 +52,9 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
         raise SptokError("no tokenizer: pass --tokenizer PATH (a tokenizer.json or a Hugging Face tokenizer "
                          "directory), set build.tokenizer in the manifest, or train one with "
                          "`sptok tokenizer train`")
-    return run_pooled(opts, lambda pool: _build(manifest, opts, out, overwrite, partition, log, pool), t0)
+    units = plan_units(manifest, opts.unit_size)
+    return run_pooled(opts, lambda pool: _build(manifest, opts, out, overwrite, partition, log, pool, units), t0,
+                      needs_workers(units))
 
 
 def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, BuildOptions]:
@@ -66,9 +68,10 @@ def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, 
     return manifest, BuildOptions.resolve(defaults, flags, {s.name: s.metadata for s in manifest.sources})
 
 
-def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
-    """``work(pool)``, the worker processes (None for one worker) started while it plans and closed after."""
-    pool = _start_pool(opts)   # starts while we plan
+def run_pooled(opts: BuildOptions, work, t0: float, workers_needed: bool = True) -> BuildResult:
+    """``work(pool)``, the worker processes (None for one worker, or where ``workers_needed`` is false: no unit
+    but one can hold a record) started while it plans and closed after."""
+    pool = _start_pool(opts, workers_needed)   # starts while we plan
     try:
         res = work(pool)
     except BaseException:
@@ -81,18 +84,18 @@ def run_pooled(opts: BuildOptions, work, t0: float) -> BuildResult:
     return res
 
 
-def _start_pool(opts: BuildOptions):
-    """Where the units run: worker processes here (none for one worker), or a Ray cluster."""
+def _start_pool(opts: BuildOptions, needed: bool = True):
+    """Where the units run: worker processes here (none for one worker, or none ``needed``), or a Ray cluster."""
     if opts.executor == "ray":
         from .ray_executor import RayPool
 
         return RayPool(opts.ray_address, opts.workers)
-    return WorkerPool(opts.workers) if opts.workers > 1 else None
+    return WorkerPool(opts.workers) if opts.workers > 1 and needed else None
 
 
 def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
-           pool: WorkerPool | None) -> BuildResult:
-    plan, tok, units = make_plan(manifest, opts)
+           pool: WorkerPool | None, units: list[Unit]) -> BuildResult:
+    plan, tok = make_plan(manifest, opts, units)
     _refuse_foreign(out)
     if not overwrite and _holds(out, plan):   # nothing to write, so no lock either: it may be a read-only copy
         return _already(out, plan, opts.strict)
@@ -206,8 +209,9 @@ def _run_with_fallback(work: str, mine: list[Unit], todo: list[Unit], opts: Buil
 
 # ------------------------------------------------------------------------------------------------ plan
 
-def make_plan(manifest: Manifest, opts: BuildOptions, named: Manifest | None = None):
-    """Resolve everything that determines the output: SP table, tokenizer, layout, units, inputs.
+def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit], named: Manifest | None = None):
+    """Resolve everything that determines the output: SP table, tokenizer, layout, inputs, for ``units``
+    (``plan_units``).
 
     ``named``: for an append, the whole manifest (the build's sources, then ``manifest``'s new ones): SPs are
     named, added to the tokenizer and tabled for all its sources, as a build of it would, while only
@@ -240,7 +244,6 @@ def make_plan(manifest: Manifest, opts: BuildOptions, named: Manifest | None = N
     roles = {**default_roles(tok), **lt.roles}
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok_json = tok.to_str()
-    units = plan_units(manifest, opts.unit_size)
     _probe_sources(manifest, units)
     _probe_metadata(manifest, units, opts.metadata)
     _probe_encoding(manifest, units, tok, roles.get("unk_token"), opts.strict)
@@ -266,14 +269,15 @@ def make_plan(manifest: Manifest, opts: BuildOptions, named: Manifest | None = N
     plan["eos"] = {"token": eos, "id": tok.token_to_id(eos)}
     plan["pad"] = {"token": pad, "id": tok.token_to_id(pad) if pad else None}
     plan["input_ids_dtype"] = ids_dtype(vocab)
-    return plan, tok, units
+    return plan, tok
 
 
 def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
     """Fail before anything is written when a source cannot give a document: a field or column that is
     not there (checked in every table file's schema, and in the first JSONL records), or a first unit
-    without one document when it is the source's only unit (then the whole source was read)."""
-    from .readers import TABLES, Rejects, read_unit, schema_problem, table_schema
+    without one document in its first bytes when those are all of the source's only unit (then the whole
+    source was read)."""
+    from .readers import TABLES, Rejects, read_prefix, schema_problem, table_schema
 
     for src in manifest.sources:
         where = f"manifest {manifest.path}: source {src.name!r}"
@@ -287,12 +291,13 @@ def _probe_sources(manifest: Manifest, units: list[Unit]) -> None:
         if not mine:
             continue
         probe = Rejects(source=src.name)
-        if next(read_unit(mine[0], src.text_field, src.id_field, probe, batch_bytes=1), None) is not None:
+        texts, whole = read_prefix(mine[0], src.text_field, src.id_field, probe)
+        if texts:
             continue
         if "missing_field" in probe.counts:
             raise SptokError(f"{where}: {probe.examples['missing_field']}; set text_field (and id_field) to "
                              f"fields the records have")
-        if len(mine) == 1:
+        if len(mine) == 1 and whole:
             raise SptokError(f"manifest {manifest.path}: " + no_documents(src.name, dict(probe.counts),
                                                                           probe.examples))
 
@@ -407,23 +412,24 @@ def corpus_sample(manifest: Manifest, units: list[Unit], per_source: int = 32 <<
 
 def source_samples(manifest: Manifest, units: list[Unit], per_source: int = 32 << 10) -> dict[str, list[str]]:
     """Source name -> its first documents, ``per_source`` characters at most (a longer document is cut), for
-    the checks made before a build."""
-    from .readers import Rejects, read_unit
+    the checks made before a build; read from the first bytes of the source only (``readers.read_prefix``)."""
+    from .readers import Rejects, read_prefix
 
     out = {}
     for src in manifest.sources:
         first = next((u for u in units if u.source == src.name), None)
         if first is None:
             continue
-        for batch in read_unit(first, src.text_field, src.id_field, Rejects(source=src.name), batch_bytes=per_source):
-            texts, left = [], per_source
-            for text in batch.texts:
-                if left <= 0:
-                    break
-                texts.append(text[:left])
-                left -= len(texts[-1])
-            out[src.name] = texts
-            break
+        found, _ = read_prefix(first, src.text_field, src.id_field, Rejects(source=src.name))
+        if not found:
+            continue
+        texts, left = [], per_source
+        for text in found:
+            if left <= 0:
+                break
+            texts.append(text[:left])
+            left -= len(texts[-1])
+        out[src.name] = texts
     return out
 
 

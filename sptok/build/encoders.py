@@ -254,11 +254,12 @@ def in_pieces(encode, cuttable: bool, size: int = PIECE_CHARS):
                 lens.append(n)
                 continue
             for t in group:
-                bounds = [0, *cut_points(t, size), len(t)]
-                pieces = [encode([t[a:b]])[0] for a, b in zip(bounds, bounds[1:])]
-                parts += pieces
-                lens.append(np.array([sum(map(len, pieces))], np.int64))
-        return _join(parts), np.concatenate(lens)
+                bounds, n = [0, *cut_points(t, size), len(t)], 0
+                for a, b in zip(bounds, bounds[1:]):
+                    parts.append(encode([t[a:b]])[0])
+                    n += len(parts[-1])
+                lens.append(np.array([n], np.int64))
+        return _join(parts), np.concatenate(lens)   # no other list may hold the parts: _join frees each
     return run
 
 

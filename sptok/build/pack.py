@@ -15,6 +15,9 @@ import numpy as np
 from ..sp import Decisions
 from ..sp_layout import SPLayout
 
+LONG_DOC_TOKENS = 128   # from this many tokens per document on average, assemble copies each one's as a slice
+MIN_RUN = 8             # samples inside one document that the packer hands on as one run
+
 
 @dataclass
 class Stream:
@@ -78,9 +81,10 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
     doc_start = np.zeros(n, np.int64)
     np.cumsum(doc_len[:-1], out=doc_start[1:])
     out = np.empty(int(doc_len.sum()), np.uint32)
-    # text tokens fill what SPs, delimiters and EOS leave, in order: a mask costs one byte per token, where
-    # an index array (a shift per token) would cost sixteen
-    is_text = np.ones(len(out), bool)
+    # text tokens fill what SPs, delimiters and EOS leave, in order: one slice per document where documents are
+    # long (a mask over a 50 MB document's tokens costs 8x its copy), else a mask, which costs one byte per
+    # token, where an index array (a shift per token) would cost sixteen
+    is_text = np.ones(len(out), bool) if len(flat) < LONG_DOC_TOKENS * n else None
     sp_pos, sp_masked = [], []
     for post, on, masked in ((False, layout.prefix, dec.masked_prefix), (True, layout.post, dec.masked_post)):
         if not on:
@@ -88,11 +92,11 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
         p = doc_start[ins] + layout.post_sp_offset(meta_len[ins] + text_len[ins]) if post else doc_start[ins]
         out[p] = np.uint32(sp_id)
         out[p[:, None] + layout.delimiter_offsets(post)] = delim
-        is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
+        if is_text is not None:
+            is_text[p] = is_text[p[:, None] + layout.delimiter_offsets(post)] = False
         sp_pos.append(p)
         sp_masked.append(masked[ins])
     out[doc_start + doc_len - 1] = layout.eos_id
-    is_text[doc_start + doc_len - 1] = False
     spans = np.empty((0, 2), np.int64)
     if meta is not None:
         has = meta_len > 0
@@ -100,8 +104,15 @@ def assemble(flat: np.ndarray, text_len: np.ndarray, sp_id: int, hashes: np.ndar
         at = np.repeat(spans[:, 0] - np.cumsum(meta_len[has]) + meta_len[has], meta_len[has]) \
             + np.arange(len(meta_flat))    # each metadata token's position
         out[at] = meta_flat
-        is_text[at] = False
-    out[is_text] = flat
+        if is_text is not None:
+            is_text[at] = False
+    if is_text is not None:
+        is_text[doc_start + doc_len - 1] = False
+        out[is_text] = flat
+    else:
+        text_start = doc_start + pre_len + meta_len
+        for a, b, k in zip(text_start.tolist(), (np.cumsum(text_len) - text_len).tolist(), text_len.tolist()):
+            out[a:a + k] = flat[b:b + k]
     pos = np.concatenate(sp_pos) if sp_pos else np.empty(0, np.int64)
     msk = np.concatenate(sp_masked).astype(np.uint8) if sp_masked else np.empty(0, np.uint8)
     order = np.argsort(pos, kind="stable")
@@ -170,11 +181,17 @@ def cut(s: Stream, lo: int, hi: int) -> Stream:
 
 
 class Packer:
-    """Cuts a stream into ``seq_len`` samples as it arrives; keeps the remainder (< seq_len) as the tail."""
+    """Cuts a stream into ``seq_len`` samples as it arrives; keeps the remainder (< seq_len) as the tail.
 
-    def __init__(self, seq_len: int, emit: Callable[[Stream], None]):
+    ``emit_run(ids, key)``, where given, takes a run of samples that lie inside one document and hold no SP and
+    no metadata (``ids``: one row each; ``key``: the document's hash) at once: the middle of a long document, written
+    without a Stream per sample."""
+
+    def __init__(self, seq_len: int, emit: Callable[[Stream], None],
+                 emit_run: Callable[[np.ndarray, int], None] | None = None):
         self.seq_len = seq_len
         self.emit = emit
+        self.emit_run = emit_run
         self.pending = Stream.empty()
         self.samples = 0
 
@@ -183,8 +200,14 @@ class Packer:
             return
         buf = concat(self.pending, s) if len(self.pending) else s
         full = len(buf) // self.seq_len
-        for k in range(full):
-            self.emit(cut(buf, k * self.seq_len, (k + 1) * self.seq_len))
+        k, n = 0, self.seq_len
+        for a, b, key in _runs(buf, full, n) if self.emit_run is not None else ():
+            for j in range(k, a):
+                self.emit(cut(buf, j * n, (j + 1) * n))
+            self.emit_run(buf.ids[a * n:b * n].reshape(b - a, n), key)
+            k = b
+        for j in range(k, full):
+            self.emit(cut(buf, j * n, (j + 1) * n))
         self.samples += full
         rest = full * self.seq_len
         # a copy: a view would keep all of ``s`` (a long document's ids) alive until the next add
@@ -193,6 +216,24 @@ class Packer:
     def take_tail(self) -> Stream:
         tail, self.pending = self.pending, Stream.empty()
         return tail
+
+
+def _runs(s: Stream, full: int, n: int, least: int = MIN_RUN):
+    """(first, end, document key) of each run of at least ``least`` consecutive samples of ``s`` (sample j is
+    [j * n, (j + 1) * n)) that lie inside one segment and hold no SP and no metadata token."""
+    if full < least:
+        return
+    lo = np.arange(full, dtype=np.int64) * n
+    seg = np.searchsorted(s.seg_starts, lo, side="right") - 1
+    inside = np.searchsorted(s.seg_starts, lo + n, side="left") - seg == 1
+    no_sp = np.searchsorted(s.sp_pos, lo + n) == np.searchsorted(s.sp_pos, lo)
+    # no metadata token either: no span starts before the sample's end and ends after its start
+    no_meta = np.searchsorted(s.meta_spans[:, 0], lo + n) == np.searchsorted(s.meta_spans[:, 1], lo, side="right")
+    run = np.where(inside & no_sp & no_meta, seg, -1)
+    bounds = [0, *(np.flatnonzero(np.diff(run)) + 1).tolist(), full]
+    for a, b in zip(bounds, bounds[1:]):
+        if run[a] >= 0 and b - a >= least:
+            yield a, b, int(s.seg_keys[run[a]])
 
 
 def pad(s: Stream, seq_len: int, pad_id: int) -> Stream:

@@ -11,6 +11,7 @@ import base64
 import codecs
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .manifest import Unit
 
 BATCH_BYTES = 1 << 20       # text handed to the tokenizer at once
 READ_CHUNK = 4 << 20        # bytes read from a file at once
+PROBE_BYTES = 256 << 10     # what the checks before a build read of a unit (``read_prefix``)
 FEED_SLICE = 64 << 10      # compressed bytes handed to a decompressor at once
 REASONS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_field", "non_string_text",
            "empty_text", "invalid_id", "truncated_archive", "non_string_metadata")
@@ -34,6 +36,7 @@ class Batch:
     nbytes: int          # input bytes consumed so far in the unit (for progress)
     # with a metadata field: each document's value as found, "" when empty, None when the record has none
     meta: list[str | None] | None = None
+    cut: bool = False    # a read of ``limit`` bytes ended before the unit: the last batch, maybe empty
 
 
 @dataclass
@@ -63,10 +66,13 @@ class Rejects:
 
 
 def read_unit(unit: Unit, text_field: str, id_field: str | None, rejects: Rejects,
-              batch_bytes: int = BATCH_BYTES, meta_field: str | None = None) -> Iterator[Batch]:
-    """Yield batches of documents of one unit, in file order; with ``meta_field``, each document's value of
-    that field too (a record whose value is not a string is rejected)."""
-    for batch in READERS[unit.format](unit, text_field, id_field, rejects, batch_bytes, meta_field):
+              batch_bytes: int = BATCH_BYTES, limit: int | None = None,
+              meta_field: str | None = None) -> Iterator[Batch]:
+    """Yield batches of documents of one unit, in file order; with ``limit``, of its first ``limit`` input bytes
+    (JSONL and text; a table's first batch is read whole), a record or file cut there giving the start of its
+    text where that can be told, and the last batch saying ``cut``. With ``meta_field``, each document's value
+    of that field too (a record whose value is not a string is rejected)."""
+    for batch in READERS[unit.format](unit, text_field, id_field, rejects, batch_bytes, limit, meta_field):
         if meta_field is not None and batch.meta is None:   # a format without fields: no values
             batch.meta = [None] * len(batch.keys)
         yield batch
@@ -85,66 +91,177 @@ def meta_value(rec: dict, meta_field: str):
                                           f"string")
 
 
+def read_prefix(unit: Unit, text_field: str, id_field: str | None, rejects: Rejects,
+                nbytes: int = PROBE_BYTES) -> tuple[list[str], bool]:
+    """(texts, whole): the documents in about the first ``nbytes`` of ``unit`` (a long one cut short), and whether
+    that was all of the unit. What the checks before a build read: they cost the same on a 50 MB document as on
+    a small one, and never hold a whole long record."""
+    for batch in read_unit(unit, text_field, id_field, rejects, batch_bytes=nbytes, limit=nbytes):
+        return batch.texts, not batch.cut and unit.format not in TABLES
+    return [], True
+
+
 # ------------------------------------------------------------------------------------------------ JSONL
 
-def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
+def _read_jsonl(unit, text_field, id_field, rejects, batch_bytes, limit=None, meta_field=None):
     keys, texts, size = [], [], 0
     meta = [] if meta_field else None
-    lines = _JsonlLines(unit, rejects)
+    lines = _JsonlLines(unit, rejects, limit)
     at_file_start = unit.start == 0
     for offset, local_line, raw in lines:
         if not raw.strip():
             continue  # a blank line is not a record
         first, at_file_start = at_file_start, False
-
-        def reject(reason, detail):
-            line = lines.line_number(local_line)
-            rejects.add(reason, f"{unit.relpath} line {line}", detail, raw, file=unit.relpath, line=line,
-                        byte=offset)
-
-        try:
-            rec = json.loads(raw)
-        except UnicodeDecodeError as e:
-            reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line")
-            continue
-        except ValueError as e:
-            if first:
+        if lines.cut:   # the read ended inside this record
+            text = _text_prefix(raw, text_field)
+            if text is None and first:
                 _refuse_json_array(unit, raw)
-            col = f" (column {e.colno})" if hasattr(e, "colno") else ""
-            reject("malformed_json", f"malformed JSON: {getattr(e, 'msg', e)}{col}")
-            continue
-        except RecursionError:   # the decoder recurses per level: a record nested too deeply is malformed for us
-            reject("malformed_json", "malformed JSON: nested too deeply to read")
-            continue
-        if first and isinstance(rec, list):
-            _refuse_json_array(unit, raw)
-        got = check_record(rec, text_field, id_field)
-        if isinstance(got, Problem):
-            reject(got.reason, got.detail)
-            continue
-        if meta_field:
-            value = meta_value(rec, meta_field)
-            if isinstance(value, Problem):
-                reject(value.reason, value.detail)
+            if text is not None:
+                keys.append(f"{unit.relpath}:{offset}")
+                texts.append(text)
+                if meta is not None:   # the value may lie beyond the cut: not told here
+                    meta.append(None)
+            break
+
+        def reject(reason, detail, raw):
+            n = lines.line_number(local_line)
+            rejects.add(reason, f"{unit.relpath} line {n}", detail, raw, file=unit.relpath, line=n, byte=offset)
+
+        encoding = json.detect_encoding(raw)
+        try:   # decoded here as json.loads(raw) would, so that the raw line goes before the parse: a long line is
+            # held twice at most (as text and as the record's value), not three times
+            line = raw.decode(encoding)
+            surrogates = not encoding.startswith("utf-8") or (b"\\u" in raw and (b"\\ud" in raw or b"\\uD" in raw))
+        except UnicodeDecodeError:
+            try:
+                line, surrogates = raw.decode(encoding, "surrogatepass"), True
+            except UnicodeDecodeError as e:
+                reject("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line", raw)
                 continue
+        nbytes, raw = len(raw), None
+        got = _parse_record(unit, line, first, text_field, id_field, surrogates,
+                            lambda reason, detail: reject(reason, detail, line.encode(encoding, "surrogatepass")),
+                            meta_field)
+        line = None
+        if got is None:
+            continue
+        key, text, value = got
+        if meta is not None:
             meta.append(value)
-        key, text = got
         keys.append(key if key is not None else f"{unit.relpath}:{offset}")
         texts.append(text)
-        size += len(raw)
+        size += nbytes
         if size >= batch_bytes:
-            raw = rec = got = text = None   # a long line is not held here while its batch is processed
+            got = text = None   # a long line is not held here while its batch is processed
             yield Batch(keys, texts, lines.consumed, meta)
             keys, texts, size = [], [], 0
             meta = [] if meta_field else None
-    if keys:
-        yield Batch(keys, texts, lines.consumed, meta)
+    if keys or lines.cut:
+        yield Batch(keys, texts, lines.consumed, meta, cut=lines.cut)
 
 
-def _refuse_json_array(unit, raw: bytes) -> None:
+def _parse_record(unit, line: str, first: bool, text_field: str, id_field: str | None, surrogates: bool, reject,
+                  meta_field: str | None = None):
+    """(key or None, text, metadata value or None) of one JSONL line, or None when it is rejected (through
+    ``reject(reason, detail)``). ``surrogates``: whether the line may decode to a lone surrogate (else its text is
+    not searched for one)."""
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        if first:
+            _refuse_json_array(unit, line)
+        col = f" (column {e.colno})" if hasattr(e, "colno") else ""
+        reject("malformed_json", f"malformed JSON: {getattr(e, 'msg', e)}{col}")
+        return None
+    except RecursionError:   # the decoder recurses per level: a record nested too deeply is malformed for us
+        reject("malformed_json", "malformed JSON: nested too deeply to read")
+        return None
+    if first and isinstance(rec, list):
+        _refuse_json_array(unit, line)
+    got = check_record(rec, text_field, id_field, surrogates)
+    if isinstance(got, Problem):
+        reject(got.reason, got.detail)
+        return None
+    value = meta_value(rec, meta_field) if meta_field else None
+    if isinstance(value, Problem):
+        reject(value.reason, value.detail)
+        return None
+    return (*got, value)
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")   # JSON's whitespace
+
+
+def _text_prefix(raw: bytes, text_field: str) -> str | None:
+    """The start of the text of a JSON record of which ``raw`` holds only the start (a read cut it), or None
+    where that start cannot be told: the record is no object, its text field lies beyond ``raw``, or what it
+    holds there is not a usable text."""
+    try:
+        line = codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(raw, final=False)
+        i = _SPACE.match(line).end()
+        if line[i:i + 1] != "{":
+            return None
+        while True:
+            i = _SPACE.match(line, i + 1).end()
+            if line[i:i + 1] != '"':
+                return None
+            key, i = json.decoder.scanstring(line, i + 1)
+            i = _SPACE.match(line, i).end()
+            if line[i:i + 1] != ":":
+                return None
+            i = _SPACE.match(line, i + 1).end()
+            if key == text_field:
+                break
+            _, i = json.JSONDecoder().raw_decode(line, i)
+            i = _SPACE.match(line, i).end()
+            if line[i:i + 1] != ",":
+                return None
+    except ValueError:   # malformed JSON or UTF-8 before the text: the reader will say so
+        return None
+    if line[i:i + 1] != '"':
+        return None
+    text = _string_start(line[i + 1:])
+    if text and "\ud800" <= text[-1] <= "\udbff":   # half of a pair cut in two
+        text = text[:-1]
+    if not text or text.isspace() or not _valid_unicode(text):   # may hold more, or be rejected: not told here
+        return None
+    return text
+
+
+def _string_start(body: str) -> str | None:
+    """The decoded start of a JSON string of which ``body`` holds the part after the opening quote, cut anywhere
+    (in an escape too: up to 12 characters are dropped until the rest decodes)."""
+    for end in range(len(body), max(len(body) - 12, -1), -1):
+        try:
+            return json.decoder.scanstring(body[:end] + '"', 0)[0]
+        except ValueError:
+            continue
+    return None
+
+
+def starts_a_record(unit: Unit) -> bool:
+    """Whether a unit may hold a record: false only for a byte range of a JSONL file that lies inside one line
+    (which belongs to an earlier unit). Reads from the unit's start to the first newline."""
+    if unit.format != "jsonl" or unit.start == 0:
+        return True
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start - 1)   # as _JsonlLines: a newline just before the start begins a line at the start
+        pos = unit.start - 1
+        while pos < unit.stop:
+            chunk = f.read(min(READ_CHUNK, unit.stop - pos))
+            if not chunk:
+                return False
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                return pos + nl + 1 < unit.stop
+            pos += len(chunk)
+    return False
+
+
+def _refuse_json_array(unit, line: str | bytes) -> None:
     """A file whose first record opens a JSON array is a JSON document, not JSON Lines: say so once, rather
     than reject each of its lines with a parse error."""
-    if raw.lstrip().startswith(b"["):
+    if line.lstrip(" \t\n\r\x0b\x0c" if isinstance(line, str) else None)[:1] in ("[", b"["):
         raise SptokError(f"{unit.relpath}: holds a JSON array, not JSON Lines (one object per line); convert it, "
                          f"e.g. `jq -c '.[]' {os.path.basename(unit.relpath)} > records.jsonl`, and list that file")
 
@@ -156,9 +273,11 @@ class _JsonlLines:
     it) and reads past ``stop`` to finish its own last line. Compressed files are one unit each.
     """
 
-    def __init__(self, unit: Unit, rejects: Rejects):
+    def __init__(self, unit: Unit, rejects: Rejects, limit: int | None = None):
         self.unit = unit
         self.rejects = rejects
+        self.limit = limit              # read at most about this many bytes
+        self.cut = False                # the limit ended the read: the last line yielded may be cut short
         self.consumed = 0               # bytes read so far, for progress
         self._base: int | None = 0 if unit.start == 0 else None
         self._first = unit.start     # file offset of the unit's first line
@@ -176,9 +295,12 @@ class _JsonlLines:
                     f.seek(unit.start - 1)
                     pos, skip_first = unit.start - 1, True
                 stop = unit.stop if unit.stop >= 0 else None
-                chunks = iter(lambda: f.read(READ_CHUNK), b"")
+                chunks = iter(lambda: f.read(READ_CHUNK if self.limit is None else self.limit), b"")
             buf, idx, held = b"", 0, []
             for chunk in chunks:
+                if self.limit is not None and self.consumed >= self.limit:
+                    self.cut = True
+                    break
                 self.consumed += len(chunk)
                 if skip_first:   # the line that began before the unit: passed over, never held
                     nl = chunk.find(b"\n")
@@ -212,10 +334,15 @@ class _JsonlLines:
                 if stop is not None and pos >= stop:
                     return
             buf = b"".join([buf, *held])
+            if self.cut and (skip_first or (stop is not None and pos >= stop)):
+                return
             if pos == 0 and buf.startswith(b"\xef\xbb\xbf"):   # a file of one line, no newline
                 pos, buf = 3, buf[3:]
             broken = getattr(chunks, "broken", None)
-            if broken is not None:   # the partial line before the break belongs to the break
+            if self.cut:
+                if buf:
+                    yield pos, idx, buf
+            elif broken is not None:   # the partial line before the break belongs to the break
                 offset, detail = broken
                 self.rejects.add("truncated_archive", f"{unit.relpath} line {idx + 1} (decompressed byte {offset})",
                                  f"{detail}; every complete line before the break was kept", buf or None,
@@ -282,8 +409,9 @@ class Problem:
     detail: str
 
 
-def check_record(rec, text_field: str, id_field: str | None):
-    """(key or None, text) of a parsed JSON record, or the Problem that makes it unusable."""
+def check_record(rec, text_field: str, id_field: str | None, surrogates: bool = True):
+    """(key or None, text) of a parsed JSON record, or the Problem that makes it unusable. ``surrogates=False``:
+    its line was valid UTF-8 without a ``\\ud...`` escape, so its text holds no lone surrogate."""
     if not isinstance(rec, dict):
         return Problem("not_an_object", f"expected a JSON object, got {type(rec).__name__}")
     if text_field not in rec:
@@ -294,7 +422,7 @@ def check_record(rec, text_field: str, id_field: str | None):
         return Problem("non_string_text", f"field {text_field!r} holds {type(text).__name__}, expected a string")
     if not text or text.isspace():
         return Problem("empty_text", f"field {text_field!r} is {_blank(text)}")
-    if not _valid_unicode(text):
+    if surrogates and not _valid_unicode(text):
         return Problem("invalid_utf8", f"field {text_field!r} holds a lone surrogate escape (not valid UTF-8)")
     if id_field is None:
         return None, text
@@ -319,10 +447,12 @@ def _blank(text: str) -> str:
 
 
 def _valid_unicode(text: str) -> bool:
+    """Whether ``text`` holds no lone surrogate; a long text is encoded a slice at a time, never whole."""
     if text.isascii():
         return True
     try:
-        text.encode("utf-8")
+        for i in range(0, len(text), BATCH_BYTES):
+            text[i:i + BATCH_BYTES].encode("utf-8")
         return True
     except UnicodeEncodeError:
         return False
@@ -356,7 +486,7 @@ def _open_table(unit, columns: list[str], optional: str | None = None):
     return reader.schema, 0, (b.select(chosen(reader.schema)) for b in reader)
 
 
-def _read_table(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
+def _read_table(unit, text_field, id_field, rejects, batch_bytes, limit=None, meta_field=None):   # batches read whole
     import pyarrow as pa
 
     columns = [text_field] + ([id_field] if id_field else [])
@@ -483,28 +613,38 @@ def _strings(arr) -> list:
 
 # ------------------------------------------------------------------------------------------ plain text
 
-def _read_text(unit, text_field, id_field, rejects, batch_bytes, meta_field=None):
+def _read_text(unit, text_field, id_field, rejects, batch_bytes, limit=None, meta_field=None):
     """One document per file. A truncated archive keeps the text before the break (and records the
-    break), like a truncated JSONL archive keeps its complete lines."""
-    keys, texts, size, done = [], [], 0, 0
+    break), like a truncated JSONL archive keeps its complete lines. With ``limit``, a file is read up to
+    the bytes left of it, and the start of its text is its document."""
+    keys, texts, size, done, taken = [], [], 0, 0, 0
     for path, rel in unit.files:
+        if limit is not None and taken >= limit:
+            yield Batch(keys, texts, done, cut=True)
+            return
         with open(path, "rb") as f:
             done += os.fstat(f.fileno()).st_size
             magic = f.read(4)
             f.seek(0)
-            chunks = _Decompressed(f, magic) if sniff(magic) else [f.read()]
-            data = b"".join(chunks)
+            data, chunks, cut = _read_file(f, magic, None if limit is None else limit - taken)
+        taken += len(data)
         broken = getattr(chunks, "broken", None)
         if broken is not None:
             rejects.add("truncated_archive", f"{rel} (decompressed byte {broken[0]})",
                         f"{broken[1]}; the text before the break was kept", None, file=rel, byte=broken[0])
-        try:   # after a break, a character cut in half at the end is dropped, not an error
-            text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=broken is None)
+        try:   # after a break or a cut, a character cut in half at the end is dropped, not an error
+            text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=broken is None and not cut)
         except UnicodeDecodeError as e:
             at = e.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
             rejects.add("invalid_utf8", f"{rel} byte {at}", f"invalid UTF-8 at byte {at}; file skipped", None,
                         file=rel, byte=at)
             continue
+        if cut:   # more of the file follows: its document, if what was read shows it is one
+            if text and not text.isspace():
+                keys.append(rel)
+                texts.append(text)
+            yield Batch(keys, texts, done, cut=True)
+            return
         if not text or text.isspace():
             what = "no text" if not text else "only whitespace"
             rejects.add("empty_text", rel, f"{what} before the break" if broken else f"{what} in the file", None,
@@ -521,6 +661,23 @@ def _read_text(unit, text_field, id_field, rejects, batch_bytes, meta_field=None
         yield Batch(keys, texts, unit.size)
 
 
+def _read_file(f, magic: bytes, limit: int | None):
+    """(bytes, their source, whether more follows) of a text file, decompressed; ``limit`` bytes of it at most."""
+    if not sniff(magic):
+        data = f.read() if limit is None else f.read(limit + 1)
+        return (data, None, False) if limit is None or len(data) <= limit else (data[:limit], None, True)
+    chunks = _Decompressed(f, magic)
+    if limit is None:
+        return b"".join(chunks), chunks, False
+    parts, n = [], 0
+    for part in chunks:
+        if n >= limit:
+            return b"".join(parts), None, True
+        parts.append(part)
+        n += len(part)
+    return b"".join(parts), chunks, False
+
+
 def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iterator[str]:
     """Just the texts of a unit, skipping bad records."""
     rejects = Rejects(source=unit.source)
@@ -528,7 +685,7 @@ def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iter
         yield from batch.texts
 
 
-# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes, meta_field) -> batches. A new
-# format needs one here, its entry in manifest.FORMATS and its name in the manifest schema.
+# Each input format's reader: (unit, text_field, id_field, rejects, batch_bytes, limit, meta_field) -> batches. A
+# new format needs one here, its entry in manifest.FORMATS and its name in the manifest schema.
 READERS = {"jsonl": _read_jsonl, "parquet": _read_table, "hf": _read_table, "text": _read_text}
 TABLES = ("parquet", "hf")   # formats with columns: their schema is checked for the fields before a build starts

@@ -133,6 +133,15 @@ def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
     return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
 
 
+def needs_workers(units: list) -> bool:
+    """Whether ``units`` are worth worker processes: more than one of them may hold a record. A unit that starts
+    none (a JSONL byte range inside one long line) only reads to that line's end, so a build of one long
+    document runs in this process, and starts no worker to wait for."""
+    from .readers import starts_a_record
+
+    return sum(map(starts_a_record, units)) > 1
+
+
 class WorkerPool:
     """Worker processes, spawned as soon as the pool exists so their start-up overlaps with planning.
     ``ray_executor.RayPool`` is the same interface on a Ray cluster."""
@@ -141,15 +150,25 @@ class WorkerPool:
 
     def __init__(self, workers: int):
         import multiprocessing as mp
+        import threading
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         self.workers = workers
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.queue, os.getpid()))
-        for _ in range(workers):
-            self.pool.submit(_ready)
+        # the workers are born ignoring SIGINT (an ignored signal stays ignored through exec): a Ctrl-C while one
+        # still starts up, before _init_worker, would print its traceback. The main process ignores it only
+        # while it spawns them, here.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.queue, os.getpid()))
+            for _ in range(workers):
+                self.pool.submit(_ready)   # spawns every worker, now
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
         """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process

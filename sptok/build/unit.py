@@ -98,7 +98,8 @@ def _build(ctx: UnitContext, unit: Unit, tmp: str, progress) -> dict:
     quarantine = _Quarantine(os.path.join(tmp, layout.QUARANTINE))
     rejects = Rejects(source=unit.source, strict=ctx.strict, sink=quarantine.add)
     writer = open_writer(ctx.fmt, tmp, ctx.dtype, ctx.shard_size, meta=ctx.metadata is not None)
-    packer = Packer(ctx.seq_len, emit=lambda s: writer.write(s, unit.source_id))
+    packer = Packer(ctx.seq_len, emit=lambda s: writer.write(s, unit.source_id),
+                    emit_run=lambda ids, key: writer.write_run(ids, key, unit.source_id))
     counts: Counter = Counter()
     hist = np.zeros(HIST_BINS, np.int64)
     reported = 0   # input bytes reported to progress so far

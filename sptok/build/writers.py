@@ -114,7 +114,27 @@ class MDSShardWriter:
                  np.int64(c["source_id"]).tobytes(),
                  c["sp_positions"]]
         head = np.array([len(p) for i, p in enumerate(parts) if i != len(parts) - 2], np.uint32).tobytes()
-        sample = head + b"".join(parts)
+        self._add(head + b"".join(parts))
+
+    def write_run(self, ids: np.ndarray, key: int, source_id: int) -> None:
+        """Samples of one document holding no SP and no metadata, one row of ``ids`` each, with the bytes
+        ``write`` gives them (one segment at 0 with ``key``, no SP positions, no spans), built as one array."""
+        k, n = ids.shape
+        keys = _shape_prefix(1) + np.array([key], np.uint64).tobytes()
+        offsets = _shape_prefix(1) + np.zeros(1, np.uint32).tobytes()
+        body = ids.astype(self.dtype).view(np.uint8)
+        empty = 3 if self.meta else 2     # [meta_spans,] msp_mask, sp_positions
+        head = np.array([len(keys), len(offsets), len(_shape_prefix(n)) + body.shape[1]] + [0] * empty, np.uint32)
+        before = np.frombuffer(head.tobytes() + keys + offsets + _shape_prefix(n), np.uint8)
+        after = np.frombuffer(np.int64(source_id).tobytes(), np.uint8)
+        rows = np.empty((k, len(before) + body.shape[1] + len(after)), np.uint8)
+        rows[:, :len(before)] = before
+        rows[:, len(before):len(before) + body.shape[1]] = body
+        rows[:, len(before) + body.shape[1]:] = after
+        for row in rows:
+            self._add(row.tobytes())
+
+    def _add(self, sample: bytes) -> None:
         if self.size_limit and self.size_limit < self.size + len(sample) + 4:
             self._flush()
         self.samples.append(sample)
@@ -182,6 +202,13 @@ class TableWriter:
         self.rows.append((s, source_id))
         if len(self.rows) >= self.ROWS_PER_GROUP:
             self._flush()
+
+    def write_run(self, ids: np.ndarray, key: int, source_id: int) -> None:
+        """Samples of one document holding no SP, one row of ``ids`` each (see MDSShardWriter.write_run)."""
+        none = np.empty(0, np.int64)
+        for row in ids:
+            self.write(Stream(row, np.zeros(1, np.int64), np.array([key], np.uint64), none, none.astype(np.uint8)),
+                       source_id)
 
     def _flush(self) -> None:
         import pyarrow as pa
