@@ -22,7 +22,7 @@ Pre-train LLMs" (arXiv 2403.08763).
 Every run is scored at its end on the same validation samples of each source. Prints, per arm, the validation
 loss on each old source (forgetting) and on chinese (adaptation), and the tokens it trained on as the run
 counted them (delivered tokens, SPs included); writes results.json in --work. A rerun keeps the build and
-trains every model again; --fresh builds again too.
+keeps the build and the pre-trained model and trains every arm again; --fresh starts over.
 """
 
 from __future__ import annotations
@@ -40,27 +40,39 @@ NEW = "chinese"
 CONFIG = ROOT / "pipelines" / "continual.yaml"
 
 
-def build(corpus: Path, work: Path, holdout_docs: int) -> Path:
-    """The build of the old sources, then chinese appended to it (kept from an earlier run when complete)."""
+def build(corpus: Path, work: Path, sources: tuple, holdout_docs: int) -> None:
+    """Build ``sources`` into work/build, or append them to it where it holds the others."""
     from sptok.build import run_build
     from sptok.build.append import run_append
-    from sptok.build_info import BuildInfo
-    from sptok.layout import MARKER
 
-    out = work / "build"
-    if (out / MARKER).exists() and NEW in BuildInfo.load(str(out)).sources:
-        return out
+    manifest = work / f"{len(sources)}-sources.yaml"
+    manifest.write_text("sources:\n" + "".join(f"  - {{name: {s}, paths: {corpus.resolve()}/{s}.jsonl.zst, "
+                                               f"id_field: id}}\n" for s in sources))
     flags = {"tokenizer": str(ROOT / "pipelines/demo/tokenizer"), "seq_len": 128, "holdout_docs": holdout_docs,
              "quiet": True}
-    for name, sources in (("old", OLD), ("all", OLD + (NEW,))):
-        manifest = work / f"{name}.yaml"
-        manifest.write_text("sources:\n" + "".join(f"  - {{name: {s}, paths: {corpus.resolve()}/{s}.jsonl.zst, "
-                                                   f"id_field: id}}\n" for s in sources))
-        t0 = time.time()
-        (run_build if name == "old" else run_append)(str(manifest), str(out), flags, log=lambda m: None)
-        print(f"{'built' if name == 'old' else 'appended'} {', '.join(sources if name == 'old' else (NEW,))} "
-              f"in {time.time() - t0:.0f} s", flush=True)
-    return out
+    append = NEW in sources
+    t0 = time.time()
+    (run_append if append else run_build)(str(manifest), str(work / "build"), flags, log=lambda m: None)
+    print(f"{'appended' if append else 'built'} {NEW if append else ', '.join(sources)} in {time.time() - t0:.0f} s",
+          flush=True)
+
+
+def pretrained(args) -> dict:
+    """Steps 1-3: the old sources built, the model pre-trained on them, chinese appended; kept by a rerun once
+    complete (pretrain.json)."""
+    done = args.work / "pretrain.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    shutil.rmtree(args.work / "build", ignore_errors=True)
+    build(args.corpus, args.work, OLD, args.holdout_docs)
+    res = train("pre-training", args.work, [f"train.steps={args.pretrain_steps}", f"checkpoint.dir={ckpt_dir(args)}"])
+    build(args.corpus, args.work, OLD + (NEW,), args.holdout_docs)
+    done.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def ckpt_dir(args) -> Path:
+    return args.work / "runs" / "pre-training" / "ckpt"
 
 
 def train(name: str, work: Path, overrides: list[str]) -> dict:
@@ -156,10 +168,10 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "continual")
     ap.add_argument("--holdout-docs", type=int, default=64)
-    ap.add_argument("--pretrain-steps", type=int, default=240)
-    ap.add_argument("--continue-steps", type=int, default=80)
-    ap.add_argument("--rewarm-steps", type=int, default=10, help="warm-up of the re-warmed arms (b)-(e)")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first: build again")
+    ap.add_argument("--pretrain-steps", type=int, default=160)
+    ap.add_argument("--continue-steps", type=int, default=50)
+    ap.add_argument("--rewarm-steps", type=int, default=5, help="warm-up of the re-warmed arms (b)-(e)")
+    ap.add_argument("--fresh", action="store_true", help="delete --work first: build and pre-train again")
     args = ap.parse_args(argv)
     from sptok.errors import SptokError
 
@@ -174,11 +186,8 @@ def run(args) -> None:
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    build(args.corpus, args.work, args.holdout_docs)
-    print(f"pre-training on {', '.join(OLD)}, then the arms on chinese added:")
-    ckpt = args.work / "runs" / "pre-training" / "ckpt"
-    res = {"pretrain": train("pre-training", args.work, [f"train.steps={args.pretrain_steps}",
-                                                         f"checkpoint.dir={ckpt}"])}
+    res = {"pretrain": pretrained(args)}
+    ckpt = ckpt_dir(args)
     res["origin"] = score_origin(args.work, ckpt)
     res["arms"] = {name: train(name, args.work, overrides)
                    for name, overrides in arms(args, ckpt, res["pretrain"]["tokens"]).items()}
