@@ -304,3 +304,19 @@ def test_a_metadata_build_takes_a_source_with_metadata_and_one_without_none(tmp_
     build(d, "plain")
     _refused(d, r"--append: source 'pydocs' would get metadata, but the build in .* has none: its shards have no "
                 r"meta_spans column", out="plain", metadata="url:host")
+
+
+def test_an_append_of_one_unit_starts_no_worker_process(tmp_path):
+    """What the new sources need decides the pool, as for a build: one unit of new input holds every new record,
+    so the append runs in this process whatever --workers says (the build of the old sources had workers)."""
+    import subprocess
+    import sys
+
+    d = corpus(tmp_path)
+    build(d, "b", workers=2, unit_size="64MB")
+    code = (f"import sys; from sptok.build.append import run_append; run_append({str(d / 'm4.yaml')!r}, "
+            f"{str(d / 'b')!r}, dict(tokenizer={str(TOKENIZER)!r}, quiet=True, workers=2, seq_len=64, "
+            f"unit_size='64MB'), log=lambda m: None); print('concurrent.futures.process' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split()[-1] == "False", r.stdout
+    assert load_build(str(d / "b"))["appended"] == ["poems"]

@@ -36,6 +36,7 @@ from .driver import (BuildResult, _fill, _prepare_out, _refuse_skipped, describe
 from .finalize import _copy_dir, fingerprint_of
 from .manifest import Manifest, describe_sources, input_fingerprint, plan_units
 from .options import BuildOptions
+from .runner import needs_workers
 from .tokenizer import load_tokenizer, sp_tokens
 
 
@@ -45,7 +46,18 @@ def run_append(manifest_path: str, out: str, flags: dict, overwrite: bool = Fals
     where it holds them all."""
     t0 = time.time()
     manifest, opts = resolve_build(manifest_path, out, flags)
-    return run_pooled(opts, lambda pool: _append(manifest, opts, out, overwrite, partition, log, pool), t0)
+    return run_pooled(opts, lambda pool: _append(manifest, opts, out, overwrite, partition, log, pool), t0,
+                      needs_workers(plan_units(_new_sources(manifest, out), opts.unit_size)))
+
+
+def _new_sources(manifest: Manifest, out: str) -> Manifest:
+    """The manifest's sources past those of the build in ``out`` (all of them where there is none to read): what
+    decides whether worker processes are worth starting, before the checks that refuse what does not fit."""
+    try:
+        built = len(layout.read_json(os.path.join(_parent_dir(out), MARKER))["manifest"]["sources"])
+    except (SptokError, OSError, ValueError, KeyError, TypeError):
+        built = 0
+    return dataclasses.replace(manifest, sources=manifest.sources[built:])
 
 
 def _append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, partition, log,
