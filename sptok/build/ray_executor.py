@@ -146,9 +146,8 @@ class RayPool:
             self.ray.wait(refs, num_returns=len(refs), timeout=60)
 
     def close(self, kill: bool = False) -> None:
-        """Disconnect (a local cluster started for this build ends); ``kill``: stop the tasks still running first,
-        their temporary directories are cleared by the next run."""
-        if kill:
-            for ref in self.refs:
-                self.ray.cancel(ref, force=True)
+        """Disconnect: the build's job ends, and Ray stops its tasks still running (a local cluster started for
+        this build ends too); their temporary directories are cleared by the next run. No ``ray.cancel`` first:
+        Ray 2.60's driver aborted (a failed check in its task manager) when a task it force-cancelled had just
+        finished. ``kill`` is the local pool's interface; ending the job is what kills here."""
         self.ray.shutdown()
