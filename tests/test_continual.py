@@ -327,11 +327,17 @@ def test_a_source_at_proportion_zero_is_not_read(builds):
         assert samples_per_source(sizes, [{"proportion": prop[n] / 3} for n in NEW], size, 7) == got
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_init_from_and_phases_under_two_processes_resume_exactly(builds, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,workers", [("ddp", 2), ("fsdp", "auto")])
+def test_init_from_and_phases_under_two_processes_resume_exactly(builds, tmp_path, parallel, workers):
     """2 processes (gloo): a run started from the old checkpoint with two phases, stopped inside the second and
-    resumed, logs the losses and per-phase counts of the unbroken run; the counts are the phases' shares."""
+    resumed, logs the losses and per-phase counts of the unbroken run; the counts are the phases' shares. The
+    resumed run reads with ``data.num_workers: auto``; started with 2 loader workers per rank (ddp), it resumes
+    exactly with another count too (auto gives 1 on a 2-CPU host): streaming's order does not depend on the
+    workers, since the dataset knows the batch size (elastic determinism). (This is also the suite's test of
+    exact resume under two processes, DDP and FSDP2.)"""
     from test_train import _torchrun
+
+    from sptok.data.loader import auto_workers
 
     src = _trained(builds)
 
@@ -342,10 +348,16 @@ def test_init_from_and_phases_under_two_processes_resume_exactly(builds, tmp_pat
         path.write_text(json.dumps(doc))
         return path
 
-    _torchrun("-m", "sptok", "pretrain", config("straight"))
-    _torchrun("-m", "sptok", "pretrain", config("stopped"), "--set", "train.stop_at=8")
-    _torchrun("-m", "sptok", "pretrain", config("stopped"))
+    first = ["--set", f"data.num_workers={workers}"]
+    _torchrun("-m", "sptok", "pretrain", config("straight"), *first)
+    _torchrun("-m", "sptok", "pretrain", config("stopped"), "--set", "train.stop_at=8", *first)
+    r = _torchrun("-m", "sptok", "pretrain", config("stopped"), "--set", "data.num_workers=auto")
     a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
+    n, auto = (workers if workers != "auto" else auto_workers(local_world=2)), auto_workers(local_world=2)
+    assert json.loads((tmp_path / "straight" / "log" / "run.json").read_text())["num_workers"] == n
+    assert json.loads((tmp_path / "stopped" / "log" / "run.json").read_text())["num_workers"] == auto
+    assert f"{auto} loader worker(s) per process (data.num_workers: auto)" in r.stderr, r.stderr[-3000:]
+    assert a[-1]["delivered_tokens"] == b[-1]["delivered_tokens"]
     assert [r["step"] for r in b] == list(range(1, 11))
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
     assert b[-1]["delivered_samples_by_phase"] == a[-1]["delivered_samples_by_phase"] == [[16, 16, 16, 0],
