@@ -50,7 +50,6 @@ ARMS = {
     "(d) + cooldown": ("url", META, True),
     "(e) + cooldown": ("topic", META, True),
 }
-NONE, CORRECT, MISPLACED = 0, 1, 2   # the order of each arm's conditions
 
 
 def build(corpus: Path, work: Path, name: str, holdout_docs: int, seq_len: int) -> Path:
@@ -67,7 +66,7 @@ def build(corpus: Path, work: Path, name: str, holdout_docs: int, seq_len: int) 
     return out
 
 
-def train(arm: str, build_dir: Path, conditions: list[str], cooldown: bool, args, d: Path) -> dict:
+def train(build_dir: Path, conditions: list[str], cooldown: bool, args, d: Path) -> dict:
     from sptok.train.config import load_config
     from sptok.train.loop import pretrain
 
@@ -81,7 +80,8 @@ def train(arm: str, build_dir: Path, conditions: list[str], cooldown: bool, args
     recs = pretrain(cfg, log=lambda m: None)
     val = [r for r in recs if r.get("split") == "validation" and r.get("step") == args.steps]
     by_condition = {r["condition"]: r for r in val}
-    tokens = args.steps * cfg.train.global_batch_size * cfg_seq_len(build_dir)
+    seq_len = json.loads((build_dir / "sptok.json").read_text())["options"]["seq_len"]
+    tokens = args.steps * cfg.train.global_batch_size * seq_len
     out = {"build": build_dir.name, "cooldown": cooldown, "tokens": tokens, "seconds": round(time.time() - t0, 1),
            "conditions": {}}
     for c in conditions:
@@ -91,21 +91,13 @@ def train(arm: str, build_dir: Path, conditions: list[str], cooldown: bool, args
     return out
 
 
-def cfg_seq_len(build_dir: Path) -> int:
-    return json.loads((build_dir / "sptok.json").read_text())["options"]["seq_len"]
-
-
 def table(results: dict) -> str:
     head = f"{'arm':<16}{'tokens':>10}{'none':>10}{'correct':>10}{'misplaced':>11}   (validation loss, mean of sources)"
     lines = [head, "-" * len(head)]
     for arm, r in results["arms"].items():
-        conds = list(r["conditions"].values())
-        cells = [f"{conds[0]['mean']:>10.4f}"] + [f"{c['mean']:>10.4f}" for c in conds[1:]]
-        if len(conds) == 1:       # plain: no context exists, "none" is all it has
-            cells += [f"{'-':>10}", f"{'-':>11}"]
-        else:
-            cells[-1] = f"{conds[2]['mean']:>11.4f}"
-        lines.append(f"{arm:<16}{r['tokens']:>10,}" + "".join(cells))
+        means = [c["mean"] for c in r["conditions"].values()]   # none, correct, misplaced (plain: none only)
+        rest = ("-", "-") if len(means) == 1 else (f"{means[1]:.4f}", f"{means[2]:.4f}")
+        lines.append(f"{arm:<16}{r['tokens']:>10,}{means[0]:>10.4f}{rest[0]:>10}{rest[1]:>11}")
     return "\n".join(lines)
 
 
@@ -147,7 +139,7 @@ def run(args) -> None:
     for arm in arms:
         name, conditions, cooldown = ARMS[arm]
         slug = arm.split(" ", 1)[0].strip("()") + ("-cool" if cooldown else "")
-        r = train(arm, builds[name], conditions, cooldown, args, args.work / "runs" / slug)
+        r = train(builds[name], conditions, cooldown, args, args.work / "runs" / slug)
         results["arms"][arm] = r
         print(f"{arm:<16} " + "  ".join(f"{c} {v['mean']:.4f}" for c, v in r["conditions"].items())
               + f"  ({r['seconds']:.0f} s)", flush=True)
@@ -158,7 +150,7 @@ def run(args) -> None:
         base = plain["conditions"]["keep"]["mean"]
         for arm, r in results["arms"].items():
             if r["cooldown"]:
-                none = list(r["conditions"].values())[NONE]["mean"]
+                none = next(iter(r["conditions"].values()))["mean"]   # the first condition: none
                 verdict = "at or below" if none <= base else "ABOVE"
                 print(f"{arm}: without metadata {none:.4f}, {verdict} plain's {base:.4f}")
     print(f"{time.time() - t0:.0f} s in all")
