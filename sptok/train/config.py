@@ -326,8 +326,6 @@ PHASE_KEYS = ("until", "proportion", "sp_policy")
 def _phase(i: int, p) -> dict:
     """One entry of data.phases, checked: ``until`` a fraction in (0, 1], ``proportion`` a mapping of
     shares (sources left out get none), ``sp_policy`` a policy."""
-    from ..data.policy import SPPolicy
-
     where = f"data.phases[{i}]"
     if not isinstance(p, dict) or "until" not in p:
         raise SptokError(f"{where}: expected a mapping with until (and proportion, sp_policy), got {p!r}")
@@ -346,10 +344,7 @@ def _phase(i: int, p) -> dict:
         if not sum(prop.values()) > 0:
             raise SptokError(f"{where}.proportion: the shares must not all be zero")
     if p.get("sp_policy") is not None:
-        try:
-            SPPolicy.parse(str(p["sp_policy"]))
-        except SptokError as e:
-            raise SptokError(f"{where}.sp_policy: {e}") from None
+        _check_policy(f"{where}.sp_policy", str(p["sp_policy"]))
     return {"until": float(p["until"]), "proportion": dict(prop) if prop else None,
             "sp_policy": str(p["sp_policy"]) if p.get("sp_policy") is not None else None}
 
