@@ -292,6 +292,21 @@ def test_a_resume_inside_or_between_phases_equals_the_unbroken_run(builds, stop_
     assert b[-1]["delivered_tokens_by_phase"] == a[-1]["delivered_tokens_by_phase"]
 
 
+def test_a_resume_with_another_mixture_is_refused_naming_the_keys(builds):
+    """The loader's saved place means something only for the same order of samples: phases, proportions or (with
+    phases) the step count changed between a stop and its resume are refused in one line, nothing trained."""
+    _run(_phased(builds, "changed"), ["train.stop_at=4"])
+    other = [PHASES[0], {**PHASES[1], "proportion": {"chinese": 1, "fortunes": 1}}]
+    for doc, overrides, says in (
+            (_cfg(builds, "new", "changed", steps=10, data={"phases": other}, checkpoint={"every": 2}), [],
+             r"data\.phases: \[.*\] -> \[.*'chinese': 1, 'fortunes': 1"),
+            (_phased(builds, "changed"), ["train.steps=12"], r"train\.steps: 10 -> 12"),
+            (_cfg(builds, "new", "changed", steps=10, checkpoint={"every": 2}), [], r"data\.phases: \[.*\] -> \[\]")):
+        with pytest.raises(SptokError, match=r"cannot resume .*step-00000004: the samples' order changed \(" + says):
+            _run(doc, overrides)
+    assert sorted(p.name for p in (builds / "changed" / "ckpt").glob("step-*"))[-1] == "step-00000004"
+
+
 def test_within_a_phase_no_sample_repeats(builds):
     """The samples a phase delivers are distinct (its epoch is its own size, each source's share drawn without
     repetition): read through the phase's own dataset, as the loop does."""

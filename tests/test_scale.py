@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,11 +178,15 @@ def test_partitions_merge_to_the_same_bytes(corpus, reference, tmp_path):
     assert "nothing to do" in r.stderr and build_bytes(tmp_path / "m") == reference
     r = sptok("merge", *parts, "--out", tmp_path / "m", "-q", "--overwrite")
     assert r.stderr == "" and build_bytes(tmp_path / "m") == reference and not (tmp_path / ".m.sptok-overwrite").exists()
+    shutil.copytree(parts[0], tmp_path / "m" / "p0")   # a partition kept inside the build it went into
+    r = sptok("merge", tmp_path / "m" / "p0", *parts[1:], "--out", tmp_path / "m", "--overwrite", check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"error: --out {tmp_path / 'm'} holds the partition {tmp_path / 'm' / 'p0'}: merge into " \
+                       f"another directory (or into a partition itself)\n"
+    assert (tmp_path / "m" / "p0" / ".sptok" / "units").is_dir() and (tmp_path / "m" / "sptok.json").exists()
 
 
 def test_resume_refuses_changed_inputs_and_options(corpus, tmp_path):
-    import shutil
-
     from sptok.build import run_build
 
     d = tmp_path / "c"

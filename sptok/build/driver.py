@@ -595,6 +595,10 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
     if os.path.abspath(out) in map(os.path.abspath, parts):   # into one of the partitions: finalize beside its units
         with outdir.writing(out, "merge"):
             return BuildResult(out, finalize(plan, unit_dirs, out, tokenizer_dir), len(unit_dirs), len(unit_dirs))
+    inside = [p for p in parts if os.path.abspath(p).startswith(os.path.join(os.path.abspath(out), ""))]
+    if inside:   # --overwrite would replace --out, and the partition with it
+        raise SptokError(f"--out {out} holds the partition {inside[0]}: merge into another directory (or into a "
+                         f"partition itself)")
     marker = os.path.join(out, MARKER)
     if not os.path.exists(marker) and not _merge_leftovers_only(out, plan):
         raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")

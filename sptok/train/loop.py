@@ -266,6 +266,24 @@ def _check_resumable(run: Run, path: str, old: dict) -> None:
     if changed:
         raise SptokError(f"cannot resume {path}: it holds another model ({', '.join(changed)}); use another "
                          f"checkpoint.dir or the checkpoint's model settings")
+    changed = _order_changes(old["config"], json.loads(json.dumps(run.cfg.to_dict())))
+    if changed:
+        raise SptokError(f"cannot resume {path}: the samples' order changed ({', '.join(changed)}), so the loader's "
+                         f"place in its epoch would skip or repeat samples; resume with the old values, or start a new "
+                         f"run from it with train.init_from (a planned change of mixture is data.phases)")
+
+
+# what decides which sample comes at which step: the loader's saved place means something only under the same
+_ORDER = (("data", "proportion"), ("data", "repeat"), ("data", "weights"), ("data", "phases"), ("data", "shuffle"),
+          ("train", "seed"))
+_PHASE_ORDER = (("train", "steps"), ("train", "global_batch_size"))   # a phase's steps and epoch follow from these
+
+
+def _order_changes(was: dict, now: dict) -> list[str]:
+    keys = _ORDER + (_PHASE_ORDER if was["data"].get("phases") or now["data"]["phases"] else ())
+    # a key the checkpoint lacks is from before that setting existed: its default
+    return [f"{a}.{b}: {was[a].get(b)!r} -> {now[a][b]!r}" for a, b in keys
+            if was[a].get(b, now[a][b]) != now[a][b]]
 
 
 def train(run: Run, start: int, emit, stop) -> None:
