@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import DEMO, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
@@ -102,6 +103,23 @@ def test_fast_encoders_give_the_reference_ids(kind, texts):
         flat, lens = fast_encoder(tok, name)(texts)
         assert (lens == want_lens).all() and (flat == want_flat).all(), name
     assert choose_encoder(tok, "fast", texts[:200])[0] == RUNS[kind][0]
+
+
+def test_gigatoken_encodes_document_by_document_then_in_batches(monkeypatch, texts):
+    """gigatoken's `encode` (a numpy array per document) up to GIGATOKEN_BATCH_AFTER documents, then its
+    `encode_batch` (an awkward Array): the reference's ids on both sides of the switch, whole or in pieces."""
+    pytest.importorskip("gigatoken")
+    from tokenizers import Tokenizer
+
+    import sptok.build.encoders as encoders
+
+    monkeypatch.setattr(encoders, "GIGATOKEN_BATCH_AFTER", 1000)
+    docs = texts[:2900] + [ODD * 40]
+    want_flat, want_lens = HFEncoder(byte_level_bpe()).encode(docs)
+    enc = fast_encoder(Tokenizer.from_str(byte_level_bpe().to_str()), "gigatoken")
+    got = [enc(docs[i:i + 700]) for i in range(0, len(docs), 700)]   # 2 batches one by one, 3 whole, 1 across
+    assert (np.concatenate([n for _, n in got]) == want_lens).all()
+    assert (np.concatenate([f for f, _ in got]) == want_flat).all()
 
 
 def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path, small_corpus, manifest, build):
@@ -276,12 +294,14 @@ def test_a_mismatch_mid_build_falls_back_to_hf_or_stops(tmp_path):
 
 
 def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
-    """The build path (main process and a worker's unit) never imports torch, transformers, datasets, streaming."""
+    """The build path (main process and a worker's unit) never imports torch, transformers, datasets, streaming;
+    nor, in a build of fewer documents than GIGATOKEN_BATCH_AFTER, awkward (~0.15 s: gigatoken's encode_batch)."""
     m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
     code = ("import sys; from sptok.build import run_build\n"
             f"run_build({str(m)!r}, {str(tmp_path / 'o')!r}, dict(tokenizer={str(TOKENIZER)!r}, workers=1, "
             "quiet=True))\n"
-            "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers') if m in sys.modules])")
+            "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers', 'awkward') "
+            "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
 

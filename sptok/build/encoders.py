@@ -32,6 +32,10 @@ SPOT_CHARS = 32 << 10       # a spot check encodes at most this prefix of a docu
 PIECE_CHARS = 1 << 20       # a longer document is encoded in pieces of about this size, where the tokenizer allows
 GIGATOKEN_CACHE = 256 << 20  # bytes a gigatoken instance may grow by: 0.10.0 caches every pretoken it saw
 GIGATOKEN_CHARS = 1 << 26    # where RSS cannot be read (not Linux): characters per gigatoken instance
+# documents a process encodes with gigatoken's `encode` (one call each, a numpy array) before it switches to
+# `encode_batch`, ~1 us a document cheaper but returning an awkward Array: importing awkward costs ~0.15 s
+# (and ~50 MB), as much as ~100K documents' calls. Small builds and long documents never import it.
+GIGATOKEN_BATCH_AFTER = 100_000
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -87,6 +91,7 @@ class _Gigatoken:
         self.gt = _import("gigatoken")
         self.spec = json.dumps(spec)
         self.bounded = hasattr(self.gt, "set_max_cache_bytes")   # releases with a cache budget
+        self.docs = 0
         if self.bounded:
             self.gt.set_max_cache_bytes(GIGATOKEN_CACHE)
         self.enc = self._new()
@@ -108,6 +113,11 @@ class _Gigatoken:
         if not self.bounded and self._grown():
             self.enc = self._new()
         self.chars += sum(map(len, texts))
+        self.docs += len(texts)
+        if self.docs <= GIGATOKEN_BATCH_AFTER:
+            parts = list(map(self.enc.encode, texts))
+            lens = np.fromiter(map(len, parts), np.int64, count=len(parts))
+            return _join(parts), lens
         arr = self.enc.encode_batch(texts, parallel=False)
         off = np.asarray(arr.layout.offsets.data)          # awkward ListOffsetArray: no per-token Python ints
         return np.asarray(arr.layout.content.data)[off[0]:off[-1]], np.diff(off)
