@@ -134,6 +134,18 @@ def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path
     assert build_bytes(fast) == build_bytes(hf)
 
 
+def test_a_build_checks_and_runs_one_encoder(tmp_path, small_corpus, manifest, build, monkeypatch):
+    """The process that checks the fast encoder on the sample builds its units with that very encoder: a build
+    in one process makes one gigatoken instance, not one to check and one to build."""
+    gigatoken = pytest.importorskip("gigatoken")
+    made = []
+    real = gigatoken.Tokenizer.from_json.__func__
+    monkeypatch.setattr(gigatoken.Tokenizer, "from_json", classmethod(lambda cls, d: made.append(1) or real(cls, d)))
+    m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
+    _, info = build(m, seq_len=128)
+    assert list(info["encoder"]) == [f"gigatoken {version('gigatoken')}"] and len(made) == 1
+
+
 def test_build_bytes_do_not_depend_on_the_encoder(tmp_path, small_corpus, manifest, build):
     m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
     outs = {}
@@ -151,7 +163,7 @@ def test_wordpiece_and_unigram_run_on_the_reference():
 
     for model in ("wordpiece", "unigram"):
         tok = train([r["text"] for r in demo_records("fortunes", 300)], model, 600, [])
-        name, why = choose_encoder(tok, "auto", ["hello world"])
+        name, why, _ = choose_encoder(tok, "auto", ["hello world"])
         kind = {"wordpiece": "WordPiece", "unigram": "Unigram"}[model]
         assert name == "hf" and f"gigatoken: its model is {kind}, not BPE" in why
         with pytest.raises(SptokError, match="--encoder fast: no fast encoder runs this tokenizer exactly"):
@@ -163,7 +175,7 @@ def test_a_normalizer_tiktoken_cannot_apply_is_refused_by_name():
 
     tok = byte_level_bpe()
     tok.normalizer = normalizers.Lowercase()
-    name, why = choose_encoder(tok, "auto", ["Hello World"])
+    name, why, _ = choose_encoder(tok, "auto", ["Hello World"])
     assert name == "hf" and "tiktoken: it has a normalizer (Lowercase)" in why
     assert "gigatoken: gigatoken refused it (Unsupported normalizer type: Lowercase)" in why or \
         "gigatoken is not installed" in why
@@ -319,7 +331,7 @@ def test_truncation_and_padding_of_the_tokenizer_do_not_apply_to_documents():
     tok.enable_truncation(8)
     tok.enable_padding(length=64)
     texts = [demo_records("pydocs", 1)[0]["text"], "short"]
-    name, why = choose_encoder(tok, "fast", texts)
+    name, why, _ = choose_encoder(tok, "fast", texts)
     assert name in FAST, why
     flat, lens = make_encoder(tok, name).encode(texts)
     assert lens[0] > 64 and lens.sum() == len(flat)

@@ -314,11 +314,9 @@ class CheckedEncoder:
     them. A longer document's prefix is encoded again by the fast encoder: the reference's memory grows with
     the text it is given (~100 bytes per byte), so it never sees a whole long document."""
 
-    def __init__(self, name: str, tok):
-        """Takes ``tok`` over (see HFEncoder)."""
-        self.name = name
-        self.fast = fast_encoder(tok, name)
-        self.ref = HFEncoder(tok)
+    def __init__(self, name: str, fast, ref: HFEncoder):
+        """``fast``: ``fast_encoder(tok, name)``; ``ref``: the reference on the same tokenizer."""
+        self.name, self.fast, self.ref = name, fast, ref
         self.credit, self.batches = SPOT_FIRST, 0
 
     def encode(self, texts: list[str]):
@@ -341,31 +339,38 @@ class CheckedEncoder:
 
 
 def make_encoder(tok, name: str):
-    """The encoder a worker runs: ``name`` as chosen by ``choose_encoder``."""
-    return HFEncoder(tok) if name == "hf" else CheckedEncoder(name, tok)
+    """The encoder a worker runs: ``name`` as chosen by ``choose_encoder``. Takes ``tok`` over (see HFEncoder)."""
+    if name == "hf":
+        return HFEncoder(tok)
+    fast = fast_encoder(tok, name)
+    return CheckedEncoder(name, fast, HFEncoder(tok))
 
 
-def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
-    """(encoder name, why): the first candidate allowed by ``kind`` that runs the tokenizer and gives the
-    reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error.
-    Takes ``tok`` over (see HFEncoder)."""
+def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str, object]:
+    """(encoder name, why, the encoder): the first candidate allowed by ``kind`` that runs the tokenizer and gives
+    the reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error. The
+    encoder is ``make_encoder(tok, name)``'s, built once for the check and the build. Takes ``tok`` over (see
+    HFEncoder)."""
+    ref = HFEncoder(tok)
     if kind == "hf":
-        return "hf", "asked for with --encoder hf"
+        return "hf", "asked for with --encoder hf", ref
     candidates = FAST if kind in ("auto", "fast") else (kind,)
     why_not = []
-    want = HFEncoder(tok).encode(sample)
+    want = ref.encode(sample)
     for name in candidates:
         try:
-            got = fast_encoder(tok, name)(sample)
+            fast = fast_encoder(tok, name)
+            got = fast(sample)
         except NotExpressible as e:
             why_not.append(f"{name}: {e}")
             continue
         bad = _first_difference(got, want)
         if bad is None:
-            return name, f"identical ids to the Hugging Face tokenizer on a sample of {len(sample)} documents"
+            why = f"identical ids to the Hugging Face tokenizer on a sample of {len(sample)} documents"
+            return name, why, CheckedEncoder(name, fast, ref)
         why_not.append(f"{name}: other ids than the Hugging Face tokenizer on a document starting {sample[bad][:40]!r}")
     if kind == "auto":
-        return "hf", "; ".join(why_not)
+        return "hf", "; ".join(why_not), ref
     raise SptokError(f"--encoder {kind}: no fast encoder runs this tokenizer exactly ({'; '.join(why_not)}); use "
                      f"--encoder hf or auto")
 
