@@ -15,10 +15,10 @@ A mismatch raises ``EncoderMismatch``: with ``--encoder auto`` the build then fa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
-from importlib import metadata
 
 import numpy as np
 
@@ -57,7 +57,12 @@ class EncoderMismatch(SptokError):
         return (EncoderMismatch, (self.message,))
 
 
+@functools.cache
 def version(name: str) -> str:
+    """The installed version of encoder ``name``'s package, as each unit records it (looked up once: a lookup
+    scans the installed distributions)."""
+    from importlib import metadata   # ~15 ms (it imports the email package): only once a unit is done
+
     return metadata.version("tokenizers" if name == "hf" else name)
 
 
