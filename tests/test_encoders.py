@@ -318,6 +318,17 @@ def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
     assert "HEAVY []" in out
 
 
+def test_a_worker_warms_up_with_the_first_fast_encoder_installed_only():
+    """A worker imports, while the main process plans, the encoder the check tries first, not every candidate."""
+    import importlib.util
+
+    first = next((n for n in FAST if importlib.util.find_spec(n)), None)
+    code = ("import sys; from sptok.build.runner import warm_up; warm_up(); "
+            f"print('LOADED', [n for n in {FAST!r} if n in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"LOADED {[first] if first else []}" in out
+
+
 def test_the_command_line_offers_every_encoder():
     from sptok.cli import build
     from sptok.build.options import ENCODERS as CHOICES

@@ -82,12 +82,14 @@ def _init_worker(queue, parent: int) -> None:
 
 
 def warm_up() -> None:
-    """Import what a unit needs, while the main process plans."""
+    """Import what a unit needs, while the main process plans: the first fast encoder installed, which the encoder
+    check tries first (the others only where it cannot run the tokenizer)."""
     import tokenizers  # noqa: F401 - imported for its start-up cost
 
     for name in FAST:
         try:
             __import__(name)
+            return
         except ImportError:   # gigatoken and riptoken are optional (sptok[fast])
             pass
 
