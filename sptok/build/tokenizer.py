@@ -39,18 +39,30 @@ class LoadedTokenizer:
     roles: dict              # e.g. {"eos_token": "</s>", ...} from tokenizer_config.json / special_tokens_map.json
 
 
-def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
-    """A local `tokenizer.json`, or a Hugging Face tokenizer directory holding one. Never a hub name."""
-    from tokenizers import Tokenizer
-
+def tokenizer_file(path: str | os.PathLike) -> str:
+    """The `tokenizer.json` that ``--tokenizer path`` names (the file, or the one in a directory), not yet read."""
     path = str(path)
-    roles: dict = {}
     if os.path.isdir(path):
         file = os.path.join(path, TOKENIZER_JSON)
         if not os.path.exists(file):
             raise SptokError(f"--tokenizer {path}: the directory has no tokenizer.json; sptok needs a fast "
                              f"tokenizer (save one with transformers: AutoTokenizer.from_pretrained(dir)"
                              f".save_pretrained(dir), or train one with `sptok tokenizer train`)")
+        return file
+    if not os.path.exists(path):
+        raise SptokError(f"--tokenizer {path}: no such file or directory (sptok never downloads tokenizers; "
+                         f"give a local tokenizer.json or train one with `sptok tokenizer train`)")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
+    """A local `tokenizer.json`, or a Hugging Face tokenizer directory holding one. Never a hub name."""
+    from tokenizers import Tokenizer
+
+    path = str(path)
+    roles: dict = {}
+    file = tokenizer_file(path)
+    if os.path.isdir(path):
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(path, name)
             if os.path.exists(p):
@@ -64,11 +76,6 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
                         v = v.get("content")
                     if isinstance(v, str):
                         roles.setdefault(k, v)
-    elif os.path.exists(path):
-        file = path
-    else:
-        raise SptokError(f"--tokenizer {path}: no such file or directory (sptok never downloads tokenizers; "
-                         f"give a local tokenizer.json or train one with `sptok tokenizer train`)")
     try:
         tok = Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
