@@ -136,14 +136,18 @@ def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path
 
 def test_a_build_checks_and_runs_one_encoder(tmp_path, small_corpus, manifest, build, monkeypatch):
     """The process that checks the fast encoder on the sample builds its units with that very encoder: a build
-    in one process makes one gigatoken instance, not one to check and one to build."""
+    in one process makes one gigatoken instance, not one to check and one to build, and reads the tokenizer's
+    JSON for the encoders once (the reference's reading serves the fast encoder)."""
+    import sptok.build.encoders as encoders
+
     gigatoken = pytest.importorskip("gigatoken")
-    made = []
+    made, specs = [], []
     real = gigatoken.Tokenizer.from_json.__func__
     monkeypatch.setattr(gigatoken.Tokenizer, "from_json", classmethod(lambda cls, d: made.append(1) or real(cls, d)))
+    monkeypatch.setattr(encoders, "_text_spec", lambda tok, real=encoders._text_spec: specs.append(1) or real(tok))
     m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
     _, info = build(m, seq_len=128)
-    assert list(info["encoder"]) == [f"gigatoken {version('gigatoken')}"] and len(made) == 1
+    assert list(info["encoder"]) == [f"gigatoken {version('gigatoken')}"] and len(made) == 1 and len(specs) == 1
 
 
 def test_build_bytes_do_not_depend_on_the_encoder(tmp_path, small_corpus, manifest, build):

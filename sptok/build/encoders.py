@@ -215,9 +215,10 @@ def _riptoken(spec: dict):
 BUILDERS = {"gigatoken": _Gigatoken, "riptoken": _riptoken, "tiktoken": _tiktoken}
 
 
-def fast_encoder(tok, name: str):
-    """texts -> (flat uint32 ids, int64 lengths) with candidate ``name``, or NotExpressible."""
-    spec = _text_spec(tok)
+def fast_encoder(tok, name: str, spec: dict | None = None):
+    """texts -> (flat uint32 ids, int64 lengths) with candidate ``name``, or NotExpressible. ``spec``: ``tok``'s
+    ``_text_spec`` where already made (the reference's), read as it is."""
+    spec = spec or _text_spec(tok)
     return in_pieces(BUILDERS[name](spec), cuts_before_space(spec))
 
 
@@ -301,10 +302,10 @@ class HFEncoder:
         self.tok = as_text_encoder(tok)
         self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         try:
-            spec = _text_spec(tok)
+            self.spec = _text_spec(tok)
         except NotExpressible:
-            spec = None
-        self.encode = in_pieces(self._encode_whole, cuts_before_space(spec))
+            self.spec = None
+        self.encode = in_pieces(self._encode_whole, cuts_before_space(self.spec))
 
     def _encode_whole(self, texts: list[str]):
         return flatten_ids([e.ids for e in self._encode(texts, add_special_tokens=False)])
@@ -345,10 +346,8 @@ class CheckedEncoder:
 
 def make_encoder(tok, name: str):
     """The encoder a worker runs: ``name`` as chosen by ``choose_encoder``. Takes ``tok`` over (see HFEncoder)."""
-    if name == "hf":
-        return HFEncoder(tok)
-    fast = fast_encoder(tok, name)
-    return CheckedEncoder(name, fast, HFEncoder(tok))
+    ref = HFEncoder(tok)
+    return ref if name == "hf" else CheckedEncoder(name, fast_encoder(tok, name, ref.spec), ref)
 
 
 def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str, object]:
@@ -364,7 +363,7 @@ def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str, object]
     want = ref.encode(sample)
     for name in candidates:
         try:
-            fast = fast_encoder(tok, name)
+            fast = fast_encoder(tok, name, ref.spec)
             got = fast(sample)
         except NotExpressible as e:
             why_not.append(f"{name}: {e}")
