@@ -178,6 +178,21 @@ def test_other_options_another_tokenizer_and_changed_inputs_are_refused(base, tm
         shutil.rmtree(base / "touched")
 
 
+def test_the_base_tokenizer_is_known_by_its_bytes_alone(base, monkeypatch):
+    """--tokenizer naming the tokenizer the build started from is recognised by its file's sha256: it is not read
+    as a tokenizer once more to be compared (a 128K vocabulary takes a fraction of a second to read)."""
+    import sptok.build.append as append
+
+    read = []
+    monkeypatch.setattr(append, "load_tokenizer", lambda p, real=append.load_tokenizer: read.append(p) or real(p))
+    shutil.copytree(base / "b", base / "d")
+    try:
+        assert build(base, "d", "m4.yaml", append=True).info["appended"] == ["poems"]
+    finally:
+        shutil.rmtree(base / "d")
+    assert read == []
+
+
 def test_no_complete_build_a_partition_overwrite_or_misplaced_names_are_refused(base, tmp_path):
     _refused(base, r"--append needs a complete build in --out: .*nowhere: no such build directory", out="nowhere")
     with pytest.raises(SptokError, match=r"--append with --partition: an append runs on one machine"):

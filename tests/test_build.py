@@ -196,6 +196,18 @@ def test_literal_sp_in_text_is_ordinary_text(tmp_path, manifest, build):
     assert stats["totals"]["sp_literals"] == 2 * 20 * 3
 
 
+def test_literal_counts_are_str_count_s():
+    """sp_literals counts each SP / delimiter string as str.count does, in one regex pass where no occurrences can
+    overlap and string by string where they can (a custom SP may be any text)."""
+    from sptok.build.unit import literal_counter
+
+    texts = ["<A><A>>><<A>B", "aaaa aaa", "abab aba", "<SPSEP><PYDOCS<SPSEP><PYDOCS>", "", "中<文>x", "xx"]
+    for lits in (["<A>", "<SPSEP>", "<PYDOCS>", "<文>"], ["[A]", "<A>"], ["aa"], ["ab", "ba"], ["<A>", "<A>B"],
+                 ["aba", "b"], ["x"], []):
+        count = literal_counter(lits)
+        assert [count(t) for t in texts] == [sum(t.count(s) for s in lits) for t in texts], lits
+
+
 @pytest.mark.parametrize("tail", ["keep", "pad", "drop"])
 def test_tail_policies(tmp_path, small_corpus, manifest, build, tail):
     out, info = build(manifest(small_sources(tmp_path)), tail=tail, seq_len=256)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import DEMO, SOURCES, TOKENIZER, build_bytes, demo_records, without_modules, write_jsonl
 
@@ -104,6 +105,23 @@ def test_fast_encoders_give_the_reference_ids(kind, texts):
     assert choose_encoder(tok, "fast", texts[:200])[0] == RUNS[kind][0]
 
 
+def test_gigatoken_encodes_document_by_document_then_in_batches(monkeypatch, texts):
+    """gigatoken's `encode` (a numpy array per document) up to GIGATOKEN_BATCH_AFTER documents, then its
+    `encode_batch` (an awkward Array): the reference's ids on both sides of the switch, whole or in pieces."""
+    pytest.importorskip("gigatoken")
+    from tokenizers import Tokenizer
+
+    import sptok.build.encoders as encoders
+
+    monkeypatch.setattr(encoders, "GIGATOKEN_BATCH_AFTER", 1000)
+    docs = texts[:2900] + [ODD * 40]
+    want_flat, want_lens = HFEncoder(byte_level_bpe()).encode(docs)
+    enc = fast_encoder(Tokenizer.from_str(byte_level_bpe().to_str()), "gigatoken")
+    got = [enc(docs[i:i + 700]) for i in range(0, len(docs), 700)]   # 2 batches one by one, 3 whole, 1 across
+    assert (np.concatenate([n for _, n in got]) == want_lens).all()
+    assert (np.concatenate([f for f, _ in got]) == want_flat).all()
+
+
 def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path, small_corpus, manifest, build):
     pytest.importorskip("gigatoken")
     sentencepiece_bpe().save(str(tmp_path / "sp.json"))
@@ -114,6 +132,22 @@ def test_sentencepiece_bpe_builds_on_the_fast_path_with_identical_bytes(tmp_path
     hf, info = build(m, out=tmp_path / "hf", encoder="hf", **flags)
     assert list(info["encoder"]) == [f"hf {version('tokenizers')}"]
     assert build_bytes(fast) == build_bytes(hf)
+
+
+def test_a_build_checks_and_runs_one_encoder(tmp_path, small_corpus, manifest, build, monkeypatch):
+    """The process that checks the fast encoder on the sample builds its units with that very encoder: a build
+    in one process makes one gigatoken instance, not one to check and one to build, and reads the tokenizer's
+    JSON for the encoders once (the reference's reading serves the fast encoder)."""
+    import sptok.build.encoders as encoders
+
+    gigatoken = pytest.importorskip("gigatoken")
+    made, specs = [], []
+    real = gigatoken.Tokenizer.from_json.__func__
+    monkeypatch.setattr(gigatoken.Tokenizer, "from_json", classmethod(lambda cls, d: made.append(1) or real(cls, d)))
+    monkeypatch.setattr(encoders, "_text_spec", lambda tok, real=encoders._text_spec: specs.append(1) or real(tok))
+    m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
+    _, info = build(m, seq_len=128)
+    assert list(info["encoder"]) == [f"gigatoken {version('gigatoken')}"] and len(made) == 1 and len(specs) == 1
 
 
 def test_build_bytes_do_not_depend_on_the_encoder(tmp_path, small_corpus, manifest, build):
@@ -133,7 +167,7 @@ def test_wordpiece_and_unigram_run_on_the_reference():
 
     for model in ("wordpiece", "unigram"):
         tok = train([r["text"] for r in demo_records("fortunes", 300)], model, 600, [])
-        name, why = choose_encoder(tok, "auto", ["hello world"])
+        name, why, _ = choose_encoder(tok, "auto", ["hello world"])
         kind = {"wordpiece": "WordPiece", "unigram": "Unigram"}[model]
         assert name == "hf" and f"gigatoken: its model is {kind}, not BPE" in why
         with pytest.raises(SptokError, match="--encoder fast: no fast encoder runs this tokenizer exactly"):
@@ -145,7 +179,7 @@ def test_a_normalizer_tiktoken_cannot_apply_is_refused_by_name():
 
     tok = byte_level_bpe()
     tok.normalizer = normalizers.Lowercase()
-    name, why = choose_encoder(tok, "auto", ["Hello World"])
+    name, why, _ = choose_encoder(tok, "auto", ["Hello World"])
     assert name == "hf" and "tiktoken: it has a normalizer (Lowercase)" in why
     assert "gigatoken: gigatoken refused it (Unsupported normalizer type: Lowercase)" in why or \
         "gigatoken is not installed" in why
@@ -276,14 +310,27 @@ def test_a_mismatch_mid_build_falls_back_to_hf_or_stops(tmp_path):
 
 
 def test_build_imports_nothing_heavy(tmp_path, small_corpus, manifest):
-    """The build path (main process and a worker's unit) never imports torch, transformers, datasets, streaming."""
+    """The build path (main process and a worker's unit) never imports torch, transformers, datasets, streaming;
+    nor, in a build of fewer documents than GIGATOKEN_BATCH_AFTER, awkward (~0.15 s: gigatoken's encode_batch)."""
     m = manifest([{"name": n, "paths": f"{n}.jsonl", "id_field": "id"} for n in SOURCES])
     code = ("import sys; from sptok.build import run_build\n"
             f"run_build({str(m)!r}, {str(tmp_path / 'o')!r}, dict(tokenizer={str(TOKENIZER)!r}, workers=1, "
             "quiet=True))\n"
-            "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers') if m in sys.modules])")
+            "print('HEAVY', [m for m in ('torch', 'streaming', 'datasets', 'transformers', 'awkward') "
+            "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_a_worker_warms_up_with_the_first_fast_encoder_installed_only():
+    """A worker imports, while the main process plans, the encoder the check tries first, not every candidate."""
+    import importlib.util
+
+    first = next((n for n in FAST if importlib.util.find_spec(n)), None)
+    code = ("import sys; from sptok.build.runner import warm_up; warm_up(); "
+            f"print('LOADED', [n for n in {FAST!r} if n in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"LOADED {[first] if first else []}" in out
 
 
 def test_the_command_line_offers_every_encoder():
@@ -299,7 +346,7 @@ def test_truncation_and_padding_of_the_tokenizer_do_not_apply_to_documents():
     tok.enable_truncation(8)
     tok.enable_padding(length=64)
     texts = [demo_records("pydocs", 1)[0]["text"], "short"]
-    name, why = choose_encoder(tok, "fast", texts)
+    name, why, _ = choose_encoder(tok, "fast", texts)
     assert name in FAST, why
     flat, lens = make_encoder(tok, name).encode(texts)
     assert lens[0] > 64 and lens.sum() == len(flat)

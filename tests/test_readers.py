@@ -185,15 +185,15 @@ def test_starts_a_record_is_whether_a_unit_yields_one(tmp_path, manifest, unit_s
 def test_lone_surrogates_are_rejected_however_written(tmp_path, manifest):
     """A lone surrogate, escaped or as raw UTF-8-style bytes (which json.loads lets through), is invalid UTF-8;
     a pair is a character. A text is searched for one only where its line could hold one."""
-    lines = [b'{"text": "ok \\ud83d\\ude00 pair"}', b'{"text": "lone \\ud800 escape"}',
-             b'{"text": "lone \xed\xa0\x80 bytes"}', '{"text": "plain é"}'.encode()]
+    lines = [b'{"text": "ok \\ud83d\\ude00 pair"}', b'{"text": "lone \\ud800 escape"}', b'{"text": "lone \\uDBFF"}',
+             b'{"text": "lone \xed\xa0\x80 bytes"}', '{"text": "plain é \\u00e9"}'.encode()]
     (tmp_path / "f.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     unit = plan_units(load_manifest(manifest([{"name": "s", "paths": "f.jsonl"}])), 1 << 20)[0]
     quarantined = []
     rejects = Rejects(source="s", sink=quarantined.append)
     texts = [t for b in read_unit(unit, "text", None, rejects) for t in b.texts]
-    assert texts == ["ok \U0001F600 pair", "plain é"]
-    assert rejects.counts == {"invalid_utf8": 2}
-    assert [r["detail"] for r in quarantined] == ["field 'text' holds a lone surrogate escape (not valid UTF-8)"] * 2
+    assert texts == ["ok \U0001F600 pair", "plain é é"]
+    assert rejects.counts == {"invalid_utf8": 3}
+    assert [r["detail"] for r in quarantined] == ["field 'text' holds a lone surrogate escape (not valid UTF-8)"] * 3
     import base64
-    assert [base64.b64decode(r["raw_b64"]) if "raw_b64" in r else r["raw"].encode() for r in quarantined] == lines[1:3]
+    assert [base64.b64decode(r["raw_b64"]) if "raw_b64" in r else r["raw"].encode() for r in quarantined] == lines[1:4]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import TOKENIZER, small_sources
+from conftest import TOKENIZER, demo_records, small_sources
 
 from sptok.cli import main
 from sptok.errors import SptokError
@@ -90,3 +90,22 @@ def test_an_explicit_seed_overrides_the_manifest_s_even_zero(tmp_path, small_cor
         assert res.exit_code == 0, res.output
         added = json.loads((out / "special_tokens_map.json").read_text())["additional_special_tokens"]
         assert added == sp_strings(list(SOURCES), "misplaced", want) + ["<SPSEP>"]
+
+
+def test_char_owners_is_the_last_token_on_each_character():
+    """encoding_problem's owner of each character, vectorized, against the plain rule on real encodings: bytes
+    of one character spread over several tokens (emoji, CJK, in byte-level BPE), whitespace, no token at all."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from sptok.build.tokenizer import char_owners
+
+    tok = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    for text in ["emoji 🫨🫨 and 中文字 and ﬁ\n\n\t x", demo_records("chinese", 1)[0]["text"][:3000], "", "a"]:
+        e = tok.encode(text, add_special_tokens=False)
+        want = np.full(len(text), -1, np.int64)
+        for i, (a, b) in zip(e.ids, e.offsets):
+            want[a:b] = i
+        got = char_owners(len(text), np.array(e.ids, np.int64), np.array(e.offsets, np.int64).reshape(-1, 2))
+        assert got.tolist() == want.tolist()
+    assert char_owners(3, np.array([7]), np.array([[1, 2]])).tolist() == [-1, 7, -1]

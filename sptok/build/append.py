@@ -37,7 +37,7 @@ from .finalize import _copy_dir, fingerprint_of
 from .manifest import Manifest, describe_sources, input_fingerprint, plan_units
 from .options import BuildOptions
 from .runner import needs_workers
-from .tokenizer import load_tokenizer, sp_tokens
+from .tokenizer import load_tokenizer, sp_tokens, tokenizer_file
 
 
 def run_append(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
@@ -205,14 +205,15 @@ def _refuse_tokenizer(path: str | None, parent: dict, out: str) -> None:
     (its base, by the file's sha256) or the build's own (``OUT/tokenizer``, by its content's)."""
     if not path:
         return
-    lt = load_tokenizer(path)
-    if os.path.realpath(lt.path) == os.path.realpath(layout.tokenizer_json(out)):
+    file = tokenizer_file(path)
+    if os.path.realpath(file) == os.path.realpath(layout.tokenizer_json(out)):
         return   # the build's own, already extended where an interrupted append had begun to join
-    with open(lt.path, "rb") as f:
+    with open(file, "rb") as f:
         file_sha = hashlib.sha256(f.read()).hexdigest()
     t = parent["tokenizer"]
-    if file_sha == t.get("base_sha256") or hashlib.sha256(lt.tok.to_str().encode()).hexdigest() == t["sha256"]:
-        return
+    if file_sha == t.get("base_sha256") or \
+            hashlib.sha256(load_tokenizer(path).tok.to_str().encode()).hexdigest() == t["sha256"]:
+        return   # the base, by its file's bytes (read as a tokenizer only when they differ), or the build's own
     raise SptokError(f"--append: --tokenizer {path} is another tokenizer than the build in {out} started from "
                      f"(sha256 {file_sha[:12]}, the build's {str(t.get('base_sha256'))[:12]}, {t.get('base')}); an "
                      f"append extends the build's own: give that one, {os.path.join(out, TOKENIZER)}, or no "

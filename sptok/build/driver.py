@@ -26,10 +26,10 @@ from ..layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
 from ..sp import SPEntry
-from .encoders import EncoderMismatch, choose_encoder
+from .encoders import EncoderMismatch
 from .tokenizer import (default_roles, encoding_problem, extend, find_eos, find_pad, literal_specials,
                         load_tokenizer, save_tokenizer_dir, sp_tokens)
-from .runner import WorkerPool, needs_workers, run_units, unmap_freed_blocks
+from .runner import WorkerPool, choose_here, needs_workers, run_units, unmap_freed_blocks
 from .unit import is_committed, unit_dir
 from .writers import ids_dtype
 
@@ -175,7 +175,7 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     if todo:
         sample = corpus_sample(manifest, units)
         name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
-            choose_encoder(tok, opts.encoder, sample)
+            choose_here(work, opts.encoder, sample, tok)
         if not opts.quiet:
             log(f"encoder: {name} ({why})")
         _run_with_fallback(work, mine, todo, opts, name, pool, log, watch)

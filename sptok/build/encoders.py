@@ -15,10 +15,10 @@ A mismatch raises ``EncoderMismatch``: with ``--encoder auto`` the build then fa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
-from importlib import metadata
 
 import numpy as np
 
@@ -32,6 +32,10 @@ SPOT_CHARS = 32 << 10       # a spot check encodes at most this prefix of a docu
 PIECE_CHARS = 1 << 20       # a longer document is encoded in pieces of about this size, where the tokenizer allows
 GIGATOKEN_CACHE = 256 << 20  # bytes a gigatoken instance may grow by: 0.10.0 caches every pretoken it saw
 GIGATOKEN_CHARS = 1 << 26    # where RSS cannot be read (not Linux): characters per gigatoken instance
+# documents a process encodes with gigatoken's `encode` (one call each, a numpy array) before it switches to
+# `encode_batch`, ~1 us a document cheaper but returning an awkward Array: importing awkward costs ~0.15 s
+# (and ~50 MB), as much as ~100K documents' calls. Small builds and long documents never import it.
+GIGATOKEN_BATCH_AFTER = 100_000
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -53,7 +57,12 @@ class EncoderMismatch(SptokError):
         return (EncoderMismatch, (self.message,))
 
 
+@functools.cache
 def version(name: str) -> str:
+    """The installed version of encoder ``name``'s package, as each unit records it (looked up once: a lookup
+    scans the installed distributions)."""
+    from importlib import metadata   # ~15 ms (it imports the email package): only once a unit is done
+
     return metadata.version("tokenizers" if name == "hf" else name)
 
 
@@ -87,6 +96,7 @@ class _Gigatoken:
         self.gt = _import("gigatoken")
         self.spec = json.dumps(spec)
         self.bounded = hasattr(self.gt, "set_max_cache_bytes")   # releases with a cache budget
+        self.docs = 0
         if self.bounded:
             self.gt.set_max_cache_bytes(GIGATOKEN_CACHE)
         self.enc = self._new()
@@ -108,6 +118,11 @@ class _Gigatoken:
         if not self.bounded and self._grown():
             self.enc = self._new()
         self.chars += sum(map(len, texts))
+        self.docs += len(texts)
+        if self.docs <= GIGATOKEN_BATCH_AFTER:
+            parts = list(map(self.enc.encode, texts))
+            lens = np.fromiter(map(len, parts), np.int64, count=len(parts))
+            return _join(parts), lens
         arr = self.enc.encode_batch(texts, parallel=False)
         off = np.asarray(arr.layout.offsets.data)          # awkward ListOffsetArray: no per-token Python ints
         return np.asarray(arr.layout.content.data)[off[0]:off[-1]], np.diff(off)
@@ -200,9 +215,10 @@ def _riptoken(spec: dict):
 BUILDERS = {"gigatoken": _Gigatoken, "riptoken": _riptoken, "tiktoken": _tiktoken}
 
 
-def fast_encoder(tok, name: str):
-    """texts -> (flat uint32 ids, int64 lengths) with candidate ``name``, or NotExpressible."""
-    spec = _text_spec(tok)
+def fast_encoder(tok, name: str, spec: dict | None = None):
+    """texts -> (flat uint32 ids, int64 lengths) with candidate ``name``, or NotExpressible. ``spec``: ``tok``'s
+    ``_text_spec`` where already made (the reference's), read as it is."""
+    spec = spec or _text_spec(tok)
     return in_pieces(BUILDERS[name](spec), cuts_before_space(spec))
 
 
@@ -286,10 +302,10 @@ class HFEncoder:
         self.tok = as_text_encoder(tok)
         self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         try:
-            spec = _text_spec(tok)
+            self.spec = _text_spec(tok)
         except NotExpressible:
-            spec = None
-        self.encode = in_pieces(self._encode_whole, cuts_before_space(spec))
+            self.spec = None
+        self.encode = in_pieces(self._encode_whole, cuts_before_space(self.spec))
 
     def _encode_whole(self, texts: list[str]):
         return flatten_ids([e.ids for e in self._encode(texts, add_special_tokens=False)])
@@ -304,11 +320,9 @@ class CheckedEncoder:
     them. A longer document's prefix is encoded again by the fast encoder: the reference's memory grows with
     the text it is given (~100 bytes per byte), so it never sees a whole long document."""
 
-    def __init__(self, name: str, tok):
-        """Takes ``tok`` over (see HFEncoder)."""
-        self.name = name
-        self.fast = fast_encoder(tok, name)
-        self.ref = HFEncoder(tok)
+    def __init__(self, name: str, fast, ref: HFEncoder):
+        """``fast``: ``fast_encoder(tok, name)``; ``ref``: the reference on the same tokenizer."""
+        self.name, self.fast, self.ref = name, fast, ref
         self.credit, self.batches = SPOT_FIRST, 0
 
     def encode(self, texts: list[str]):
@@ -331,31 +345,36 @@ class CheckedEncoder:
 
 
 def make_encoder(tok, name: str):
-    """The encoder a worker runs: ``name`` as chosen by ``choose_encoder``."""
-    return HFEncoder(tok) if name == "hf" else CheckedEncoder(name, tok)
+    """The encoder a worker runs: ``name`` as chosen by ``choose_encoder``. Takes ``tok`` over (see HFEncoder)."""
+    ref = HFEncoder(tok)
+    return ref if name == "hf" else CheckedEncoder(name, fast_encoder(tok, name, ref.spec), ref)
 
 
-def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str]:
-    """(encoder name, why): the first candidate allowed by ``kind`` that runs the tokenizer and gives the
-    reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error.
-    Takes ``tok`` over (see HFEncoder)."""
+def choose_encoder(tok, kind: str, sample: list[str]) -> tuple[str, str, object]:
+    """(encoder name, why, the encoder): the first candidate allowed by ``kind`` that runs the tokenizer and gives
+    the reference's ids on ``sample``; the reference under ``auto`` when none does, else one clear error. The
+    encoder is ``make_encoder(tok, name)``'s, built once for the check and the build. Takes ``tok`` over (see
+    HFEncoder)."""
+    ref = HFEncoder(tok)
     if kind == "hf":
-        return "hf", "asked for with --encoder hf"
+        return "hf", "asked for with --encoder hf", ref
     candidates = FAST if kind in ("auto", "fast") else (kind,)
     why_not = []
-    want = HFEncoder(tok).encode(sample)
+    want = ref.encode(sample)
     for name in candidates:
         try:
-            got = fast_encoder(tok, name)(sample)
+            fast = fast_encoder(tok, name, ref.spec)
+            got = fast(sample)
         except NotExpressible as e:
             why_not.append(f"{name}: {e}")
             continue
         bad = _first_difference(got, want)
         if bad is None:
-            return name, f"identical ids to the Hugging Face tokenizer on a sample of {len(sample)} documents"
+            why = f"identical ids to the Hugging Face tokenizer on a sample of {len(sample)} documents"
+            return name, why, CheckedEncoder(name, fast, ref)
         why_not.append(f"{name}: other ids than the Hugging Face tokenizer on a document starting {sample[bad][:40]!r}")
     if kind == "auto":
-        return "hf", "; ".join(why_not)
+        return "hf", "; ".join(why_not), ref
     raise SptokError(f"--encoder {kind}: no fast encoder runs this tokenizer exactly ({'; '.join(why_not)}); use "
                      f"--encoder hf or auto")
 

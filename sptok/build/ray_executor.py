@@ -21,7 +21,7 @@ from .. import layout
 from ..errors import SptokError
 from ..extras import require
 from .encoders import EncoderMismatch
-from .runner import unit_context, warm_up
+from .runner import choose_here, unit_context, warm_up
 
 RETRIES = 3   # Ray's attempts after the first, for a task whose worker process or node died
 
@@ -35,12 +35,8 @@ def _unit_task(work: str, strict: bool, encoder: str, unit) -> dict:
 
 
 def _choose_task(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
-    from tokenizers import Tokenizer
-
-    from .encoders import choose_encoder
-
     _check_shared(work)
-    return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
+    return choose_here(work, kind, sample)
 
 
 def _warm_task() -> None:

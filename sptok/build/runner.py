@@ -24,17 +24,19 @@ PROGRESS_EVERY = 0.5   # seconds between a worker's progress messages
 MMAP_THRESHOLD = 1 << 20   # bytes: glibc gives a block this large its own mapping, unmapped when freed
 
 _CTXS: dict = {}    # a worker's contexts, by (work dir, strict, encoder)
+_CHOSEN: dict = {}  # the encoder this process built to choose it, by (work dir, name): for its first context
 _QUEUE = None
 
 
 def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
-    """A worker's context, rebuilt from ``.sptok/plan.json`` and ``.sptok/tokenizer``."""
+    """A worker's context, rebuilt from ``.sptok/plan.json`` and ``.sptok/tokenizer`` (the encoder: the one this
+    process chose, ``choose_here``, else built from that tokenizer)."""
     from tokenizers import Tokenizer
 
     unmap_freed_blocks()
     path = os.path.join(work, layout.PLAN)
     spec = BuildSpec.parse(layout.read_json(path), path)
-    tok = Tokenizer.from_file(layout.tokenizer_json(work))
+    enc = _CHOSEN.pop((work, encoder), None) or make_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), encoder)
     o, lay = spec.options, spec.layout
     literals = spec.sps + ([lay.delimiter] if lay.delimiter_special else [])   # counted where text holds them
     return UnitContext(
@@ -43,7 +45,7 @@ def load_context(work: str, strict: bool, encoder: str) -> UnitContext:
         layout=lay, sp_ids=spec.sp_ids,
         sources={s["name"]: {"text_field": s["text_field"], "id_field": s["id_field"]}
                  for s in spec.raw["manifest"]["sources"]},
-        literals=literals, strict=strict, encoder=make_encoder(tok, encoder), holdout=o.get("holdout"),
+        literals=literals, strict=strict, encoder=enc, holdout=o.get("holdout"),
         holdout_docs=o.get("holdout_docs"), metadata=o.get("metadata"))
 
 
@@ -80,12 +82,14 @@ def _init_worker(queue, parent: int) -> None:
 
 
 def warm_up() -> None:
-    """Import what a unit needs, while the main process plans."""
+    """Import what a unit needs, while the main process plans: the first fast encoder installed, which the encoder
+    check tries first (the others only where it cannot run the tokenizer)."""
     import tokenizers  # noqa: F401 - imported for its start-up cost
 
     for name in FAST:
         try:
             __import__(name)
+            return
         except ImportError:   # gigatoken and riptoken are optional (sptok[fast])
             pass
 
@@ -127,10 +131,15 @@ def _ready() -> None:
     """A no-op task: returns once a worker has started and imported what it needs."""
 
 
-def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+def choose_here(work: str, kind: str, sample: list[str], tok=None) -> tuple[str, str]:
+    """(name, why) of ``encoders.choose_encoder`` run in this process on ``tok``, the build's tokenizer (else read
+    from ``work``). The encoder it built and checked is this process's for its first unit: never built twice."""
     from tokenizers import Tokenizer
 
-    return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
+    name, why, enc = choose_encoder(tok or Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
+    _CHOSEN.clear()   # one at most: a build that chose and then stopped holds no other's
+    _CHOSEN[(work, name)] = enc
+    return name, why
 
 
 def needs_workers(units: list) -> bool:
@@ -174,7 +183,7 @@ class WorkerPool:
         """``encoders.choose_encoder`` run by a worker, which imported the encoders while the main process
         planned: the main process never loads them."""
         with _worker_deaths():
-            return self.pool.submit(_choose, work, kind, sample).result()
+            return self.pool.submit(choose_here, work, kind, sample).result()
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         with _worker_deaths():

@@ -39,18 +39,30 @@ class LoadedTokenizer:
     roles: dict              # e.g. {"eos_token": "</s>", ...} from tokenizer_config.json / special_tokens_map.json
 
 
-def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
-    """A local `tokenizer.json`, or a Hugging Face tokenizer directory holding one. Never a hub name."""
-    from tokenizers import Tokenizer
-
+def tokenizer_file(path: str | os.PathLike) -> str:
+    """The `tokenizer.json` that ``--tokenizer path`` names (the file, or the one in a directory), not yet read."""
     path = str(path)
-    roles: dict = {}
     if os.path.isdir(path):
         file = os.path.join(path, TOKENIZER_JSON)
         if not os.path.exists(file):
             raise SptokError(f"--tokenizer {path}: the directory has no tokenizer.json; sptok needs a fast "
                              f"tokenizer (save one with transformers: AutoTokenizer.from_pretrained(dir)"
                              f".save_pretrained(dir), or train one with `sptok tokenizer train`)")
+        return file
+    if not os.path.exists(path):
+        raise SptokError(f"--tokenizer {path}: no such file or directory (sptok never downloads tokenizers; "
+                         f"give a local tokenizer.json or train one with `sptok tokenizer train`)")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
+    """A local `tokenizer.json`, or a Hugging Face tokenizer directory holding one. Never a hub name."""
+    from tokenizers import Tokenizer
+
+    path = str(path)
+    roles: dict = {}
+    file = tokenizer_file(path)
+    if os.path.isdir(path):
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(path, name)
             if os.path.exists(p):
@@ -64,11 +76,6 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
                         v = v.get("content")
                     if isinstance(v, str):
                         roles.setdefault(k, v)
-    elif os.path.exists(path):
-        file = path
-    else:
-        raise SptokError(f"--tokenizer {path}: no such file or directory (sptok never downloads tokenizers; "
-                         f"give a local tokenizer.json or train one with `sptok tokenizer train`)")
     try:
         tok = Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
@@ -155,14 +162,15 @@ def encoding_problem(tok, texts: list[str], unk: str | None) -> str | None:
     import numpy as np
 
     unk_id = tok.token_to_id(unk) if unk else None
-    owners: Counter = Counter()     # token id (-1: no token) -> characters it covers
     with literal_specials(tok) as enc:
-        for text, e in zip(texts, enc.encode_batch(texts, add_special_tokens=False)):
-            owner = np.full(len(text), -1, np.int64)
-            for i, (a, b) in zip(e.ids, e.offsets):
-                owner[a:b] = i
-            visible = np.fromiter((not c.isspace() for c in text), bool, len(text))
-            owners.update(dict(zip(*(x.tolist() for x in np.unique(owner[visible], return_counts=True)))))
+        encs = enc.encode_batch(texts, add_special_tokens=False)
+    text = "".join(texts)   # the texts back to back, their tokens' offsets shifted to match: one pass for all
+    shift = np.repeat(np.cumsum([0] + [len(t) for t in texts])[:-1], [len(e.ids) for e in encs])
+    offsets = np.array([o for e in encs for o in e.offsets], np.int64).reshape(-1, 2) + shift[:, None]
+    owner = char_owners(len(text), np.array([i for e in encs for i in e.ids], np.int64), offsets)
+    chars, at = np.unique(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32), return_inverse=True)
+    visible = ~np.fromiter((chr(c).isspace() for c in chars.tolist()), bool, len(chars))[at]   # once per character
+    owners = Counter(dict(zip(*(x.tolist() for x in np.unique(owner[visible], return_counts=True)))))
     total = sum(owners.values())
     if total < 64:
         return None
@@ -175,6 +183,18 @@ def encoding_problem(tok, texts: list[str], unk: str | None) -> str | None:
         return f"{100 * n / total:.0f}% of the characters of its first documents become one token, id {top} " \
                f"({tok.id_to_token(top)!r})"
     return None
+
+
+def char_owners(n: int, ids, offsets):
+    """The token id covering each of ``n`` characters (int64), -1 where none does; where tokens share a character
+    (the bytes of one character in byte-level BPE), the last. ``offsets``: (start, end) characters per token."""
+    import numpy as np
+
+    widths = offsets[:, 1] - offsets[:, 0]
+    at = np.repeat(offsets[:, 0] - np.cumsum(widths) + widths, widths) + np.arange(int(widths.sum()))
+    last = np.full(n, -1, np.int64)   # index of the last token on each character
+    np.maximum.at(last, at, np.repeat(np.arange(len(ids)), widths))
+    return np.append(ids, -1)[last]   # index -1: none
 
 
 def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:

@@ -99,7 +99,7 @@ class MDSShardWriter:
         self._reset()
 
     def _reset(self) -> None:
-        self.samples: list[bytes] = []
+        self.samples: list = []   # each sample's bytes (bytes, or a uint8 row of write_run's)
         self.size = 4 + 4 + len(self.config_data)
 
     def write(self, s: Stream, source_id: int) -> None:
@@ -122,17 +122,17 @@ class MDSShardWriter:
         k, n = ids.shape
         keys = _shape_prefix(1) + np.array([key], np.uint64).tobytes()
         offsets = _shape_prefix(1) + np.zeros(1, np.uint32).tobytes()
-        body = ids.astype(self.dtype).view(np.uint8)
+        width = n * np.dtype(self.dtype).itemsize
         empty = 3 if self.meta else 2     # [meta_spans,] msp_mask, sp_positions
-        head = np.array([len(keys), len(offsets), len(_shape_prefix(n)) + body.shape[1]] + [0] * empty, np.uint32)
+        head = np.array([len(keys), len(offsets), len(_shape_prefix(n)) + width] + [0] * empty, np.uint32)
         before = np.frombuffer(head.tobytes() + keys + offsets + _shape_prefix(n), np.uint8)
         after = np.frombuffer(np.int64(source_id).tobytes(), np.uint8)
-        rows = np.empty((k, len(before) + body.shape[1] + len(after)), np.uint8)
+        rows = np.empty((k, len(before) + width + len(after)), np.uint8)
         rows[:, :len(before)] = before
-        rows[:, len(before):len(before) + body.shape[1]] = body
-        rows[:, len(before) + body.shape[1]:] = after
+        rows[:, len(before):len(before) + width].view(self.dtype)[:] = ids   # cast in place: no copy of the ids
+        rows[:, len(before) + width:] = after
         for row in rows:
-            self._add(row.tobytes())
+            self._add(row)   # a view: the shard's join copies it once
 
     def _add(self, sample: bytes) -> None:
         if self.size_limit and self.size_limit < self.size + len(sample) + 4:
@@ -150,7 +150,7 @@ class MDSShardWriter:
         sizes = np.fromiter((len(x) for x in self.samples), np.int64, count=n)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint32)
         offsets += np.uint32(4 + 4 * (n + 1) + len(self.config_data))
-        raw = np.uint32(n).tobytes() + offsets.tobytes() + self.config_data + b"".join(self.samples)
+        raw = b"".join([np.uint32(n).tobytes(), offsets.tobytes(), self.config_data, *self.samples])
         k = len(self.shards)
         zipped = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
         with open(os.path.join(self.out_dir, layout.data_file(k, "mds")), "wb") as f:
