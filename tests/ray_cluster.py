@@ -8,7 +8,8 @@ records each one's exit code and stderr (and what the kill scenarios saw). The a
 Scenarios, in order:
   local          no address: the build starts a local Ray with --workers CPUs (before any cluster exists), on a
                  corpus where the fast encoder (gigatoken hidden) is caught giving other ids mid-build: the
-                 fallback to the Hugging Face tokenizer, with every unit it built built again
+                 fallback to the Hugging Face tokenizer, with every unit it built built again; then which Ray
+                 processes are left (none may be: the build kills the Ray it started)
   cluster        a two-node cluster (`ray start --head`, then a second node), the build on it via RAY_ADDRESS
   worker_killed  a Ray worker running a unit is killed (SIGKILL, by the pid in its unit's temporary directory)
   driver_killed  who holds the lock mid-build; the build's own process is killed after a few units; the same
@@ -96,6 +97,24 @@ def kill_the_driver(build: list[str], out: str, env: dict, after_units: int = 3)
             **finished(sptok(build, env))}
 
 
+def ray_processes(tmpdir: str, wait: float = 10.0) -> list[str]:
+    """The command lines of the processes (of this namespace) that name Ray's ``tmpdir``, once none is left or
+    ``wait`` seconds passed: a killed raylet's workers notice its end within moments."""
+    end = time.time() + wait
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if tmpdir in cmd and alive(int(pid)):
+                found.append(cmd[:200])
+        if not found or time.time() > end:
+            return found
+        time.sleep(0.05)
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
     d, flags = cfg["dir"], cfg["flags"]
@@ -114,6 +133,7 @@ def main() -> None:
     results = {"local": finished(sptok(["build", mismatch["manifest"], "--out", os.path.join(d, "local"),
                                         "--tokenizer", mismatch["tokenizer"], *mismatch["flags"], "--workers", "2",
                                         "--executor", "ray"], mismatch["env"]))}
+    results["left_by_local"] = ray_processes(os.environ["RAY_TMPDIR"])   # the build stopped its Ray: nothing is left
     t1 = time.time()
     ray("start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--num-cpus=1", "--include-dashboard=false",
         "--disable-usage-stats")

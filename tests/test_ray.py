@@ -120,6 +120,7 @@ def test_a_local_ray_falls_back_to_the_reference_encoder(runs, mismatch):
     built again by the Hugging Face tokenizer, to its bytes exactly."""
     run = runs[1]["local"]
     _built(run)
+    assert runs[1]["left_by_local"] == []   # the Ray it started is stopped, killed, whole
     assert re.search(r"encoder: hf \(the (riptoken|tiktoken) encoder gave other ids", run["stderr"]), run["stderr"]
     assert build_bytes(runs[0] / "local") == mismatch["hf"]
 

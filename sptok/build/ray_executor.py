@@ -35,11 +35,15 @@ def _unit_task(work: str, strict: bool, encoder: str, unit) -> dict:
 
 
 def _choose_task(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
+    _check_shared(work)
+    return _choose(work, kind, sample)
+
+
+def _choose(work: str, kind: str, sample: list[str]) -> tuple[str, str]:
     from tokenizers import Tokenizer
 
     from .encoders import choose_encoder
 
-    _check_shared(work)
     return choose_encoder(Tokenizer.from_file(layout.tokenizer_json(work)), kind, sample)
 
 
@@ -57,8 +61,6 @@ def _check_shared(work: str) -> None:
 
 def _connect(ray, address: str | None, workers: int) -> None:
     """Join the cluster at ``address``, or start a local Ray with ``workers`` CPUs; either fails in one line."""
-    if address:
-        _check_reachable(address)
     where = {"address": address} if address else {"address": "local", "num_cpus": workers, "include_dashboard": False}
     try:
         # log_to_driver off: a task's errors reach the driver as exceptions, turned into sptok's one line here
@@ -67,6 +69,28 @@ def _connect(ray, address: str | None, workers: int) -> None:
         what = f"join the Ray cluster at {address}" if address else "start a local Ray"
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise SptokError(f"--executor ray: cannot {what} ({type(e).__name__}: {first})") from None
+
+
+class _NotMainThread(logging.Filter):
+    """ray.init off the main thread warns that it leaves SIGTERM alone: as meant, sptok handles SIGTERM itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+def _stop_local(ray) -> None:
+    """End the local Ray this build started, at once: ``ray.shutdown`` stops each of its processes gracefully,
+    waiting up to a second for each (the autoscaler's monitor takes all of it), ~1.3 s of a build on 2 cores.
+    Nothing else uses that Ray, so its processes are killed instead (its workers end with their raylet).
+    Ray has no public way to do it: the node ``ray.init`` started is private; without it, the graceful stop."""
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    if node is None or not (hasattr(node, "kill_all_processes") and hasattr(node, "is_head")) \
+            or not node.is_head():
+        ray.shutdown()
+        return
+    ray._private.worker._global_node = None   # ray.shutdown only disconnects the driver, then
+    ray.shutdown()
+    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -82,29 +106,64 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 
 class RayPool:
-    """What ``runner.WorkerPool`` does, on a Ray cluster: connected at once, so its workers start (and import the
-    encoders) while the driver plans."""
+    """What ``runner.WorkerPool`` does, on a Ray cluster. Ray is imported and joined (or started) in a thread of
+    its own while the driver plans; its workers then import the encoders while the driver checks them. The
+    thread lives until ``close``: the processes of a local Ray die with the thread that started them
+    (PR_SET_PDEATHSIG is per thread)."""
 
     distributed = True   # every unit goes to the cluster, even a lone one: the driver's node may not be for work
 
     def __init__(self, address: str | None, workers: int):
         require("ray", "--executor ray")
-        import ray
+        import threading
 
-        self.ray = ray
-        self.refs: dict = {}
-        _connect(ray, address or os.environ.get("RAY_ADDRESS"), workers)
-        self.unit_task = ray.remote(_unit_task).options(num_cpus=1, max_retries=RETRIES)
-        self.choose_task = ray.remote(_choose_task).options(num_cpus=1, max_retries=RETRIES)
-        warm = ray.remote(_warm_task).options(num_cpus=1)
-        self.warming = [warm.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        if self.address:
+            _check_reachable(self.address)   # one line now, not Ray's minutes of retries in the thread
+        self.workers, self.refs, self.ray, self.failed = workers, {}, None, None
+        self.started, self.closing = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._start, name="sptok-ray", daemon=True)
+        self.thread.start()
+
+    @property
+    def local(self) -> bool:
+        """Whether this build starts the Ray it runs on (then the driver's machine is the whole cluster)."""
+        return not self.address
+
+    def _start(self) -> None:
+        try:
+            import ray
+
+            logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+            _connect(ray, self.address, self.workers)
+            self.ray = ray
+            self.unit_task = ray.remote(_unit_task).options(num_cpus=1, max_retries=RETRIES)
+            self.choose_task = ray.remote(_choose_task).options(num_cpus=1, max_retries=RETRIES)
+            warm = ray.remote(_warm_task).options(num_cpus=1)
+            self.warming = [warm.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))]
+        except BaseException as e:   # raised where the driver waits for Ray
+            self.failed = e
+        finally:
+            self.started.set()
+        self.closing.wait()
+
+    def _ready(self):
+        """Ray, once joined or started; the start's error, raised here."""
+        self.started.wait()
+        if self.failed is not None:
+            raise self.failed
+        return self.ray
 
     def choose_encoder(self, work: str, kind: str, sample: list[str]) -> tuple[str, str]:
-        """``encoders.choose_encoder`` run by a Ray worker, which imported the encoders while the driver planned."""
+        """``encoders.choose_encoder`` run by a Ray worker, which imported the encoders while the driver planned;
+        for a local Ray, by the driver (the same machine) while Ray still starts."""
+        if self.local:
+            return _choose(work, kind, sample)
+        self._ready()
         return self._get(self.choose_task.remote(work, kind, sample))
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
-        ray = self.ray
+        ray = self._ready()
         order = sorted(todo, key=lambda u: -u.size)   # big units first: a shorter tail of the schedule
         self.refs = {self.unit_task.remote(work, strict, encoder, u): u for u in order}
         pending = list(self.refs)
@@ -146,8 +205,14 @@ class RayPool:
             self.ray.wait(refs, num_returns=len(refs), timeout=60)
 
     def close(self, kill: bool = False) -> None:
-        """Disconnect: the build's job ends, and Ray stops its tasks still running (a local cluster started for
-        this build ends too); their temporary directories are cleared by the next run. No ``ray.cancel`` first:
+        """Disconnect: the build's job ends, and Ray stops its tasks still running (a local Ray started for this
+        build is stopped); their temporary directories are cleared by the next run. No ``ray.cancel`` first:
         Ray 2.60's driver aborted (a failed check in its task manager) when a task it force-cancelled had just
         finished. ``kill`` is the local pool's interface; ending the job is what kills here."""
-        self.ray.shutdown()
+        self.started.wait()   # a start under way ends first: then nothing of it is left behind
+        try:
+            if self.ray is not None:
+                _stop_local(self.ray) if self.local else self.ray.shutdown()
+        finally:
+            self.closing.set()
+            self.thread.join()
