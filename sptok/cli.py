@@ -129,7 +129,8 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
         from .build.append import run_append
         res = run_append(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
     else:
-        res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+        # --executor ray: the tasks upload their units' shards themselves; upload_build sends the rest
+        res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log, remote=remote)
     if remote and res.info is not None:
         upload_build(out, remote, log=log)
     if res.skipped and append:

@@ -15,6 +15,9 @@ Scenarios, in order:
   driver_killed  who holds the lock mid-build; the build's own process is killed after a few units; the same
                  command again
   task_error     --strict on a bad record deep in a unit: the task's SptokError
+  remote         --out s3://... (moto's S3 server on loopback, started with the cluster so its nodes have the
+                 endpoint): each task uploads its unit; what the bucket then holds is downloaded, and which files
+                 the driver's --local kept
 """
 
 from __future__ import annotations
@@ -115,6 +118,38 @@ def ray_processes(tmpdir: str, wait: float = 10.0) -> list[str]:
         time.sleep(0.05)
 
 
+def start_s3() -> tuple[object, str]:
+    """moto's S3 server on loopback, a bucket on it, and the environment that points boto3 (streaming's S3
+    uploader) there: set here, before the cluster starts, so every Ray node has it as a node in the cloud would."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=5000, verbose=False)
+    server.start()
+    os.environ.update(S3_ENDPOINT_URL="http://127.0.0.1:5000", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).create_bucket(Bucket="sptok-test")
+    return server, "s3://sptok-test/built"
+
+
+def download(remote: str, into: str) -> None:
+    """Every object under ``remote`` (s3://bucket/prefix) into the directory ``into``."""
+    import boto3
+
+    bucket, prefix = remote[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            path = os.path.join(into, o["Key"][len(prefix) + 1:])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            s3.download_file(bucket, o["Key"], path)
+
+
+def files_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
     d, flags = cfg["dir"], cfg["flags"]
@@ -124,8 +159,8 @@ def main() -> None:
     # refuses a second `ray start` on the same machine, and writes ~/.ray)
     os.environ["RAY_AUTH_MODE"] = "disabled"
 
-    def build(name: str, *extra: str, manifest: str = cfg["manifest"]) -> list[str]:
-        return ["build", manifest, "--out", os.path.join(d, name), "--tokenizer", cfg["tokenizer"], *flags,
+    def build(name: str, *extra: str, manifest: str = cfg["manifest"], out: str | None = None) -> list[str]:
+        return ["build", manifest, "--out", out or os.path.join(d, name), "--tokenizer", cfg["tokenizer"], *flags,
                 "--executor", "ray", *extra]
 
     t0 = time.time()
@@ -135,6 +170,7 @@ def main() -> None:
                                         "--executor", "ray"], mismatch["env"]))}
     results["left_by_local"] = ray_processes(os.environ["RAY_TMPDIR"])   # the build stopped its Ray: nothing is left
     t1 = time.time()
+    s3, remote = start_s3()
     ray("start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--num-cpus=1", "--include-dashboard=false",
         "--disable-usage-stats")
     ray("start", f"--address={ADDRESS}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
@@ -151,6 +187,13 @@ def main() -> None:
     results["driver_killed"] = kill_the_driver(build("driver_killed", "--encoder", "hf"),
                                                os.path.join(d, "driver_killed"), env)
     results["task_error"] = finished(sptok(build("task_error", "--strict", manifest=cfg["bad_manifest"]), env))
+    t2 = time.time()
+    local = os.path.join(d, "remote_local")
+    results["remote"] = finished(sptok(build("", "--local", local, out=remote), env))
+    download(remote, os.path.join(d, "remote_download"))
+    results["remote"]["local_files"] = files_under(local)
+    s3.stop()
+    results["seconds"]["remote"] = time.time() - t2
     results["seconds"]["scenarios"] = time.time() - t1 - results["seconds"]["cluster start"]
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump(results, f)

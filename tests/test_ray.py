@@ -163,6 +163,18 @@ def test_an_error_in_a_task_is_sptok_s_one_line(runs, corpus, tmp_path):
     assert run["stderr"].strip().splitlines()[-1] == line
 
 
+def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
+    """--out s3://...: each task uploads its unit's shards from its node, the driver the rest (sptok.json last).
+    The bucket holds the local build's bytes, and the driver's --local never held the units' shards."""
+    run = runs[1]["remote"]
+    _built(run)
+    uploaded = build_bytes(runs[0] / "remote_download")
+    assert uploaded == reference
+    by_tasks = set(uploaded) - set(run["local_files"])
+    assert by_tasks and all(re.search(r"/shard\.\d+\.mds\.zstd$", f) for f in by_tasks), by_tasks
+    assert set(run["local_files"]) < set(uploaded)   # what the driver wrote, all uploaded
+
+
 def test_a_cluster_that_does_not_answer_is_one_line(corpus, tmp_path):
     """Nothing listens at the address: one line at once (Ray itself retries for minutes); no Ray is started."""
     r = subprocess.run([sys.executable, "-m", "sptok", "build", corpus / "m.yaml", "--out", tmp_path / "o",
