@@ -151,6 +151,10 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
         click.echo(f"\n{'appended to' if made else 'built'} {out} in {res.seconds:.1f}s "
                    f"({tokens / max(res.seconds, 1e-9):,.0f} "
                    f"tokens/s, encoder: {describe(info['encoder'])})", err=True)
+    if "sptok.build.ray_executor" in sys.modules:   # --executor ray: done, and Ray disconnected
+        from .build.ray_executor import leave_now
+
+        leave_now()
 
 
 @main.command()

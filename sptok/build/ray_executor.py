@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 
 from .. import layout
@@ -190,6 +191,14 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     except OSError as e:
         raise SptokError(f"--executor ray: no Ray cluster answers at {address} ({e.strerror or e}); start one "
                          f"(`ray start --head`) or fix --ray-address / RAY_ADDRESS") from None
+
+
+def leave_now() -> None:
+    """End the process now, once a Ray build is written, reported and Ray is disconnected: the interpreter's own
+    teardown after a Ray driver (Ray's native library and its threads) took 0.5-1.3 s more on 2 cores."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class RayPool:
