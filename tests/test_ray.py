@@ -175,6 +175,19 @@ def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
     assert set(run["local_files"]) < set(uploaded)   # what the driver wrote, all uploaded
 
 
+def test_units_a_ray_task_uploaded_are_finished_only_there(corpus, tmp_path):
+    """A unit a Ray task uploaded to a remote --out holds no shards: a build that does not upload there (another
+    --out, the local executor) cannot finish it, and says so in one line instead of building a hole."""
+    build = [sys.executable, "-m", "sptok", "build", corpus / "m.yaml", "--out", tmp_path / "o", "--tokenizer",
+             TOKENIZER, *FLAGS, "--workers", "1", "--quiet"]
+    subprocess.run(build + ["--partition", "0/2"], check=True, capture_output=True)
+    (tmp_path / "o" / ".sptok" / "units" / "u000000" / "uploaded").write_text("s3://bucket/built")
+    r = subprocess.run(build, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == ("error: the units of this build were uploaded by Ray tasks to "
+                                              "s3://bucket/built: finish it with the same command (--out "
+                                              "s3://bucket/built --executor ray)\n"), r.stderr
+
+
 def test_a_cluster_that_does_not_answer_is_one_line(corpus, tmp_path):
     """Nothing listens at the address: one line at once (Ray itself retries for minutes); no Ray is started."""
     r = subprocess.run([sys.executable, "-m", "sptok", "build", corpus / "m.yaml", "--out", tmp_path / "o",

@@ -187,7 +187,7 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units))
     info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER),
-                    shards_uploaded=pool is not None and pool.remote is not None)
+                    uploading_to=pool.remote if pool is not None else None)
     outdir.clear_work(out)   # the writer's lock goes last, when the writer lets go
     return BuildResult(out, info, committed, len(units))
 

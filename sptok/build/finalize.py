@@ -17,6 +17,7 @@ from collections import Counter
 import numpy as np
 
 from .. import layout
+from ..errors import SptokError
 from .holdout import Held, smallest
 from ..layout import MARKER, write_json
 from .manifest import file_xxh64
@@ -41,11 +42,12 @@ def _link(src: str, dst: str) -> None:
 
 
 def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str,
-             shards_uploaded: bool = False) -> dict:
+             uploading_to: str | None = None) -> dict:
     """Write the per-source shards, indexes, rejects, stats, tokenizer, the validation split when there is
     one, and finally sptok.json. ``unit_dirs``: the committed directory of each unit, by unit index.
-    ``shards_uploaded``: the units' shards are in a remote output already, under the names they get here (Ray
-    tasks of a remote --out uploaded them); only their index entries are made, and the units hold no shards."""
+    ``uploading_to``: the remote --out whose Ray tasks upload the units' shards themselves: a unit they uploaded
+    (``layout.UPLOADED``) holds no shards, they are in the remote under the names they get here; only their index
+    entries are made."""
     opts = plan["options"]
     fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
@@ -62,9 +64,10 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         os.makedirs(sdir)
         entries = []
         for d, r in zip(dirs, results):
+            uploaded = _uploaded(d, uploading_to)
             for f in r["files"]:
                 entries.append(_place(os.path.join(d, file_basename(f, fmt)), sdir, f, fmt, len(entries),
-                                      link=not shards_uploaded))
+                                      link=not uploaded))
         back = held[name][1] if held else [Held.empty()] * len(units)
         streams = (s for d, b in zip(dirs, back) for s in (Stream.load(os.path.join(d, layout.TAIL)), b.stream))
         extra = _pack_streams(plan, streams, src, sdir, entries)
@@ -96,6 +99,20 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     layout.write_indexes(out, fmt, indexes)
     write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
+
+
+def _uploaded(unit_dir: str, uploading_to: str | None) -> bool:
+    """Whether a Ray task uploaded the unit's shards to the remote output (then it holds none); to another remote,
+    or for a build that uploads nothing itself, the build cannot be finished here: one line."""
+    try:
+        with open(os.path.join(unit_dir, layout.UPLOADED)) as f:
+            where = f.read()
+    except FileNotFoundError:
+        return False
+    if where != uploading_to:
+        raise SptokError(f"the units of this build were uploaded by Ray tasks to {where}: finish it with the same "
+                         f"command (--out {where} --executor ray)")
+    return True
 
 
 def _held_out(plan: dict, unit_dirs: dict[int, str]) -> dict | None:

@@ -1,4 +1,5 @@
-"""`sptok build --executor ray`: the work units as Ray tasks, on a cluster whose nodes share the output directory.
+"""`sptok build --executor ray`: the work units as Ray tasks, on a cluster whose nodes share the output directory,
+or upload their units to a remote one.
 
 The pool of ``runner.WorkerPool`` with Ray in place of local processes; nothing else of the build changes. Each
 task runs ``unit.process_unit`` on one unit (the same read -> pack -> write -> atomic rename as a local worker),
@@ -144,7 +145,8 @@ def _check_shared(work: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # one task per CPU; no thread pool inside
     if not os.path.exists(os.path.join(work, layout.PLAN)):
         raise SptokError(f"--executor ray: node {socket.gethostname()} cannot see {os.path.dirname(work)}: --out "
-                         f"(or --local, for a remote --out) must be on a filesystem every Ray node mounts")
+                         f"must be on a filesystem every Ray node mounts, or remote (s3://...: each node uploads "
+                         f"its units)")
 
 
 def _connect(ray, address: str | None, workers: int) -> None:
@@ -346,7 +348,8 @@ class RayPool:
                     else:
                         self._get(ref)
                         unit = units[uploads[ref]]
-                        commit_files(work, unit, staged.pop(unit.index)["files"])
+                        small = staged.pop(unit.index)["files"]
+                        commit_files(work, unit, {**small, layout.UPLOADED: self.remote.encode()})
                         progress.unit_done()
                         on_done(unit)
         except EncoderMismatch:   # the build falls back: let no unit of this encoder commit after this
