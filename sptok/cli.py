@@ -28,13 +28,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SptokError as e:
             click.echo(f"error: {e.message}", err=True)
-            sys.exit(2)
+            _exit(2)
         except Stopped as e:
             click.echo(e.message, err=True)
-            sys.exit(128 + e.signum)
+            _exit(128 + e.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
-            sys.exit(130)
+            _exit(130)
         except OSError as e:
             if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):   # copytree's OSErrors,
                 # gathered as text: their errno is lost
@@ -45,12 +45,21 @@ class _Group(click.Group):
                 where = getattr(e, "filename2", None) or e.filename   # a copy names its source, then its target
                 click.echo(f"error: disk full ({where or ''}): free some space and run the same command again; "
                            f"committed work is kept", err=True)
-                sys.exit(2)
+                _exit(2)
             if e.filename is None:   # not about a path the user gave: a bug, keep the traceback
                 raise
             # a path the user named or can fix (permission, read-only filesystem, a file where a directory goes)
             click.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
-            sys.exit(2)
+            _exit(2)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, at once after a Ray build (``ray_executor.leave_now``)."""
+    if "sptok.build.ray_executor" in sys.modules:
+        from .build.ray_executor import leave_now
+
+        leave_now(code)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

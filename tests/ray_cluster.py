@@ -100,19 +100,19 @@ def kill_the_driver(build: list[str], out: str, env: dict, after_units: int = 3)
             **finished(sptok(build, env))}
 
 
-def ray_processes(tmpdir: str, wait: float = 10.0) -> list[str]:
-    """The command lines of the processes (of this namespace) that name Ray's ``tmpdir``, once none is left or
-    ``wait`` seconds passed: a killed raylet's workers notice its end within moments."""
+def other_processes(wait: float = 10.0) -> list[str]:
+    """The command lines of this namespace's processes but this one (Ray's workers rename themselves ``ray::...``),
+    once none is left or ``wait`` seconds passed: a killed raylet's workers notice its end within moments."""
     end = time.time() + wait
     while True:
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == os.getpid() or not alive(int(pid)):
+                continue
             try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                found.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace"))
             except OSError:
                 continue
-            if tmpdir in cmd and alive(int(pid)):
-                found.append(cmd[:200])
         if not found or time.time() > end:
             return found
         time.sleep(0.05)
@@ -168,7 +168,7 @@ def main() -> None:
     results = {"local": finished(sptok(["build", mismatch["manifest"], "--out", os.path.join(d, "local"),
                                         "--tokenizer", mismatch["tokenizer"], *mismatch["flags"], "--workers", "2",
                                         "--executor", "ray"], mismatch["env"]))}
-    results["left_by_local"] = ray_processes(os.environ["RAY_TMPDIR"])   # the build stopped its Ray: nothing is left
+    results["left_by_local"] = other_processes()   # the build stopped its Ray: nothing of it is left
     t1 = time.time()
     s3, remote = start_s3()
     ray("start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--num-cpus=1", "--include-dashboard=false",

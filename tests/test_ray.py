@@ -116,8 +116,9 @@ def test_the_cluster_has_two_nodes_on_loopback(runs):
 
 
 def test_a_local_ray_falls_back_to_the_reference_encoder(runs, mismatch):
-    """No address: a local Ray; a fast encoder caught mid-build stops its tasks, and the units it built are
-    built again by the Hugging Face tokenizer, to its bytes exactly."""
+    """No address: a local Ray (the driver builds units itself while it starts); a fast encoder caught mid-build
+    stops its tasks, and the units it built are built again by the Hugging Face tokenizer, to its bytes exactly.
+    Then no process of that Ray is left."""
     run = runs[1]["local"]
     _built(run)
     assert runs[1]["left_by_local"] == []   # the Ray it started is stopped, killed, whole

@@ -195,12 +195,14 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                          f"(`ray start --head`) or fix --ray-address / RAY_ADDRESS") from None
 
 
-def leave_now() -> None:
-    """End the process now, once a Ray build is written, reported and Ray is disconnected: the interpreter's own
-    teardown after a Ray driver (Ray's native library and its threads) took 0.5-1.3 s more on 2 cores."""
+def leave_now(code: int = 0) -> None:
+    """End the process now, its build written (or its error said): the interpreter's own teardown after a Ray
+    driver (Ray's native library and its threads) took 0.5-1.3 s more on 2 cores; after an error, Ray is not
+    disconnected first (its driver sometimes exited 1 in ``ray.shutdown`` while a task of the job failed, before
+    the error was said): the job, and a local Ray, end with this process."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 class RayPool:
@@ -221,6 +223,7 @@ class RayPool:
         self.workers, self.refs, self.ray, self.failed = workers, {}, None, None
         self.remote = remote   # a remote --out: each task uploads its unit there (else all write a shared --out)
         self.started, self.closing = threading.Event(), threading.Event()
+        self.abandoned = ""   # closed before Ray was up: "stop" (the thread stops it) or "kept" (after an error)
         self.thread = threading.Thread(target=self._start, name="sptok-ray", daemon=True)
         self.thread.start()
 
@@ -247,6 +250,8 @@ class RayPool:
         finally:
             self.started.set()
         self.closing.wait()
+        if self.abandoned == "stop" and self.ray is not None:   # the build ended without it: stopped here, once up
+            _stop_local(self.ray) if self.local else self.ray.shutdown()
 
     def _ready(self):
         """Ray, once joined or started; the start's error, raised here."""
@@ -264,6 +269,10 @@ class RayPool:
         return self._get(self.choose_task.remote(work, kind, sample))
 
     def run(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
+        if self.local and not self.remote:
+            todo = self._run_here_while_starting(work, todo, strict, encoder, progress, on_done)
+        if not todo:
+            return
         ray = self._ready()
         if self.remote:
             return self._run_remote(work, todo, strict, encoder, progress, on_done)
@@ -284,6 +293,19 @@ class RayPool:
         except EncoderMismatch:   # the build falls back: let no unit of this encoder commit after this
             self._stop(pending)
             raise
+
+    def _run_here_while_starting(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> list:
+        """While the local Ray starts (seconds, much of them its processes waiting on one another), the driver
+        builds units itself, on this machine (the whole cluster), the smallest first; returns the units left."""
+        from .unit import process_unit
+
+        left = sorted(todo, key=lambda u: -u.size)
+        while left and not self.started.is_set():
+            unit = left.pop()
+            process_unit(unit_context(work, strict, encoder), unit, progress=progress.update)
+            progress.unit_done()
+            on_done(unit)
+        return left
 
     def _run_remote(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> None:
         """Units of a remote output: each built on a node (``_stage_task``), then its shards uploaded from that node
@@ -382,8 +404,13 @@ class RayPool:
         """Disconnect: the build's job ends, and Ray stops its tasks still running (a local Ray started for this
         build is stopped); their temporary directories are cleared by the next run. No ``ray.cancel`` first:
         Ray 2.60's driver aborted (a failed check in its task manager) when a task it force-cancelled had just
-        finished. ``kill`` is the local pool's interface; ending the job is what kills here."""
-        self.started.wait()   # a start under way ends first: then nothing of it is left behind
+        finished. ``kill`` (an error): Ray is left as it is; the CLI ends the process (``leave_now``), which ends the
+        job and a local Ray. A Ray still starting is left to its thread, which stops it once up (or, should this
+        process end first, its processes end with the thread that started them, and Ray's reaper ends the rest)."""
+        if kill or not self.started.is_set():   # an error, or every unit built by the driver while Ray started
+            self.abandoned = "kept" if kill else "stop"   # an error's Ray ends with the process (``leave_now``)
+            self.closing.set()
+            return
         try:
             if self.ray is not None:
                 _stop_local(self.ray) if self.local else self.ray.shutdown()
