@@ -16,12 +16,13 @@ Scenarios, in order:
                  command again
   task_error     --strict on a bad record deep in a unit: the task's SptokError
   remote         --out s3://... (moto's S3 server on loopback, started with the cluster so its nodes have the
-                 endpoint): each task uploads its unit; what the bucket then holds is downloaded, and which files
-                 the driver's --local kept
+                 endpoint): each task uploads its unit, and a worker building one in its node's own directory
+                 is killed; what the bucket then holds is downloaded, and which files the driver's --local kept
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -64,24 +65,24 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_a_worker(build: list[str], out: str, env: dict) -> dict:
-    """Kill the Ray worker process building the first unit seen in .sptok/tmp (named u<index>.<pid>)."""
-    tmp = os.path.join(out, ".sptok", "tmp")
+def kill_a_worker(build: list[str], tmp: str, env: dict) -> dict:
+    """Kill the Ray worker process building the first unit seen in the temporary directories ``tmp`` (a glob:
+    .sptok/tmp of a shared --out, or the nodes' own ones of a remote --out), named u<index>.<pid>."""
     p = sptok(build, env)
     seen: list[str] = []
 
     def started() -> bool:
-        seen[:] = os.listdir(tmp) if os.path.isdir(tmp) else []
+        seen[:] = [os.path.join(d, n) for d in glob.glob(tmp) for n in os.listdir(d)]
         return bool(seen)
 
     wait_for("a unit started", started, p)
-    name = seen[0]
-    pid = int(name.rsplit(".", 1)[1])
+    path = seen[0]
+    pid = int(path.rsplit(".", 1)[1])
     os.kill(pid, signal.SIGKILL)
     while alive(pid):
         time.sleep(0.001)
     # still there once the worker is dead: it died before its rename, so its unit must be built again
-    seen = {"killed_mid_unit": os.path.isdir(os.path.join(tmp, name)), "unit": name.split(".")[0]}
+    seen = {"killed_mid_unit": os.path.isdir(path), "unit": os.path.basename(path).split(".")[0]}
     return {**finished(p), **seen}
 
 
@@ -171,6 +172,8 @@ def main() -> None:
     results["left_by_local"] = other_processes()   # the build stopped its Ray: nothing of it is left
     t1 = time.time()
     s3, remote = start_s3()
+    os.environ["TMPDIR"] = os.path.join(d, "nodes")   # the nodes' own work directories (a remote --out)
+    os.makedirs(os.environ["TMPDIR"])
     ray("start", "--head", "--node-ip-address=127.0.0.1", "--port=6379", "--num-cpus=1", "--include-dashboard=false",
         "--disable-usage-stats")
     ray("start", f"--address={ADDRESS}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
@@ -183,13 +186,14 @@ def main() -> None:
     env = {"RAY_ADDRESS": ADDRESS}
     results["cluster"] = finished(sptok(build("cluster"), env))
     results["worker_killed"] = kill_a_worker(build("worker_killed", "--encoder", "hf"),
-                                             os.path.join(d, "worker_killed"), env)
+                                             os.path.join(d, "worker_killed", ".sptok", "tmp"), env)
     results["driver_killed"] = kill_the_driver(build("driver_killed", "--encoder", "hf"),
                                                os.path.join(d, "driver_killed"), env)
     results["task_error"] = finished(sptok(build("task_error", "--strict", manifest=cfg["bad_manifest"]), env))
     t2 = time.time()
     local = os.path.join(d, "remote_local")
-    results["remote"] = finished(sptok(build("", "--local", local, out=remote), env))
+    results["remote"] = kill_a_worker(build("", "--local", local, "--encoder", "hf", out=remote),
+                                      os.path.join(os.environ["TMPDIR"], "sptok-ray", "*", "tmp"), env)
     download(remote, os.path.join(d, "remote_download"))
     results["remote"]["local_files"] = files_under(local)
     s3.stop()

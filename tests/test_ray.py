@@ -165,9 +165,11 @@ def test_an_error_in_a_task_is_sptok_s_one_line(runs, corpus, tmp_path):
 
 
 def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
-    """--out s3://...: each task uploads its unit's shards from its node, the driver the rest (sptok.json last).
-    The bucket holds the local build's bytes, and the driver's --local never held the units' shards."""
+    """--out s3://...: each task uploads its unit's shards from its node, the driver the rest (sptok.json last),
+    also when a worker is killed building a unit. The bucket holds the local build's bytes, and the driver's
+    --local never held the units' shards."""
     run = runs[1]["remote"]
+    assert run["killed_mid_unit"], "the worker finished its unit before the kill: nothing was retried"
     _built(run)
     uploaded = build_bytes(runs[0] / "remote_download")
     assert uploaded == reference
