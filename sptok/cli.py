@@ -28,13 +28,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SptokError as e:
             click.echo(f"error: {e.message}", err=True)
-            sys.exit(2)
+            _exit(2)
         except Stopped as e:
             click.echo(e.message, err=True)
-            sys.exit(128 + e.signum)
+            _exit(128 + e.signum)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: committed work is kept; run the same command again to resume", err=True)
-            sys.exit(130)
+            _exit(130)
         except OSError as e:
             if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):   # copytree's OSErrors,
                 # gathered as text: their errno is lost
@@ -45,12 +45,20 @@ class _Group(click.Group):
                 where = getattr(e, "filename2", None) or e.filename   # a copy names its source, then its target
                 click.echo(f"error: disk full ({where or ''}): free some space and run the same command again; "
                            f"committed work is kept", err=True)
-                sys.exit(2)
+                _exit(2)
             if e.filename is None:   # not about a path the user gave: a bug, keep the traceback
                 raise
             # a path the user named or can fix (permission, read-only filesystem, a file where a directory goes)
             click.echo(f"error: {e.filename}: {e.strerror or e}", err=True)
-            sys.exit(2)
+            _exit(2)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, at once after a Ray build (``ray_executor.leave_now``)."""
+    ray_build = sys.modules.get("sptok.build.ray_executor")
+    if ray_build and ray_build.ran_here():
+        ray_build.leave_now(code)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -129,7 +137,8 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
         from .build.append import run_append
         res = run_append(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
     else:
-        res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log)
+        # --executor ray: the tasks upload their units' shards themselves; upload_build sends the rest
+        res = run_build(manifest, out, flags, overwrite=overwrite, partition=part, log=log, remote=remote)
     if remote and res.info is not None:
         upload_build(out, remote, log=log)
     if res.skipped and append:
@@ -150,6 +159,9 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
         click.echo(f"\n{'appended to' if made else 'built'} {out} in {res.seconds:.1f}s "
                    f"({tokens / max(res.seconds, 1e-9):,.0f} "
                    f"tokens/s, encoder: {describe(info['encoder'])})", err=True)
+    ray_build = sys.modules.get("sptok.build.ray_executor")
+    if ray_build and ray_build.ran_here():   # --executor ray: done, and Ray disconnected
+        ray_build.leave_now()
 
 
 @main.command()

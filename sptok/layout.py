@@ -12,7 +12,8 @@
     .sptok/parent/             while ``sptok build --append`` runs: the build appended to (its sptok.json, tokenizer/)
     .sptok/append/             ... and its new sources, built as a build of their own before they join OUT
     .sptok/units/u000123/      one committed unit: result.json (written last), its shards, tail.npz,
-                               holdout.npz, rejects.jsonl.zst
+                               holdout.npz, rejects.jsonl.zst; or, for a remote --out built by Ray tasks, all
+                               but its shards, and ``uploaded`` naming the remote they are in
 
 Writers (``build``, ``unit``, ``finalize``) and readers (``data``, ``verify``, ``stats``, ``remote``, ``inspect``,
 ``label``) import the names from here; nothing here imports the rest of sptok but its error type.
@@ -55,6 +56,7 @@ TAIL = "tail.npz"              # the unit's remainder (< seq_len tokens), stitch
 HOLDOUT = "holdout.npz"        # the unit's held-out documents (the validation split)
 QUARANTINE = "rejects.jsonl.zst"
 ID_HASHES = "ids.npy"           # the sorted doc keys (uint64) of a source with id_field: duplicate ids are counted
+UPLOADED = "uploaded"          # the remote --out a Ray task uploaded the unit's shards to (then it holds none)
 META_HASHES = "meta_values.npy"   # the sorted hashes (uint64) of a unit's metadata values: distinct values counted
 STITCH = ".stitch"             # in a source directory while finalize packs the tails
 # a model directory written by `sptok export` holds the build's MARKER too, and how the model was trained:

@@ -116,10 +116,12 @@ def test_the_cluster_has_two_nodes_on_loopback(runs):
 
 
 def test_a_local_ray_falls_back_to_the_reference_encoder(runs, mismatch):
-    """No address: a local Ray; a fast encoder caught mid-build stops its tasks, and the units it built are
-    built again by the Hugging Face tokenizer, to its bytes exactly."""
+    """No address: a local Ray (the driver builds units itself while it starts); a fast encoder caught mid-build
+    stops its tasks, and the units it built are built again by the Hugging Face tokenizer, to its bytes exactly.
+    Then no process of that Ray is left."""
     run = runs[1]["local"]
     _built(run)
+    assert runs[1]["left_by_local"] == []   # the Ray it started is stopped, killed, whole
     assert re.search(r"encoder: hf \(the (riptoken|tiktoken) encoder gave other ids", run["stderr"]), run["stderr"]
     assert build_bytes(runs[0] / "local") == mismatch["hf"]
 
@@ -160,6 +162,33 @@ def test_an_error_in_a_task_is_sptok_s_one_line(runs, corpus, tmp_path):
     line = local.stderr.strip()
     assert line.startswith("error: bad.jsonl line ") and "\n" not in line
     assert run["stderr"].strip().splitlines()[-1] == line
+
+
+def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
+    """--out s3://...: each task uploads its unit's shards from its node, the driver the rest (sptok.json last),
+    also when a worker is killed building a unit. The bucket holds the local build's bytes, and the driver's
+    --local never held the units' shards."""
+    run = runs[1]["remote"]
+    assert run["killed_mid_unit"], "the worker finished its unit before the kill: nothing was retried"
+    _built(run)
+    uploaded = build_bytes(runs[0] / "remote_download")
+    assert uploaded == reference
+    by_tasks = set(uploaded) - set(run["local_files"])
+    assert by_tasks and all(re.search(r"/shard\.\d+\.mds\.zstd$", f) for f in by_tasks), by_tasks
+    assert set(run["local_files"]) < set(uploaded)   # what the driver wrote, all uploaded
+
+
+def test_units_a_ray_task_uploaded_are_finished_only_there(corpus, tmp_path):
+    """A unit a Ray task uploaded to a remote --out holds no shards: a build that does not upload there (another
+    --out, the local executor) cannot finish it, and says so in one line instead of building a hole."""
+    build = [sys.executable, "-m", "sptok", "build", corpus / "m.yaml", "--out", tmp_path / "o", "--tokenizer",
+             TOKENIZER, *FLAGS, "--workers", "1", "--quiet"]
+    subprocess.run(build + ["--partition", "0/2"], check=True, capture_output=True)
+    (tmp_path / "o" / ".sptok" / "units" / "u000000" / "uploaded").write_text("s3://bucket/built")
+    r = subprocess.run(build, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == ("error: the units of this build were uploaded by Ray tasks to "
+                                              "s3://bucket/built: finish it with the same command (--out "
+                                              "s3://bucket/built --executor ray)\n"), r.stderr
 
 
 def test_a_cluster_that_does_not_answer_is_one_line(corpus, tmp_path):

@@ -45,7 +45,9 @@ class BuildResult:
 
 
 def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False,
-              partition: tuple[int, int] | None = None, log=print) -> BuildResult:
+              partition: tuple[int, int] | None = None, log=print, remote: str | None = None) -> BuildResult:
+    """Build ``manifest_path`` into ``out``. ``remote``: the remote --out that ``out`` stages, for the Ray tasks of
+    ``--executor ray`` to upload their units' shards to (the driver uploads the rest once it finalized)."""
     t0 = time.time()
     manifest, opts = resolve_build(manifest_path, out, flags)
     if not opts.tokenizer:
@@ -54,7 +56,7 @@ def run_build(manifest_path: str, out: str, flags: dict, overwrite: bool = False
                          "`sptok tokenizer train`")
     units = plan_units(manifest, opts.unit_size)
     return run_pooled(opts, lambda pool: _build(manifest, opts, out, overwrite, partition, log, pool, units), t0,
-                      needs_workers(units))
+                      needs_workers(units), remote)
 
 
 def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, BuildOptions]:
@@ -68,10 +70,11 @@ def resolve_build(manifest_path: str, out: str, flags: dict) -> tuple[Manifest, 
     return manifest, BuildOptions.resolve(defaults, flags, {s.name: s.metadata for s in manifest.sources})
 
 
-def run_pooled(opts: BuildOptions, work, t0: float, workers_needed: bool = True) -> BuildResult:
+def run_pooled(opts: BuildOptions, work, t0: float, workers_needed: bool = True,
+               remote: str | None = None) -> BuildResult:
     """``work(pool)``, the worker processes (None for one worker, or where ``workers_needed`` is false: no unit
     but one can hold a record) started while it plans and closed after."""
-    pool = _start_pool(opts, workers_needed)   # starts while we plan
+    pool = _start_pool(opts, workers_needed, remote)   # starts while we plan
     try:
         res = work(pool)
     except BaseException:
@@ -84,12 +87,13 @@ def run_pooled(opts: BuildOptions, work, t0: float, workers_needed: bool = True)
     return res
 
 
-def _start_pool(opts: BuildOptions, needed: bool = True):
-    """Where the units run: worker processes here (none for one worker, or none ``needed``), or a Ray cluster."""
+def _start_pool(opts: BuildOptions, needed: bool = True, remote: str | None = None):
+    """Where the units run: worker processes here (none for one worker, or none ``needed``), or a Ray cluster
+    (whose tasks upload their units to ``remote``, if given)."""
     if opts.executor == "ray":
         from .ray_executor import RayPool
 
-        return RayPool(opts.ray_address, opts.workers)
+        return RayPool(opts.ray_address, opts.workers, remote)
     return WorkerPool(opts.workers) if opts.workers > 1 and needed else None
 
 
@@ -182,7 +186,8 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     committed = sum(is_committed(work, u) for u in units)
     if partition is not None and partition[1] > 1:
         return BuildResult(out, None, committed, len(units))
-    info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER))
+    info = finalize(plan, {u.index: unit_dir(work, u) for u in units}, out, os.path.join(work, layout.TOKENIZER),
+                    uploading_to=pool.remote if pool is not None else None)
     outdir.clear_work(out)   # the writer's lock goes last, when the writer lets go
     return BuildResult(out, info, committed, len(units))
 

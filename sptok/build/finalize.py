@@ -17,6 +17,7 @@ from collections import Counter
 import numpy as np
 
 from .. import layout
+from ..errors import SptokError
 from .holdout import Held, smallest
 from ..layout import MARKER, write_json
 from .manifest import file_xxh64
@@ -40,9 +41,13 @@ def _link(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str) -> dict:
+def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str,
+             uploading_to: str | None = None) -> dict:
     """Write the per-source shards, indexes, rejects, stats, tokenizer, the validation split when there is
-    one, and finally sptok.json. ``unit_dirs``: the committed directory of each unit, by unit index."""
+    one, and finally sptok.json. ``unit_dirs``: the committed directory of each unit, by unit index.
+    ``uploading_to``: the remote --out whose Ray tasks upload the units' shards themselves: a unit they uploaded
+    (``layout.UPLOADED``) holds no shards, they are in the remote under the names they get here; only their index
+    entries are made."""
     opts = plan["options"]
     fmt = opts["format"]
     os.makedirs(out, exist_ok=True)
@@ -59,8 +64,10 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         os.makedirs(sdir)
         entries = []
         for d, r in zip(dirs, results):
+            uploaded = _uploaded(d, uploading_to)
             for f in r["files"]:
-                entries.append(_place(os.path.join(d, _basename(f, fmt)), sdir, f, fmt, len(entries)))
+                entries.append(_place(os.path.join(d, file_basename(f, fmt)), sdir, f, fmt, len(entries),
+                                      link=not uploaded))
         back = held[name][1] if held else [Held.empty()] * len(units)
         streams = (s for d, b in zip(dirs, back) for s in (Stream.load(os.path.join(d, layout.TAIL)), b.stream))
         extra = _pack_streams(plan, streams, src, sdir, entries)
@@ -92,6 +99,20 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     layout.write_indexes(out, fmt, indexes)
     write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
+
+
+def _uploaded(unit_dir: str, uploading_to: str | None) -> bool:
+    """Whether a Ray task uploaded the unit's shards to the remote output (then it holds none); to another remote,
+    or for a build that uploads nothing itself, the build cannot be finished here: one line."""
+    try:
+        with open(os.path.join(unit_dir, layout.UPLOADED)) as f:
+            where = f.read()
+    except FileNotFoundError:
+        return False
+    if where != uploading_to:
+        raise SptokError(f"the units of this build were uploaded by Ray tasks to {where}: finish it with the same "
+                         f"command (--out {where} --executor ray)")
+    return True
 
 
 def _held_out(plan: dict, unit_dirs: dict[int, str]) -> dict | None:
@@ -145,19 +166,22 @@ def _write_validation(plan: dict, held: dict[str, Held], out: str, parent: str, 
             "docs": {n: s["docs"] for n, s in per_source.items()}}
 
 
-def _basename(f: dict, fmt: str) -> str:
+def file_basename(f: dict, fmt: str) -> str:
+    """The name of a data file, from its entry in a unit's result (or an index)."""
     return f["zip_data"]["basename"] if fmt == "mds" else f["basename"]
 
 
-def _place(src_path: str, sdir: str, f: dict, fmt: str, k: int) -> dict:
-    """Link one unit file into the source directory as file number k; return its index entry."""
+def _place(src_path: str, sdir: str, f: dict, fmt: str, k: int, link: bool = True) -> dict:
+    """Link one unit file into the source directory as file number k (unless ``link`` is false: it is there
+    already); return its index entry."""
     e = json.loads(json.dumps(f))
     if fmt == "mds":
         e["raw_data"]["basename"] = layout.mds_shard(k)
         e["zip_data"]["basename"] = layout.data_file(k, fmt)
     else:
         e["basename"] = layout.data_file(k, fmt)
-    _link(src_path, os.path.join(sdir, _basename(e, fmt)))
+    if link:
+        _link(src_path, os.path.join(sdir, file_basename(e, fmt)))
     return e
 
 
@@ -186,7 +210,7 @@ def _pack_streams(plan: dict, streams, src: dict, sdir: str, entries: list[dict]
             extra["samples"] += 1
             extra["sample_tokens"] += len(last)
     for f in writer.finish():
-        entries.append(_place(os.path.join(tmp, _basename(f, fmt)), sdir, f, fmt, len(entries)))
+        entries.append(_place(os.path.join(tmp, file_basename(f, fmt)), sdir, f, fmt, len(entries)))
     shutil.rmtree(tmp)
     return extra
 

@@ -3,6 +3,7 @@ then upload it with mosaicml-streaming's own uploaders (no hand-written cloud cl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import urllib.parse
@@ -64,6 +65,28 @@ def check_remote(remote: str, timeout: float = 30.0) -> None:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def upload_files(local: str, remote: str, files: list[str]) -> None:
+    """Upload ``files`` (paths under ``local``) to the same paths under ``remote``, in this order, with streaming's
+    uploader: what a Ray task of a remote --out does with its unit's shards. Fails in one line."""
+    try:
+        up = _uploader(local, remote)
+        for f in files:
+            if not urllib.parse.urlparse(remote).scheme:   # a local "remote" (LocalUploader) needs its folders
+                os.makedirs(os.path.dirname(os.path.join(remote, f)), exist_ok=True)
+            up.upload_file(f)
+    except Exception as e:  # each provider raises its own types
+        raise SptokError(f"upload to {remote} failed ({_one_line(e)}); the units committed so far are kept: run the "
+                         f"same command again to resume") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _uploader(local: str, remote: str):
+    """streaming's uploader from ``local`` to ``remote``, made once per process (a client and a bucket check)."""
+    from streaming.base.storage.upload import CloudUploader
+
+    return CloudUploader.get((local, remote), keep_local=True, exist_ok=True)
 
 
 def upload_build(local: str, remote: str, log=print) -> int:

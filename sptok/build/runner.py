@@ -156,6 +156,7 @@ class WorkerPool:
     ``ray_executor.RayPool`` is the same interface on a Ray cluster."""
 
     distributed = False   # one unit runs in the main process, which is on the same machine
+    remote = None         # the units are committed in the build directory (a Ray pool may upload them instead)
 
     def __init__(self, workers: int):
         import multiprocessing as mp

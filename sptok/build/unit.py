@@ -69,6 +69,20 @@ def is_committed(work: str, unit: Unit) -> bool:
     return layout.is_committed(unit_dir(work, unit))
 
 
+def commit_files(work: str, unit: Unit, files: dict[str, bytes]) -> None:
+    """Commit a unit built elsewhere from its files (name -> bytes): those of a remote output's unit that a Ray
+    node built and uploaded, all but its shards. result.json last, then the rename, as ``process_unit``."""
+    final = unit_dir(work, unit)
+    tmp = layout.unit_tmp(work, unit.index, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in sorted(files, key=lambda n: n == layout.RESULT):
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(files[name])
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(tmp, final)
+
+
 def process_unit(ctx: UnitContext, unit: Unit, progress=None) -> dict:
     """Build one unit and commit it; returns its result (counts, files)."""
     final = unit_dir(ctx.work, unit)
