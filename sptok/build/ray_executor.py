@@ -127,6 +127,7 @@ class RayPool:
     (PR_SET_PDEATHSIG is per thread)."""
 
     distributed = True   # every unit goes to the cluster, even a lone one: the driver's node may not be for work
+    RETRIES = RETRIES    # for ray_remote's tasks, which cannot import this module (it imports them)
 
     def __init__(self, address: str | None, workers: int, remote: str | None = None):
         require("ray", "--executor ray")

@@ -16,7 +16,6 @@ import tempfile
 
 from .. import layout
 from .encoders import EncoderMismatch
-from .ray_executor import RETRIES
 from .runner import unit_context
 
 
@@ -112,8 +111,8 @@ def run_remote(pool, work: str, todo: list, strict: bool, encoder: str, progress
     from .unit import commit_files
 
     ray = pool.ray
-    stage = ray.remote(_stage_task).options(num_cpus=1, max_retries=RETRIES)
-    upload = ray.remote(num_cpus=1, max_retries=RETRIES)(_upload_task)   # placed per call
+    stage = ray.remote(_stage_task).options(num_cpus=1, max_retries=pool.RETRIES)
+    upload = ray.remote(num_cpus=1, max_retries=pool.RETRIES)(_upload_task)   # placed per call
     plan = layout.read_json(os.path.join(work, layout.PLAN))
     fmt = plan["options"]["format"]
     # the node's work directory: this build, this encoder (a fallback's units are other units), this remote
