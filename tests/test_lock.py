@@ -139,6 +139,31 @@ def test_a_killed_overwrite_leaves_the_old_build_whole(tmp_path):
     assert cli("verify", out).returncode == 0
 
 
+def _leave_work(out: Path) -> None:
+    """What a build killed after writing its sptok.json, while it cleared its work directory, leaves there."""
+    unit = out / ".sptok" / "units" / "u00003"
+    unit.mkdir(parents=True)
+    (unit / "shard.00000.mds").write_bytes(b"half")
+
+
+def test_what_a_build_killed_after_its_sptok_json_left_is_cleared_by_the_next(tmp_path):
+    """The build is complete (sptok.json is written last), but its .sptok was not yet cleared: the same command
+    clears it, and so does an --overwrite that finds its replacement complete beside (which CI once swapped in
+    with the leftovers: a writer killed 0.5 s after taking the lock had got that far)."""
+    m, out = str(demo_corpus(tmp_path)), tmp_path / "o"
+    run_build(m, str(out), _flags(seq_len=64), log=lambda x: None)
+    ref = build_bytes(str(out))
+    _leave_work(out)
+    assert run_build(m, str(out), _flags(seq_len=64), log=lambda x: None).skipped
+    assert not (out / ".sptok").exists() and build_bytes(str(out)) == ref
+    beside = tmp_path / ".o.sptok-overwrite"
+    run_build(m, str(beside), _flags(seq_len=32), log=lambda x: None)
+    new = build_bytes(str(beside))
+    _leave_work(beside)
+    run_build(m, str(out), _flags(seq_len=32), overwrite=True, log=lambda x: None)
+    assert not beside.exists() and not (out / ".sptok").exists() and build_bytes(str(out)) == new
+
+
 @pytest.fixture
 def mount(tmp_path):
     """A tmpfs of its own: skipped where mounting is not allowed."""

@@ -101,11 +101,12 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
            pool: WorkerPool | None, units: list[Unit]) -> BuildResult:
     plan, tok = make_plan(manifest, opts, units)
     _refuse_foreign(out)
-    if not overwrite and _holds(out, plan):   # nothing to write, so no lock either: it may be a read-only copy
-        return _already(out, plan, opts.strict)
+    if not overwrite and _holds(out, plan) and not outdir.work_left(out):   # nothing to write, so no lock
+        return _already(out, plan, opts.strict)                              # either: it may be a read-only copy
     with outdir.writing(out, "build") as held:
         state = _prepare_out(out, plan, overwrite, log)
         if state == "complete":
+            outdir.clear_work(out)   # what a build killed after its sptok.json left behind
             return _already(out, plan, opts.strict)
         if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces no whole build
             outdir.clear_dir(out)
@@ -157,6 +158,7 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     partition of the build; a 'complete' directory (a finished --overwrite not yet swapped in) is kept."""
     work = os.path.join(out, WORK)
     if state == "complete":
+        outdir.clear_work(out)   # what a build killed after its sptok.json left behind (it is swapped in next)
         return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
@@ -607,11 +609,12 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
     marker = os.path.join(out, MARKER)
     if not os.path.exists(marker) and not _merge_leftovers_only(out, plan):
         raise SptokError(f"--out {out}: the directory is not empty and holds no sptok build")
-    if not overwrite and _holds(out, plan):
+    if not overwrite and _holds(out, plan) and not outdir.work_left(out):
         return _already(out, plan)
     with outdir.writing(out, "merge") as held:
         state = _prepare_out(out, plan, overwrite) if os.path.exists(marker) else "fresh"
         if state == "complete":
+            outdir.clear_work(out)   # what a merge killed after its sptok.json left behind
             return _already(out, plan)
 
         def merge_into(d: str) -> BuildResult:

@@ -92,6 +92,13 @@ def clear_work(out: str) -> None:
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
+def work_left(out: str) -> bool:
+    """Whether ``out/.sptok`` holds more than a lock: a build killed after its ``sptok.json`` and before its
+    work directory was cleared, whose next writer clears it."""
+    work = os.path.join(out, WORK)
+    return os.path.isdir(work) and bool(set(os.listdir(work)) - {LOCK})
+
+
 def clear_dir(out: str) -> None:
     """Remove everything in ``out`` but its writer's lock (a build that is not complete, on --overwrite)."""
     for name in os.listdir(out):
