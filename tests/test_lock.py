@@ -126,7 +126,12 @@ def test_a_killed_overwrite_leaves_the_old_build_whole(tmp_path):
     old = build_bytes(str(out))
     a = slow_build(out, "--overwrite")
     holding(a, tmp_path / ".o.sptok-overwrite")        # building beside
-    time.sleep(0.5)
+    units = tmp_path / ".o.sptok-overwrite" / ".sptok" / "units"
+    # killed once a unit is committed beside (something to resume), at once: the whole build takes under a second
+    for _ in range(1000):
+        if any(units.glob("*/result.json")):
+            break
+        time.sleep(0.005)
     a.kill()
     a.wait()
     left = build_bytes(str(out))
