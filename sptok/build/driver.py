@@ -106,7 +106,6 @@ def _build(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, pa
     with outdir.writing(out, "build") as held:
         state = _prepare_out(out, plan, overwrite, log)
         if state == "complete":
-            outdir.clear_work(out)   # what a build killed after its sptok.json left behind
             return _already(out, plan, opts.strict)
         if state == "replace" and partition is not None and partition[1] > 1:   # a slice replaces no whole build
             outdir.clear_dir(out)
@@ -158,7 +157,6 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     partition of the build; a 'complete' directory (a finished --overwrite not yet swapped in) is kept."""
     work = os.path.join(out, WORK)
     if state == "complete":
-        outdir.clear_work(out)   # what a build killed after its sptok.json left behind (it is swapped in next)
         return BuildResult(out, layout.read_json(os.path.join(out, MARKER)), len(units), len(units))
     if state == "fresh":
         os.makedirs(work, exist_ok=True)
@@ -453,6 +451,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         if overwrite:
             return "replace"
         if old.get("fingerprint") == plan["fingerprint"]:
+            outdir.clear_work(out)   # what a writer killed after its sptok.json left behind
             return "complete"
         raise SptokError(f"--out {out}: already holds a complete build of different inputs or options "
                          f"({describe_changes(old, plan) or 'fingerprint differs'}); pass --overwrite to replace it")
@@ -486,6 +485,7 @@ def _prepare_beside(new: str, plan: dict) -> str:
         except (OSError, ValueError, AttributeError):
             continue
         if same and path.endswith(MARKER):
+            outdir.clear_work(new)   # what a writer killed after its sptok.json left behind (swapped in next)
             return "complete"
         if same:
             clear_outputs(new, plan)
@@ -614,7 +614,6 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
     with outdir.writing(out, "merge") as held:
         state = _prepare_out(out, plan, overwrite) if os.path.exists(marker) else "fresh"
         if state == "complete":
-            outdir.clear_work(out)   # what a merge killed after its sptok.json left behind
             return _already(out, plan)
 
         def merge_into(d: str) -> BuildResult:
