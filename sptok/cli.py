@@ -55,10 +55,15 @@ class _Group(click.Group):
 
 def _exit(code: int) -> None:
     """Exit with ``code``, at once after a Ray build (``ray_executor.leave_now``)."""
+    _leave_after_ray(code)
+    sys.exit(code)
+
+
+def _leave_after_ray(code: int) -> None:
+    """End the process now, with ``code``, if it ran a build with ``--executor ray``; else return."""
     ray_build = sys.modules.get("sptok.build.ray_executor")
     if ray_build and ray_build.ran_here():
         ray_build.leave_now(code)
-    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -159,9 +164,7 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
         click.echo(f"\n{'appended to' if made else 'built'} {out} in {res.seconds:.1f}s "
                    f"({tokens / max(res.seconds, 1e-9):,.0f} "
                    f"tokens/s, encoder: {describe(info['encoder'])})", err=True)
-    ray_build = sys.modules.get("sptok.build.ray_executor")
-    if ray_build and ray_build.ran_here():   # --executor ray: done, and Ray disconnected
-        ray_build.leave_now()
+    _leave_after_ray(0)   # --executor ray: done, and Ray disconnected
 
 
 @main.command()

@@ -201,16 +201,20 @@ class RayPool:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
                 for ref in done:
-                    result = self._get(ref)
                     unit = self.refs[ref]
-                    # a task reports once, when it commits: progress moves unit by unit
-                    progress.update(result["counts"].get("docs", 0),
-                                    result["counts"].get("sample_tokens", 0) + result["tail_tokens"], unit.size)
+                    self.report(progress, self._get(ref), unit)
                     progress.unit_done()
                     on_done(unit)
         except EncoderMismatch:   # the build falls back: let no unit of this encoder commit after this
             self._stop(pending)
             raise
+
+    @staticmethod
+    def report(progress, result: dict, unit) -> None:
+        """A unit's counts into the progress line: a task reports once, when it is done, so progress moves unit
+        by unit."""
+        progress.update(result["counts"].get("docs", 0),
+                        result["counts"].get("sample_tokens", 0) + result["tail_tokens"], unit.size)
 
     def _run_here_while_starting(self, work: str, todo: list, strict: bool, encoder: str, progress, on_done) -> list:
         """While the local Ray starts (seconds, much of them its processes waiting on one another), the driver

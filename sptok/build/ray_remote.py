@@ -159,8 +159,7 @@ def run_remote(pool, work: str, todo: list, strict: bool, encoder: str, progress
                     report, unit = pool._get(ref), builds[ref]
                     staged[unit.index], result = report, report["result"]
                     shards[unit.index] = [file_basename(f, fmt) for f in result["files"]]
-                    progress.update(result["counts"].get("docs", 0),
-                                    result["counts"].get("sample_tokens", 0) + result["tail_tokens"], unit.size)
+                    pool.report(progress, result, unit)
                     pending += upload_ready()
                 else:
                     pool._get(ref)
