@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from _common import arguments, run_cli, start_work
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = ("pydocs", "code", "fortunes")
@@ -164,28 +165,17 @@ def table(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
-    ap.add_argument("--work", type=Path, default=ROOT / "out" / "continual")
+    ap = arguments("continual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--holdout-docs", type=int, default=64)
     ap.add_argument("--pretrain-steps", type=int, default=160)
     ap.add_argument("--continue-steps", type=int, default=50)
     ap.add_argument("--rewarm-steps", type=int, default=5, help="warm-up of the re-warmed arms (b)-(e)")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first: build and pre-train again")
-    args = ap.parse_args(argv)
-    from sptok.errors import SptokError
-
-    try:
-        run(args)
-    except SptokError as e:
-        sys.exit(f"error: {e.message}")
+    run_cli(ap, argv, run, fresh="delete --work first: build and pre-train again")
 
 
 def run(args) -> None:
     t0 = time.time()
-    if args.fresh:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_work(args)
     res = {"pretrain": pretrained(args)}
     ckpt = ckpt_dir(args)
     res["origin"] = score_origin(args.work, ckpt)

@@ -19,12 +19,13 @@ MeCo's claim, at equal tokens: metadata + cooldown is at least as good as none, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from _common import arguments, run_cli, start_work
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pydocs", "code", "fortunes", "chinese")
@@ -102,28 +103,17 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
-    ap.add_argument("--work", type=Path, default=ROOT / "out" / "metadata")
+    ap = arguments("metadata", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--holdout-docs", type=int, default=12)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first (new builds)")
-    args = ap.parse_args(argv)
-    from sptok.errors import SptokError
-
-    try:
-        run(args)
-    except SptokError as e:
-        sys.exit(f"error: {e.message}")
+    run_cli(ap, argv, run, fresh="delete --work first (new builds)")
 
 
 def run(args) -> None:
     t0 = time.time()
-    if args.fresh:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_work(args)
     arms = [a.strip() for a in args.arms.split(",")]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

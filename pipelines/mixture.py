@@ -17,12 +17,12 @@ changed: the build, and so every proxy, is of other inputs).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from _common import arguments, run_cli, start_work
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pydocs", "code", "fortunes", "chinese")
@@ -94,30 +94,19 @@ def table(mix: dict, conf: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
-    ap.add_argument("--work", type=Path, default=ROOT / "out" / "mixture")
+    ap = arguments("mixture", description=__doc__.split("\n")[0])
     ap.add_argument("--proxies", type=int, default=32)
     ap.add_argument("--holdout-docs", type=int, default=64)
     ap.add_argument("--confirm-steps", type=int, default=None,
                     help="steps of each confirmation run (default: the proxies' own, the budget the search optimised)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fresh", action="store_true", help="delete --work first: a new build, new proxies")
-    args = ap.parse_args(argv)
-    from sptok.errors import SptokError
-
-    try:
-        run(args)
-    except SptokError as e:
-        hint = " (here: python pipelines/mixture.py --fresh)" if "--overwrite" in e.message else ""
-        sys.exit(f"error: {e.message}{hint}")
+    run_cli(ap, argv, run, fresh="delete --work first: a new build, new proxies",
+            overwrite_hint=" (here: python pipelines/mixture.py --fresh)")
 
 
 def run(args) -> None:
     t0 = time.time()
-    if args.fresh:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_work(args)
     out = build(args.corpus, args.work, args.holdout_docs)
     from sptok.mix import fit_search, plan_search, run_proxy
 
