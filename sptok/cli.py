@@ -324,9 +324,10 @@ def pretrain(config, overrides):
     """
     require("train", "sptok pretrain")
     from .train.config import load_config
-    from .train.loop import pretrain as run
+    from .train.loop import end_distributed, pretrain as run
 
     run(load_config(config, list(overrides)), log=lambda m: click.echo(m, err=True))
+    end_distributed()
 
 
 @main.command()
@@ -353,11 +354,12 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
     finished proxies are kept. Writes OUT/mixture.json, OUT/proportion.txt and OUT/predicted_vs_actual.png."""
     require("train", "sptok mix")
     from .mix import fit_search, objective_weights, plan_search, run_proxy
+    from .train.loop import end_distributed
 
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     if proxy is not None:
         run_proxy(out, proxy, log=say)
-        return
+        return end_distributed()
     weights = None
     if objective:
         try:
@@ -379,6 +381,7 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
             say(f"proxy {i + 1}/{k}")
             run_proxy(out, i, log=lambda m: None)
     fit_search(out, weights, log=say)
+    end_distributed()
 
 
 @main.command()

@@ -83,6 +83,18 @@ def _torchrun(*args, nproc=2, env=None):
     return r
 
 
+def test_pretrain_under_torchrun_ends_its_process_group(corpus, tmp_path):
+    """After a run under torchrun, `sptok pretrain` has destroyed its process group (NCCL warns of one left to
+    the interpreter's exit, and gloo's teardown at exit now and then aborted a finished run)."""
+    (tmp_path / "run.json").write_text(json.dumps(_cfg(corpus, tmp_path, steps=2)))
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nimport torch.distributed as dist\nfrom sptok.cli import main\n"
+                      "main(['pretrain', sys.argv[1]], standalone_mode=False)\n"
+                      "print('group left:', dist.is_initialized(), flush=True)\n")
+    r = _torchrun(script, tmp_path / "run.json")
+    assert r.stdout.count("group left: False") == 2, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_gradients_equal_for_one_process_ddp_and_fsdp(corpus, tmp_path, family):
     """One global batch of 8 samples: 1 process (2 micro-batches of 4), 2-process DDP (2 x 2 per rank) and

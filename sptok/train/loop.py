@@ -125,6 +125,17 @@ def pretrain(cfg: Config, log=print) -> list[dict]:
     return emit.records
 
 
+def end_distributed() -> None:
+    """End the process group of a command whose runs are all done (`sptok pretrain`, `sptok mix`; one group
+    serves every run of the command): left to the interpreter's exit, NCCL warns that it was not destroyed, and
+    gloo's threads, torn down with the process, now and then abort a run that succeeded ("terminate called
+    without an active exception"). Only after success: after an error the other ranks may never reach the
+    barrier."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class Run:
     """Everything ``setup`` makes and the loop uses."""
