@@ -80,6 +80,10 @@ def test_paths_in_the_file_are_relative_to_it_and_given_ones_to_where_the_comman
     assert (cfg.data.build, cfg.checkpoint.dir, cfg.log.dir) == here
     cfg = load_config("sub/c.yaml", ["checkpoint.dir=o/ck", "log.dir=o/lg"])
     assert (cfg.checkpoint.dir, cfg.log.dir) == (str(tmp_path / "o" / "ck"), str(tmp_path / "o" / "lg"))
+    # the build's tokenizer (data.build_args.tokenizer) is a path like the others
+    (tmp_path / "sub" / "t.yaml").write_text("data: {build: b, build_args: {tokenizer: tok}}\n")
+    assert load_config("sub/t.yaml").data.build_args["tokenizer"] == str(tmp_path / "sub" / "tok")
+    assert load_config("sub/t.yaml", ["data.build_args.tokenizer=o/tok"]).data.build_args["tokenizer"] == "o/tok"
     (tmp_path / "sub" / "d.yaml").write_text("data: {build: b}\n")
     assert load_config("sub/d.yaml").log.dir == str(tmp_path / "runs" / "sptok")   # a default: where it runs
     # the shipped config writes where the README's next commands look, wherever it is run from

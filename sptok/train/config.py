@@ -519,3 +519,8 @@ def _resolve_paths(cfg: Config, doc: dict, root: str) -> None:
         base = root if given is not None and not isinstance(given, _Raw) else os.getcwd()
         if v and not os.path.isabs(v) and "://" not in v:
             setattr(obj, attr, os.path.normpath(os.path.join(base, v)))
+    tok = cfg.data.build_args.get("tokenizer")   # the build's --tokenizer: a path too
+    given = (doc.get("data") or {}).get("build_args") or {}   # a whole mapping with --set: _Raw
+    given = given.get("tokenizer") if isinstance(given, dict) else given
+    if tok and given is not None and not isinstance(given, _Raw) and not os.path.isabs(tok) and "://" not in tok:
+        cfg.data.build_args["tokenizer"] = os.path.normpath(os.path.join(root, tok))
