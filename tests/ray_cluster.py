@@ -196,6 +196,7 @@ def main() -> None:
                                       os.path.join(os.environ["TMPDIR"], "sptok-ray", "*", "tmp"), env)
     download(remote, os.path.join(d, "remote_download"))
     results["remote"]["local_files"] = files_under(local)
+    results["remote"]["left_on_nodes"] = files_under(os.environ["TMPDIR"])
     s3.stop()
     results["seconds"]["remote"] = time.time() - t2
     results["seconds"]["scenarios"] = time.time() - t1 - results["seconds"]["cluster start"]

@@ -167,7 +167,7 @@ def test_an_error_in_a_task_is_sptok_s_one_line(runs, corpus, tmp_path):
 def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
     """--out s3://...: each task uploads its unit's shards from its node, the driver the rest (sptok.json last),
     also when a worker is killed building a unit. The bucket holds the local build's bytes, and the driver's
-    --local never held the units' shards."""
+    --local never held the units' shards, nor do the nodes once it is done (their work directories are removed)."""
     run = runs[1]["remote"]
     assert run["killed_mid_unit"], "the worker finished its unit before the kill: nothing was retried"
     _built(run)
@@ -176,6 +176,7 @@ def test_a_remote_output_is_uploaded_by_the_tasks(runs, reference):
     by_tasks = set(uploaded) - set(run["local_files"])
     assert by_tasks and all(re.search(r"/shard\.\d+\.mds\.zstd$", f) for f in by_tasks), by_tasks
     assert set(run["local_files"]) < set(uploaded)   # what the driver wrote, all uploaded
+    assert run["left_on_nodes"] == []
 
 
 def test_units_a_ray_task_uploaded_are_finished_only_there(corpus, tmp_path):

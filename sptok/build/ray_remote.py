@@ -78,6 +78,28 @@ def _node_work(files: dict, key: str) -> str:
     return work
 
 
+def _drop_task(key: str) -> None:
+    """Remove this node's work directory of a build that no longer needs it (its plan, tokenizer and upload
+    stage, and what killed attempts left beside it)."""
+    root = os.path.join(tempfile.gettempdir(), "sptok-ray")
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        if name == key or name.startswith(f"{key}."):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    with contextlib.suppress(OSError):   # not empty: another build's
+        os.rmdir(root)
+
+
+def _drop_everywhere(ray, key: str) -> None:
+    """``_drop_task`` on every live node (a retried or moved task may have made the directory on any of them).
+    A node that does not answer within a minute keeps it: a temporary directory, not worth a failed build."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    drop = ray.remote(num_cpus=0, max_retries=0)(_drop_task)
+    refs = [drop.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(key)
+            for n in ray.nodes() if n["Alive"]]
+    ray.wait(refs, num_returns=len(refs), timeout=60)
+
+
 def _unit_here(work: str, strict: bool, encoder: str, unit) -> dict:
     """The result of ``unit`` committed in this node's ``work``, built now unless it is there."""
     from .unit import process_unit
@@ -170,5 +192,7 @@ def run_remote(pool, work: str, todo: list, strict: bool, encoder: str, progress
                     on_done(unit)
     except EncoderMismatch:   # the build falls back: let no unit of this encoder commit after this
         pool._stop(pending)
+        _drop_everywhere(ray, key)   # the fallback's units have another key
         raise
+    _drop_everywhere(ray, key)   # (after another error, the units built on nodes are kept for the resume)
 
