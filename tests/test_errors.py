@@ -127,6 +127,16 @@ def test_a_delimiter_clash_is_about_the_delimiter(tmp_path, manifest, small_corp
           match="delimiter clash: --delimiter <CODE> is also the SP of a source; choose another delimiter")
 
 
+def test_an_eos_that_is_an_sp_or_the_delimiter_is_refused(tmp_path, manifest, small_corpus):
+    """One id in two roles would be read wrongly: the SP policy `strip` removes every EOS that is the delimiter."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--eos", "<SPSEP>"),
+          match="EOS clash: --eos <SPSEP> is also the delimiter; choose another --eos")
+    fails(*build_args(m, tmp_path / "o", "--eos", "<CODE>"),
+          match="EOS clash: --eos <CODE> is also the SP of a source; choose another --eos")
+    assert not (tmp_path / "o").exists()
+
+
 def test_toggling_hash_inputs_is_named_as_such(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0

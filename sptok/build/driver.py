@@ -243,6 +243,12 @@ def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit], named: 
     else:
         delim_ids = []
     eos = find_eos(lt, opts.eos)
+    if eos in sps or (special_delim and eos == opts.delimiter):
+        # readers find SPs, delimiters and document ends by these ids: one id in two roles is read wrongly
+        # (`strip` would remove every EOS with the delimiters)
+        role = "the delimiter" if eos == opts.delimiter else "the SP of a source"
+        raise SptokError(f"EOS clash: --eos {eos} is also {role}; choose another --eos (the tokenizer's own "
+                         f"end-of-document token, the default)")
     pad = find_pad(lt)
     if opts.tail == "pad" and pad is None:
         raise SptokError("--tail pad: the tokenizer has no padding token ([PAD], <pad>); use --tail keep or drop")
