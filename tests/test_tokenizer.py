@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -43,6 +45,16 @@ def test_a_smaller_vocabulary_than_asked_is_said(tmp_path, small_corpus, manifes
     res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "u"), "--vocab-size",
                                     "600"], catch_exceptions=False)
     assert res.exit_code == 0 and "note:" not in res.stderr
+
+
+def test_a_vocabulary_too_large_to_train_is_one_line(tmp_path, small_corpus, manifest):
+    """The trainers reserve memory for the vocabulary asked for: 10**11 aborted the process (no Python error)."""
+    m = manifest(small_sources(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "sptok", "tokenizer", "train", str(m), "--out", str(tmp_path / "t"),
+                          "--vocab-size", "99999999999"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == "error: --vocab-size: 99,999,999,999 is too large (at most 16,777,216)\n"
+    assert not (tmp_path / "t").exists()
 
 
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):

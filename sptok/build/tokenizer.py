@@ -22,6 +22,7 @@ from .options import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
+MAX_VOCAB = 1 << 24   # `tokenizer train --vocab-size`: 16,777,216, far above any real vocabulary
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 MODELS = ("bpe", "wordpiece", "unigram")
 _ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
@@ -228,6 +229,8 @@ def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int
     budget = parse_size(max_bytes, "--max-bytes")
     if vocab_size < 64:
         raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
+    if vocab_size > MAX_VOCAB:   # the trainers reserve memory for the vocabulary asked for: far above, they abort
+        raise SptokError(f"--vocab-size: {vocab_size:,} is too large (at most {MAX_VOCAB:,})")
     added = sps + ([delim] if delim else [])
     tok = train(training_texts(m, budget), model, vocab_size, added)
     save_tokenizer_dir(tok, out, default_roles(tok), added)
