@@ -465,7 +465,8 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
     """Train a tokenizer on MANIFEST's text, with SP, delimiter and the usual special tokens."""
     from .build.tokenizer import train_for_manifest
 
-    tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed)
+    tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed,
+                                         log=lambda msg: click.echo(msg, err=True))
     got = tok.get_vocab_size()
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {got}, "
                f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))

@@ -57,6 +57,25 @@ def test_a_vocabulary_too_large_to_train_is_one_line(tmp_path, small_corpus, man
     assert not (tmp_path / "t").exists()
 
 
+def test_training_reports_skipped_records_and_refuses_a_source_without_text(tmp_path, small_corpus, manifest):
+    """As a build does: a bad record is counted and told, a source that gives no text stops the training."""
+    (tmp_path / "odd.jsonl").write_text('{"text": 5}\n{"text": "a real document"}\n{"text": ["a"]}\n')
+    m = manifest(small_sources(tmp_path) + [{"name": "odd", "paths": "odd.jsonl"}])
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "t"), "--vocab-size",
+                                    "600"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert ("note: source 'odd': skipped records, not trained on: non_string_text 2; first: odd.jsonl line 1: "
+            "field 'text' holds int, expected a string") in res.stderr
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n{"body": "x"}\n')
+    m = manifest(small_sources(tmp_path) + [{"name": "blank", "paths": "blank.jsonl"}], name="b.yaml")
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "u"), "--vocab-size",
+                                    "600"], catch_exceptions=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.startswith("error: source 'blank' gave no text to train on: every record read was skipped "
+                                 "(empty_text 1, missing_field 1; first: blank.jsonl line 1: "), res.stderr
+    assert not (tmp_path / "u").exists()
+
+
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer

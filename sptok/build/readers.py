@@ -681,10 +681,9 @@ def _read_file(f, magic: bytes, limit: int | None):
     return b"".join(parts), chunks, False
 
 
-def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iterator[str]:
-    """Just the texts of a unit, skipping bad records."""
-    rejects = Rejects(source=unit.source)
-    for batch in read_unit(unit, text_field, id_field, rejects):
+def iter_texts(unit: Unit, text_field: str, rejects: Rejects) -> Iterator[str]:
+    """Just the texts of a unit, skipping bad records (counted in ``rejects``)."""
+    for batch in read_unit(unit, text_field, None, rejects):
         yield from batch.texts
 
 

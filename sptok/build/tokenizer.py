@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,10 +220,11 @@ def manifest_sp_tokens(manifest_path: str, policy: str | None, delimiter: str | 
 
 
 def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int, max_bytes,
-                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None):
+                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None,
+                       log=None):
     """`sptok tokenizer train`: train on at most ``max_bytes`` of the manifest's text (shared out between its
     sources), add its SPs and special delimiter, write the tokenizer to ``out``. Returns (tokenizer, SPs,
-    delimiter or None)."""
+    delimiter or None). The records skipped while reading are told through ``log`` (default: stderr)."""
     from .options import parse_size
 
     m, sps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
@@ -232,29 +234,40 @@ def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int
     if vocab_size > MAX_VOCAB:   # the trainers reserve memory for the vocabulary asked for: far above, they abort
         raise SptokError(f"--vocab-size: {vocab_size:,} is too large (at most {MAX_VOCAB:,})")
     added = sps + ([delim] if delim else [])
-    tok = train(training_texts(m, budget), model, vocab_size, added)
+    tok = train(training_texts(m, budget, log or (lambda msg: print(msg, file=sys.stderr))), model, vocab_size,
+                added)
     save_tokenizer_dir(tok, out, default_roles(tok), added)
     return tok, sps, delim
 
 
-def training_texts(manifest, budget: int) -> Iterator[str]:
+def training_texts(manifest, budget: int, log) -> Iterator[str]:
     """The first texts of every source, about ``budget / sources`` characters of each, source after source:
-    every source is represented even under a small budget (what `sptok tokenizer train` learns from)."""
+    every source is represented even under a small budget (what `sptok tokenizer train` learns from). A source
+    that gives no text stops the training, as it stops a build; the records skipped are told through ``log``."""
     from .manifest import plan_units
-    from .readers import iter_texts
+    from .readers import Rejects, iter_texts
 
     units = plan_units(manifest, 64 << 20)
     per_source = budget // max(1, len(manifest.sources))
     for src in manifest.sources:
-        used = 0
+        used, rejects = 0, Rejects(source=src.name)
         for u in (u for u in units if u.source == src.name):
-            for t in iter_texts(u, src.text_field):
+            for t in iter_texts(u, src.text_field, rejects):
                 yield t
                 used += len(t)
                 if used >= per_source:
                     break
             if used >= per_source:
                 break
+        why = ", ".join(f"{k} {v}" for k, v in sorted(rejects.counts.items()))
+        first = f"; first: {next(iter(rejects.examples.values()))}" if rejects.examples else ""
+        if not used:
+            raise SptokError(f"source {src.name!r} gave no text to train on: "
+                             + (f"every record read was skipped ({why}{first})" if why else
+                                "its files hold no records")
+                             + "; fix its records or its text_field, or remove the source from the manifest")
+        if why:
+            log(f"note: source {src.name!r}: skipped records, not trained on: {why}{first}")
 
 
 def extend_for(tokenizer_path: str, out: str, extra: list[str], manifest_path: str | None = None,
