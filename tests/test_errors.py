@@ -71,6 +71,15 @@ def test_schema_violation_names_key(tmp_path, manifest):
     fails(*build_args(m, tmp_path / "o"), match="build.seq_len")
 
 
+def test_a_weight_of_nan_or_inf_is_refused(tmp_path, manifest, small_corpus):
+    """YAML's .nan and .inf pass every bound of the schema: a NaN weight was built into sptok.json (invalid
+    JSON for strict readers) and `sptok report` drew it with a traceback."""
+    for i, w in enumerate([float("nan"), float("inf")]):
+        m = manifest([{"name": "code", "paths": "code.jsonl", "weight": w}], name=f"w{i}.yaml")
+        fails(*build_args(m, tmp_path / "o"), match=f"sources[0].weight: {w} is not a finite number")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_format(tmp_path, manifest):
     (tmp_path / "a.csv").write_text("text\nhello\n")
     m = manifest([{"name": "a", "paths": "a.csv"}])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,12 @@ def validate_document(doc, schema_name: str, what: str) -> None:
     import jsonschema
 
     schema = json.loads(schema_path(schema_name).read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+    base = jsonschema.Draft202012Validator
+    # YAML reads .nan and .inf as numbers, and every bound lets NaN through: no key means them
+    finite = base.TYPE_CHECKER.redefine(
+        "number", lambda checker, x: base.TYPE_CHECKER.is_type(x, "number") and math.isfinite(x))
+    validator = jsonschema.validators.extend(base, type_checker=finite)
+    errors = sorted(validator(schema).iter_errors(doc),
                     key=lambda e: (list(map(str, e.absolute_path)), e.message))
     if not errors:
         return
@@ -171,6 +177,8 @@ def _what_failed(err) -> str:
         import jsonschema
 
         return _what_failed(jsonschema.exceptions.best_match(err.context))
+    if err.validator == "type" and isinstance(err.instance, float) and not math.isfinite(err.instance):
+        return f"{err.instance} is not a finite number"
     if err.validator == "enum":
         return f"{shown(err.instance)} is not one of {', '.join(map(str, err.validator_value))}"
     if err.validator == "maxLength":
