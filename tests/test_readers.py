@@ -113,6 +113,29 @@ def test_parquet_row_groups_become_units(tmp_path, manifest):
     assert keys == [r["id"] for r in recs]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_one_table_column_in_two_roles(tmp_path, manifest, fmt):
+    """text_field, id_field and the metadata field may name one column: Parquet's reader gives it once, and
+    reading the columns by position then failed with an IndexError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["one doc", "another doc"], "url": ["https://a.org/x", "https://b.org/y"]})
+    path = "t.parquet" if fmt == "parquet" else "t"
+    if fmt == "parquet":
+        pq.write_table(table, tmp_path / path)
+    else:
+        import datasets
+
+        datasets.Dataset(table).save_to_disk(str(tmp_path / path))
+    m = load_manifest(manifest([{"name": "s", "paths": path, "format": fmt}]))
+    units = plan_units(m, 1 << 20)
+    keys, texts, _ = _docs(units, id_field="text")
+    assert keys == texts == ["one doc", "another doc"]
+    batch = next(read_unit(units[0], "url", "url", Rejects(source="s"), meta_field="url"))
+    assert batch.keys == batch.texts == batch.meta == ["https://a.org/x", "https://b.org/y"]
+
+
 def test_parquet_bad_values_and_columns(tmp_path, manifest):
     import pyarrow as pa
     import pyarrow.parquet as pq

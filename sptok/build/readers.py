@@ -465,11 +465,12 @@ def _valid_unicode(text: str) -> bool:
 
 def _open_table(unit, columns: list[str], optional: str | None = None):
     """(schema, index of the unit's first row in its file, record batches of ``columns``, then of ``optional``
-    where the file has that column) of a table unit."""
+    where the file has that column, each column once: read them by name) of a table unit."""
     import pyarrow as pa
 
-    def chosen(schema) -> list[str]:
-        return columns + [optional] if optional is not None and optional in schema.names else columns
+    def chosen(schema) -> list[str]:   # one column may serve two roles (text_field and id_field)
+        wanted = columns + [optional] if optional is not None and optional in schema.names else columns
+        return list(dict.fromkeys(wanted))
 
     if unit.format == "parquet":
         import pyarrow.parquet as pq
@@ -497,14 +498,14 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes, limit=None, me
     problem = schema_problem(schema, text_field, id_field)
     if problem:
         raise SptokError(f"{unit.relpath}: {problem}")
-    meta_at = len(columns) if meta_field is not None and meta_field in schema.names else None   # its column
+    has_meta = meta_field is not None and meta_field in schema.names
     keys, texts, size, row = [], [], 0, row0
     meta = [] if meta_field else None
     try:
         for rb in batches:
-            col_text = _strings(rb.column(0))
-            col_id = rb.column(1).to_pylist() if id_field else None
-            col_meta = rb.column(meta_at).to_pylist() if meta_at is not None else None
+            col_text = _strings(rb.column(text_field))
+            col_id = rb.column(id_field).to_pylist() if id_field else None
+            col_meta = rb.column(meta_field).to_pylist() if has_meta else None
             for i, text in enumerate(col_text):
                 r = row + i
                 where = f"{unit.relpath} row {r}"
