@@ -329,6 +329,25 @@ def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
     fails(*build_args(m, tmp_path / "o2", "--strict"), match="truncated")
 
 
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("after", [b"GARBAGE", bytes(1000)], ids=["garbage", "zeros"])
+def test_bytes_after_a_whole_archive_keep_every_record(tmp_path, manifest, kind, after):
+    """A complete archive followed by trailing bytes (garbage, or the zero padding of a block device): the break
+    is reported at the archive's end and every record kept. The slice holding the archive's end and the junk
+    was dropped whole: a small file lost every record, "line 1 (decompressed byte 0)"."""
+    recs = demo_records("fortunes", 50)
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in recs)
+    comp = zstandard.ZstdCompressor().compress(data) if kind == "zst" else gzip.compress(data)
+    (tmp_path / f"t.jsonl.{kind}").write_bytes(comp + after)
+    m = manifest([{"name": "t", "paths": f"t.jsonl.{kind}", "id_field": "id"}])
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))
+    assert code == 0, out
+    stats = json.load(open(tmp_path / "o" / "stats.json"))["sources"]["t"]
+    assert stats["docs"] == 50 and stats["rejected"] == {"truncated_archive": 1}
+    assert stats["reject_examples"]["truncated_archive"].startswith(
+        f"t.jsonl.{kind} line 51 (decompressed byte {len(data)}): corrupt ")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MB filesystem (tmpfs) to fill: skipped where mounting is not allowed."""

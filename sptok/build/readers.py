@@ -388,18 +388,21 @@ class _Decompressed:
         for comp in iter(lambda: f.read(READ_CHUNK), b""):
             # fed in slices so that a corrupt block loses at most one slice of what came before it
             for a in range(0, len(comp), FEED_SLICE):
+                parts = []   # what the slice gave before a break too (a whole member before trailing garbage)
                 try:
                     if d.eof:                        # a member / frame ended exactly at a slice boundary
                         d = new()
-                    data = d.decompress(comp[a:a + FEED_SLICE])
+                    parts.append(d.decompress(comp[a:a + FEED_SLICE]))
                     fed = True
                     while d.eof and d.unused_data:   # the next gzip member / zstd frame
                         rest = d.unused_data
                         d = new()
-                        data += d.decompress(rest)
+                        parts.append(d.decompress(rest))
                 except errors as e:
-                    self.broken = (out, f"corrupt {kind} data ({e})")
+                    self.broken = (out + sum(map(len, parts)), f"corrupt {kind} data ({e})")
+                    yield b"".join(parts)
                     return
+                data = b"".join(parts)
                 out += len(data)
                 yield data
         if fed and not d.eof:
