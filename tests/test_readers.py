@@ -136,6 +136,30 @@ def test_one_table_column_in_two_roles(tmp_path, manifest, fmt):
     assert batch.keys == batch.texts == batch.meta == ["https://a.org/x", "https://b.org/y"]
 
 
+def test_zstd_that_opens_with_a_skippable_frame_is_zstd(tmp_path, manifest):
+    """``pzstd`` writes a skippable frame before every frame: such a file was read as plain text, every line of
+    compressed bytes a reject."""
+    import struct
+
+    import zstandard
+
+    recs = demo_records("fortunes", 40)
+    frames = []
+    for half in (recs[:20], recs[20:]):
+        data = b"".join(json.dumps(r).encode() + b"\n" for r in half)
+        frames.append(struct.pack("<II", 0x184D2A50, 4) + b"\0\0\0\0" + zstandard.ZstdCompressor().compress(data))
+    (tmp_path / "p.jsonl.zst").write_bytes(b"".join(frames))
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt.zst").write_bytes(frames[1])
+    m = load_manifest(manifest([{"name": "s", "paths": "p.jsonl.zst", "id_field": "id"},
+                                {"name": "t", "paths": "txt", "format": "text"}]))
+    units = plan_units(m, 1 << 10)
+    keys, texts, rejects = _docs([u for u in units if u.source == "s"])
+    assert keys == [r["id"] for r in recs] and not rejects.counts
+    _, texts, rejects = _docs([u for u in units if u.source == "t"], id_field=None)
+    assert texts == ["".join(json.dumps(r) + "\n" for r in recs[20:])] and not rejects.counts
+
+
 def test_parquet_bad_values_and_columns(tmp_path, manifest):
     import pyarrow as pa
     import pyarrow.parquet as pq
