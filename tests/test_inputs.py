@@ -145,6 +145,15 @@ def test_an_out_inside_a_recursive_glob_is_refused_before_overwrite_removes_anyt
     assert code == 0
 
 
+def test_an_out_that_holds_the_inputs_is_named_as_such(tmp_path, manifest):
+    """--out . beside the data: refused, saying that --out holds the inputs (it said --out was inside them)."""
+    _corpus(tmp_path / "data")
+    m = manifest([{"name": "s", "paths": "data/a.jsonl"}])
+    for out in (tmp_path / "data", tmp_path):
+        fails(*build_cli(m, out), match=f"--out {out} holds input files of source 's' (first: data/a.jsonl): a build "
+                                        f"writes and removes files in --out; choose an --out that holds no input")
+
+
 def test_directory_sources_skip_hidden_directories(tmp_path, manifest):
     from sptok.build.manifest import load_manifest
 
