@@ -227,6 +227,31 @@ def test_out_is_a_file(tmp_path, manifest, small_corpus):
     assert (tmp_path / "f").read_text() == "x"
 
 
+def test_a_damaged_partition_is_named_by_merge(tmp_path, manifest, small_corpus):
+    """Partitions travel between machines: a unit's shard cut short was merged into a build that looked complete,
+    and an unreadable result.json or tail.npz was a traceback. Rebuilding the unit as told fixes the merge."""
+    import shutil
+
+    m = manifest(small_sources(tmp_path))
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i, p in enumerate(parts):
+        assert sptok(*build_args(m, p, "--seq-len", "64", "--partition", f"{i}/2"))[0] == 0
+    unit = next((parts[1] / ".sptok" / "units").iterdir())
+    pristine = tmp_path / "pristine"
+    shutil.copytree(unit, pristine)
+    shard = next(f for f in unit.iterdir() if f.name.startswith("shard."))
+    damage = {shard.name: lambda f: f.write_bytes(f.read_bytes()[:100]),
+              "result.json": lambda f: f.write_text("{"), "tail.npz": lambda f: f.write_text("junk")}
+    for name, spoil in damage.items():
+        spoil(unit / name)
+        fails("merge", *parts, "--out", tmp_path / "m", match=f"cannot merge: the committed unit {unit} is damaged: ")
+        assert not (tmp_path / "m" / "sptok.json").exists()
+        shutil.copy(pristine / name, unit / name)
+    shutil.rmtree(unit)
+    assert sptok(*build_args(m, parts[1], "--seq-len", "64", "--partition", "1/2"))[0] == 0
+    assert sptok("merge", *parts, "--out", tmp_path / "m", "-q")[0] == 0
+
+
 def test_strict_on_a_complete_build_rechecks(tmp_path, manifest):
     _bad_corpus(tmp_path)
     m = manifest([{"name": "f", "paths": "bad.jsonl", "id_field": "id"}])

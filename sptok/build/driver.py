@@ -21,7 +21,7 @@ from ..errors import SptokError
 from .. import layout
 from . import outdir
 from .expand import refuse_output_as_input
-from .finalize import clear_outputs, finalize, fingerprint_of
+from .finalize import clear_outputs, finalize, fingerprint_of, unit_problem
 from ..layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
@@ -597,6 +597,11 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
         first = ", ".join(f"{u['file']} (unit {u['index']})" for u in missing[:3])
         raise SptokError(f"cannot merge: {len(missing)} of {len(plan['units'])} units are committed in none of the "
                          f"given directories (first: {first}); finish or add the missing partitions")
+    for d in unit_dirs.values():   # partitions may have travelled from other machines: a damaged one is named
+        problem = unit_problem(d, plan["options"]["format"])
+        if problem:
+            raise SptokError(f"cannot merge: the committed unit {d} is damaged: {problem}; remove that directory "
+                             f"and run its partition's `sptok build ... --partition i/N` again to rebuild it")
     for src in plan["manifest"]["sources"]:
         problem = source_problem(src["name"], [layout.read_result(unit_dirs[u["index"]])
                                                for u in plan["units"] if u["source"] == src["name"]],

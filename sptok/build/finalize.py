@@ -101,6 +101,31 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     return info
 
 
+def unit_problem(udir: str, fmt: str) -> str | None:
+    """What is wrong with the files of a committed unit, or None: its result unreadable, a file it lists missing
+    or of another size, its tail or held-out documents not an npz archive. Cheap (stats and a few small reads):
+    what ``sptok merge`` checks of units that came from other machines before it builds on them."""
+    import zipfile
+
+    try:
+        result = layout.read_result(udir)
+        files = [(file_basename(f, fmt), (f["zip_data"] if fmt == "mds" else f)["bytes"]) for f in result["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{layout.RESULT} unreadable ({e})"
+    if not os.path.exists(os.path.join(udir, layout.UPLOADED)):   # else its shards are in a remote, not here
+        for name, size in files:
+            path = os.path.join(udir, name)
+            if not os.path.exists(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} holds {os.path.getsize(path):,} bytes, {layout.RESULT} says {size:,}"
+    for name in (layout.TAIL, layout.HOLDOUT):
+        path = os.path.join(udir, name)
+        if (name == layout.TAIL or os.path.exists(path)) and not zipfile.is_zipfile(path):
+            return f"{name} is missing or not an npz archive"
+    return None
+
+
 def _uploaded(unit_dir: str, uploading_to: str | None) -> bool:
     """Whether a Ray task uploaded the unit's shards to the remote output (then it holds none); to another remote,
     or for a build that uploads nothing itself, the build cannot be finished here: one line."""
