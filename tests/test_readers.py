@@ -160,6 +160,22 @@ def test_zstd_that_opens_with_a_skippable_frame_is_zstd(tmp_path, manifest):
     assert texts == ["".join(json.dumps(r) + "\n" for r in recs[20:])] and not rejects.counts
 
 
+def test_a_dictionary_encoded_text_column_is_text(tmp_path, manifest):
+    """A pandas categorical column (Arrow dictionary<string>) was refused as "not a string column"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sptok.build.driver import _probe_sources
+
+    texts = ["alpha beta", "gamma", "alpha beta", None]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "c.parquet")
+    m = load_manifest(manifest([{"name": "s", "paths": "c.parquet"}]))
+    units = plan_units(m, 1 << 20)
+    _probe_sources(m, units)   # the schema check made before a build
+    _, got, rejects = _docs(units, id_field=None)
+    assert got == texts[:3] and rejects.counts == {"missing_field": 1}
+
+
 def test_parquet_bad_values_and_columns(tmp_path, manifest):
     import pyarrow as pa
     import pyarrow.parquet as pq

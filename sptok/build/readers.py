@@ -574,9 +574,11 @@ def schema_problem(schema, text_field: str, id_field: str | None) -> str | None:
         if c is not None and c not in schema.names:
             return f"no column {c!r} ({what}); columns are: {', '.join(schema.names)}"
     t = schema.field(text_field).type
+    if pa.types.is_dictionary(t):   # a pandas categorical column: its values are the strings
+        t = t.value_type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
             or pa.types.is_large_binary(t)):
-        return f"column {text_field!r} (text_field) has type {t}, expected a string column"
+        return f"column {text_field!r} (text_field) has type {schema.field(text_field).type}, expected a string column"
     return None
 
 
@@ -601,6 +603,8 @@ def _strings(arr) -> list:
     both in row order)."""
     import pyarrow as pa
 
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
             return [_NULL if v is None else v for v in arr.to_pylist()]
