@@ -71,6 +71,14 @@ def test_schema_violation_names_key(tmp_path, manifest):
     fails(*build_args(m, tmp_path / "o"), match="build.seq_len")
 
 
+def test_a_yaml_exponent_without_a_dot_is_named_as_text(tmp_path, manifest):
+    """YAML 1.1 reads 1e-3 as a string: "'1e-3' is not of type 'number'" left the user puzzled."""
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, paths: a.jsonl, weight: 1e-3}\nbuild: {seq_len: 1e3}\n")
+    out = fails(*build_args(tmp_path / "m.yaml", tmp_path / "o"), match="2 problems")
+    assert "build.seq_len: '1e3' is text to YAML, not a number: write 1000" in out
+    assert "sources[0].weight: '1e-3' is text to YAML, not a number: write 1.0e-3" in out
+
+
 def test_a_weight_of_nan_or_inf_is_refused(tmp_path, manifest, small_corpus):
     """YAML's .nan and .inf pass every bound of the schema: a NaN weight was built into sptok.json (invalid
     JSON for strict readers) and `sptok report` drew it with a traceback."""

@@ -13,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -172,6 +173,10 @@ def validate_document(doc, schema_name: str, what: str) -> None:
     raise SptokError(f"{what}: {len(lines)} problems:\n" + "\n".join(f"  {ln}" for ln in lines))
 
 
+# a number YAML 1.1 reads as text: an exponent without a dot in the mantissa (1e-3)
+_YAML_TEXT_NUMBER = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
 def _what_failed(err) -> str:
     if err.validator in ("oneOf", "anyOf") and err.context:
         import jsonschema
@@ -179,6 +184,11 @@ def _what_failed(err) -> str:
         return _what_failed(jsonschema.exceptions.best_match(err.context))
     if err.validator == "type" and isinstance(err.instance, float) and not math.isfinite(err.instance):
         return f"{err.instance} is not a finite number"
+    if err.validator == "type" and isinstance(err.instance, str) and _YAML_TEXT_NUMBER.match(err.instance):
+        mantissa, exponent = re.split("[eE]", err.instance)
+        value = float(err.instance)
+        meant = int(value) if err.validator_value == "integer" and value.is_integer() else f"{mantissa}.0e{exponent}"
+        return f"{err.instance!r} is text to YAML, not a number: write {meant}"
     if err.validator == "enum":
         return f"{shown(err.instance)} is not one of {', '.join(map(str, err.validator_value))}"
     if err.validator == "maxLength":
