@@ -248,6 +248,9 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
                              f"split them into sources or set format:")
         fmt = kinds.pop()
     for f in files:
+        if fmt != "hf" and not os.path.isfile(f):   # a read of a pipe or a device would wait, or never end
+            raise SptokError(f"{key}: {os.path.relpath(f, root)} is not a regular file (a pipe, device or socket); "
+                             f"sptok reads every input more than once and by byte ranges: save it to a file first")
         if not os.access(f, os.R_OK):
             raise SptokError(f"{key}: cannot read {os.path.relpath(f, root)} (permission denied)")
         if fmt == "hf" and not _is_hf_dir(f):
