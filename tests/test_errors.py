@@ -226,6 +226,20 @@ def test_a_source_without_documents_stops_early_and_says_the_truth(tmp_path, man
     assert json.load(open(tmp_path / "o" / "sptok.json"))["counts"]["zero"]["docs"] == 400
 
 
+def test_a_source_that_tail_drop_leaves_without_a_sample_stops_the_build(tmp_path, manifest, small_corpus):
+    """Its one short sample dropped, the source had no sample: the build completed and verified, and reading it
+    failed (streaming: "Stream contains no samples")."""
+    write_jsonl(tmp_path / "tiny.jsonl", [{"text": "a short one"}])
+    m = manifest(small_sources(tmp_path) + [{"name": "tiny", "paths": "tiny.jsonl"}])
+    args = build_args(m, tmp_path / "o", "--seq-len", "64", "--tail", "drop")
+    fails(*args, match="source 'tiny' fills no sample: its 6 tokens are fewer than one sample of --seq-len 64, and "
+                       "--tail drop drops them")
+    fails("show", tmp_path / "o", match="the build failed: source 'tiny' fills no sample")
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64", "--tail", "pad"))
+    assert code == 0, out
+    assert json.load(open(tmp_path / "o" / "stats.json"))["sources"]["tiny"]["samples"] == 1
+
+
 def test_out_is_a_file(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     (tmp_path / "f").write_text("x")

@@ -174,8 +174,9 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    watch = _SourceWatch(work, units, opts.holdout_docs, opts.metadata)   # stops the build when a source ends
-                                                                          # without documents (or metadata)
+    # stops the build when a source ends without documents (or metadata, or a sample --tail drop leaves)
+    watch = _SourceWatch(work, units, opts.holdout_docs, opts.metadata,
+                         drop_below=opts.seq_len if opts.tail == "drop" else None)
     if todo:
         sample = corpus_sample(manifest, units)
         name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
@@ -362,8 +363,10 @@ class _SourceWatch:
     build impossible, so it stops there (not after every other source is tokenized), and records why in
     ``.sptok/failed.json`` so that every command reading the directory says so."""
 
-    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None, metadata: dict | None = None):
+    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None, metadata: dict | None = None,
+                 drop_below: int | None = None):
         self.work, self.holdout_docs, self.metadata = work, holdout_docs, metadata or {}
+        self.drop_below = drop_below
         self.by_source: dict[str, list[Unit]] = {}
         for u in units:
             self.by_source.setdefault(u.source, []).append(u)
@@ -383,20 +386,27 @@ class _SourceWatch:
 
     def _check(self, name: str) -> None:
         results = [layout.read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
-        problem = source_problem(name, results, self.holdout_docs, self.metadata.get(name))
+        problem = source_problem(name, results, self.holdout_docs, self.metadata.get(name), self.drop_below)
         if problem:
             write_json(os.path.join(self.work, FAILED), {"error": problem})
             raise SptokError(problem)
 
 
 def source_problem(name: str, results: list[dict], holdout_docs: int | None = None,
-                   metadata: dict | None = None) -> str | None:
+                   metadata: dict | None = None, drop_below: int | None = None) -> str | None:
     """Why a source leaves the build without training documents, from its committed units' results, or
     None: it has no document at all, or the validation split would take every one; or its metadata field is
-    in none of its records (then every document would go without)."""
+    in none of its records (then every document would go without); or, with ``drop_below`` (the --seq-len of
+    --tail drop), its tokens fill no sample (a source without samples cannot be read: streaming refuses it)."""
     candidates = sum(r.get("held_docs", 0) for r in results)              # set aside by the units
     kept = min(candidates, holdout_docs) if holdout_docs else candidates    # the validation split
     if sum(r["counts"].get("docs", 0) for r in results) + candidates - kept:   # documents to train on
+        tokens = sum(r["tail_tokens"] for r in results)   # the units' tails, stitched: the source's last samples
+        if drop_below and not candidates and not sum(r["counts"].get("samples", 0) for r in results) \
+                and tokens < drop_below:   # (held documents trained on after all would add tokens: not told)
+            return (f"source {name!r} fills no sample: its {tokens:,} tokens are fewer than one sample of --seq-len "
+                    f"{drop_below:,}, and --tail drop drops them; use --tail keep or pad, or a smaller --seq-len, "
+                    f"then run `sptok build` again")
         if metadata and not any(r["counts"].get("meta_seen") or r["rejected"].get("non_string_metadata")
                                 for r in results):
             return (f"source {name!r}: no record has the metadata field {metadata['field']!r}; set metadata.field "
@@ -606,7 +616,8 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
         problem = source_problem(src["name"], [layout.read_result(unit_dirs[u["index"]])
                                                for u in plan["units"] if u["source"] == src["name"]],
                                  plan["options"].get("holdout_docs"),
-                                 (plan["options"].get("metadata") or {}).get(src["name"]))
+                                 (plan["options"].get("metadata") or {}).get(src["name"]),
+                                 plan["options"]["seq_len"] if plan["options"]["tail"] == "drop" else None)
         if problem:
             raise SptokError(problem)
     tokenizer_dir = os.path.join(parts[0], WORK, layout.TOKENIZER)
