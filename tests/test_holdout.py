@@ -131,6 +131,22 @@ def test_holdout_options_are_checked(corpus, tmp_path):
             run_build(str(corpus / "m.yaml"), str(tmp_path / "x"), dict(FLAGS, **flags), log=lambda m: None)
 
 
+def test_a_share_that_holds_out_no_document_of_a_source_stops_the_build(corpus, tmp_path):
+    """0.5% of a source of 30 documents is none: the build completed with a validation split that streaming then
+    refused to open ("Stream contains no samples"), so in-loop evaluation failed with a traceback."""
+    from sptok.errors import SptokError
+    from sptok.layout import load_build
+
+    out = str(tmp_path / "x")
+    with pytest.raises(SptokError, match="the validation split would hold no document of source 'pydocs' "
+                                         r"\(--holdout takes each document by its hash, and took none of its 30\)"):
+        run_build(str(corpus / "m.yaml"), out, dict(FLAGS, holdout="0.5%"), log=lambda m: None)
+    with pytest.raises(SptokError, match="the build failed: the validation split would hold no document"):
+        load_build(out)
+    run_build(str(corpus / "m.yaml"), out, dict(FLAGS, holdout_docs=1), log=lambda m: None)   # starts over
+    assert json.load(open(f"{out}/validation/sptok.json"))["counts"]["pydocs"]["docs"] == 1
+
+
 def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):
     """The README's Parquet / Arrow block, run as written on real builds: training rows are the training
     samples only (not the validation split's too), and the validation split is read on its own."""

@@ -401,6 +401,11 @@ def source_problem(name: str, results: list[dict], holdout_docs: int | None = No
     candidates = sum(r.get("held_docs", 0) for r in results)              # set aside by the units
     kept = min(candidates, holdout_docs) if holdout_docs else candidates    # the validation split
     if sum(r["counts"].get("docs", 0) for r in results) + candidates - kept:   # documents to train on
+        if any("held_docs" in r for r in results) and not kept:   # a split without the source cannot be read
+            return (f"the validation split would hold no document of source {name!r} (--holdout takes each "
+                    f"document by its hash, and took none of its "
+                    f"{sum(r['counts'].get('docs', 0) for r in results):,}): hold out a larger share, or a number "
+                    f"of documents of each source with --holdout-docs, then run `sptok build` again")
         tokens = sum(r["tail_tokens"] for r in results)   # the units' tails, stitched: the source's last samples
         if drop_below and not candidates and not sum(r["counts"].get("samples", 0) for r in results) \
                 and tokens < drop_below:   # (held documents trained on after all would add tokens: not told)
