@@ -147,6 +147,21 @@ def test_a_share_that_holds_out_no_document_of_a_source_stops_the_build(corpus, 
     assert json.load(open(f"{out}/validation/sptok.json"))["counts"]["pydocs"]["docs"] == 1
 
 
+def test_a_validation_split_that_tail_drop_leaves_without_a_sample_is_refused(corpus, tmp_path):
+    """One short held-out document, its sample dropped: the split's source had no sample, and could not be read."""
+    from sptok.errors import SptokError
+
+    out = str(tmp_path / "x")
+    flags = dict(FLAGS, holdout_docs=1, tail="drop", seq_len=4096)
+    with pytest.raises(SptokError, match=r"the validation split of source '\w+' fills no sample: its [0-9,]+ tokens "
+                                         r"are fewer than one sample of --seq-len 4,096, and --tail drop drops them"):
+        run_build(str(corpus / "m.yaml"), out, flags, log=lambda m: None)
+    assert not os.path.exists(os.path.join(out, "sptok.json"))
+    run_build(str(corpus / "m.yaml"), out, dict(flags, tail="pad"), overwrite=True, log=lambda m: None)
+    counts = json.load(open(f"{out}/validation/sptok.json"))["counts"]
+    assert all(c["samples"] == 1 for c in counts.values())
+
+
 def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):
     """The README's Parquet / Arrow block, run as written on real builds: training rows are the training
     samples only (not the validation split's too), and the validation split is read on its own."""

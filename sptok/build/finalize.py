@@ -53,6 +53,13 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
     held = _held_out(plan, unit_dirs)    # source -> (validation documents, per unit: documents trained on)
+    if held and opts["tail"] == "drop":   # a split's source without samples cannot be read: streaming refuses it
+        for name, (validation, _) in held.items():
+            if len(validation.stream) < opts["seq_len"]:
+                raise SptokError(f"the validation split of source {name!r} fills no sample: its "
+                                 f"{len(validation.stream):,} tokens are fewer than one sample of --seq-len "
+                                 f"{opts['seq_len']:,}, and --tail drop drops them; hold out more of it (--holdout, "
+                                 f"--holdout-docs) or use --tail keep or pad, with --overwrite (it starts over)")
     per_source, indexes, encoders = {}, {}, Counter()
     for src in plan["manifest"]["sources"]:
         name = src["name"]
