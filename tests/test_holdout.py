@@ -8,7 +8,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import SOURCES, TOKENIZER, demo_corpus, tree_bytes
+from conftest import SOURCES, TOKENIZER, demo_corpus, demo_records, tree_bytes, write_jsonl
 from shards import documents, mds_samples
 
 from sptok.build import run_build, run_merge
@@ -160,6 +160,21 @@ def test_a_validation_split_that_tail_drop_leaves_without_a_sample_is_refused(co
     run_build(str(corpus / "m.yaml"), out, dict(flags, tail="pad"), overwrite=True, log=lambda m: None)
     counts = json.load(open(f"{out}/validation/sptok.json"))["counts"]
     assert all(c["samples"] == 1 for c in counts.values())
+
+
+def test_a_source_whose_training_documents_tail_drop_leaves_without_a_sample_is_refused(tmp_path):
+    """The long document held out, the short one trained on and dropped: the source had no training sample."""
+    from sptok.errors import SptokError
+
+    write_jsonl(tmp_path / "two.jsonl", [{"id": "long", "text": "word " * 300}, {"id": "short", "text": "tiny one"}])
+    write_jsonl(tmp_path / "big.jsonl", demo_records("fortunes", 100))
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: big, paths: big.jsonl}\n"
+                                     "  - {name: two, paths: two.jsonl, id_field: id}\n")
+    flags = dict(FLAGS, holdout="50%", tail="drop", seq_len=256, seed=2)
+    with pytest.raises(SptokError, match="source 'two' fills no sample: its tokens are fewer than one sample of "
+                                         "--seq-len 256, and --tail drop drops them"):
+        run_build(str(tmp_path / "m.yaml"), str(tmp_path / "o"), flags, log=lambda m: None)
+    assert not (tmp_path / "o" / "sptok.json").exists()
 
 
 def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):

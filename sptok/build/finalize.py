@@ -83,6 +83,10 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         extra["hist"] = np.bincount(np.concatenate([b.bins for b in back]), minlength=HIST_BINS).tolist()
         indexes[name] = entries
         per_source[name] = source_stats(results, extra)
+        if opts["tail"] == "drop" and not per_source[name]["samples"]:   # held documents trained on after all
+            raise SptokError(f"source {name!r} fills no sample: its tokens are fewer than one sample of --seq-len "
+                             f"{opts['seq_len']:,}, and --tail drop drops them; use --tail keep or pad, or a smaller "
+                             f"--seq-len, with --overwrite (it starts over)")
         per_source[name]["files"] = len(entries)
         per_source[name]["rejects_file"] = _gather_rejects(out, name, dirs)
         dups = duplicate_ids(dirs)
