@@ -76,6 +76,16 @@ def test_training_reports_skipped_records_and_refuses_a_source_without_text(tmp_
     assert not (tmp_path / "u").exists()
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_tokenizer_config_that_is_not_an_object_is_one_line(tmp_path, name):
+    import shutil
+
+    shutil.copytree(TOKENIZER, tmp_path / "tok")
+    (tmp_path / "tok" / name).write_text("[1, 2]")
+    with pytest.raises(SptokError, match=f"{name}: expected a JSON object of token roles .*, got list"):
+        load_tokenizer(tmp_path / "tok")
+
+
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer

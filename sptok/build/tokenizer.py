@@ -72,6 +72,9 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
                     cfg = json.loads(Path(p).read_text())
                 except ValueError as e:
                     raise SptokError(f"{p}: invalid JSON ({e})") from None
+                if not isinstance(cfg, dict):
+                    raise SptokError(f"{p}: expected a JSON object of token roles (eos_token, pad_token, ...), got "
+                                     f"{type(cfg).__name__}")
                 for k in _ROLE_KEYS:
                     v = cfg.get(k)
                     if isinstance(v, dict):
