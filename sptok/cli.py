@@ -137,6 +137,9 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
             raise SptokError("--append with a remote --out: append to a local copy of the build, then upload it")
         check_remote(remote)
         out = local_dir or staging_dir(remote)
+    elif local_dir:   # else ignored: the build would not be where the user looks for it
+        raise SptokError(f"--local {local_dir}: the staging directory of a remote --out (s3://...); --out {out} is "
+                         f"local and built in place: drop --local")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if append:
         from .build.append import run_append

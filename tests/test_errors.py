@@ -154,6 +154,14 @@ def test_an_eos_that_is_an_sp_or_the_delimiter_is_refused(tmp_path, manifest, sm
     assert not (tmp_path / "o").exists()
 
 
+def test_local_with_a_local_out_is_refused(tmp_path, manifest, small_corpus):
+    """--local stages a remote --out; with a local --out it was silently ignored."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--local", tmp_path / "stage"),
+          match=f"--local {tmp_path / 'stage'}: the staging directory of a remote --out")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "stage").exists()
+
+
 def test_toggling_hash_inputs_is_named_as_such(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
