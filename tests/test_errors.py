@@ -154,6 +154,14 @@ def test_an_eos_that_is_an_sp_or_the_delimiter_is_refused(tmp_path, manifest, sm
     assert not (tmp_path / "o").exists()
 
 
+def test_an_empty_metadata_flag_is_refused(tmp_path, manifest, small_corpus):
+    """`--metadata "$FIELD"` with FIELD unset built without metadata, saying nothing."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--metadata", ""),
+          match="field must be the name of a record field (e.g. url), got ''")
+    assert not (tmp_path / "o").exists()
+
+
 def test_local_with_a_local_out_is_refused(tmp_path, manifest, small_corpus):
     """--local stages a remote --out; with a local --out it was silently ignored."""
     m = manifest(small_sources(tmp_path))

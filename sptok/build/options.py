@@ -169,7 +169,7 @@ def resolve_metadata(build_wide: dict | None, flags: dict, per_source: dict) -> 
     given = flags.get("metadata")
     if isinstance(given, dict):          # data.build_args of a training config: a whole spec
         cli = {**given, **cli}
-    elif given:
+    elif given is not None:   # '' too: an empty shell variable is a mistake, not "no metadata"
         field, _, form = str(given).partition(":")
         cli.update(field=field, **({"form": form} if form else {}))
     out = {}
