@@ -106,6 +106,8 @@ class BuildOptions:
             v = getattr(self, flag)
             if v is not None and (not isinstance(v, str) or len(v) > MAX_TOKEN_CHARS):
                 raise SptokError(f"--{flag}: must be a string of at most {MAX_TOKEN_CHARS} characters, got {shown(v)}")
+        if self.eos == "":   # '' means "none" for the delimiter, but every document needs an end
+            raise SptokError("--eos: empty; give a token of the tokenizer, or leave --eos out for the tokenizer's own")
         for flag in ("insert_prob", "msp_prob"):
             v = getattr(self, flag)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
