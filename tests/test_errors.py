@@ -151,7 +151,7 @@ def test_an_eos_that_is_an_sp_or_the_delimiter_is_refused(tmp_path, manifest, sm
           match="EOS clash: --eos <SPSEP> is also the delimiter; choose another --eos")
     fails(*build_args(m, tmp_path / "o", "--eos", "<CODE>"),
           match="EOS clash: --eos <CODE> is also the SP of a source; choose another --eos")
-    fails(*build_args(m, tmp_path / "o", "--eos", ""), match="--eos: empty; give a token of the tokenizer")   # was ignored
+    fails(*build_args(m, tmp_path / "o", "--eos", ""), match="--eos: empty; give a token of the tokenizer")
     assert not (tmp_path / "o").exists()
 
 
