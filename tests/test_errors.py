@@ -322,6 +322,19 @@ def test_complete_build_refused_without_overwrite(tmp_path, manifest, small_corp
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
 
 
+def test_overwrite_of_an_unfinished_build_keeps_files_it_did_not_write(tmp_path, manifest, small_corpus):
+    """--overwrite of an unfinished build removed everything in --out: a user's file put there went too."""
+    m = manifest(small_sources(tmp_path))
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64", "--partition", "0/2"))[0] == 0   # unfinished
+    (tmp_path / "o" / "NOTES.md").write_text("mine")
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"),
+          match="holds NOTES.md, which no sptok build wrote there, beside an unfinished build; --overwrite would "
+                "remove them: move them out first")
+    assert (tmp_path / "o" / "NOTES.md").read_text() == "mine"
+    (tmp_path / "o" / "NOTES.md").unlink()
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
+
+
 def test_commands_on_a_non_build(tmp_path):
     fails("stats", tmp_path / "nothing", match="no such build directory")
     fails("stats", tmp_path, match="not an sptok build")

@@ -482,6 +482,10 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         outdir.clear_work(out)
         return "fresh"
     if overwrite:
+        foreign = _foreign(out, old)
+        if foreign:   # a user's files beside an interrupted build: --overwrite would remove them with it
+            raise SptokError(f"--out {out}: holds {', '.join(foreign[:3])}, which no sptok build wrote there, beside "
+                             f"an unfinished build; --overwrite would remove them: move them out first")
         outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
@@ -660,5 +664,11 @@ def _merge_leftovers_only(out: str, plan: dict) -> bool:
     if not _has_entries(out):
         return True
     work = os.path.join(out, WORK)
-    ours = set(layout.TOP_LEVEL) | {s["name"] for s in plan["manifest"]["sources"]} | {WORK}
-    return set(os.listdir(out)) <= ours and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
+    return not _foreign(out, plan) and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
+
+
+def _foreign(out: str, plan: dict) -> list[str]:
+    """The entries of ``out`` that no build of ``plan`` writes there (its top-level files, their ``.tmp`` while
+    written, its sources' directories, the work directory): what starting over there must not remove."""
+    top = set(layout.TOP_LEVEL) | {s.get("name") for s in (plan.get("manifest") or {}).get("sources") or []}
+    return sorted(set(os.listdir(out)) - top - {f"{n}.tmp" for n in layout.TOP_LEVEL} - {WORK})
