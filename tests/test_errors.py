@@ -322,17 +322,21 @@ def test_complete_build_refused_without_overwrite(tmp_path, manifest, small_corp
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
 
 
-def test_overwrite_of_an_unfinished_build_keeps_files_it_did_not_write(tmp_path, manifest, small_corpus):
-    """--overwrite of an unfinished build removed everything in --out: a user's file put there went too."""
+def test_overwrite_keeps_files_it_did_not_write(tmp_path, manifest, small_corpus):
+    """--overwrite removed everything in --out, unfinished or complete: a user's file put there went too."""
     m = manifest(small_sources(tmp_path))
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64", "--partition", "0/2"))[0] == 0   # unfinished
     (tmp_path / "o" / "NOTES.md").write_text("mine")
     fails(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"),
           match="holds NOTES.md, which no sptok build wrote there, beside an unfinished build; --overwrite would "
-                "remove them: move them out first")
+                "remove them with it: move them out first")
     assert (tmp_path / "o" / "NOTES.md").read_text() == "mine"
     (tmp_path / "o" / "NOTES.md").unlink()
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
+    (tmp_path / "o" / "NOTES.md").write_text("mine")   # beside a complete build: swapped out and removed with it
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--overwrite"),
+          match="holds NOTES.md, which no sptok build wrote there, beside a complete build")
+    assert (tmp_path / "o" / "NOTES.md").read_text() == "mine"
 
 
 def test_commands_on_a_non_build(tmp_path):

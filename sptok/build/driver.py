@@ -470,6 +470,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         except (OSError, ValueError):
             old = {}
         if overwrite:
+            _refuse_removing_foreign(out, old, "a complete")
             return "replace"
         if old.get("fingerprint") == plan["fingerprint"]:
             outdir.clear_work(out)   # what a writer killed after its sptok.json left behind
@@ -482,10 +483,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         outdir.clear_work(out)
         return "fresh"
     if overwrite:
-        foreign = _foreign(out, old)
-        if foreign:   # a user's files beside an interrupted build: --overwrite would remove them with it
-            raise SptokError(f"--out {out}: holds {', '.join(foreign[:3])}, which no sptok build wrote there, beside "
-                             f"an unfinished build; --overwrite would remove them: move them out first")
+        _refuse_removing_foreign(out, old, "an unfinished")
         outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
@@ -665,6 +663,14 @@ def _merge_leftovers_only(out: str, plan: dict) -> bool:
         return True
     work = os.path.join(out, WORK)
     return not _foreign(out, plan) and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
+
+
+def _refuse_removing_foreign(out: str, plan: dict, state: str) -> None:
+    """--overwrite removes the build in ``out`` whole: refused while files it did not write lie beside it."""
+    foreign = _foreign(out, plan)
+    if foreign:
+        raise SptokError(f"--out {out}: holds {', '.join(foreign[:3])}, which no sptok build wrote there, beside "
+                         f"{state} build; --overwrite would remove them with it: move them out first")
 
 
 def _foreign(out: str, plan: dict) -> list[str]:
