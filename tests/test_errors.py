@@ -163,6 +163,17 @@ def test_an_empty_metadata_flag_is_refused(tmp_path, manifest, small_corpus):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("env, name", [({"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "2"},
+                                          "SLURM_ARRAY_TASK_ID='abc'"),
+                                         ({"RANK": "1", "WORLD_SIZE": "x"}, "WORLD_SIZE='x'")])
+def test_a_partition_variable_that_is_no_integer_is_one_line(tmp_path, manifest, small_corpus, monkeypatch, env, name):
+    """A Slurm or torchrun variable set wrong was a ValueError traceback from int()."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o"), match=f"{name}: expected an integer (it picks this machine's partition)")
+
+
 def test_local_with_a_local_out_is_refused(tmp_path, manifest, small_corpus):
     """--local stages a remote --out; with a local --out it was silently ignored."""
     m = manifest(small_sources(tmp_path))

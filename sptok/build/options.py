@@ -231,13 +231,24 @@ def partition_of(value: str | None, env) -> tuple[int, int] | None:
             raise SptokError(f"--partition: expected i/N such as 0/4, got {shown(value)}") from None
         src = "--partition"
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+        i, n = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN", 0), \
+            _env_int(env, "SLURM_ARRAY_TASK_COUNT")
         src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
     elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        i, n = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
         src = "RANK/WORLD_SIZE"
     else:
         return None
     if not (n >= 1 and 0 <= i < n):
         raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
     return (i, n) if n > 1 else None
+
+
+def _env_int(env, name: str, default: int | None = None) -> int:
+    """An integer environment variable that decides the partition, or one line naming it."""
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise SptokError(f"{name}={shown(value)}: expected an integer (it picks this machine's partition); "
+                         f"set it right, or pass --partition i/N") from None
