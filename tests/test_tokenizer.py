@@ -86,6 +86,16 @@ def test_a_tokenizer_config_that_is_not_an_object_is_one_line(tmp_path, name):
         load_tokenizer(tmp_path / "tok")
 
 
+def test_training_refuses_a_delimiter_that_is_an_sp_as_a_build_does(tmp_path, small_corpus, manifest):
+    """The tokenizer was written with the delimiter and an SP as one token, for builds that refuse it."""
+    m = manifest(small_sources(tmp_path))
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "t"), "--vocab-size",
+                                    "600", "--delimiter", "<CODE>"], catch_exceptions=False)
+    assert res.exit_code == 2 and res.stderr == ("error: delimiter clash: --delimiter <CODE> is also the SP of a "
+                                                 "source; choose another delimiter\n")
+    assert not (tmp_path / "t").exists()
+
+
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer

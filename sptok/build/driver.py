@@ -231,9 +231,6 @@ def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit], named: 
     lt = load_tokenizer(opts.tokenizer)
     with open(lt.path, "rb") as f:
         base_sha = hashlib.sha256(f.read()).hexdigest()
-    if opts.delimiter in sps:
-        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
-                         f"delimiter")
     ids = extend(lt, sps, opts.delimiter if special_delim else None)
     tok = lt.tok
     if special_delim:

@@ -208,6 +208,9 @@ def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
     from ..sp import sp_strings
 
     sps = sp_strings([s.name for s in manifest.sources], opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    if opts.delimiter in sps:
+        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
+                         f"delimiter")
     return sps, (opts.delimiter if opts.delimiter and is_special_delimiter(opts.delimiter) else None)
 
 
