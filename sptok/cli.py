@@ -137,6 +137,9 @@ def build(manifest, out, local_dir, fmt, overwrite, partition, append, **flags):
             raise SptokError("--append with a remote --out: append to a local copy of the build, then upload it")
         check_remote(remote)
         out = local_dir or staging_dir(remote)
+    elif local_dir:   # else ignored: the build would not be where the user looks for it
+        raise SptokError(f"--local {local_dir}: the staging directory of a remote --out (s3://...); --out {out} is "
+                         f"local and built in place: drop --local")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if append:
         from .build.append import run_append
@@ -465,7 +468,8 @@ def tokenizer_train(manifest, out, vocab_size, model, policy, delimiter, seed, m
     """Train a tokenizer on MANIFEST's text, with SP, delimiter and the usual special tokens."""
     from .build.tokenizer import train_for_manifest
 
-    tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed)
+    tok, sps, delim = train_for_manifest(manifest, out, model, vocab_size, max_bytes, policy, delimiter, seed,
+                                         log=lambda msg: click.echo(msg, err=True))
     got = tok.get_vocab_size()
     click.echo(f"wrote {os.path.join(out, 'tokenizer.json')}: {model}, vocab {got}, "
                f"SPs {' '.join(sps)}" + (f", delimiter {delim}" if delim else ""))

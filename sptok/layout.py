@@ -158,6 +158,13 @@ def describe_writer(w: dict) -> str:
            f"{w.get('started', '?')})"
 
 
+def append_way_out(out: str) -> str:
+    """What to run after an append that cannot complete (a new source without documents): not a plain build,
+    which would refuse to resume the append, nor --overwrite, which would rebuild the old sources too."""
+    return (f"for an append, that is `sptok build MANIFEST --out {out} --append` with the fixed manifest, or with "
+            f"the build's own manifest to give the append up (the build is then as it was)")
+
+
 def load_build(out: str) -> dict:
     """The ``sptok.json`` of a complete build, or a one-line error saying what the directory is."""
     path = os.path.join(out, MARKER)
@@ -171,6 +178,10 @@ def load_build(out: str) -> dict:
                              f"once it is complete")
         if os.path.exists(os.path.join(work, FAILED)):
             raise SptokError(f"{out}: the build failed: {read_json(os.path.join(work, FAILED))['error']}")
+        failed_append = os.path.join(work, APPEND, WORK, FAILED)
+        if os.path.exists(failed_append):
+            raise SptokError(f"{out}: an append to the build failed: {read_json(failed_append)['error']}; "
+                             f"{append_way_out(out)}")
         if os.path.exists(os.path.join(work, PARTITION)):
             p = read_json(os.path.join(work, PARTITION))
             raise SptokError(f"{out}: partition {p['index']}/{p['count']} of a build, not a whole build: join all "

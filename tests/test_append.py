@@ -225,6 +225,23 @@ def test_an_appended_build_takes_another_append(base):
     assert verify_build(str(base / "twice")).ok
 
 
+def test_an_append_whose_new_source_gives_no_document_says_how_to_go_on(base):
+    """Not "incomplete: run the same command again" (it fails again), nor a plain build (it refuses to resume)."""
+    shutil.copytree(base / "b", base / "blank")
+    before = tree_bytes(str(base / "blank"))
+    (base / "blank.jsonl").write_text('{"text": "  "}\n' * 2000)   # several units, not one document
+    (base / "mb.yaml").write_text((base / "m3.yaml").read_text() + "  - {name: blank, paths: blank.jsonl}\n")
+    way_out = f"for an append, that is `sptok build MANIFEST --out {base / 'blank'} --append` with the fixed"
+    with pytest.raises(SptokError, match="source 'blank' produced no documents") as e:
+        build(base, "blank", "mb.yaml", append=True)
+    assert way_out in e.value.message
+    with pytest.raises(SptokError, match="an append to the build failed: source 'blank' produced no documents") as e:
+        load_build(str(base / "blank"))
+    assert way_out in e.value.message
+    assert build(base, "blank", "m3.yaml", append=True).skipped   # given up: the build as it was
+    assert tree_bytes(str(base / "blank")) == before
+
+
 def test_the_manifest_as_built_is_a_no_op(base):
     before = tree_bytes(str(base / "b"))
     assert build(base, "b", "m3.yaml", append=True).skipped

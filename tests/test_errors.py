@@ -71,6 +71,23 @@ def test_schema_violation_names_key(tmp_path, manifest):
     fails(*build_args(m, tmp_path / "o"), match="build.seq_len")
 
 
+def test_a_yaml_exponent_without_a_dot_is_named_as_text(tmp_path, manifest):
+    """YAML 1.1 reads 1e-3 as a string: "'1e-3' is not of type 'number'" left the user puzzled."""
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, paths: a.jsonl, weight: 1e-3}\nbuild: {seq_len: 1e3}\n")
+    out = fails(*build_args(tmp_path / "m.yaml", tmp_path / "o"), match="2 problems")
+    assert "build.seq_len: '1e3' is text to YAML, not a number: write 1000" in out
+    assert "sources[0].weight: '1e-3' is text to YAML, not a number: write 1.0e-3" in out
+
+
+def test_a_weight_of_nan_or_inf_is_refused(tmp_path, manifest, small_corpus):
+    """YAML's .nan and .inf pass every bound of the schema: a NaN weight was built into sptok.json (invalid
+    JSON for strict readers) and `sptok report` drew it with a traceback."""
+    for i, w in enumerate([float("nan"), float("inf")]):
+        m = manifest([{"name": "code", "paths": "code.jsonl", "weight": w}], name=f"w{i}.yaml")
+        fails(*build_args(m, tmp_path / "o"), match=f"sources[0].weight: {w} is not a finite number")
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_format(tmp_path, manifest):
     (tmp_path / "a.csv").write_text("text\nhello\n")
     m = manifest([{"name": "a", "paths": "a.csv"}])
@@ -125,6 +142,44 @@ def test_a_delimiter_clash_is_about_the_delimiter(tmp_path, manifest, small_corp
     assert "--policy" not in out and "SP token" not in out
     fails(*build_args(m, tmp_path / "o", "--delimiter", "<CODE>"),
           match="delimiter clash: --delimiter <CODE> is also the SP of a source; choose another delimiter")
+
+
+def test_an_eos_that_is_an_sp_or_the_delimiter_is_refused(tmp_path, manifest, small_corpus):
+    """One id in two roles would be read wrongly: the SP policy `strip` removes every EOS that is the delimiter."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--eos", "<SPSEP>"),
+          match="EOS clash: --eos <SPSEP> is also the delimiter; choose another --eos")
+    fails(*build_args(m, tmp_path / "o", "--eos", "<CODE>"),
+          match="EOS clash: --eos <CODE> is also the SP of a source; choose another --eos")
+    fails(*build_args(m, tmp_path / "o", "--eos", ""), match="--eos: empty; give a token of the tokenizer")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_metadata_flag_is_refused(tmp_path, manifest, small_corpus):
+    """`--metadata "$FIELD"` with FIELD unset built without metadata, saying nothing."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--metadata", ""),
+          match="field must be the name of a record field (e.g. url), got ''")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env, name", [({"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "2"},
+                                          "SLURM_ARRAY_TASK_ID='abc'"),
+                                         ({"RANK": "1", "WORLD_SIZE": "x"}, "WORLD_SIZE='x'")])
+def test_a_partition_variable_that_is_no_integer_is_one_line(tmp_path, manifest, small_corpus, monkeypatch, env, name):
+    """A Slurm or torchrun variable set wrong was a ValueError traceback from int()."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o"), match=f"{name}: expected an integer (it picks this machine's partition)")
+
+
+def test_local_with_a_local_out_is_refused(tmp_path, manifest, small_corpus):
+    """--local stages a remote --out; with a local --out it was silently ignored."""
+    m = manifest(small_sources(tmp_path))
+    fails(*build_args(m, tmp_path / "o", "--local", tmp_path / "stage"),
+          match=f"--local {tmp_path / 'stage'}: the staging directory of a remote --out")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "stage").exists()
 
 
 def test_toggling_hash_inputs_is_named_as_such(tmp_path, manifest, small_corpus):
@@ -199,6 +254,20 @@ def test_a_source_without_documents_stops_early_and_says_the_truth(tmp_path, man
     assert json.load(open(tmp_path / "o" / "sptok.json"))["counts"]["zero"]["docs"] == 400
 
 
+def test_a_source_that_tail_drop_leaves_without_a_sample_stops_the_build(tmp_path, manifest, small_corpus):
+    """Its one short sample dropped, the source had no sample: the build completed and verified, and reading it
+    failed (streaming: "Stream contains no samples")."""
+    write_jsonl(tmp_path / "tiny.jsonl", [{"text": "a short one"}])
+    m = manifest(small_sources(tmp_path) + [{"name": "tiny", "paths": "tiny.jsonl"}])
+    args = build_args(m, tmp_path / "o", "--seq-len", "64", "--tail", "drop")
+    fails(*args, match="source 'tiny' fills no sample: its 6 tokens are fewer than one sample of --seq-len 64, and "
+                       "--tail drop drops them")
+    fails("show", tmp_path / "o", match="the build failed: source 'tiny' fills no sample")
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64", "--tail", "pad"))
+    assert code == 0, out
+    assert json.load(open(tmp_path / "o" / "stats.json"))["sources"]["tiny"]["samples"] == 1
+
+
 def test_out_is_a_file(tmp_path, manifest, small_corpus):
     m = manifest(small_sources(tmp_path))
     (tmp_path / "f").write_text("x")
@@ -206,6 +275,31 @@ def test_out_is_a_file(tmp_path, manifest, small_corpus):
     fails(*build_args(m, tmp_path / "f" / "sub"), match="Not a directory")
     fails("merge", tmp_path / "p0", "--out", tmp_path / "f", match="not a partition")
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_damaged_partition_is_named_by_merge(tmp_path, manifest, small_corpus):
+    """Partitions travel between machines: a unit's shard cut short was merged into a build that looked complete,
+    and an unreadable result.json or tail.npz was a traceback. Rebuilding the unit as told fixes the merge."""
+    import shutil
+
+    m = manifest(small_sources(tmp_path))
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i, p in enumerate(parts):
+        assert sptok(*build_args(m, p, "--seq-len", "64", "--partition", f"{i}/2"))[0] == 0
+    unit = next((parts[1] / ".sptok" / "units").iterdir())
+    pristine = tmp_path / "pristine"
+    shutil.copytree(unit, pristine)
+    shard = next(f for f in unit.iterdir() if f.name.startswith("shard."))
+    damage = {shard.name: lambda f: f.write_bytes(f.read_bytes()[:100]),
+              "result.json": lambda f: f.write_text("{"), "tail.npz": lambda f: f.write_text("junk")}
+    for name, spoil in damage.items():
+        spoil(unit / name)
+        fails("merge", *parts, "--out", tmp_path / "m", match=f"cannot merge: the committed unit {unit} is damaged: ")
+        assert not (tmp_path / "m" / "sptok.json").exists()
+        shutil.copy(pristine / name, unit / name)
+    shutil.rmtree(unit)
+    assert sptok(*build_args(m, parts[1], "--seq-len", "64", "--partition", "1/2"))[0] == 0
+    assert sptok("merge", *parts, "--out", tmp_path / "m", "-q")[0] == 0
 
 
 def test_strict_on_a_complete_build_rechecks(tmp_path, manifest):
@@ -237,6 +331,23 @@ def test_complete_build_refused_without_overwrite(tmp_path, manifest, small_corp
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))[0] == 0
     fails(*build_args(m, tmp_path / "o", "--seq-len", "32"), match="already holds a complete build")
     assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
+
+
+def test_overwrite_keeps_files_it_did_not_write(tmp_path, manifest, small_corpus):
+    """--overwrite removed everything in --out, unfinished or complete: a user's file put there went too."""
+    m = manifest(small_sources(tmp_path))
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "64", "--partition", "0/2"))[0] == 0   # unfinished
+    (tmp_path / "o" / "NOTES.md").write_text("mine")
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"),
+          match="holds NOTES.md, which no sptok build wrote there, beside an unfinished build; --overwrite would "
+                "remove them with it: move them out first")
+    assert (tmp_path / "o" / "NOTES.md").read_text() == "mine"
+    (tmp_path / "o" / "NOTES.md").unlink()
+    assert sptok(*build_args(m, tmp_path / "o", "--seq-len", "32", "--overwrite"))[0] == 0
+    (tmp_path / "o" / "NOTES.md").write_text("mine")   # beside a complete build: swapped out and removed with it
+    fails(*build_args(m, tmp_path / "o", "--seq-len", "64", "--overwrite"),
+          match="holds NOTES.md, which no sptok build wrote there, beside a complete build")
+    assert (tmp_path / "o" / "NOTES.md").read_text() == "mine"
 
 
 def test_commands_on_a_non_build(tmp_path):
@@ -308,6 +419,25 @@ def test_truncated_archive_keeps_what_came_before(tmp_path, manifest, kind):
     assert row[3] == "0"                     # the "skipped" column counts records, and a break is not one
     assert "t: archive breaks 1 (truncated_archive: not records" in out
     fails(*build_args(m, tmp_path / "o2", "--strict"), match="truncated")
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("after", [b"GARBAGE", bytes(1000)], ids=["garbage", "zeros"])
+def test_bytes_after_a_whole_archive_keep_every_record(tmp_path, manifest, kind, after):
+    """A complete archive followed by trailing bytes (garbage, or the zero padding of a block device): the break
+    is reported at the archive's end and every record kept. The slice holding the archive's end and the junk
+    was dropped whole: a small file lost every record, "line 1 (decompressed byte 0)"."""
+    recs = demo_records("fortunes", 50)
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in recs)
+    comp = zstandard.ZstdCompressor().compress(data) if kind == "zst" else gzip.compress(data)
+    (tmp_path / f"t.jsonl.{kind}").write_bytes(comp + after)
+    m = manifest([{"name": "t", "paths": f"t.jsonl.{kind}", "id_field": "id"}])
+    code, out = sptok(*build_args(m, tmp_path / "o", "--seq-len", "64"))
+    assert code == 0, out
+    stats = json.load(open(tmp_path / "o" / "stats.json"))["sources"]["t"]
+    assert stats["docs"] == 50 and stats["rejected"] == {"truncated_archive": 1}
+    assert stats["reject_examples"]["truncated_archive"].startswith(
+        f"t.jsonl.{kind} line 51 (decompressed byte {len(data)}): corrupt ")
 
 
 @pytest.fixture

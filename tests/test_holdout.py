@@ -8,7 +8,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import SOURCES, TOKENIZER, demo_corpus, tree_bytes
+from conftest import SOURCES, TOKENIZER, demo_corpus, demo_records, tree_bytes, write_jsonl
 from shards import documents, mds_samples
 
 from sptok.build import run_build, run_merge
@@ -129,6 +129,52 @@ def test_holdout_options_are_checked(corpus, tmp_path):
                          (dict(holdout="1%", holdout_docs=3), "give one of them")):
         with pytest.raises(SptokError, match=match):
             run_build(str(corpus / "m.yaml"), str(tmp_path / "x"), dict(FLAGS, **flags), log=lambda m: None)
+
+
+def test_a_share_that_holds_out_no_document_of_a_source_stops_the_build(corpus, tmp_path):
+    """0.5% of a source of 30 documents is none: the build completed with a validation split that streaming then
+    refused to open ("Stream contains no samples"), so in-loop evaluation failed with a traceback."""
+    from sptok.errors import SptokError
+    from sptok.layout import load_build
+
+    out = str(tmp_path / "x")
+    with pytest.raises(SptokError, match="the validation split would hold no document of source 'pydocs' "
+                                         r"\(--holdout takes each document by its hash, and took none of its 30\)"):
+        run_build(str(corpus / "m.yaml"), out, dict(FLAGS, holdout="0.5%"), log=lambda m: None)
+    with pytest.raises(SptokError, match="the build failed: the validation split would hold no document"):
+        load_build(out)
+    run_build(str(corpus / "m.yaml"), out, dict(FLAGS, holdout_docs=1), log=lambda m: None)   # starts over
+    assert json.load(open(f"{out}/validation/sptok.json"))["counts"]["pydocs"]["docs"] == 1
+
+
+def test_a_validation_split_that_tail_drop_leaves_without_a_sample_is_refused(corpus, tmp_path):
+    """One short held-out document, its sample dropped: the split's source had no sample, and could not be read."""
+    from sptok.errors import SptokError
+
+    out = str(tmp_path / "x")
+    flags = dict(FLAGS, holdout_docs=1, tail="drop", seq_len=4096)
+    with pytest.raises(SptokError, match=r"the validation split of source '\w+' fills no sample: its [0-9,]+ tokens "
+                                         r"are fewer than one sample of --seq-len 4,096, and --tail drop drops them"):
+        run_build(str(corpus / "m.yaml"), out, flags, log=lambda m: None)
+    assert not os.path.exists(os.path.join(out, "sptok.json"))
+    run_build(str(corpus / "m.yaml"), out, dict(flags, tail="pad"), overwrite=True, log=lambda m: None)
+    counts = json.load(open(f"{out}/validation/sptok.json"))["counts"]
+    assert all(c["samples"] == 1 for c in counts.values())
+
+
+def test_a_source_whose_training_documents_tail_drop_leaves_without_a_sample_is_refused(tmp_path):
+    """The long document held out, the short one trained on and dropped: the source had no training sample."""
+    from sptok.errors import SptokError
+
+    write_jsonl(tmp_path / "two.jsonl", [{"id": "long", "text": "word " * 300}, {"id": "short", "text": "tiny one"}])
+    write_jsonl(tmp_path / "big.jsonl", demo_records("fortunes", 100))
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: big, paths: big.jsonl}\n"
+                                     "  - {name: two, paths: two.jsonl, id_field: id}\n")
+    flags = dict(FLAGS, holdout="50%", tail="drop", seq_len=256, seed=2)
+    with pytest.raises(SptokError, match="source 'two' fills no sample: its tokens are fewer than one sample of "
+                                         "--seq-len 256, and --tail drop drops them"):
+        run_build(str(tmp_path / "m.yaml"), str(tmp_path / "o"), flags, log=lambda m: None)
+    assert not (tmp_path / "o" / "sptok.json").exists()
 
 
 def test_the_readme_reads_training_and_validation_apart(corpus, tmp_path):

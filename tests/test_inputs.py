@@ -145,6 +145,31 @@ def test_an_out_inside_a_recursive_glob_is_refused_before_overwrite_removes_anyt
     assert code == 0
 
 
+def test_an_out_that_holds_the_inputs_is_named_as_such(tmp_path, manifest):
+    """--out . beside the data: refused, saying that --out holds the inputs (it said --out was inside them)."""
+    _corpus(tmp_path / "data")
+    m = manifest([{"name": "s", "paths": "data/a.jsonl"}])
+    for out in (tmp_path / "data", tmp_path):
+        fails(*build_cli(m, out), match=f"--out {out} holds input files of source 's' (first: data/a.jsonl): a build "
+                                        f"writes and removes files in --out; choose an --out that holds no input")
+
+
+def test_a_pipe_among_the_inputs_is_refused_not_waited_on(tmp_path, manifest):
+    """A named pipe in a source's directory (or listed itself): the build blocked forever opening it."""
+    import subprocess
+    import sys
+
+    _corpus(tmp_path / "data")
+    os.mkfifo(tmp_path / "data" / "pipe.jsonl")
+    for paths in ("data", "data/pipe.jsonl"):
+        m = manifest([{"name": "s", "paths": paths}], name=f"m{len(paths)}.yaml")
+        r = subprocess.run([sys.executable, "-m", "sptok", *build_cli(m, tmp_path / "o")], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "data/pipe.jsonl is not a regular file (a pipe, device or socket)" in r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
 def test_directory_sources_skip_hidden_directories(tmp_path, manifest):
     from sptok.build.manifest import load_manifest
 

@@ -113,6 +113,69 @@ def test_parquet_row_groups_become_units(tmp_path, manifest):
     assert keys == [r["id"] for r in recs]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_one_table_column_in_two_roles(tmp_path, manifest, fmt):
+    """text_field, id_field and the metadata field may name one column: Parquet's reader gives it once, and
+    reading the columns by position then failed with an IndexError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": ["one doc", "another doc"], "url": ["https://a.org/x", "https://b.org/y"]})
+    path = "t.parquet" if fmt == "parquet" else "t"
+    if fmt == "parquet":
+        pq.write_table(table, tmp_path / path)
+    else:
+        import datasets
+
+        datasets.Dataset(table).save_to_disk(str(tmp_path / path))
+    m = load_manifest(manifest([{"name": "s", "paths": path, "format": fmt}]))
+    units = plan_units(m, 1 << 20)
+    keys, texts, _ = _docs(units, id_field="text")
+    assert keys == texts == ["one doc", "another doc"]
+    batch = next(read_unit(units[0], "url", "url", Rejects(source="s"), meta_field="url"))
+    assert batch.keys == batch.texts == batch.meta == ["https://a.org/x", "https://b.org/y"]
+
+
+def test_zstd_that_opens_with_a_skippable_frame_is_zstd(tmp_path, manifest):
+    """``pzstd`` writes a skippable frame before every frame: such a file was read as plain text, every line of
+    compressed bytes a reject."""
+    import struct
+
+    import zstandard
+
+    recs = demo_records("fortunes", 40)
+    frames = []
+    for half in (recs[:20], recs[20:]):
+        data = b"".join(json.dumps(r).encode() + b"\n" for r in half)
+        frames.append(struct.pack("<II", 0x184D2A50, 4) + b"\0\0\0\0" + zstandard.ZstdCompressor().compress(data))
+    (tmp_path / "p.jsonl.zst").write_bytes(b"".join(frames))
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt.zst").write_bytes(frames[1])
+    m = load_manifest(manifest([{"name": "s", "paths": "p.jsonl.zst", "id_field": "id"},
+                                {"name": "t", "paths": "txt", "format": "text"}]))
+    units = plan_units(m, 1 << 10)
+    keys, texts, rejects = _docs([u for u in units if u.source == "s"])
+    assert keys == [r["id"] for r in recs] and not rejects.counts
+    _, texts, rejects = _docs([u for u in units if u.source == "t"], id_field=None)
+    assert texts == ["".join(json.dumps(r) + "\n" for r in recs[20:])] and not rejects.counts
+
+
+def test_a_dictionary_encoded_text_column_is_text(tmp_path, manifest):
+    """A pandas categorical column (Arrow dictionary<string>) was refused as "not a string column"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sptok.build.driver import _probe_sources
+
+    texts = ["alpha beta", "gamma", "alpha beta", None]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "c.parquet")
+    m = load_manifest(manifest([{"name": "s", "paths": "c.parquet"}]))
+    units = plan_units(m, 1 << 20)
+    _probe_sources(m, units)   # the schema check made before a build
+    _, got, rejects = _docs(units, id_field=None)
+    assert got == texts[:3] and rejects.counts == {"missing_field": 1}
+
+
 def test_parquet_bad_values_and_columns(tmp_path, manifest):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -43,6 +45,55 @@ def test_a_smaller_vocabulary_than_asked_is_said(tmp_path, small_corpus, manifes
     res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "u"), "--vocab-size",
                                     "600"], catch_exceptions=False)
     assert res.exit_code == 0 and "note:" not in res.stderr
+
+
+def test_a_vocabulary_too_large_to_train_is_one_line(tmp_path, small_corpus, manifest):
+    """The trainers reserve memory for the vocabulary asked for: 10**11 aborted the process (no Python error)."""
+    m = manifest(small_sources(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "sptok", "tokenizer", "train", str(m), "--out", str(tmp_path / "t"),
+                          "--vocab-size", "99999999999"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == "error: --vocab-size: 99,999,999,999 is too large (at most 16,777,216)\n"
+    assert not (tmp_path / "t").exists()
+
+
+def test_training_reports_skipped_records_and_refuses_a_source_without_text(tmp_path, small_corpus, manifest):
+    """As a build does: a bad record is counted and told, a source that gives no text stops the training."""
+    (tmp_path / "odd.jsonl").write_text('{"text": 5}\n{"text": "a real document"}\n{"text": ["a"]}\n')
+    m = manifest(small_sources(tmp_path) + [{"name": "odd", "paths": "odd.jsonl"}])
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "t"), "--vocab-size",
+                                    "600"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert ("note: source 'odd': skipped records, not trained on: non_string_text 2; first: odd.jsonl line 1: "
+            "field 'text' holds int, expected a string") in res.stderr
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n{"body": "x"}\n')
+    m = manifest(small_sources(tmp_path) + [{"name": "blank", "paths": "blank.jsonl"}], name="b.yaml")
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "u"), "--vocab-size",
+                                    "600"], catch_exceptions=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.stderr.startswith("error: source 'blank' gave no text to train on: every record read was skipped "
+                                 "(empty_text 1, missing_field 1; first: blank.jsonl line 1: "), res.stderr
+    assert not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_tokenizer_config_that_is_not_an_object_is_one_line(tmp_path, name):
+    import shutil
+
+    shutil.copytree(TOKENIZER, tmp_path / "tok")
+    (tmp_path / "tok" / name).write_text("[1, 2]")
+    with pytest.raises(SptokError, match=f"{name}: expected a JSON object of token roles .*, got list"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_training_refuses_a_delimiter_that_is_an_sp_as_a_build_does(tmp_path, small_corpus, manifest):
+    """The tokenizer was written with the delimiter and an SP as one token, for builds that refuse it."""
+    m = manifest(small_sources(tmp_path))
+    res = CliRunner().invoke(main, ["tokenizer", "train", str(m), "--out", str(tmp_path / "t"), "--vocab-size",
+                                    "600", "--delimiter", "<CODE>"], catch_exceptions=False)
+    assert res.exit_code == 2 and res.stderr == ("error: delimiter clash: --delimiter <CODE> is also the SP of a "
+                                                 "source; choose another delimiter\n")
+    assert not (tmp_path / "t").exists()
 
 
 def test_transformers_loads_the_build_tokenizer_offline(tmp_path, small_corpus, manifest, build, monkeypatch):

@@ -95,8 +95,13 @@ def _append(manifest: Manifest, opts: BuildOptions, out: str, overwrite: bool, p
             _set_aside(out, lineage)
         else:
             _resume(out, scratch, lineage, log)
-        res = _fill(scratch, _prepare_out(scratch, plan, False, log), plan, tok, units, new, new_opts, None, log,
-                    pool)
+        try:
+            res = _fill(scratch, _prepare_out(scratch, plan, False, log), plan, tok, units, new, new_opts, None,
+                        log, pool)
+        except SptokError as e:
+            if os.path.exists(os.path.join(scratch, WORK, layout.FAILED)):   # a new source without documents
+                raise SptokError(f"{e.message}; {layout.append_way_out(out)}") from None
+            raise
         info = _join(out, parent, scratch, lineage)
         outdir.clear_work(out)
     return BuildResult(out, info, res.committed, res.total_units)

@@ -9,14 +9,16 @@ import io
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+SKIPPABLE_MAGIC = b"\x2a\x4d\x18"   # bytes 1-3 of a zstd skippable frame (little-endian 0x184D2A5?)
 EXTENSIONS = (".gz", ".zst", ".zstd")
 
 
 def sniff(magic: bytes) -> str | None:
-    """"gzip", "zstd" or None (not compressed), from a file's first 4 bytes."""
+    """"gzip", "zstd" or None (not compressed), from a file's first 4 bytes. A zstd file may open with a
+    skippable frame (magic 0x184D2A50 to 0x184D2A5F): ``pzstd`` writes one before every frame."""
     if magic[:2] == GZIP_MAGIC:
         return "gzip"
-    if magic[:4] == ZSTD_MAGIC:
+    if magic[:4] == ZSTD_MAGIC or (len(magic) >= 4 and magic[1:4] == SKIPPABLE_MAGIC and magic[0] & 0xF0 == 0x50):
         return "zstd"
     return None
 

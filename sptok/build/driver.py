@@ -21,7 +21,7 @@ from ..errors import SptokError
 from .. import layout
 from . import outdir
 from .expand import refuse_output_as_input
-from .finalize import clear_outputs, finalize, fingerprint_of
+from .finalize import clear_outputs, finalize, fingerprint_of, unit_problem
 from ..layout import FAILED, MARKER, PARTITION, WORK, write_json
 from .manifest import Manifest, Unit, describe_sources, input_fingerprint, load_manifest, plan_units
 from .options import BuildOptions
@@ -174,8 +174,9 @@ def _fill(out: str, state: str, plan: dict, tok, units: list[Unit], manifest: Ma
     todo = [u for u in mine if not is_committed(work, u)]
     if len(todo) < len(mine) and not opts.quiet:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} units already committed")
-    watch = _SourceWatch(work, units, opts.holdout_docs, opts.metadata)   # stops the build when a source ends
-                                                                          # without documents (or metadata)
+    # stops the build when a source ends without documents (or metadata, or a sample --tail drop leaves)
+    watch = _SourceWatch(work, units, opts.holdout_docs, opts.metadata,
+                         drop_below=opts.seq_len if opts.tail == "drop" else None)
     if todo:
         sample = corpus_sample(manifest, units)
         name, why = pool.choose_encoder(work, opts.encoder, sample) if pool else \
@@ -230,9 +231,6 @@ def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit], named: 
     lt = load_tokenizer(opts.tokenizer)
     with open(lt.path, "rb") as f:
         base_sha = hashlib.sha256(f.read()).hexdigest()
-    if opts.delimiter in sps:
-        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
-                         f"delimiter")
     ids = extend(lt, sps, opts.delimiter if special_delim else None)
     tok = lt.tok
     if special_delim:
@@ -243,6 +241,12 @@ def make_plan(manifest: Manifest, opts: BuildOptions, units: list[Unit], named: 
     else:
         delim_ids = []
     eos = find_eos(lt, opts.eos)
+    if eos in sps or (special_delim and eos == opts.delimiter):
+        # readers find SPs, delimiters and document ends by these ids: one id in two roles is read wrongly
+        # (`strip` would remove every EOS with the delimiters)
+        role = "the delimiter" if eos == opts.delimiter else "the SP of a source"
+        raise SptokError(f"EOS clash: --eos {eos} is also {role}; choose another --eos (the tokenizer's own "
+                         f"end-of-document token, the default)")
     pad = find_pad(lt)
     if opts.tail == "pad" and pad is None:
         raise SptokError("--tail pad: the tokenizer has no padding token ([PAD], <pad>); use --tail keep or drop")
@@ -356,8 +360,10 @@ class _SourceWatch:
     build impossible, so it stops there (not after every other source is tokenized), and records why in
     ``.sptok/failed.json`` so that every command reading the directory says so."""
 
-    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None, metadata: dict | None = None):
+    def __init__(self, work: str, units: list[Unit], holdout_docs: int | None, metadata: dict | None = None,
+                 drop_below: int | None = None):
         self.work, self.holdout_docs, self.metadata = work, holdout_docs, metadata or {}
+        self.drop_below = drop_below
         self.by_source: dict[str, list[Unit]] = {}
         for u in units:
             self.by_source.setdefault(u.source, []).append(u)
@@ -377,20 +383,32 @@ class _SourceWatch:
 
     def _check(self, name: str) -> None:
         results = [layout.read_result(unit_dir(self.work, u)) for u in self.by_source[name]]
-        problem = source_problem(name, results, self.holdout_docs, self.metadata.get(name))
+        problem = source_problem(name, results, self.holdout_docs, self.metadata.get(name), self.drop_below)
         if problem:
             write_json(os.path.join(self.work, FAILED), {"error": problem})
             raise SptokError(problem)
 
 
 def source_problem(name: str, results: list[dict], holdout_docs: int | None = None,
-                   metadata: dict | None = None) -> str | None:
+                   metadata: dict | None = None, drop_below: int | None = None) -> str | None:
     """Why a source leaves the build without training documents, from its committed units' results, or
     None: it has no document at all, or the validation split would take every one; or its metadata field is
-    in none of its records (then every document would go without)."""
+    in none of its records (then every document would go without); or, with ``drop_below`` (the --seq-len of
+    --tail drop), its tokens fill no sample (a source without samples cannot be read: streaming refuses it)."""
     candidates = sum(r.get("held_docs", 0) for r in results)              # set aside by the units
     kept = min(candidates, holdout_docs) if holdout_docs else candidates    # the validation split
     if sum(r["counts"].get("docs", 0) for r in results) + candidates - kept:   # documents to train on
+        if any("held_docs" in r for r in results) and not kept:   # a split without the source cannot be read
+            return (f"the validation split would hold no document of source {name!r} (--holdout takes each "
+                    f"document by its hash, and took none of its "
+                    f"{sum(r['counts'].get('docs', 0) for r in results):,}): hold out a larger share, or a number "
+                    f"of documents of each source with --holdout-docs, then run `sptok build` again")
+        tokens = sum(r["tail_tokens"] for r in results)   # the units' tails, stitched: the source's last samples
+        if drop_below and not candidates and not sum(r["counts"].get("samples", 0) for r in results) \
+                and tokens < drop_below:   # (held documents trained on after all would add tokens: not told)
+            return (f"source {name!r} fills no sample: its {tokens:,} tokens are fewer than one sample of --seq-len "
+                    f"{drop_below:,}, and --tail drop drops them; use --tail keep or pad, or a smaller --seq-len, "
+                    f"then run `sptok build` again")
         if metadata and not any(r["counts"].get("meta_seen") or r["rejected"].get("non_string_metadata")
                                 for r in results):
             return (f"source {name!r}: no record has the metadata field {metadata['field']!r}; set metadata.field "
@@ -449,6 +467,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         except (OSError, ValueError):
             old = {}
         if overwrite:
+            _refuse_removing_foreign(out, old, "a complete")
             return "replace"
         if old.get("fingerprint") == plan["fingerprint"]:
             outdir.clear_work(out)   # what a writer killed after its sptok.json left behind
@@ -461,6 +480,7 @@ def _prepare_out(out: str, plan: dict, overwrite: bool, log=print) -> str:
         outdir.clear_work(out)
         return "fresh"
     if overwrite:
+        _refuse_removing_foreign(out, old, "an unfinished")
         outdir.clear_dir(out)
         return "fresh"
     if old.get("fingerprint") != plan["fingerprint"] and os.path.exists(os.path.join(work, FAILED)):
@@ -591,11 +611,17 @@ def run_merge(parts: list[str], out: str, overwrite: bool = False, log=print) ->
         first = ", ".join(f"{u['file']} (unit {u['index']})" for u in missing[:3])
         raise SptokError(f"cannot merge: {len(missing)} of {len(plan['units'])} units are committed in none of the "
                          f"given directories (first: {first}); finish or add the missing partitions")
+    for d in unit_dirs.values():   # partitions may have travelled from other machines: a damaged one is named
+        problem = unit_problem(d, plan["options"]["format"])
+        if problem:
+            raise SptokError(f"cannot merge: the committed unit {d} is damaged: {problem}; remove that directory "
+                             f"and run its partition's `sptok build ... --partition i/N` again to rebuild it")
     for src in plan["manifest"]["sources"]:
         problem = source_problem(src["name"], [layout.read_result(unit_dirs[u["index"]])
                                                for u in plan["units"] if u["source"] == src["name"]],
                                  plan["options"].get("holdout_docs"),
-                                 (plan["options"].get("metadata") or {}).get(src["name"]))
+                                 (plan["options"].get("metadata") or {}).get(src["name"]),
+                                 plan["options"]["seq_len"] if plan["options"]["tail"] == "drop" else None)
         if problem:
             raise SptokError(problem)
     tokenizer_dir = os.path.join(parts[0], WORK, layout.TOKENIZER)
@@ -633,5 +659,19 @@ def _merge_leftovers_only(out: str, plan: dict) -> bool:
     if not _has_entries(out):
         return True
     work = os.path.join(out, WORK)
-    ours = set(layout.TOP_LEVEL) | {s["name"] for s in plan["manifest"]["sources"]} | {WORK}
-    return set(os.listdir(out)) <= ours and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
+    return not _foreign(out, plan) and (not os.path.isdir(work) or set(os.listdir(work)) <= {layout.LOCK})
+
+
+def _refuse_removing_foreign(out: str, plan: dict, state: str) -> None:
+    """--overwrite removes the build in ``out`` whole: refused while files it did not write lie beside it."""
+    foreign = _foreign(out, plan)
+    if foreign:
+        raise SptokError(f"--out {out}: holds {', '.join(foreign[:3])}, which no sptok build wrote there, beside "
+                         f"{state} build; --overwrite would remove them with it: move them out first")
+
+
+def _foreign(out: str, plan: dict) -> list[str]:
+    """The entries of ``out`` that no build of ``plan`` writes there (its top-level files, their ``.tmp`` while
+    written, its sources' directories, the work directory): what starting over there must not remove."""
+    top = set(layout.TOP_LEVEL) | {s.get("name") for s in (plan.get("manifest") or {}).get("sources") or []}
+    return sorted(set(os.listdir(out)) - top - {f"{n}.tmp" for n in layout.TOP_LEVEL} - {WORK})

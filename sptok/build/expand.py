@@ -123,6 +123,10 @@ def refuse_output_as_input(manifest, out: str) -> None:
                     rest, [] if out_real == base_real else os.path.relpath(out_real, base_real).split(os.sep))
             else:
                 reach = os.path.isdir(full) and is_within(out_real, os.path.realpath(full))
-            if reach or inside:
+            if reach:
                 raise SptokError(f"--out {out} is inside what source {src.name!r} reads (paths: {p!r}): the build's "
                                  f"own files would become its inputs; choose an --out outside it, or narrow the paths")
+        if inside:
+            raise SptokError(f"--out {out} holds input files of source {src.name!r} (first: "
+                             f"{os.path.relpath(inside[0], manifest.root)}): a build writes and removes files in "
+                             f"--out; choose an --out that holds no input")

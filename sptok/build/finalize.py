@@ -53,6 +53,13 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     os.makedirs(out, exist_ok=True)
     clear_outputs(out, plan)
     held = _held_out(plan, unit_dirs)    # source -> (validation documents, per unit: documents trained on)
+    if held and opts["tail"] == "drop":   # a split's source without samples cannot be read: streaming refuses it
+        for name, (validation, _) in held.items():
+            if len(validation.stream) < opts["seq_len"]:
+                raise SptokError(f"the validation split of source {name!r} fills no sample: its "
+                                 f"{len(validation.stream):,} tokens are fewer than one sample of --seq-len "
+                                 f"{opts['seq_len']:,}, and --tail drop drops them; hold out more of it (--holdout, "
+                                 f"--holdout-docs) or use --tail keep or pad, with --overwrite (it starts over)")
     per_source, indexes, encoders = {}, {}, Counter()
     for src in plan["manifest"]["sources"]:
         name = src["name"]
@@ -76,6 +83,10 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
         extra["hist"] = np.bincount(np.concatenate([b.bins for b in back]), minlength=HIST_BINS).tolist()
         indexes[name] = entries
         per_source[name] = source_stats(results, extra)
+        if opts["tail"] == "drop" and not per_source[name]["samples"]:   # held documents trained on after all
+            raise SptokError(f"source {name!r} fills no sample: its tokens are fewer than one sample of --seq-len "
+                             f"{opts['seq_len']:,}, and --tail drop drops them; use --tail keep or pad, or a smaller "
+                             f"--seq-len, with --overwrite (it starts over)")
         per_source[name]["files"] = len(entries)
         per_source[name]["rejects_file"] = _gather_rejects(out, name, dirs)
         dups = duplicate_ids(dirs)
@@ -99,6 +110,31 @@ def finalize(plan: dict, unit_dirs: dict[int, str], out: str, tokenizer_dir: str
     layout.write_indexes(out, fmt, indexes)
     write_json(os.path.join(out, MARKER), info)   # last: its presence means complete
     return info
+
+
+def unit_problem(udir: str, fmt: str) -> str | None:
+    """What is wrong with the files of a committed unit, or None: its result unreadable, a file it lists missing
+    or of another size, its tail or held-out documents not an npz archive. Cheap (stats and a few small reads):
+    what ``sptok merge`` checks of units that came from other machines before it builds on them."""
+    import zipfile
+
+    try:
+        result = layout.read_result(udir)
+        files = [(file_basename(f, fmt), (f["zip_data"] if fmt == "mds" else f)["bytes"]) for f in result["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{layout.RESULT} unreadable ({e})"
+    if not os.path.exists(os.path.join(udir, layout.UPLOADED)):   # else its shards are in a remote, not here
+        for name, size in files:
+            path = os.path.join(udir, name)
+            if not os.path.exists(path):
+                return f"{name} is missing"
+            if os.path.getsize(path) != size:
+                return f"{name} holds {os.path.getsize(path):,} bytes, {layout.RESULT} says {size:,}"
+    for name in (layout.TAIL, layout.HOLDOUT):
+        path = os.path.join(udir, name)
+        if (name == layout.TAIL or os.path.exists(path)) and not zipfile.is_zipfile(path):
+            return f"{name} is missing or not an npz archive"
+    return None
 
 
 def _uploaded(unit_dir: str, uploading_to: str | None) -> bool:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import difflib
 import glob
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -138,7 +140,12 @@ def validate_document(doc, schema_name: str, what: str) -> None:
     import jsonschema
 
     schema = json.loads(schema_path(schema_name).read_text())
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc),
+    base = jsonschema.Draft202012Validator
+    # YAML reads .nan and .inf as numbers, and every bound lets NaN through: no key means them
+    finite = base.TYPE_CHECKER.redefine(
+        "number", lambda checker, x: base.TYPE_CHECKER.is_type(x, "number") and math.isfinite(x))
+    validator = jsonschema.validators.extend(base, type_checker=finite)
+    errors = sorted(validator(schema).iter_errors(doc),
                     key=lambda e: (list(map(str, e.absolute_path)), e.message))
     if not errors:
         return
@@ -166,11 +173,22 @@ def validate_document(doc, schema_name: str, what: str) -> None:
     raise SptokError(f"{what}: {len(lines)} problems:\n" + "\n".join(f"  {ln}" for ln in lines))
 
 
+# a number YAML 1.1 reads as text: an exponent without a dot in the mantissa (1e-3)
+_YAML_TEXT_NUMBER = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
 def _what_failed(err) -> str:
     if err.validator in ("oneOf", "anyOf") and err.context:
         import jsonschema
 
         return _what_failed(jsonschema.exceptions.best_match(err.context))
+    if err.validator == "type" and isinstance(err.instance, float) and not math.isfinite(err.instance):
+        return f"{err.instance} is not a finite number"
+    if err.validator == "type" and isinstance(err.instance, str) and _YAML_TEXT_NUMBER.match(err.instance):
+        mantissa, exponent = re.split("[eE]", err.instance)
+        value = float(err.instance)
+        meant = int(value) if err.validator_value == "integer" and value.is_integer() else f"{mantissa}.0e{exponent}"
+        return f"{err.instance!r} is text to YAML, not a number: write {meant}"
     if err.validator == "enum":
         return f"{shown(err.instance)} is not one of {', '.join(map(str, err.validator_value))}"
     if err.validator == "maxLength":
@@ -230,6 +248,9 @@ def expand_source(mpath: str, root: str, i: int, s: dict) -> Source:
                              f"split them into sources or set format:")
         fmt = kinds.pop()
     for f in files:
+        if fmt != "hf" and not os.path.isfile(f):   # a read of a pipe or a device would wait, or never end
+            raise SptokError(f"{key}: {os.path.relpath(f, root)} is not a regular file (a pipe, device or socket); "
+                             f"sptok reads every input more than once and by byte ranges: save it to a file first")
         if not os.access(f, os.R_OK):
             raise SptokError(f"{key}: cannot read {os.path.relpath(f, root)} (permission denied)")
         if fmt == "hf" and not _is_hf_dir(f):

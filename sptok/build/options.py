@@ -106,6 +106,8 @@ class BuildOptions:
             v = getattr(self, flag)
             if v is not None and (not isinstance(v, str) or len(v) > MAX_TOKEN_CHARS):
                 raise SptokError(f"--{flag}: must be a string of at most {MAX_TOKEN_CHARS} characters, got {shown(v)}")
+        if self.eos == "":   # '' means "none" for the delimiter, but every document needs an end
+            raise SptokError("--eos: empty; give a token of the tokenizer, or leave --eos out for the tokenizer's own")
         for flag in ("insert_prob", "msp_prob"):
             v = getattr(self, flag)
             if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
@@ -169,7 +171,7 @@ def resolve_metadata(build_wide: dict | None, flags: dict, per_source: dict) -> 
     given = flags.get("metadata")
     if isinstance(given, dict):          # data.build_args of a training config: a whole spec
         cli = {**given, **cli}
-    elif given:
+    elif given is not None:   # '' too: an empty shell variable is a mistake, not "no metadata"
         field, _, form = str(given).partition(":")
         cli.update(field=field, **({"form": form} if form else {}))
     out = {}
@@ -229,13 +231,24 @@ def partition_of(value: str | None, env) -> tuple[int, int] | None:
             raise SptokError(f"--partition: expected i/N such as 0/4, got {shown(value)}") from None
         src = "--partition"
     elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        i, n = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+        i, n = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN", 0), \
+            _env_int(env, "SLURM_ARRAY_TASK_COUNT")
         src = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
     elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        i, n = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
         src = "RANK/WORLD_SIZE"
     else:
         return None
     if not (n >= 1 and 0 <= i < n):
         raise SptokError(f"{src}: partition {i}/{n} is out of range (need 0 <= i < N)")
     return (i, n) if n > 1 else None
+
+
+def _env_int(env, name: str, default: int | None = None) -> int:
+    """An integer environment variable that decides the partition, or one line naming it."""
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise SptokError(f"{name}={shown(value)}: expected an integer (it picks this machine's partition); "
+                         f"set it right, or pass --partition i/N") from None

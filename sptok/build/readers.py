@@ -388,18 +388,21 @@ class _Decompressed:
         for comp in iter(lambda: f.read(READ_CHUNK), b""):
             # fed in slices so that a corrupt block loses at most one slice of what came before it
             for a in range(0, len(comp), FEED_SLICE):
+                parts = []   # what the slice gave before a break too (a whole member before trailing garbage)
                 try:
                     if d.eof:                        # a member / frame ended exactly at a slice boundary
                         d = new()
-                    data = d.decompress(comp[a:a + FEED_SLICE])
+                    parts.append(d.decompress(comp[a:a + FEED_SLICE]))
                     fed = True
                     while d.eof and d.unused_data:   # the next gzip member / zstd frame
                         rest = d.unused_data
                         d = new()
-                        data += d.decompress(rest)
+                        parts.append(d.decompress(rest))
                 except errors as e:
-                    self.broken = (out, f"corrupt {kind} data ({e})")
+                    self.broken = (out + sum(map(len, parts)), f"corrupt {kind} data ({e})")
+                    yield b"".join(parts)
                     return
+                data = b"".join(parts)
                 out += len(data)
                 yield data
         if fed and not d.eof:
@@ -465,11 +468,12 @@ def _valid_unicode(text: str) -> bool:
 
 def _open_table(unit, columns: list[str], optional: str | None = None):
     """(schema, index of the unit's first row in its file, record batches of ``columns``, then of ``optional``
-    where the file has that column) of a table unit."""
+    where the file has that column, each column once: read them by name) of a table unit."""
     import pyarrow as pa
 
-    def chosen(schema) -> list[str]:
-        return columns + [optional] if optional is not None and optional in schema.names else columns
+    def chosen(schema) -> list[str]:   # one column may serve two roles (text_field and id_field)
+        wanted = columns + [optional] if optional is not None and optional in schema.names else columns
+        return list(dict.fromkeys(wanted))
 
     if unit.format == "parquet":
         import pyarrow.parquet as pq
@@ -497,14 +501,14 @@ def _read_table(unit, text_field, id_field, rejects, batch_bytes, limit=None, me
     problem = schema_problem(schema, text_field, id_field)
     if problem:
         raise SptokError(f"{unit.relpath}: {problem}")
-    meta_at = len(columns) if meta_field is not None and meta_field in schema.names else None   # its column
+    has_meta = meta_field is not None and meta_field in schema.names
     keys, texts, size, row = [], [], 0, row0
     meta = [] if meta_field else None
     try:
         for rb in batches:
-            col_text = _strings(rb.column(0))
-            col_id = rb.column(1).to_pylist() if id_field else None
-            col_meta = rb.column(meta_at).to_pylist() if meta_at is not None else None
+            col_text = _strings(rb.column(text_field))
+            col_id = rb.column(id_field).to_pylist() if id_field else None
+            col_meta = rb.column(meta_field).to_pylist() if has_meta else None
             for i, text in enumerate(col_text):
                 r = row + i
                 where = f"{unit.relpath} row {r}"
@@ -570,9 +574,11 @@ def schema_problem(schema, text_field: str, id_field: str | None) -> str | None:
         if c is not None and c not in schema.names:
             return f"no column {c!r} ({what}); columns are: {', '.join(schema.names)}"
     t = schema.field(text_field).type
+    if pa.types.is_dictionary(t):   # a pandas categorical column: its values are the strings
+        t = t.value_type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
             or pa.types.is_large_binary(t)):
-        return f"column {text_field!r} (text_field) has type {t}, expected a string column"
+        return f"column {text_field!r} (text_field) has type {schema.field(text_field).type}, expected a string column"
     return None
 
 
@@ -597,6 +603,8 @@ def _strings(arr) -> list:
     both in row order)."""
     import pyarrow as pa
 
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
             return [_NULL if v is None else v for v in arr.to_pylist()]
@@ -681,10 +689,9 @@ def _read_file(f, magic: bytes, limit: int | None):
     return b"".join(parts), chunks, False
 
 
-def iter_texts(unit: Unit, text_field: str, id_field: str | None = None) -> Iterator[str]:
-    """Just the texts of a unit, skipping bad records."""
-    rejects = Rejects(source=unit.source)
-    for batch in read_unit(unit, text_field, id_field, rejects):
+def iter_texts(unit: Unit, text_field: str, rejects: Rejects) -> Iterator[str]:
+    """Just the texts of a unit, skipping bad records (counted in ``rejects``)."""
+    for batch in read_unit(unit, text_field, None, rejects):
         yield from batch.texts
 
 

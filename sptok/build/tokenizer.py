@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from .options import DEFAULT_DELIMITER, MAX_TOKEN_CHARS
 
 PAD, UNK, CLS, SEP, MASK, EOS = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"
 DEFAULT_SPECIALS = [PAD, UNK, CLS, SEP, MASK, EOS]
+MAX_VOCAB = 1 << 24   # `tokenizer train --vocab-size`: 16,777,216, far above any real vocabulary
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "[SEP]", "<|end_of_text|>")
 MODELS = ("bpe", "wordpiece", "unigram")
 _ROLE_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token", "eos_token", "bos_token")
@@ -70,6 +72,9 @@ def load_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
                     cfg = json.loads(Path(p).read_text())
                 except ValueError as e:
                     raise SptokError(f"{p}: invalid JSON ({e})") from None
+                if not isinstance(cfg, dict):
+                    raise SptokError(f"{p}: expected a JSON object of token roles (eos_token, pad_token, ...), got "
+                                     f"{type(cfg).__name__}")
                 for k in _ROLE_KEYS:
                     v = cfg.get(k)
                     if isinstance(v, dict):
@@ -203,6 +208,9 @@ def sp_tokens(manifest, opts) -> tuple[list[str], str | None]:
     from ..sp import sp_strings
 
     sps = sp_strings([s.name for s in manifest.sources], opts.policy, opts.seed, [s.sp for s in manifest.sources])
+    if opts.delimiter in sps:
+        raise SptokError(f"delimiter clash: --delimiter {opts.delimiter} is also the SP of a source; choose another "
+                         f"delimiter")
     return sps, (opts.delimiter if opts.delimiter and is_special_delimiter(opts.delimiter) else None)
 
 
@@ -218,40 +226,54 @@ def manifest_sp_tokens(manifest_path: str, policy: str | None, delimiter: str | 
 
 
 def train_for_manifest(manifest_path: str, out: str, model: str, vocab_size: int, max_bytes,
-                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None):
+                       policy: str | None = None, delimiter: str | None = None, seed: int | None = None,
+                       log=None):
     """`sptok tokenizer train`: train on at most ``max_bytes`` of the manifest's text (shared out between its
     sources), add its SPs and special delimiter, write the tokenizer to ``out``. Returns (tokenizer, SPs,
-    delimiter or None)."""
+    delimiter or None). The records skipped while reading are told through ``log`` (default: stderr)."""
     from .options import parse_size
 
     m, sps, delim = manifest_sp_tokens(manifest_path, policy, delimiter, seed)
     budget = parse_size(max_bytes, "--max-bytes")
     if vocab_size < 64:
         raise SptokError(f"--vocab-size: {vocab_size} is too small (at least 64)")
+    if vocab_size > MAX_VOCAB:   # the trainers reserve memory for the vocabulary asked for: far above, they abort
+        raise SptokError(f"--vocab-size: {vocab_size:,} is too large (at most {MAX_VOCAB:,})")
     added = sps + ([delim] if delim else [])
-    tok = train(training_texts(m, budget), model, vocab_size, added)
+    tok = train(training_texts(m, budget, log or (lambda msg: print(msg, file=sys.stderr))), model, vocab_size,
+                added)
     save_tokenizer_dir(tok, out, default_roles(tok), added)
     return tok, sps, delim
 
 
-def training_texts(manifest, budget: int) -> Iterator[str]:
+def training_texts(manifest, budget: int, log) -> Iterator[str]:
     """The first texts of every source, about ``budget / sources`` characters of each, source after source:
-    every source is represented even under a small budget (what `sptok tokenizer train` learns from)."""
+    every source is represented even under a small budget (what `sptok tokenizer train` learns from). A source
+    that gives no text stops the training, as it stops a build; the records skipped are told through ``log``."""
     from .manifest import plan_units
-    from .readers import iter_texts
+    from .readers import Rejects, iter_texts
 
     units = plan_units(manifest, 64 << 20)
     per_source = budget // max(1, len(manifest.sources))
     for src in manifest.sources:
-        used = 0
+        used, rejects = 0, Rejects(source=src.name)
         for u in (u for u in units if u.source == src.name):
-            for t in iter_texts(u, src.text_field):
+            for t in iter_texts(u, src.text_field, rejects):
                 yield t
                 used += len(t)
                 if used >= per_source:
                     break
             if used >= per_source:
                 break
+        why = ", ".join(f"{k} {v}" for k, v in sorted(rejects.counts.items()))
+        first = f"; first: {next(iter(rejects.examples.values()))}" if rejects.examples else ""
+        if not used:
+            raise SptokError(f"source {src.name!r} gave no text to train on: "
+                             + (f"every record read was skipped ({why}{first})" if why else
+                                "its files hold no records")
+                             + "; fix its records or its text_field, or remove the source from the manifest")
+        if why:
+            log(f"note: source {src.name!r}: skipped records, not trained on: {why}{first}")
 
 
 def extend_for(tokenizer_path: str, out: str, extra: list[str], manifest_path: str | None = None,
