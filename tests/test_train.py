@@ -88,11 +88,13 @@ def test_pretrain_under_torchrun_ends_its_process_group(corpus, tmp_path):
     the interpreter's exit, and gloo's teardown at exit now and then aborted a finished run)."""
     (tmp_path / "run.json").write_text(json.dumps(_cfg(corpus, tmp_path, steps=2)))
     script = tmp_path / "run.py"
-    script.write_text("import sys\nimport torch.distributed as dist\nfrom sptok.cli import main\n"
+    script.write_text("import os, sys\nimport torch.distributed as dist\nfrom sptok.cli import main\n"
                       "main(['pretrain', sys.argv[1]], standalone_mode=False)\n"
-                      "print('group left:', dist.is_initialized(), flush=True)\n")
-    r = _torchrun(script, tmp_path / "run.json")
-    assert r.stdout.count("group left: False") == 2, r.stdout[-2000:] + r.stderr[-2000:]
+                      "with open(f'{sys.argv[2]}/rank{os.environ[\"RANK\"]}', 'w') as f:\n"
+                      "    f.write(f'group left: {dist.is_initialized()}')\n")
+    r = _torchrun(script, tmp_path / "run.json", tmp_path)
+    left = [(tmp_path / f"rank{k}").read_text() for k in range(2)]
+    assert left == ["group left: False"] * 2, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
