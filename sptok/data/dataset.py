@@ -28,6 +28,24 @@ def _streaming_dataset_class():
             self._owner_pid = os.getpid()
             super().__init__(*args, **kwargs)
 
+        def __iter__(self):
+            """streaming's epoch, which fails loudly: where streaming's prefetch thread cannot read a shard
+            (a corrupt one of the right size) it only ends the epoch early, and training would go on without
+            the rest of it."""
+            try:
+                yield from super().__iter__()
+            except SptokError:
+                raise
+            except Exception as e:
+                raise self._damaged(f"{type(e).__name__}: {e}") from e
+            if self._event.is_set():
+                raise self._damaged("streaming's reader thread failed, see the message above")
+
+        def _damaged(self, why: str) -> SptokError:
+            path = self.build.path
+            return SptokError(f"{path}: cannot read a shard ({' '.join(why.split())}); the build is damaged: "
+                              f"`sptok verify {path}` says what is wrong")
+
         def close(self) -> None:
             """Stop the threads of an epoch iterated in this process and give back the shared memory (see
             ``release_shared_memory``)."""
@@ -131,8 +149,10 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
         _clean_shared_memory()
 
         # a source at proportion 0 is not read: as a stream, streaming's rounding could still give it a sample
-        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources
-                   if per_source[name].get("proportion") != 0]
+        names = [name for name in info.sources if per_source[name].get("proportion") != 0]
+        for name in names:
+            layout.listed_files(out, name, info.format)
+        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in names]
         kwargs.setdefault("batch_size", 1)
         kwargs.setdefault("shuffle", False)
         ds = _streaming_dataset_class()(streams=streams, **kwargs)
@@ -216,9 +236,7 @@ def _read_table(info: BuildInfo, name: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sdir = os.path.join(info.path, name)
-    pattern = layout.data_file_pattern(info.format)
-    files = sorted(os.path.join(sdir, f) for f in (os.listdir(sdir) if os.path.isdir(sdir) else ()) if pattern.match(f))
+    files = layout.listed_files(info.path, name, info.format)
     if not files:
         raise SptokError(f"{info.path}/{name}: no {info.format} data files; the build is damaged "
                          f"(`sptok verify {info.path}` says what is missing)")

@@ -17,6 +17,8 @@ import os
 import signal
 import threading
 
+from ..errors import SptokError
+
 MAX_AUTO_WORKERS = 8
 
 
@@ -83,8 +85,11 @@ class Loader:
                                      collate_fn=_samples, **kwargs)
 
     def __iter__(self):
-        for batch in self.loader:
-            yield self.collator(batch["samples"])
+        try:
+            for batch in self.loader:
+                yield self.collator(batch["samples"])
+        except SptokError as e:
+            raise SptokError(worker_message(e.message)) from None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -94,6 +99,14 @@ class Loader:
 
     def load_state_dict(self, state) -> None:
         self.loader.load_state_dict(state)
+
+
+def worker_message(message: str) -> str:
+    """A worker's SptokError as its own one line: torch raises it again in this process with its traceback
+    folded into the message (``Caught SptokError in DataLoader worker process 0. Original Traceback...``)."""
+    if not message.startswith("Caught SptokError"):
+        return message
+    return message.rstrip().rpartition(f"{SptokError.__module__}.{SptokError.__name__}: ")[2]
 
 
 def _chained(init):
