@@ -34,6 +34,7 @@ def _refused(overrides, match):
     ("data.sp_schedule=[[abc, strip]]", r"data.sp_schedule\[0\]"), ("train.seed=99999999999999999999", "train.seed"),
     ("model.num_kv_heads=3", "model.num_kv_heads"), ("train.device=gpu", "train.device"),
     ("data.num_workers=many", "data.num_workers"),
+    ("model.attn_implementation=flash", "^model.attn_implementation: 'flash' is not one of sdpa, eager"),
 ])
 def test_odd_values_are_refused_naming_the_key(override, key):
     _refused([override], key)

@@ -20,6 +20,7 @@ from ..spec import SHORT_FINGERPRINT
 from ..yamlfile import load_yaml
 
 FAMILIES = {"bert": "mlm", "t5": "span", "llama": "causal"}
+ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class ModelConfig:
         check_numbers("model", self)
         if self.family not in FAMILIES:
             raise SptokError(f"model.family: {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.attn_implementation not in ATTENTION:
+            raise SptokError(f"model.attn_implementation: {self.attn_implementation!r} is not one of "
+                             f"{', '.join(ATTENTION)}")
         if self.hidden_size % self.num_heads:
             raise SptokError(f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads "
                              f"({self.num_heads})")
