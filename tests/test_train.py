@@ -291,3 +291,17 @@ def test_a_training_step_never_reads_the_device(corpus, tmp_path, family):
     optimizer.step()
     assert meter.losses.sums.device == meta and meter.tokens == sum(int((m["token_source" if family == "bert" else
                                                                   "input_source"] >= 0).sum()) for m in micro)
+
+
+def test_settings_that_fail_late_are_refused_before_any_step(corpus, tmp_path):
+    """A file where checkpoint.dir or log.dir goes ended the run at its first save (a torch traceback, the
+    steps before it spent); a model.extra key that sptok sets itself, in a transformers TypeError."""
+    (tmp_path / "f").write_text("x")
+    for key, sec in (("checkpoint.dir", "checkpoint"), ("log.dir", "log")):
+        doc = _cfg(corpus, tmp_path / key, steps=1)
+        doc[sec]["dir"] = str(tmp_path / "f")
+        with pytest.raises(SptokError, match=rf"^{key}: {tmp_path / 'f'} is a file, not a directory"):
+            _run(doc)
+        assert not (tmp_path / key).exists()   # nothing written: no step ran
+    with pytest.raises(SptokError, match="^model.extra.hidden_size: sptok sets bert's hidden_size itself"):
+        _run(_cfg(corpus, tmp_path, steps=1, model={"extra": {"hidden_size": 64}}))

@@ -360,6 +360,14 @@ def check_device(cfg: Config, device_type: str) -> None:
                          f"{cfg.train.device}): torch has no FlexAttention backward there; use sdpa, or a GPU")
 
 
+def check_output_dirs(cfg: Config) -> None:
+    """checkpoint.dir and log.dir are directories or not there yet: a file in their place would end the run at
+    its first save, after the steps before it were spent."""
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("log.dir", cfg.log.dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise SptokError(f"{key}: {path} is a file, not a directory; give a directory (it is made if missing)")
+
+
 def check_against_build(cfg: Config, info) -> None:
     """Refuse settings the build makes implausible: a global batch larger than the whole build, position
     embeddings shorter than its samples."""

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SptokError
-from .config import FAMILIES, Config, check_against_build, check_build_args, check_device
+from .config import FAMILIES, Config, check_against_build, check_build_args, check_device, check_output_dirs
 from .meters import Meter
 from .phases import enter_phase, open_phase, phase_at, phase_summary, plan_phases, sp_policy_at
 
@@ -171,6 +171,7 @@ def setup(cfg: Config, log=print) -> Run:
 
     rank, world, device = init_distributed(cfg.train.device)
     check_device(cfg, device.type)
+    check_output_dirs(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     ensure_build(cfg, rank, say)
     resume_from = ckpt.newest_intact(cfg.checkpoint.dir, say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
