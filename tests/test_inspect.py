@@ -207,6 +207,9 @@ def test_show_ids_json_color_and_choice(small_build):
     assert len(pick({"a": 3, "b": 2}, 50, 0)) == 5
     code, msg = sptok("show", out, "--source", "web")
     assert code == 2 and msg.startswith("error: --source 'web'") and "pydocs" in msg
+    for cmd in (("show", out), ("report", out, "-o", out + ".html")):   # was numpy's traceback
+        code, msg = sptok(*cmd, "--seed", "-1")
+        assert (code, msg) == (2, "error: --seed: must be 0 or more, got -1\n")
 
 
 # ---------------------------------------------------------------------------------------------- figures

@@ -106,6 +106,8 @@ def pick(counts: dict[str, int], n: int, seed: int, sources: list[str] | None = 
             raise SptokError(f"--source {s!r}: the build has no such source (sources: {', '.join(counts)})")
     if n < 1:
         raise SptokError(f"--n: need at least 1 sample, got {n}")
+    if seed < 0:
+        raise SptokError(f"--seed: must be 0 or more, got {seed}")
     sizes = np.array([counts[s] for s in names], np.int64)
     bounds = np.cumsum(sizes)
     chosen = np.sort(np.random.default_rng(seed).choice(int(bounds[-1]), size=min(n, int(bounds[-1])),
