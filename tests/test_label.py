@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -548,6 +549,10 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     cfg = json.loads((dec / "config.json").read_text())
     (dec / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     fails("--model", dec, "--input", good, "--out", o, match="model type 'gpt2' is not one sptok labels with")
+    cut = tmp_path / "cut-model"   # weights cut short (a copy interrupted): was safetensors' traceback
+    shutil.copytree(m, cut)
+    os.truncate(cut / "model.safetensors", 1000)
+    fails("--model", cut, "--input", good, "--out", o, match=f"--model {cut}: cannot load the model weights (")
     # a failure after rows were written leaves neither the output nor a partial file
     many = [{"text": f"row {i}"} for i in range(600)] + [{"txt": "no text"}]
     fails("--model", m, "--input", write_jsonl(tmp_path / "late.jsonl", many), "--out", tmp_path / "late-out.jsonl",

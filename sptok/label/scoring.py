@@ -81,6 +81,7 @@ class Scorer:
     def _load(self, device: str, precision: str) -> None:
         import torch
         import transformers as tf
+        from safetensors import SafetensorError
 
         if device == "cuda" and not torch.cuda.is_available():
             raise SptokError("--device cuda: no GPU is visible")
@@ -91,7 +92,7 @@ class Scorer:
         d = self.table.model_dir
         try:
             model = cls.from_pretrained(d, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise SptokError(f"--model {d}: cannot load the model weights ({str(e).splitlines()[0]})") from None
         vocab = model.get_output_embeddings().weight.shape[0]
         if int(self.sp_ids.max()) >= vocab or (self.kind == "seq2seq" and self.slot_id >= vocab):

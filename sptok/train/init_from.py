@@ -79,15 +79,20 @@ def _from_checkpoint(step_dir: str) -> Origin:
 
 def _from_export(path: str) -> Origin:
     import transformers as tf
+    from safetensors import SafetensorError
 
-    with open(os.path.join(path, EXPORT_META)) as f:
-        trained = json.load(f)
-    spec = BuildSpec.parse(layout.read_json(os.path.join(path, layout.MARKER)), os.path.join(path, layout.MARKER))
-    family = trained["config"]["model"]["family"]
-    cls = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}[family]
+    classes = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}
+    try:
+        trained = layout.read_json(os.path.join(path, EXPORT_META))
+        cls = classes[trained["config"]["model"]["family"]]
+        marker = layout.read_json(os.path.join(path, layout.MARKER))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SptokError(f"train.init_from: {path} is not a whole `sptok export` directory "
+                         f"({type(e).__name__}: {e})") from None
+    spec = BuildSpec.parse(marker, os.path.join(path, layout.MARKER))
     try:
         model = cls.from_pretrained(path, use_safetensors=True)   # safetensors: loading runs no code
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise SptokError(f"train.init_from: cannot load the exported model in {path} ({e})") from None
     step = int(str(trained.get("checkpoint", "step-0")).removeprefix("step-") or 0)
     return Origin(path, "export", step, trained["fingerprint"], trained["config"]["model"],
