@@ -155,6 +155,19 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.parametrize("steps", [["--plan", "--collect"], ["--proxy", "1", "--collect"], ["--plan", "--proxy", "0"]])
+def test_one_step_of_a_search_at_a_time(tmp_path, steps):
+    """--plan, --proxy K and --collect are each one step of a search: given two, one ran and the other was
+    silently ignored."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    res = CliRunner().invoke(main, ["mix", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "s"), *steps])
+    assert res.exit_code == 2 and res.output.startswith("error: give one of --plan, --proxy K and --collect, not ")
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_objective_belongs_to_the_fit_so_collect_refits_under_a_new_one(build, tmp_path):
     from click.testing import CliRunner
 
