@@ -212,12 +212,18 @@ def run_accounting(info: dict, stats: dict, logdir: str) -> list[dict]:
     """Rows per source: requested share, delivered samples / tokens and their shares, the build's tokens; a run
     with ``data.phases`` has them per phase (each row names its ``phase``)."""
     try:
-        with open(os.path.join(logdir, "run.json")) as f:
-            run = json.load(f)
-        with open(os.path.join(logdir, "metrics.jsonl")) as f:
-            last = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"][-1]
-    except (OSError, ValueError, IndexError) as e:
-        raise SptokError(f"--run {logdir}: not a training log of sptok pretrain (run.json + metrics.jsonl): {e}") from None
+        return _run_rows(info, stats, logdir)
+    except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        why = e if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"   # a record lacks a key
+        raise SptokError(f"--run {logdir}: not a training log of sptok pretrain (run.json + metrics.jsonl): "
+                         f"{why}") from None
+
+
+def _run_rows(info: dict, stats: dict, logdir: str) -> list[dict]:
+    with open(os.path.join(logdir, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(logdir, "metrics.jsonl")) as f:
+        last = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"][-1]
     if run["fingerprint"] != info["fingerprint"]:
         raise SptokError(f"--run {logdir}: that run trained on build {run['fingerprint'][:12]}, not on this one "
                          f"({info['fingerprint'][:12]})")

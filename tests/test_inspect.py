@@ -212,6 +212,23 @@ def test_show_ids_json_color_and_choice(small_build):
         assert (code, msg) == (2, "error: --seed: must be 0 or more, got -1\n")
 
 
+def test_stats_run_refuses_a_log_lacking_what_pretrain_writes_in_one_line(small_build, tmp_path):
+    """A run.json or metrics.jsonl that is JSON but not the records sptok pretrain writes (edited, another
+    tool's): one line naming --run, where a KeyError, TypeError or AttributeError ended the command."""
+    out = small_build()
+    log = tmp_path / "log"
+    log.mkdir()
+    fingerprint = load(out)[0]["fingerprint"]
+    for run, metrics, why in (("{}", '{"step": 1}', "KeyError: 'fingerprint'"),
+                              ("[]", '{"step": 1}', "TypeError: "),
+                              (json.dumps({"fingerprint": fingerprint}), "[1]", "AttributeError: ")):
+        (log / "run.json").write_text(run)
+        (log / "metrics.jsonl").write_text(metrics + "\n")
+        code, msg = sptok("stats", out, "--run", log)
+        assert code == 2 and msg.startswith(f"error: --run {log}: not a training log of sptok pretrain") \
+            and why in msg and msg.count("\n") == 1, msg
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 def test_figure_data_equals_stats_json(small_corpus, manifest, build, tmp_path):
