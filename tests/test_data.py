@@ -524,3 +524,22 @@ def test_a_corrupt_shard_of_the_right_size_fails_the_epoch_in_one_line(prefix_bu
             pass
     assert e.value.message.startswith(f"{out}: cannot read a shard (") and "\n" not in e.value.message
     ds.close()
+
+
+def test_odd_weights_and_collator_settings_are_refused_in_one_line(prefix_build):
+    """Through the library, not the config: streaming's ValueError / TypeError deep in its weighting, numpy's
+    broadcast or index errors in span corruption, or a negative noise density taken silently."""
+    for kwargs, message in (({"proportion": {"code": -1}}, r"^proportion: code: must be a finite number >= 0, got -1$"),
+                            ({"proportion": {"code": float("nan")}}, "^proportion: code: .* got nan$"),
+                            ({"repeat": {"code": "2"}}, "^repeat: code: .* got '2'$")):
+        with pytest.raises(SptokError, match=message):
+            open_dataset(prefix_build, **kwargs)
+    info = BuildInfo.load(prefix_build)
+    for kwargs, message in (({"noise_density": 2}, "^noise_density must be a number in"),
+                            ({"noise_density": -0.1}, "^noise_density must be a number in"),
+                            ({"mean_span": 0}, "^mean_span must be a number >= 1, got 0$"),
+                            ({"max_sentinels": -1}, r"^max_sentinels must be a number \(an integer\) >= 1")):
+        with pytest.raises(SptokError, match=message):
+            SpanCorruptionCollator(info, **kwargs)
+    with pytest.raises(SptokError, match=r"^mlm_prob must be in \(0, 1\), got '0.2'$"):
+        MLMCollator(info, mlm_prob="0.2")
