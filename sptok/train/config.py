@@ -369,8 +369,12 @@ def check_output_dirs(cfg: Config) -> None:
 
 
 def check_against_build(cfg: Config, info) -> None:
-    """Refuse settings the build makes implausible: a global batch larger than the whole build, position
-    embeddings shorter than its samples."""
+    """Refuse settings the build makes implausible: a validation split as the training build, a global batch
+    larger than the whole build, position embeddings shorter than its samples."""
+    if info.raw.get("split"):
+        raise SptokError(f"data.build: {info.path} is the {info.raw['split']} split of a build, its held-out "
+                         f"documents: train on the build it was held out of ({os.path.dirname(info.path)}), "
+                         f"which evaluates on it")
     samples = sum(c["samples"] for c in info.raw.get("counts", {}).values())
     if samples and cfg.train.global_batch_size > samples:
         raise SptokError(f"train.global_batch_size ({cfg.train.global_batch_size:,}) is more than the {samples:,} "
