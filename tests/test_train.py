@@ -140,6 +140,17 @@ def test_export_loads_with_transformers_offline(corpus, tmp_path, monkeypatch):
     assert set(exported) <= set(trained) and len(exported) > 10
     for k, v in exported.items():
         assert torch.equal(v, trained[k]), k
+    # a directory that is not an earlier export is left alone: a build (its sptok.json would be replaced), the
+    # checkpoint root (init_from would then read it as an export), a step directory; an export is redone
+    build = corpus / "b64"
+    before = {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()}
+    for out in (build, tmp_path / "ckpt", tmp_path / "ckpt" / "step-00000003"):
+        res = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--out", str(out)])
+        assert res.exit_code == 2 and res.output.startswith(f"error: --out {out}: holds other files ("), res.output
+        assert not (out / "config.json").exists()
+    assert {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()} == before
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
 
 
 def test_resume_on_another_build_is_refused(corpus, tmp_path):

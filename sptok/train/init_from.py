@@ -21,7 +21,7 @@ from ..errors import SptokError
 from ..spec import BuildSpec
 from .model import T5_SENTINELS
 
-EXPORT_META = "sptok_train.json"
+EXPORT_META = layout.TRAIN_CONFIG
 
 
 @dataclass
