@@ -168,6 +168,21 @@ def test_one_step_of_a_search_at_a_time(tmp_path, steps):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_directory_of_other_files_is_not_a_search(build, tmp_path):
+    """--out holding other files (the build itself, a run's log) got plan.json and proxies/ mixed into them."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for out in (build / "b", tmp_path / "notes"):
+        before = sorted(p.name for p in out.iterdir())
+        res = CliRunner().invoke(main, ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "4", "--plan"])
+        assert res.exit_code == 2 and res.output.startswith(f"error: --out {out}: holds other files than a search")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_the_objective_belongs_to_the_fit_so_collect_refits_under_a_new_one(build, tmp_path):
     from click.testing import CliRunner
 

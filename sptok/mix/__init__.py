@@ -65,6 +65,10 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
             "config": base,
             "mixtures": sample_mixtures(shares, proxies, concentration, seed).tolist()}
     path = os.path.join(out, "plan.json")
+    other = sorted(set(os.listdir(out)) - {"proxies"}) if os.path.isdir(out) and not os.path.exists(path) else []
+    if other:   # a build, a run's log, anything else: its files and the search's would mix
+        raise SptokError(f"--out {out}: holds other files than a search ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); give a new or empty directory, or an earlier search's")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
