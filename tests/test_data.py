@@ -524,6 +524,15 @@ def test_a_corrupt_shard_of_the_right_size_fails_the_epoch_in_one_line(prefix_bu
             pass
     assert e.value.message.startswith(f"{out}: cannot read a shard (") and "\n" not in e.value.message
     ds.close()
+    for f in os.listdir(os.path.join(out, "fortunes")):   # a decompressed copy streaming may have left
+        if f.endswith(".mds"):
+            os.remove(os.path.join(out, "fortunes", f))
+    ds = open_dataset(out, weights=False)   # read by index, as in-loop evaluation reads its samples
+    with pytest.raises(SptokError, match=f"^{out}: cannot read a shard"):
+        [ds[i] for i in range(len(ds))]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    ds.close()
 
 
 def test_odd_weights_and_collator_settings_are_refused_in_one_line(prefix_build):

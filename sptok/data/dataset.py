@@ -43,6 +43,16 @@ def _streaming_dataset_class():
             if self._event.is_set():
                 raise self._damaged("streaming's reader thread failed, see the message above")
 
+        def get_item(self, sample_id: int, retry: int = 7):
+            """streaming's, with a shard that cannot be read (a zstd or decoding error deep in streaming) named
+            as damage to the build: ``ds[i]`` reads this way, as in-loop evaluation does."""
+            if not 0 <= sample_id < self.num_samples:
+                raise IndexError(f"sample {sample_id} of a build of {self.num_samples}")
+            try:
+                return super().get_item(sample_id, retry)
+            except Exception as e:
+                raise self._damaged(f"{type(e).__name__}: {e}") from e
+
         def _damaged(self, why: str) -> SptokError:
             path = self.build.path
             return SptokError(f"{path}: cannot read a shard ({' '.join(why.split())}); the build is damaged: "
