@@ -170,8 +170,16 @@ def test_resume_on_another_build_is_refused(corpus, tmp_path):
 def test_a_table_build_is_refused_with_the_way_out(corpus, tmp_path):
     doc = _cfg(corpus, tmp_path, steps=1, build="arrow")
     doc["data"]["build_args"]["format"] = "arrow"
-    with pytest.raises(SptokError, match="is a build in arrow format; sptok pretrain reads MDS builds .* --format mds"):
+    with pytest.raises(SptokError, match="would be a build in arrow format; sptok pretrain reads MDS builds .* "
+                                         "--format mds"):
         _run(doc)
+    assert not (corpus / "arrow").exists()   # refused before building it (it was built, then refused)
+    from sptok.build import run_build
+
+    run_build(str(corpus / "m.yaml"), str(corpus / "arrow"), dict(doc["data"]["build_args"], quiet=True),
+              log=lambda m: None)
+    with pytest.raises(SptokError, match="is a build in arrow format; sptok pretrain reads MDS builds .* --format mds"):
+        _run(dict(doc, data=dict(doc["data"], manifest=None)))
 
 
 def test_sp_schedule_and_pinned_fingerprint(corpus, tmp_path):

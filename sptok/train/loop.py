@@ -48,6 +48,10 @@ def ensure_build(cfg: Config, rank: int, log) -> None:
     if os.path.exists(os.path.join(cfg.data.build, MARKER)) and cfg.data.manifest:
         check_build_args(cfg)   # on every rank: none waits at a barrier for a rank that failed
     elif cfg.data.manifest:
+        from ..build.manifest import read_document
+
+        given = cfg.data.build_args.get("format") or (read_document(cfg.data.manifest).get("build") or {}).get("format")
+        _check_format(cfg.data.build, given or "mds", "would be")   # refused before it is built, not after
         if rank == 0:
             from ..build import run_build
 
@@ -55,9 +59,13 @@ def ensure_build(cfg: Config, rank: int, log) -> None:
             run_build(cfg.data.manifest, cfg.data.build, dict(cfg.data.build_args, quiet=True), log=log)
         if dist.is_initialized():
             dist.barrier()
-    fmt = load_build(cfg.data.build)["format"]   # the clear error: missing / incomplete / not a build
+    # load_build gives the clear error where the build is missing, incomplete or not a build
+    _check_format(cfg.data.build, load_build(cfg.data.build)["format"], "is")
+
+
+def _check_format(build: str, fmt: str, verb: str) -> None:
     if fmt != "mds":
-        raise SptokError(f"data.build: {cfg.data.build} is a build in {fmt} format; sptok pretrain reads MDS builds "
+        raise SptokError(f"data.build: {build} {verb} a build in {fmt} format; sptok pretrain reads MDS builds "
                          f"(streaming shards them over ranks and workers and resumes mid-epoch): build it with "
                          f"--format mds, or train on this one with the Hugging Face Trainer")
 
