@@ -120,6 +120,27 @@ def test_a_changed_model_shape_is_refused_naming_the_keys(corpus, tmp_path):
     assert [r["step"] for r in recs] == [3] and any("resumed from" in s for s in said)
 
 
+def test_the_checkpoints_of_two_runs_never_mix(corpus, tmp_path):
+    """checkpoint.resume: false into a directory holding another run's checkpoints wrote its steps among them
+    (export and resume then took the newest of either); and the copy of the build beside the checkpoints stayed
+    the first run's after its steps were removed, so an export paired the new weights with the old build."""
+    import shutil
+
+    _run(_ckpt_doc(corpus, tmp_path, steps=3, every=3))
+    other = _cfg(corpus, tmp_path, steps=2, build="b64-other")
+    other["data"]["build_args"]["msp_prob"] = 0.1   # another build
+    other["checkpoint"]["resume"] = False
+    with pytest.raises(SptokError, match=r"^checkpoint.dir: .* holds 1 checkpoint\(s\) of an earlier run \(the "
+                                         r"newest: step-00000003\)"):
+        _run(other)
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["build", "step-00000003"]
+    shutil.rmtree(ckpt / "step-00000003")
+    _run(other)
+    meta = json.loads((ckpt / "step-00000002" / "meta.json").read_text())
+    assert json.loads((ckpt / "build" / "sptok.json").read_text())["fingerprint"] == meta["fingerprint"]
+
+
 def test_a_nonfinite_step_stops_before_a_checkpoint_is_written(corpus, tmp_path):
     """lr 1000 without clipping: the gradient norm is inf/NaN at step 3. The run stops there with one line;
     step 2 is the last checkpoint, and no checkpoint holds a NaN."""

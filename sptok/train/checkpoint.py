@@ -171,8 +171,12 @@ def _disk_full(e: BaseException) -> bool:
 def keep_build(root: str, build: str) -> None:
     """Copy the build's identity and tokenizer next to the checkpoints, so an export needs nothing else."""
     dst = os.path.join(root, "build")
-    if os.path.exists(os.path.join(dst, layout.MARKER)):
-        return
+    marker = os.path.join(dst, layout.MARKER)
+    if os.path.exists(marker):
+        kept, now = (layout.read_json(m).get("fingerprint") for m in (marker, os.path.join(build, layout.MARKER)))
+        if kept == now:
+            return
+        shutil.rmtree(dst)   # another build's, left by checkpoints that are gone: export would read it
     os.makedirs(dst, exist_ok=True)
     shutil.copytree(os.path.join(build, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
     for name in (layout.STATS, layout.MARKER):   # sptok.json last: the copy is complete

@@ -182,6 +182,12 @@ def setup(cfg: Config, log=print) -> Run:
     check_output_dirs(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     ensure_build(cfg, rank, say)
+    earlier = ckpt.complete(cfg.checkpoint.dir) if not cfg.checkpoint.resume else []
+    if earlier:
+        raise SptokError(f"checkpoint.dir: {cfg.checkpoint.dir} holds {len(earlier)} checkpoint(s) of an earlier run "
+                         f"(the newest: {os.path.basename(earlier[-1])}), which checkpoint.resume: false would mix with "
+                         f"this run's (export and resume take the newest step of either); give another "
+                         f"checkpoint.dir, or remove them")
     resume_from = ckpt.newest_intact(cfg.checkpoint.dir, say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
     phases = plan_phases(cfg)
     phase = phase_at(phases, ckpt.step_of(resume_from)) if resume_from else 0
