@@ -525,6 +525,8 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
     fails("--model", m, "--input", tmp_path / "null.parquet", "--out", o, match="null.parquet row 1: field 'text'")
     fails("--model", m, "--input", good, "--out", o, "--mode", "manual", match="--mode manual needs --source-field")
+    fails("--model", m, "--input", good, "--out", o, "--mode", "random", "--seed", "-1", "--no-predict",
+          match="--seed: must be an integer from 0 to 2**64 - 1")   # was numpy's OverflowError
     fails("--model", m, "--input", good, "--out", o, "--eval", match="--eval needs --source-field")
     fails("--model", m, "--input", good, "--out", o, "--eval", "--source-field", "source", "--no-predict",
           match="--no-predict skips the model")
