@@ -168,6 +168,16 @@ def test_one_step_of_a_search_at_a_time(tmp_path, steps):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_negative_seed_is_refused_in_one_line(build, tmp_path):
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    res = CliRunner().invoke(main, ["mix", str(build / "proxy.yaml"), "--out", str(tmp_path / "s"), "--plan",
+                                    "--proxies", "4", "--seed", "-1"])   # was numpy's ValueError
+    assert (res.exit_code, res.output) == (2, "error: --seed: must be 0 or more, got -1\n")
+
+
 def test_a_directory_of_other_files_is_not_a_search(build, tmp_path):
     """--out holding other files (the build itself, a run's log) got plan.json and proxies/ mixed into them."""
     from click.testing import CliRunner

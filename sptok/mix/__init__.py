@@ -46,6 +46,8 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         raise SptokError(f"--proxies: {proxies} is too few to fit and check a regression (at least 4; tens are usual)")
     if concentration <= 0:
         raise SptokError(f"--concentration: must be positive, got {concentration}")
+    if seed < 0:
+        raise SptokError(f"--seed: must be 0 or more, got {seed}")
     cfg = load_config(config, overrides)
     if cfg.eval.every <= 0:
         cfg.eval.every = cfg.train.steps         # a proxy needs one evaluation: at its end
