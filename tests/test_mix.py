@@ -178,6 +178,32 @@ def test_a_negative_seed_is_refused_in_one_line(build, tmp_path):
     assert (res.exit_code, res.output) == (2, "error: --seed: must be 0 or more, got -1\n")
 
 
+def test_a_cut_or_edited_plan_is_named_at_every_step(build, tmp_path):
+    """A plan.json that is JSON but not a plan (cut by hand, another tool's) ended --plan, --proxy and --collect
+    in a KeyError."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "s"
+    (out / "proxies").mkdir(parents=True)
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out)]
+    for text in ("{}", "[]", '{"sources": [], "config": {}}'):
+        (out / "plan.json").write_text(text)
+        for step in (["--plan", "--proxies", "4"], ["--proxy", "0"], ["--collect"]):
+            res = CliRunner().invoke(main, cmd + step)
+            assert res.exit_code == 2 and res.output.startswith(f"error: {out}/plan.json: not the plan of a search"), \
+                (text, step, res.output)
+    (out / "plan.json").unlink()
+    assert CliRunner().invoke(main, cmd + ["--plan", "--proxies", "4"]).exit_code == 0
+    for k in range(4):   # one result cut short
+        (out / "proxies" / f"{k:03d}" / "result.json").write_text('{"losses": [1.0]' if k == 2 else
+                                                                  '{"losses": [1.0], "mixture": [1.0]}')
+    res = CliRunner().invoke(main, cmd + ["--collect"])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {out}/proxies/002/result.json: not the result of "
+                                                        f"proxy 2"), res.output
+
+
 def test_a_directory_of_other_files_is_not_a_search(build, tmp_path):
     """--out holding other files (the build itself, a run's log) got plan.json and proxies/ mixed into them."""
     from click.testing import CliRunner
