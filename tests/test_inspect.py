@@ -539,3 +539,7 @@ def test_report_refuses_a_mixture_searched_on_another_build(small_build, tmp_pat
     (mix / "plan.json").unlink()
     code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
     assert code == 2 and "not the --out directory of a finished `sptok mix`" in msg and "Traceback" not in msg
+    (mix / "plan.json").write_text(json.dumps({"fingerprint": fingerprint}))   # this build's, its result cut
+    code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
+    assert code == 2 and msg == (f"error: --mixture {mix}: mixture.json or confirmation.json is not what `sptok mix` "
+                                 f"writes (KeyError: 'left_out')\n"), msg
