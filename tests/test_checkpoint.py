@@ -127,7 +127,8 @@ def test_the_checkpoints_of_two_runs_never_mix(corpus, tmp_path):
     import shutil
 
     _run(_ckpt_doc(corpus, tmp_path, steps=3, every=3))
-    other = _cfg(corpus, tmp_path, steps=2, build="b64-other")
+    other = _cfg(corpus, tmp_path / "other", steps=2, build="b64-other")
+    other["checkpoint"]["dir"] = str(tmp_path / "ckpt")
     other["data"]["build_args"]["msp_prob"] = 0.1   # another build
     other["checkpoint"]["resume"] = False
     with pytest.raises(SptokError, match=r"^checkpoint.dir: .* holds 1 checkpoint\(s\) of an earlier run \(the "

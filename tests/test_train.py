@@ -312,6 +312,21 @@ def test_a_training_step_never_reads_the_device(corpus, tmp_path, family):
                                                                   "input_source"] >= 0).sum()) for m in micro)
 
 
+def test_two_runs_never_mix_in_one_log(corpus, tmp_path):
+    """A run starting at step 0 in a log.dir of another run appended its records to the other's metrics.jsonl
+    (steps 1, 2, 1, 2) and replaced its run.json; the same run started again still appends."""
+    doc = _cfg(corpus, tmp_path, steps=2)
+    doc["checkpoint"]["dir"] = ""
+    _run(doc)
+    _run(doc)
+    with pytest.raises(SptokError, match=r"^log.dir: .* holds the log of another run \(its run.json differs in "
+                                         r"optim.lr\)"):
+        _run(doc, ["optim.lr=1e-3"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert steps == [1, 2, 1, 2]
+    assert json.loads((tmp_path / "log" / "run.json").read_text())["config"]["optim"]["lr"] == 3e-3
+
+
 def test_settings_that_fail_late_are_refused_before_any_step(corpus, tmp_path):
     """A file where checkpoint.dir or log.dir goes ended the run at its first save (a torch traceback, the
     steps before it spent); a model.extra key that sptok sets itself, in a transformers TypeError."""

@@ -408,6 +408,28 @@ def save(run: Run, step: int) -> None:
         ckpt.keep_build(run.cfg.checkpoint.dir, run.cfg.data.build)
 
 
+def _check_log_dir(cfg: Config) -> None:
+    """A run starting at step 0 refuses a log.dir holding another run's log (its run.json records another
+    config): metrics.jsonl would hold both runs' records, one after the other, and run.json describe only the
+    second. The same run started again (stopped before its first checkpoint, or without checkpoints) appends,
+    as a resumed run does."""
+    path = os.path.join(cfg.log.dir, "run.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        old = {}
+    now = json.loads(json.dumps(cfg.to_dict()))   # as run.json holds it (tuples as lists)
+    changed = [f"{sec}.{k}" for sec, values in now.items() for k, v in values.items()
+               if not isinstance(old.get(sec), dict) or old[sec].get(k) != v]
+    if changed:
+        raise SptokError(f"log.dir: {cfg.log.dir} holds the log of another run (its run.json differs in "
+                         f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); both runs' records "
+                         f"would mix in its metrics.jsonl: give another log.dir, or remove it")
+
+
 class Records:
     """Where records go (rank 0): ``metrics.jsonl``, the console, TensorBoard; every rank keeps them in
     ``.records``. Entering writes ``run.json``, what `sptok stats BUILD --run LOGDIR` compares the delivered
@@ -422,6 +444,9 @@ class Records:
         os.makedirs(cfg.log.dir, exist_ok=True)
         if run.rank == 0:
             from ..data import source_weights
+
+            if not run.resume_from:
+                _check_log_dir(cfg)
 
             requested = source_weights(run.info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
             self.summary = {"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,
