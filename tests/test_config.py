@@ -61,6 +61,12 @@ def test_every_numeric_setting_has_a_range_and_refuses_nan_infinities_and_negati
         == ["auto", 0, 3]   # the one setting that also takes a word
 
 
+def test_a_config_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes("data: {build: caf\u00e9}\n".encode("latin-1"))   # was a UnicodeDecodeError
+    with pytest.raises(SptokError, match=rf"^config {tmp_path / 'c.yaml'}: not UTF-8 text \(byte 17: "):
+        load_config(str(tmp_path / "c.yaml"))
+
+
 def test_flex_attention_on_cpu_is_refused_when_the_config_is_read(tmp_path):
     flex = ["model.family=llama", "model.attn_implementation=flex_attention"]
     _refused([*flex, "train.device=cpu"], "^model.attn_implementation: flex_attention cannot train on CPU")

@@ -480,10 +480,12 @@ def _read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise SptokError(f"config not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = load_yaml(f.read(), f"config {path}") or {}
     except yaml.YAMLError as e:
         raise SptokError(f"config {path}: invalid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise SptokError(f"config {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(doc, dict):
         raise SptokError(f"config {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
     return doc
