@@ -140,6 +140,19 @@ def test_the_checkpoints_of_two_runs_never_mix(corpus, tmp_path):
     _run(other)
     meta = json.loads((ckpt / "step-00000002" / "meta.json").read_text())
     assert json.loads((ckpt / "build" / "sptok.json").read_text())["fingerprint"] == meta["fingerprint"]
+    mixed = tmp_path / "mixed"   # such a directory, made before either was refused: export refuses it
+    shutil.copytree(ckpt / "step-00000002", mixed / "step-00000002")
+    shutil.copytree(corpus / "b64" / "tokenizer", mixed / "build" / "tokenizer")
+    for name in ("stats.json", "sptok.json"):
+        shutil.copyfile(corpus / "b64" / name, mixed / "build" / name)
+    with pytest.raises(SptokError, match=rf"^checkpoint {mixed / 'step-00000002'} trained on build "
+                                         rf"{meta['fingerprint'][:12]}, but the copy of the build beside it"):
+        export(str(mixed), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    init = _cfg(corpus, tmp_path / "init", steps=1)
+    init["train"]["init_from"] = str(mixed)
+    with pytest.raises(SptokError, match=r"^train.init_from: checkpoint .* trained on build .*, but the copy"):
+        _run(init)
 
 
 def test_a_nonfinite_step_stops_before_a_checkpoint_is_written(corpus, tmp_path):

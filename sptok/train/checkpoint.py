@@ -183,6 +183,24 @@ def keep_build(root: str, build: str) -> None:
         shutil.copyfile(os.path.join(build, name), os.path.join(dst, name))
 
 
+def kept_build(step_dir: str, meta: dict):
+    """The BuildInfo of the copy ``keep_build`` made beside the steps, refused unless it is the build the step
+    trained on (steps of two runs in one directory, from before that was refused, pair a model with another
+    build's tokenizer and SP table)."""
+    from ..build_info import BuildInfo
+
+    root = os.path.dirname(step_dir)
+    build = os.path.join(root, "build")
+    if not os.path.exists(os.path.join(build, layout.MARKER)):
+        raise SptokError(f"{root}: the checkpoints lack the copy of their build (build/{layout.MARKER})")
+    info = BuildInfo.load(build)
+    if info.fingerprint != meta["fingerprint"]:
+        raise SptokError(f"checkpoint {step_dir} trained on build {meta['fingerprint'][:12]}, but the copy of the "
+                         f"build beside it ({build}) is build {info.fingerprint[:12]}: its tokenizer and SP table are "
+                         f"not the model's; use a checkpoint.dir of one run")
+    return info
+
+
 def load_meta(path: str) -> dict:
     try:
         with open(os.path.join(path, META)) as f:

@@ -13,7 +13,6 @@ from ..errors import SptokError
 
 
 def export(checkpoint: str, out: str) -> str:
-    from ..data import BuildInfo
     from . import checkpoint as ckpt
     from .config import load_config
     from .losses import LossModel
@@ -28,10 +27,8 @@ def export(checkpoint: str, out: str) -> str:
     _check(path, root)
     _check_out(out)
     meta = ckpt.load_meta(path)
-    build_dir = os.path.join(root, "build")
-    if not os.path.exists(os.path.join(build_dir, layout.MARKER)):
-        raise SptokError(f"{root}: the checkpoints lack the copy of their build (build/sptok.json)")
-    info = BuildInfo.load(build_dir)
+    info = ckpt.kept_build(path, meta)
+    build_dir = info.path
     cfg = load_config(None, base={k: v for k, v in meta["config"].items()})
     model = build_model(cfg.model, info)
     ckpt.load_model_only(path, LossModel(model, cfg.model.family, info.sp_ids.tolist()))

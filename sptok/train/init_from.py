@@ -58,18 +58,17 @@ def load_origin(path: str, say) -> Origin:
 
 
 def _from_checkpoint(step_dir: str) -> Origin:
-    from ..build_info import BuildInfo
     from . import checkpoint as ckpt
     from .config import ModelConfig
     from .losses import LossModel
     from .model import build_model
 
     meta = ckpt.load_meta(step_dir)
-    build = os.path.join(os.path.dirname(step_dir), "build")   # the copy `keep_build` made next to the steps
-    if not os.path.exists(os.path.join(build, layout.MARKER)):
-        raise SptokError(f"train.init_from: {os.path.dirname(step_dir)} lacks the copy of its build "
-                         f"(build/{layout.MARKER})")
-    info = BuildInfo.load(build)
+    try:
+        info = ckpt.kept_build(step_dir, meta)
+    except SptokError as e:
+        raise SptokError(f"train.init_from: {e.message}") from None
+    build = info.path
     model = build_model(ModelConfig(**meta["config"]["model"]), info)
     ckpt.load_model_only(step_dir, LossModel(model, meta["config"]["model"]["family"], info.sp_ids.tolist()))
     return Origin(step_dir, "checkpoint", ckpt.step_of(step_dir), meta["fingerprint"], meta["config"]["model"],
