@@ -223,7 +223,11 @@ def _run_rows(info: dict, stats: dict, logdir: str) -> list[dict]:
     with open(os.path.join(logdir, "run.json")) as f:
         run = json.load(f)
     with open(os.path.join(logdir, "metrics.jsonl")) as f:
-        last = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"][-1]
+        trained = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"]
+    if not trained:
+        raise SptokError(f"--run {logdir}: metrics.jsonl holds no training record yet (a run writes one every "
+                         f"log.every steps)")
+    last = trained[-1]
     if run["fingerprint"] != info["fingerprint"]:
         raise SptokError(f"--run {logdir}: that run trained on build {run['fingerprint'][:12]}, not on this one "
                          f"({info['fingerprint'][:12]})")

@@ -227,6 +227,10 @@ def test_stats_run_refuses_a_log_lacking_what_pretrain_writes_in_one_line(small_
         code, msg = sptok("stats", out, "--run", log)
         assert code == 2 and msg.startswith(f"error: --run {log}: not a training log of sptok pretrain") \
             and why in msg and msg.count("\n") == 1, msg
+    (log / "metrics.jsonl").write_text("")   # a run that has not logged a step yet: was "list index out of range"
+    code, msg = sptok("stats", out, "--run", log)
+    assert (code, msg) == (2, f"error: --run {log}: metrics.jsonl holds no training record yet (a run writes one "
+                              f"every log.every steps)\n")
 
 
 # ---------------------------------------------------------------------------------------------- figures
