@@ -209,7 +209,7 @@ def listed_files(out: str, name: str, fmt: str) -> list[str]:
     index_rel = f"{name}/{index_name(fmt)}"
     try:
         entries = read_index(sdir, fmt)
-        parts = [[e["raw_data"], e["zip_data"]] if fmt == "mds" else [e] for e in entries]
+        parts = [[p for p in (e["raw_data"], e.get("zip_data")) if p] if fmt == "mds" else [e] for e in entries]
         wanted = [[(p["basename"], int(p["bytes"])) for p in part] for part in parts]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SptokError(f"{out}/{index_rel}: cannot read the source's index ({e}); the build is damaged: "
