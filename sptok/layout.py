@@ -216,14 +216,19 @@ def listed_files(out: str, name: str, fmt: str) -> list[str]:
                          f"`sptok verify {out}` says what is wrong") from None
     paths = []
     for options in wanted:
-        found = [(os.path.join(sdir, b), size) for b, size in options if os.path.exists(os.path.join(sdir, b))]
-        if not found:
+        for basename, size in options:
+            path = os.path.join(sdir, basename)
+            try:
+                got = os.path.getsize(path)
+                break
+            except FileNotFoundError:
+                continue
+        else:
             raise SptokError(f"{out}/{name}/{options[-1][0]}: missing (listed in {index_rel}); the build is damaged: "
                              f"`sptok verify {out}` says what else is")
-        path, size = found[0]
-        if os.path.getsize(path) != size:
-            raise SptokError(f"{path}: {os.path.getsize(path):,} bytes, {index_rel} lists {size:,} (cut or "
-                             f"changed after the build); `sptok verify {out}` says what else is damaged")
+        if got != size:
+            raise SptokError(f"{path}: {got:,} bytes, {index_rel} lists {size:,} (cut or changed after the build); "
+                             f"`sptok verify {out}` says what else is damaged")
         paths.append(path)
     return paths
 
