@@ -111,9 +111,27 @@ def load_stats(out: str) -> tuple[dict, dict]:
     path = os.path.join(out, STATS)
     try:
         with open(path) as f:
-            return info, json.load(f)
+            stats = json.load(f)
     except (OSError, ValueError) as e:
         raise SptokError(f"{path}: cannot read the build's statistics ({e})") from None
+    _check_stats(path, stats, [e["source"] for e in info["sp_table"]])
+    return info, stats
+
+
+def _check_stats(path: str, stats, sources: list[str]) -> None:
+    """stats.json as its schema says, with a record for every source of the build: an edited or foreign one is
+    named in one line, not a KeyError in the table."""
+    import jsonschema
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "stats.schema.json")) as f:
+        schema = json.load(f)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(stats))
+    if error is not None:
+        key = ".".join(map(str, error.absolute_path)) or "(top level)"
+        raise SptokError(f"{path}: not the statistics sptok writes ({key}: {' '.join(error.message.split())[:200]})")
+    missing = [n for n in sources if n not in stats["sources"]]
+    if missing:
+        raise SptokError(f"{path}: no statistics of source {missing[0]!r}, a source of the build")
 
 
 def real_tokens(counts: dict) -> int:

@@ -233,6 +233,25 @@ def test_stats_run_refuses_a_log_lacking_what_pretrain_writes_in_one_line(small_
                               f"every log.every steps)\n")
 
 
+def test_a_stats_json_that_is_not_what_sptok_writes_is_named_in_one_line(small_build, tmp_path):
+    """Valid JSON of another shape (edited, cut by hand, another build's sources) ended stats and report in a
+    KeyError or TypeError."""
+    out = small_build()
+    good = (tmp_path / "out" / "stats.json").read_text()
+    for text, why in (("{}", "(top level): 'sources' is a required property"),
+                      ('{"sources": {}, "totals": {}}', "totals: 'docs' is a required property")):
+        (tmp_path / "out" / "stats.json").write_text(text)
+        for cmd in (("stats", out), ("report", out, "-o", tmp_path / "r.html")):
+            code, msg = sptok(*cmd)
+            assert (code, msg) == (2, f"error: {out}/stats.json: not the statistics sptok writes ({why})\n"), msg
+    doc = json.loads(good)
+    del doc["sources"][SOURCES[1]]
+    (tmp_path / "out" / "stats.json").write_text(json.dumps(doc))
+    code, msg = sptok("stats", out)
+    assert (code, msg) == (2, f"error: {out}/stats.json: no statistics of source {SOURCES[1]!r}, a source of the "
+                              f"build\n"), msg
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 def test_figure_data_equals_stats_json(small_corpus, manifest, build, tmp_path):
