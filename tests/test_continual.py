@@ -226,7 +226,9 @@ def test_init_from_refuses_a_damaged_export_in_one_line(builds, tmp_path):
     good = export(str(_trained(builds)), str(tmp_path / "good"))
     damages = [("model.safetensors", lambda p: os.truncate(p, 1000), "cannot load the exported model in"),
                ("sptok_train.json", lambda p: p.write_text("{"), "is not a whole `sptok export` directory"),
-               ("sptok.json", os.remove, "is not a whole `sptok export` directory")]
+               ("sptok.json", os.remove, "is not a whole `sptok export` directory"),
+               ("config.json", lambda p: p.write_text(p.read_text().replace('"hidden_size": 32', '"hidden_size": 64')),
+                "cannot load the exported model in")]
     for name, damage, message in damages:
         out = tmp_path / name
         shutil.copytree(good, out)

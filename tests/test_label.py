@@ -555,6 +555,14 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     shutil.copytree(m, cut)
     os.truncate(cut / "model.safetensors", 1000)
     fails("--model", cut, "--input", good, "--out", o, match=f"--model {cut}: cannot load the model weights (")
+    config = json.loads((cut / "config.json").read_text())   # a config.json of another size: was torch's
+    shutil.copyfile(Path(m) / "model.safetensors", cut / "model.safetensors")   # RuntimeError
+    (cut / "config.json").write_text(json.dumps(dict(config, hidden_size=2 * config["hidden_size"])))
+    fails("--model", cut, "--input", good, "--out", o, match="cannot load the model weights (Error(s) in loading "
+                                                              "state_dict")
+    (cut / "config.json").write_text(json.dumps(config))
+    (cut / "sptok_train.json").write_text('{"config": 3}')   # was an AttributeError
+    fails("--model", cut, "--input", good, "--out", o, match="sptok_train.json: its config is not a mapping")
     # a failure after rows were written leaves neither the output nor a partial file
     many = [{"text": f"row {i}"} for i in range(600)] + [{"txt": "no text"}]
     fails("--model", m, "--input", write_jsonl(tmp_path / "late.jsonl", many), "--out", tmp_path / "late-out.jsonl",

@@ -91,8 +91,9 @@ def _from_export(path: str) -> Origin:
     spec = BuildSpec.parse(marker, os.path.join(path, layout.MARKER))
     try:
         model = cls.from_pretrained(path, use_safetensors=True)   # safetensors: loading runs no code
-    except (OSError, ValueError, SafetensorError) as e:
-        raise SptokError(f"train.init_from: cannot load the exported model in {path} ({e})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # RuntimeError: weights of another shape
+        raise SptokError(f"train.init_from: cannot load the exported model in {path} "
+                         f"({' '.join(str(e).split())[:300]})") from None
     step = int(str(trained.get("checkpoint", "step-0")).removeprefix("step-") or 0)
     return Origin(path, "export", step, trained["fingerprint"], trained["config"]["model"],
                   _tokens(os.path.join(path, layout.TOKENIZER_JSON)), spec.sps, spec.sp_ids.tolist(), model)
