@@ -244,6 +244,13 @@ def test_a_stats_json_that_is_not_what_sptok_writes_is_named_in_one_line(small_b
         for cmd in (("stats", out), ("report", out, "-o", tmp_path / "r.html")):
             code, msg = sptok(*cmd)
             assert (code, msg) == (2, f"error: {out}/stats.json: not the statistics sptok writes ({why})\n"), msg
+    info = load(out)[0]
+    (tmp_path / "out" / "stats.json").write_text(good)
+    (tmp_path / "out" / "sptok.json").write_text(json.dumps({k: v for k, v in info.items() if k != "counts"}))
+    code, msg = sptok("show", out)   # an sptok.json without its counts: was a KeyError
+    assert (code, msg) == (2, f"error: {out}/sptok.json: no sample count of every source (KeyError: 'counts'), as "
+                              f"a build writes it: the file was edited\n"), msg
+    (tmp_path / "out" / "sptok.json").write_text(json.dumps(info))
     doc = json.loads(good)
     del doc["sources"][SOURCES[1]]
     (tmp_path / "out" / "stats.json").write_text(json.dumps(doc))

@@ -70,8 +70,11 @@ class SampleReader:
 
         self.build = BuildInfo.load(out)          # clear errors for missing / incomplete / foreign dirs
         self.out = out
-        counts = self.build.raw["counts"]
-        self.counts = {n: int(counts[n]["samples"]) for n in self.build.sources}
+        try:
+            self.counts = {n: int(self.build.raw["counts"][n]["samples"]) for n in self.build.sources}
+        except (KeyError, TypeError, ValueError) as e:   # an edited sptok.json
+            raise SptokError(f"{out}/sptok.json: no sample count of every source ({type(e).__name__}: {e}), as a "
+                             f"build writes it: the file was edited") from None
         self.offsets = dict(zip(self.build.sources, np.cumsum([0] + list(self.counts.values()))[:-1].tolist()))
         self.shards = {n: ShardReader(os.path.join(out, n), self.build.format) for n in self.build.sources}
         for n, r in self.shards.items():
