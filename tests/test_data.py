@@ -552,3 +552,8 @@ def test_odd_weights_and_collator_settings_are_refused_in_one_line(prefix_build)
             SpanCorruptionCollator(info, **kwargs)
     with pytest.raises(SptokError, match=r"^mlm_prob must be in \(0, 1\), got '0.2'$"):
         MLMCollator(info, mlm_prob="0.2")
+    ds = open_dataset(prefix_build, weights=False)
+    for workers in (-1, "many", 1.5):   # torch's ValueError, or int()'s, and a noisy __del__ of streaming's loader
+        with pytest.raises(SptokError, match=r'^num_workers: expected "auto" or a count >= 0, got '):
+            Loader(ds, MLMCollator(info), batch_size=2, num_workers=workers)
+    ds.close()

@@ -13,6 +13,7 @@ order does not depend on the number of workers.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import signal
 import threading
@@ -37,7 +38,11 @@ def auto_workers(cpus: int | None = None, local_world: int | None = None) -> int
 
 def resolve_workers(num_workers: int | str) -> int:
     """``num_workers`` as a count: ``"auto"`` by ``auto_workers()``, a count as it is."""
-    return auto_workers() if num_workers == "auto" else int(num_workers)
+    if num_workers == "auto":
+        return auto_workers()
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise SptokError(f"num_workers: expected \"auto\" or a count >= 0, got {num_workers!r}")
+    return int(num_workers)
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
