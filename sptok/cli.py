@@ -355,6 +355,10 @@ def mix(config, out, overrides, proxies, concentration, prior, objective, seed, 
 
     Needs a validation split (build with --holdout / --holdout-docs) and an `eval:` section. Resumable:
     finished proxies are kept. Writes OUT/mixture.json, OUT/proportion.txt and OUT/predicted_vs_actual.png."""
+    steps = [name for name, given in (("--plan", plan_only), ("--proxy", proxy is not None), ("--collect", collect))
+             if given]
+    if len(steps) > 1:   # each is one step of a search: together, one ran and the other was ignored
+        raise SptokError(f"give one of --plan, --proxy K and --collect, not {' and '.join(steps)}")
     require("train", "sptok mix")
     from .mix import fit_search, objective_weights, plan_search, run_proxy
     from .train.loop import end_distributed

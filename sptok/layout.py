@@ -211,6 +211,39 @@ def read_index(sdir: str, fmt: str) -> list:
     return index_entries(read_json(os.path.join(sdir, index_name(fmt))), fmt)
 
 
+def listed_files(out: str, name: str, fmt: str) -> list[str]:
+    """The data files of source ``name`` that its index lists, in its order, each on disk at the size listed
+    (MDS: streaming's decompressed copy where it made one, else the .zstd shard), or a one-line error. A stat
+    per file, so training can afford it before every read: streaming ends an epoch early without a word at a
+    shard it cannot read, and a table build read by globbing would lose a deleted file's rows unnoticed."""
+    sdir = os.path.join(out, name)
+    index_rel = f"{name}/{index_name(fmt)}"
+    try:
+        entries = read_index(sdir, fmt)
+        parts = [[p for p in (e["raw_data"], e.get("zip_data")) if p] if fmt == "mds" else [e] for e in entries]
+        wanted = [[(p["basename"], int(p["bytes"])) for p in part] for part in parts]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SptokError(f"{out}/{index_rel}: cannot read the source's index ({e}); the build is damaged: "
+                         f"`sptok verify {out}` says what is wrong") from None
+    paths = []
+    for options in wanted:
+        for basename, size in options:
+            path = os.path.join(sdir, basename)
+            try:
+                got = os.path.getsize(path)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise SptokError(f"{out}/{name}/{options[-1][0]}: missing (listed in {index_rel}); the build is damaged: "
+                             f"`sptok verify {out}` says what else is")
+        if got != size:
+            raise SptokError(f"{path}: {got:,} bytes, {index_rel} lists {size:,} (cut or changed after the build); "
+                             f"`sptok verify {out}` says what else is damaged")
+        paths.append(path)
+    return paths
+
+
 def write_index(sdir: str, fmt: str, entries: list[dict]) -> None:
     """A source's index: MDS ``index.json`` as streaming writes it, or ``_files.json``."""
     if fmt == "mds":

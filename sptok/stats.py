@@ -111,9 +111,27 @@ def load_stats(out: str) -> tuple[dict, dict]:
     path = os.path.join(out, STATS)
     try:
         with open(path) as f:
-            return info, json.load(f)
+            stats = json.load(f)
     except (OSError, ValueError) as e:
         raise SptokError(f"{path}: cannot read the build's statistics ({e})") from None
+    _check_stats(path, stats, [e["source"] for e in info["sp_table"]])
+    return info, stats
+
+
+def _check_stats(path: str, stats, sources: list[str]) -> None:
+    """stats.json as its schema says, with a record for every source of the build: an edited or foreign one is
+    named in one line, not a KeyError in the table."""
+    import jsonschema
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "stats.schema.json")) as f:
+        schema = json.load(f)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(stats))
+    if error is not None:
+        key = ".".join(map(str, error.absolute_path)) or "(top level)"
+        raise SptokError(f"{path}: not the statistics sptok writes ({key}: {' '.join(error.message.split())[:200]})")
+    missing = [n for n in sources if n not in stats["sources"]]
+    if missing:
+        raise SptokError(f"{path}: no statistics of source {missing[0]!r}, a source of the build")
 
 
 def real_tokens(counts: dict) -> int:
@@ -212,12 +230,22 @@ def run_accounting(info: dict, stats: dict, logdir: str) -> list[dict]:
     """Rows per source: requested share, delivered samples / tokens and their shares, the build's tokens; a run
     with ``data.phases`` has them per phase (each row names its ``phase``)."""
     try:
-        with open(os.path.join(logdir, "run.json")) as f:
-            run = json.load(f)
-        with open(os.path.join(logdir, "metrics.jsonl")) as f:
-            last = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"][-1]
-    except (OSError, ValueError, IndexError) as e:
-        raise SptokError(f"--run {logdir}: not a training log of sptok pretrain (run.json + metrics.jsonl): {e}") from None
+        return _run_rows(info, stats, logdir)
+    except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        why = e if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"   # a record lacks a key
+        raise SptokError(f"--run {logdir}: not a training log of sptok pretrain (run.json + metrics.jsonl): "
+                         f"{why}") from None
+
+
+def _run_rows(info: dict, stats: dict, logdir: str) -> list[dict]:
+    with open(os.path.join(logdir, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(logdir, "metrics.jsonl")) as f:
+        trained = [r for r in map(json.loads, filter(str.strip, f)) if r.get("split") != "validation"]
+    if not trained:
+        raise SptokError(f"--run {logdir}: metrics.jsonl holds no training record yet (a run writes one every "
+                         f"log.every steps)")
+    last = trained[-1]
     if run["fingerprint"] != info["fingerprint"]:
         raise SptokError(f"--run {logdir}: that run trained on build {run['fingerprint'][:12]}, not on this one "
                          f"({info['fingerprint'][:12]})")

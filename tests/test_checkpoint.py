@@ -120,6 +120,41 @@ def test_a_changed_model_shape_is_refused_naming_the_keys(corpus, tmp_path):
     assert [r["step"] for r in recs] == [3] and any("resumed from" in s for s in said)
 
 
+def test_the_checkpoints_of_two_runs_never_mix(corpus, tmp_path):
+    """checkpoint.resume: false into a directory holding another run's checkpoints wrote its steps among them
+    (export and resume then took the newest of either); and the copy of the build beside the checkpoints stayed
+    the first run's after its steps were removed, so an export paired the new weights with the old build."""
+    import shutil
+
+    _run(_ckpt_doc(corpus, tmp_path, steps=3, every=3))
+    other = _cfg(corpus, tmp_path / "other", steps=2, build="b64-other")
+    other["checkpoint"]["dir"] = str(tmp_path / "ckpt")
+    other["data"]["build_args"]["msp_prob"] = 0.1   # another build
+    other["checkpoint"]["resume"] = False
+    with pytest.raises(SptokError, match=r"^checkpoint.dir: .* holds 1 checkpoint\(s\) of an earlier run \(the "
+                                         r"newest: step-00000003\)"):
+        _run(other)
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["build", "step-00000003"]
+    shutil.rmtree(ckpt / "step-00000003")
+    _run(other)
+    meta = json.loads((ckpt / "step-00000002" / "meta.json").read_text())
+    assert json.loads((ckpt / "build" / "sptok.json").read_text())["fingerprint"] == meta["fingerprint"]
+    mixed = tmp_path / "mixed"   # such a directory, made before either was refused: export refuses it
+    shutil.copytree(ckpt / "step-00000002", mixed / "step-00000002")
+    shutil.copytree(corpus / "b64" / "tokenizer", mixed / "build" / "tokenizer")
+    for name in ("stats.json", "sptok.json"):
+        shutil.copyfile(corpus / "b64" / name, mixed / "build" / name)
+    with pytest.raises(SptokError, match=rf"^checkpoint {mixed / 'step-00000002'} trained on build "
+                                         rf"{meta['fingerprint'][:12]}, but the copy of the build beside it"):
+        export(str(mixed), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    init = _cfg(corpus, tmp_path / "init", steps=1)
+    init["train"]["init_from"] = str(mixed)
+    with pytest.raises(SptokError, match=r"^train.init_from: checkpoint .* trained on build .*, but the copy"):
+        _run(init)
+
+
 def test_a_nonfinite_step_stops_before_a_checkpoint_is_written(corpus, tmp_path):
     """lr 1000 without clipping: the gradient norm is inf/NaN at step 3. The run stops there with one line;
     step 2 is the last checkpoint, and no checkpoint holds a NaN."""

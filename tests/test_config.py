@@ -34,6 +34,7 @@ def _refused(overrides, match):
     ("data.sp_schedule=[[abc, strip]]", r"data.sp_schedule\[0\]"), ("train.seed=99999999999999999999", "train.seed"),
     ("model.num_kv_heads=3", "model.num_kv_heads"), ("train.device=gpu", "train.device"),
     ("data.num_workers=many", "data.num_workers"),
+    ("model.attn_implementation=flash", "^model.attn_implementation: 'flash' is not one of sdpa, eager"),
 ])
 def test_odd_values_are_refused_naming_the_key(override, key):
     _refused([override], key)
@@ -58,6 +59,12 @@ def test_every_numeric_setting_has_a_range_and_refuses_nan_infinities_and_negati
     load_config(None, ["data.build=x"])   # every default is inside its range
     assert [load_config(None, ["data.build=x", f"data.num_workers={n}"]).data.num_workers for n in ("auto", 0, 3)] \
         == ["auto", 0, 3]   # the one setting that also takes a word
+
+
+def test_a_config_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes("data: {build: caf\u00e9}\n".encode("latin-1"))   # was a UnicodeDecodeError
+    with pytest.raises(SptokError, match=rf"^config {tmp_path / 'c.yaml'}: not UTF-8 text \(byte 17: "):
+        load_config(str(tmp_path / "c.yaml"))
 
 
 def test_flex_attention_on_cpu_is_refused_when_the_config_is_read(tmp_path):

@@ -6,6 +6,7 @@ inside a phase equal to an unbroken run)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -216,6 +217,26 @@ def test_init_from_refuses_a_damaged_checkpoint(builds, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(SptokError, match=f"checkpoint {step} is damaged: {victim.name} has xxh64"):
         _run(_cfg(builds, "new", "damaged", train={"init_from": str(step)}))
+
+
+def test_init_from_refuses_a_damaged_export_in_one_line(builds, tmp_path):
+    """A cut model.safetensors, an unreadable sptok_train.json or a missing sptok.json ended in a traceback."""
+    from sptok.train.export import export
+
+    good = export(str(_trained(builds)), str(tmp_path / "good"))
+    damages = [("model.safetensors", lambda p: os.truncate(p, 1000), "cannot load the exported model in"),
+               ("sptok_train.json", lambda p: p.write_text("{"), "is not a whole `sptok export` directory"),
+               ("sptok.json", os.remove, "is not a whole `sptok export` directory"),
+               ("config.json", lambda p: p.write_text(p.read_text().replace('"hidden_size": 32', '"hidden_size": 64')),
+                "cannot load the exported model in")]
+    for name, damage, message in damages:
+        out = tmp_path / name
+        shutil.copytree(good, out)
+        damage(out / name)
+        with pytest.raises(SptokError) as e:
+            _run(_cfg(builds, "new", f"damaged-export-{name}", train={"init_from": str(out)}))
+        assert e.value.message.startswith("train.init_from: ") and message in e.value.message
+        assert "\n" not in e.value.message
 
 
 def test_an_init_from_run_records_its_lineage_and_resumes_from_its_own_checkpoints(builds, tmp_path):

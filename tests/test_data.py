@@ -14,8 +14,8 @@ from conftest import TOKENIZER
 from shards import documents
 
 from sptok.build import run_build
-from sptok.data import (IGNORE, BuildInfo, CausalLMCollator, MLMCollator, SpanCorruptionCollator, SPPolicy,
-                        apply_policy, as_arrays, open_dataset)
+from sptok.data import (IGNORE, BuildInfo, CausalLMCollator, Loader, MLMCollator, SpanCorruptionCollator,
+                        SPPolicy, apply_policy, as_arrays, open_dataset)
 from sptok.errors import SptokError
 
 SEQ = 128
@@ -480,3 +480,80 @@ def test_hf_trainer_trains_a_tiny_bert(prefix_build, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def _damaged_copy(build: str, tmp_path, name: str = "b") -> str:
+    """A copy of ``build`` without the decompressed shards streaming left beside the .zstd ones, so a read
+    goes through the .zstd shards a test then damages."""
+    import shutil
+
+    out = shutil.copytree(build, tmp_path / name, ignore=shutil.ignore_patterns("shard.*.mds"))
+    return str(out)
+
+
+def test_a_deleted_or_cut_data_file_is_refused_before_reading(corpus, prefix_build, tmp_path):
+    """streaming ends an epoch early without a word at a shard it cannot read, and a table build read by
+    globbing lost a deleted file's rows: both are refused up front, naming the file."""
+    out = _damaged_copy(prefix_build, tmp_path, "gone")
+    os.remove(os.path.join(out, "fortunes", "shard.00000.mds.zstd"))
+    with pytest.raises(SptokError, match=r"fortunes/shard\.00000\.mds\.zstd: missing \(listed in fortunes/index"):
+        open_dataset(out, weights=False)
+    out = _damaged_copy(prefix_build, tmp_path, "cut")
+    shard = os.path.join(out, "fortunes", "shard.00000.mds.zstd")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(SptokError, match=r"shard\.00000\.mds\.zstd: [\d,]+ bytes, fortunes/index.json lists"):
+        open_dataset(out, weights=False)
+    pq = _damaged_copy(_build(corpus, "parquet", msp_prob=0.3, insert_prob=0.9, format="parquet"), tmp_path, "pq")
+    last = sorted(f for f in os.listdir(os.path.join(pq, "fortunes")) if f.startswith("data-"))[-1]
+    os.remove(os.path.join(pq, "fortunes", last))
+    with pytest.raises(SptokError, match=rf"fortunes/{last}: missing \(listed in fortunes/_files.json\)"):
+        open_dataset(pq, weights=False)
+
+
+def test_a_corrupt_shard_of_the_right_size_fails_the_epoch_in_one_line(prefix_build, tmp_path):
+    """A shard damaged inside, its size unchanged (only `sptok verify`'s hashes see it): the epoch reading it
+    fails with one line naming the build, in a loader worker too, instead of ending early."""
+    out = _damaged_copy(prefix_build, tmp_path)
+    shard = os.path.join(out, "fortunes", "shard.00000.mds.zstd")
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) * 3 // 4)
+        f.write(bytes(1000))
+    ds = open_dataset(out, weights=False, batch_size=8)
+    with pytest.raises(SptokError) as e:
+        for _ in Loader(ds, MLMCollator(ds.build), batch_size=8, num_workers=1):
+            pass
+    assert e.value.message.startswith(f"{out}: cannot read a shard (") and "\n" not in e.value.message
+    ds.close()
+    for f in os.listdir(os.path.join(out, "fortunes")):   # a decompressed copy streaming may have left
+        if f.endswith(".mds"):
+            os.remove(os.path.join(out, "fortunes", f))
+    ds = open_dataset(out, weights=False)   # read by index, as in-loop evaluation reads its samples
+    with pytest.raises(SptokError, match=f"^{out}: cannot read a shard"):
+        [ds[i] for i in range(len(ds))]
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    ds.close()
+
+
+def test_odd_weights_and_collator_settings_are_refused_in_one_line(prefix_build):
+    """Through the library, not the config: streaming's ValueError / TypeError deep in its weighting, numpy's
+    broadcast or index errors in span corruption, or a negative noise density taken silently."""
+    for kwargs, message in (({"proportion": {"code": -1}}, r"^proportion: code: must be a finite number >= 0, got -1$"),
+                            ({"proportion": {"code": float("nan")}}, "^proportion: code: .* got nan$"),
+                            ({"repeat": {"code": "2"}}, "^repeat: code: .* got '2'$")):
+        with pytest.raises(SptokError, match=message):
+            open_dataset(prefix_build, **kwargs)
+    info = BuildInfo.load(prefix_build)
+    for kwargs, message in (({"noise_density": 2}, "^noise_density must be a number in"),
+                            ({"noise_density": -0.1}, "^noise_density must be a number in"),
+                            ({"mean_span": 0}, "^mean_span must be a number >= 1, got 0$"),
+                            ({"max_sentinels": -1}, r"^max_sentinels must be a number \(an integer\) >= 1")):
+        with pytest.raises(SptokError, match=message):
+            SpanCorruptionCollator(info, **kwargs)
+    with pytest.raises(SptokError, match=r"^mlm_prob must be in \(0, 1\), got '0.2'$"):
+        MLMCollator(info, mlm_prob="0.2")
+    ds = open_dataset(prefix_build, weights=False)
+    for workers in (-1, "many", 1.5):   # torch's ValueError, or int()'s, and a noisy __del__ of streaming's loader
+        with pytest.raises(SptokError, match=r'^num_workers: expected "auto" or a count >= 0, got '):
+            Loader(ds, MLMCollator(info), batch_size=2, num_workers=workers)
+    ds.close()

@@ -12,6 +12,7 @@ from conftest import SOURCES, TOKENIZER, demo_build
 from shards import streaming_dataset
 
 from sptok.data import IGNORE, open_dataset
+from sptok.errors import SptokError
 from sptok.train.config import load_config
 from sptok.train.evaluate import Evaluator
 from sptok.train.loop import make_collator, pretrain
@@ -70,8 +71,6 @@ def test_eval_numbers_are_the_hand_computed_ones(build, tmp_path):
 
 
 def test_eval_is_logged_and_needs_a_validation_split(build, tmp_path):
-    from sptok.errors import SptokError
-
     recs = pretrain(load_config(None, [], base=_doc(build, tmp_path)), log=lambda m: None)
     evals = [r for r in recs if r.get("split") == "validation"]
     assert [r["step"] for r in evals] == [3, 6] and all(len(r["val_loss_by_source"]) == 4 for r in evals)
@@ -85,6 +84,34 @@ def test_eval_is_logged_and_needs_a_validation_split(build, tmp_path):
               dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=64), log=lambda m: None)
     with pytest.raises(SptokError, match="eval: no validation build: set eval.build, or build .* with --holdout"):
         pretrain(load_config(None, [], base=doc), log=lambda m: None)
+
+
+def test_training_documents_are_never_scored_as_validation_nor_held_out_ones_trained_on(build, tmp_path):
+    """Validation data read as training data, or training data as validation data, was taken silently: the
+    split as data.build trained on the held-out documents, and eval.build set to the training build itself or to
+    another build of its inputs logged a training loss as val_loss. Both are refused before any step; the
+    build's own split, given by name, is taken."""
+    from sptok.build import run_build
+
+    other = build.parent / "same-inputs"   # another build of the same files: the held-out documents inside
+    if not (other / "sptok.json").exists():
+        run_build(str(build.parent / "m.yaml"), str(other), dict(tokenizer=str(TOKENIZER), quiet=True, workers=1,
+                                                                  seq_len=64), log=lambda m: None)
+    split = build / "validation"
+    doc = _doc(split, tmp_path, steps=1, global_batch_size=4)
+    with pytest.raises(SptokError, match=rf"^data.build: {split} is the validation split of a build"):
+        pretrain(load_config(None, [], base=doc), log=lambda m: None)
+    for given, message in ((build, f"^eval.build: {build} is the training build itself"),
+                           (other, f"^eval.build: {other} reads input files {build} trains on")):
+        doc = _doc(build, tmp_path, steps=1)
+        doc["eval"]["build"] = str(given)
+        with pytest.raises(SptokError, match=message):
+            pretrain(load_config(None, [], base=doc), log=lambda m: None)
+    assert not (tmp_path / "log").exists()
+    doc = _doc(build, tmp_path, steps=1)
+    doc["eval"].update(build=str(split), every=1)
+    assert [r["split"] for r in pretrain(load_config(None, [], base=doc), log=lambda m: None)
+            if "split" in r] == ["validation"]
 
 
 @pytest.mark.slow

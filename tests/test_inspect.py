@@ -207,6 +207,56 @@ def test_show_ids_json_color_and_choice(small_build):
     assert len(pick({"a": 3, "b": 2}, 50, 0)) == 5
     code, msg = sptok("show", out, "--source", "web")
     assert code == 2 and msg.startswith("error: --source 'web'") and "pydocs" in msg
+    for cmd in (("show", out), ("report", out, "-o", out + ".html")):   # was numpy's traceback
+        code, msg = sptok(*cmd, "--seed", "-1")
+        assert (code, msg) == (2, "error: --seed: must be 0 or more, got -1\n")
+
+
+def test_stats_run_refuses_a_log_lacking_what_pretrain_writes_in_one_line(small_build, tmp_path):
+    """A run.json or metrics.jsonl that is JSON but not the records sptok pretrain writes (edited, another
+    tool's): one line naming --run, where a KeyError, TypeError or AttributeError ended the command."""
+    out = small_build()
+    log = tmp_path / "log"
+    log.mkdir()
+    fingerprint = load(out)[0]["fingerprint"]
+    for run, metrics, why in (("{}", '{"step": 1}', "KeyError: 'fingerprint'"),
+                              ("[]", '{"step": 1}', "TypeError: "),
+                              (json.dumps({"fingerprint": fingerprint}), "[1]", "AttributeError: ")):
+        (log / "run.json").write_text(run)
+        (log / "metrics.jsonl").write_text(metrics + "\n")
+        code, msg = sptok("stats", out, "--run", log)
+        assert code == 2 and msg.startswith(f"error: --run {log}: not a training log of sptok pretrain") \
+            and why in msg and msg.count("\n") == 1, msg
+    (log / "metrics.jsonl").write_text("")   # a run that has not logged a step yet: was "list index out of range"
+    code, msg = sptok("stats", out, "--run", log)
+    assert (code, msg) == (2, f"error: --run {log}: metrics.jsonl holds no training record yet (a run writes one "
+                              f"every log.every steps)\n")
+
+
+def test_a_stats_json_that_is_not_what_sptok_writes_is_named_in_one_line(small_build, tmp_path):
+    """Valid JSON of another shape (edited, cut by hand, another build's sources) ended stats and report in a
+    KeyError or TypeError."""
+    out = small_build()
+    good = (tmp_path / "out" / "stats.json").read_text()
+    for text, why in (("{}", "(top level): 'sources' is a required property"),
+                      ('{"sources": {}, "totals": {}}', "totals: 'docs' is a required property")):
+        (tmp_path / "out" / "stats.json").write_text(text)
+        for cmd in (("stats", out), ("report", out, "-o", tmp_path / "r.html")):
+            code, msg = sptok(*cmd)
+            assert (code, msg) == (2, f"error: {out}/stats.json: not the statistics sptok writes ({why})\n"), msg
+    info = load(out)[0]
+    (tmp_path / "out" / "stats.json").write_text(good)
+    (tmp_path / "out" / "sptok.json").write_text(json.dumps({k: v for k, v in info.items() if k != "counts"}))
+    code, msg = sptok("show", out)   # an sptok.json without its counts: was a KeyError
+    assert (code, msg) == (2, f"error: {out}/sptok.json: no sample count of every source (KeyError: 'counts'), as "
+                              f"a build writes it: the file was edited\n"), msg
+    (tmp_path / "out" / "sptok.json").write_text(json.dumps(info))
+    doc = json.loads(good)
+    del doc["sources"][SOURCES[1]]
+    (tmp_path / "out" / "stats.json").write_text(json.dumps(doc))
+    code, msg = sptok("stats", out)
+    assert (code, msg) == (2, f"error: {out}/stats.json: no statistics of source {SOURCES[1]!r}, a source of the "
+                              f"build\n"), msg
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -519,3 +569,7 @@ def test_report_refuses_a_mixture_searched_on_another_build(small_build, tmp_pat
     (mix / "plan.json").unlink()
     code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
     assert code == 2 and "not the --out directory of a finished `sptok mix`" in msg and "Traceback" not in msg
+    (mix / "plan.json").write_text(json.dumps({"fingerprint": fingerprint}))   # this build's, its result cut
+    code, msg = sptok("report", out, "-o", tmp_path / "r.html", "--mixture", mix)
+    assert code == 2 and msg == (f"error: --mixture {mix}: mixture.json or confirmation.json is not what `sptok mix` "
+                                 f"writes (KeyError: 'left_out')\n"), msg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -524,6 +525,8 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
     fails("--model", m, "--input", tmp_path / "null.parquet", "--out", o, match="null.parquet row 1: field 'text'")
     fails("--model", m, "--input", good, "--out", o, "--mode", "manual", match="--mode manual needs --source-field")
+    fails("--model", m, "--input", good, "--out", o, "--mode", "random", "--seed", "-1", "--no-predict",
+          match="--seed: must be an integer from 0 to 2**64 - 1")   # was numpy's OverflowError
     fails("--model", m, "--input", good, "--out", o, "--eval", match="--eval needs --source-field")
     fails("--model", m, "--input", good, "--out", o, "--eval", "--source-field", "source", "--no-predict",
           match="--no-predict skips the model")
@@ -548,6 +551,18 @@ def test_user_errors_are_one_message(models, held_out, tmp_path):
     cfg = json.loads((dec / "config.json").read_text())
     (dec / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     fails("--model", dec, "--input", good, "--out", o, match="model type 'gpt2' is not one sptok labels with")
+    cut = tmp_path / "cut-model"   # weights cut short (a copy interrupted): was safetensors' traceback
+    shutil.copytree(m, cut)
+    os.truncate(cut / "model.safetensors", 1000)
+    fails("--model", cut, "--input", good, "--out", o, match=f"--model {cut}: cannot load the model weights (")
+    config = json.loads((cut / "config.json").read_text())   # a config.json of another size: was torch's
+    shutil.copyfile(Path(m) / "model.safetensors", cut / "model.safetensors")   # RuntimeError
+    (cut / "config.json").write_text(json.dumps(dict(config, hidden_size=2 * config["hidden_size"])))
+    fails("--model", cut, "--input", good, "--out", o, match="cannot load the model weights (Error(s) in loading "
+                                                              "state_dict")
+    (cut / "config.json").write_text(json.dumps(config))
+    (cut / "sptok_train.json").write_text('{"config": 3}')   # was an AttributeError
+    fails("--model", cut, "--input", good, "--out", o, match="sptok_train.json: its config is not a mapping")
     # a failure after rows were written leaves neither the output nor a partial file
     many = [{"text": f"row {i}"} for i in range(600)] + [{"txt": "no text"}]
     fails("--model", m, "--input", write_jsonl(tmp_path / "late.jsonl", many), "--out", tmp_path / "late-out.jsonl",

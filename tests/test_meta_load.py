@@ -8,6 +8,8 @@ MDS's bytes column); ``test_a_real_metadata_build_end_to_end`` does the same on 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -396,11 +398,15 @@ def test_eval_conditions_config_and_records(built, tmp_path):
     from sptok.train.config import load_config
     from sptok.train.loop import pretrain
 
+    held = tmp_path / "held"   # the build's own documents, with a validation split to evaluate on
+    run_build(os.path.join(os.path.dirname(built[0].path), "m.yaml"), str(held),
+              dict(tokenizer=str(TOKENIZER), quiet=True, workers=1, seq_len=SEQ, msp_prob=0.4, insert_prob=0.8,
+                   holdout_docs=3), log=lambda m: None)
     base = {"model": {"family": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
                       "intermediate_size": 64},
-            "data": {"build": built[0].path}, "optim": {"lr": 1e-3, "warmup_steps": 1},
+            "data": {"build": str(held)}, "optim": {"lr": 1e-3, "warmup_steps": 1},
             "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 4},
-            "eval": {"every": 2, "samples": 3, "build": built[0].path},
+            "eval": {"every": 2, "samples": 3},
             "log": {"dir": str(tmp_path / "log"), "every": 2, "tensorboard": False}}
     for conditions, match in [(["keep", "meta=often"], r"eval.conditions\[1\]: SP policy 'meta=often'"),
                               (["keep", "meta=keep"], r"eval.conditions\[1\]: 'meta=keep' is the same policy as "

@@ -155,6 +155,70 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.parametrize("steps", [["--plan", "--collect"], ["--proxy", "1", "--collect"], ["--plan", "--proxy", "0"]])
+def test_one_step_of_a_search_at_a_time(tmp_path, steps):
+    """--plan, --proxy K and --collect are each one step of a search: given two, one ran and the other was
+    silently ignored."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    res = CliRunner().invoke(main, ["mix", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "s"), *steps])
+    assert res.exit_code == 2 and res.output.startswith("error: give one of --plan, --proxy K and --collect, not ")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_negative_seed_is_refused_in_one_line(build, tmp_path):
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    res = CliRunner().invoke(main, ["mix", str(build / "proxy.yaml"), "--out", str(tmp_path / "s"), "--plan",
+                                    "--proxies", "4", "--seed", "-1"])   # was numpy's ValueError
+    assert (res.exit_code, res.output) == (2, "error: --seed: must be 0 or more, got -1\n")
+
+
+def test_a_cut_or_edited_plan_is_named_at_every_step(build, tmp_path):
+    """A plan.json that is JSON but not a plan (cut by hand, another tool's) ended --plan, --proxy and --collect
+    in a KeyError."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    out = tmp_path / "s"
+    (out / "proxies").mkdir(parents=True)
+    cmd = ["mix", str(build / "proxy.yaml"), "--out", str(out)]
+    for text in ("{}", "[]", '{"sources": [], "config": {}}'):
+        (out / "plan.json").write_text(text)
+        for step in (["--plan", "--proxies", "4"], ["--proxy", "0"], ["--collect"]):
+            res = CliRunner().invoke(main, cmd + step)
+            assert res.exit_code == 2 and res.output.startswith(f"error: {out}/plan.json: not the plan of a search"), \
+                (text, step, res.output)
+    (out / "plan.json").unlink()
+    assert CliRunner().invoke(main, cmd + ["--plan", "--proxies", "4"]).exit_code == 0
+    for k in range(4):   # one result cut short
+        (out / "proxies" / f"{k:03d}" / "result.json").write_text('{"losses": [1.0]' if k == 2 else
+                                                                  '{"losses": [1.0], "mixture": [1.0]}')
+    res = CliRunner().invoke(main, cmd + ["--collect"])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {out}/proxies/002/result.json: not the result of "
+                                                        f"proxy 2"), res.output
+
+
+def test_a_directory_of_other_files_is_not_a_search(build, tmp_path):
+    """--out holding other files (the build itself, a run's log) got plan.json and proxies/ mixed into them."""
+    from click.testing import CliRunner
+
+    from sptok.cli import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    for out in (build / "b", tmp_path / "notes"):
+        before = sorted(p.name for p in out.iterdir())
+        res = CliRunner().invoke(main, ["mix", str(build / "proxy.yaml"), "--out", str(out), "--proxies", "4", "--plan"])
+        assert res.exit_code == 2 and res.output.startswith(f"error: --out {out}: holds other files than a search")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_the_objective_belongs_to_the_fit_so_collect_refits_under_a_new_one(build, tmp_path):
     from click.testing import CliRunner
 

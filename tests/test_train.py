@@ -142,6 +142,17 @@ def test_export_loads_with_transformers_offline(corpus, tmp_path, monkeypatch):
     assert set(exported) <= set(trained) and len(exported) > 10
     for k, v in exported.items():
         assert torch.equal(v, trained[k]), k
+    # a directory that is not an earlier export is left alone: a build (its sptok.json would be replaced), the
+    # checkpoint root (init_from would then read it as an export), a step directory; an export is redone
+    build = corpus / "b64"
+    before = {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()}
+    for out in (build, tmp_path / "ckpt", tmp_path / "ckpt" / "step-00000003"):
+        res = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--out", str(out)])
+        assert res.exit_code == 2 and res.output.startswith(f"error: --out {out}: holds other files ("), res.output
+        assert not (out / "config.json").exists()
+    assert {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()} == before
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
 
 
 def test_resume_on_another_build_is_refused(corpus, tmp_path):
@@ -161,8 +172,16 @@ def test_resume_on_another_build_is_refused(corpus, tmp_path):
 def test_a_table_build_is_refused_with_the_way_out(corpus, tmp_path):
     doc = _cfg(corpus, tmp_path, steps=1, build="arrow")
     doc["data"]["build_args"]["format"] = "arrow"
-    with pytest.raises(SptokError, match="is a build in arrow format; sptok pretrain reads MDS builds .* --format mds"):
+    with pytest.raises(SptokError, match="would be a build in arrow format; sptok pretrain reads MDS builds .* "
+                                         "--format mds"):
         _run(doc)
+    assert not (corpus / "arrow").exists()   # refused before building it (it was built, then refused)
+    from sptok.build import run_build
+
+    run_build(str(corpus / "m.yaml"), str(corpus / "arrow"), dict(doc["data"]["build_args"], quiet=True),
+              log=lambda m: None)
+    with pytest.raises(SptokError, match="is a build in arrow format; sptok pretrain reads MDS builds .* --format mds"):
+        _run(dict(doc, data=dict(doc["data"], manifest=None)))
 
 
 def test_sp_schedule_and_pinned_fingerprint(corpus, tmp_path):
@@ -293,3 +312,32 @@ def test_a_training_step_never_reads_the_device(corpus, tmp_path, family):
     optimizer.step()
     assert meter.losses.sums.device == meta and meter.tokens == sum(int((m["token_source" if family == "bert" else
                                                                   "input_source"] >= 0).sum()) for m in micro)
+
+
+def test_two_runs_never_mix_in_one_log(corpus, tmp_path):
+    """A run starting at step 0 in a log.dir of another run appended its records to the other's metrics.jsonl
+    (steps 1, 2, 1, 2) and replaced its run.json; the same run started again still appends."""
+    doc = _cfg(corpus, tmp_path, steps=2)
+    doc["checkpoint"]["dir"] = ""
+    _run(doc)
+    _run(doc)
+    with pytest.raises(SptokError, match=r"^log.dir: .* holds the log of another run \(its run.json differs in "
+                                         r"optim.lr\)"):
+        _run(doc, ["optim.lr=1e-3"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert steps == [1, 2, 1, 2]
+    assert json.loads((tmp_path / "log" / "run.json").read_text())["config"]["optim"]["lr"] == 3e-3
+
+
+def test_settings_that_fail_late_are_refused_before_any_step(corpus, tmp_path):
+    """A file where checkpoint.dir or log.dir goes ended the run at its first save (a torch traceback, the
+    steps before it spent); a model.extra key that sptok sets itself, in a transformers TypeError."""
+    (tmp_path / "f").write_text("x")
+    for key, sec in (("checkpoint.dir", "checkpoint"), ("log.dir", "log")):
+        doc = _cfg(corpus, tmp_path / key, steps=1)
+        doc[sec]["dir"] = str(tmp_path / "f")
+        with pytest.raises(SptokError, match=rf"^{key}: {tmp_path / 'f'} is a file, not a directory"):
+            _run(doc)
+        assert not (tmp_path / key).exists()   # nothing written: no step ran
+    with pytest.raises(SptokError, match="^model.extra.hidden_size: sptok sets bert's hidden_size itself"):
+        _run(_cfg(corpus, tmp_path, steps=1, model={"extra": {"hidden_size": 64}}))

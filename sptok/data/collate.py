@@ -13,6 +13,9 @@ runs, on the device (``attention.py``). A host mask costs L times the batch (67 
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from ..build_info import BuildInfo
@@ -135,8 +138,8 @@ class MLMCollator(_Base):
         self.doc_attention = doc_attention
         if info.mask_id is None:
             raise SptokError(f"{info.path}: the build's tokenizer has no mask token ([MASK]); MLM needs one")
-        if not 0.0 < mlm_prob < 1.0:
-            raise SptokError(f"mlm_prob must be in (0, 1), got {mlm_prob}")
+        if not (_is_number(mlm_prob) and 0.0 < mlm_prob < 1.0):
+            raise SptokError(f"mlm_prob must be in (0, 1), got {mlm_prob!r}")
         self.mlm_prob = mlm_prob
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -252,6 +255,12 @@ class SpanCorruptionCollator(_Base):
     def __init__(self, info: BuildInfo, noise_density: float = 0.15, mean_span: float = 3.0,
                  max_sentinels: int = 256, doc_attention: bool = True, **kw):
         super().__init__(info, **kw)
+        for name, value, ok, want in (("noise_density", noise_density, lambda x: 0 < x < 1, "in (0, 1)"),
+                                      ("mean_span", mean_span, lambda x: x >= 1, ">= 1"),
+                                      ("max_sentinels", max_sentinels,
+                                       lambda x: isinstance(x, numbers.Integral) and x >= 1, "(an integer) >= 1")):
+            if not (_is_number(value) and ok(value)):
+                raise SptokError(f"{name} must be a number {want}, got {value!r}")
         self.noise_density, self.mean_span = noise_density, mean_span
         self.doc_attention = doc_attention
         self.sentinels = np.arange(info.vocab_size, info.vocab_size + max_sentinels, dtype=np.int64)
@@ -364,6 +373,10 @@ class SpanCorruptionCollator(_Base):
             batch["token_source"] = np.where(lab != IGNORE, src, -1)
             batch["input_source"] = np.where(inp_doc >= 0, src, -1)
         return self._torch(batch)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _flat_moves(at: np.ndarray, where: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

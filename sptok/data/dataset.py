@@ -4,6 +4,8 @@ through `datasets`. Source proportions come from the manifest weights unless ove
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
 import os
 import sys
 
@@ -27,6 +29,34 @@ def _streaming_dataset_class():
         def __init__(self, *args, **kwargs):
             self._owner_pid = os.getpid()
             super().__init__(*args, **kwargs)
+
+        def __iter__(self):
+            """streaming's epoch, which fails loudly: where streaming's prefetch thread cannot read a shard
+            (a corrupt one of the right size) it only ends the epoch early, and training would go on without
+            the rest of it."""
+            try:
+                yield from super().__iter__()
+            except SptokError:
+                raise
+            except Exception as e:
+                raise self._damaged(f"{type(e).__name__}: {e}") from e
+            if self._event.is_set():
+                raise self._damaged("streaming's reader thread failed, see the message above")
+
+        def get_item(self, sample_id: int, retry: int = 7):
+            """streaming's, with a shard that cannot be read (a zstd or decoding error deep in streaming) named
+            as damage to the build: ``ds[i]`` reads this way, as in-loop evaluation does."""
+            if not 0 <= sample_id < self.num_samples:
+                raise IndexError(f"sample {sample_id} of a build of {self.num_samples}")
+            try:
+                return super().get_item(sample_id, retry)
+            except Exception as e:
+                raise self._damaged(f"{type(e).__name__}: {e}") from e
+
+        def _damaged(self, why: str) -> SptokError:
+            path = self.build.path
+            return SptokError(f"{path}: cannot read a shard ({' '.join(why.split())}); the build is damaged: "
+                              f"`sptok verify {path}` says what is wrong")
 
         def close(self) -> None:
             """Stop the threads of an epoch iterated in this process and give back the shared memory (see
@@ -84,6 +114,10 @@ def source_weights(info: BuildInfo, proportion: dict | None, repeat: dict | None
         unknown = sorted(set(given or {}) - names)
         if unknown:
             raise SptokError(f"{what}: no source {unknown[0]!r} in {info.path} (sources: {', '.join(info.sources)})")
+    for what, given in (("proportion", proportion), ("repeat", repeat)):
+        for name, v in (given or {}).items():   # streaming's own checks end in a ValueError or a TypeError
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise SptokError(f"{what}: {name}: must be a finite number >= 0, got {v!r}")
     if proportion and repeat:
         raise SptokError("give proportion or repeat, not both: streaming weighs all sources one way")
     if repeat:
@@ -131,8 +165,10 @@ def open_dataset(out: str, *, proportion: dict | None = None, repeat: dict | Non
         _clean_shared_memory()
 
         # a source at proportion 0 is not read: as a stream, streaming's rounding could still give it a sample
-        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in info.sources
-                   if per_source[name].get("proportion") != 0]
+        names = [name for name in info.sources if per_source[name].get("proportion") != 0]
+        for name in names:
+            layout.listed_files(out, name, info.format)
+        streams = [Stream(local=os.path.join(out, name), **per_source[name]) for name in names]
         kwargs.setdefault("batch_size", 1)
         kwargs.setdefault("shuffle", False)
         ds = _streaming_dataset_class()(streams=streams, **kwargs)
@@ -216,9 +252,7 @@ def _read_table(info: BuildInfo, name: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sdir = os.path.join(info.path, name)
-    pattern = layout.data_file_pattern(info.format)
-    files = sorted(os.path.join(sdir, f) for f in (os.listdir(sdir) if os.path.isdir(sdir) else ()) if pattern.match(f))
+    files = layout.listed_files(info.path, name, info.format)
     if not files:
         raise SptokError(f"{info.path}/{name}: no {info.format} data files; the build is damaged "
                          f"(`sptok verify {info.path}` says what is missing)")

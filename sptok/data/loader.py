@@ -13,9 +13,12 @@ order does not depend on the number of workers.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import signal
 import threading
+
+from ..errors import SptokError
 
 MAX_AUTO_WORKERS = 8
 
@@ -35,7 +38,11 @@ def auto_workers(cpus: int | None = None, local_world: int | None = None) -> int
 
 def resolve_workers(num_workers: int | str) -> int:
     """``num_workers`` as a count: ``"auto"`` by ``auto_workers()``, a count as it is."""
-    return auto_workers() if num_workers == "auto" else int(num_workers)
+    if num_workers == "auto":
+        return auto_workers()
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise SptokError(f"num_workers: expected \"auto\" or a count >= 0, got {num_workers!r}")
+    return int(num_workers)
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:
@@ -83,8 +90,11 @@ class Loader:
                                      collate_fn=_samples, **kwargs)
 
     def __iter__(self):
-        for batch in self.loader:
-            yield self.collator(batch["samples"])
+        try:
+            for batch in self.loader:
+                yield self.collator(batch["samples"])
+        except SptokError as e:
+            raise SptokError(worker_message(e.message)) from None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -94,6 +104,14 @@ class Loader:
 
     def load_state_dict(self, state) -> None:
         self.loader.load_state_dict(state)
+
+
+def worker_message(message: str) -> str:
+    """A worker's SptokError as its own one line: torch raises it again in this process with its traceback
+    folded into the message (``Caught SptokError in DataLoader worker process 0. Original Traceback...``)."""
+    if not message.startswith("Caught SptokError"):
+        return message
+    return message.rstrip().rpartition(f"{SptokError.__module__}.{SptokError.__name__}: ")[2]
 
 
 def _chained(init):

@@ -233,6 +233,14 @@ def mixture_html(path: str, info: dict) -> str:
     if searched != info["fingerprint"]:
         raise SptokError(f"--mixture {path}: that search ran on build {str(searched)[:12]}, not on this one "
                          f"({info['fingerprint'][:12]})")
+    try:
+        return _mixture_parts(d, mix)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:   # an edited or cut result
+        raise SptokError(f"--mixture {path}: mixture.json or confirmation.json is not what `sptok mix` writes "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _mixture_parts(d: str, mix: dict) -> str:
     names, pred = mix["sources"], mix["predicted"]
     kinds = [k for k in ("proposed", "natural", "uniform") if k in pred]
     rows = [[n] + [f"{pred[k]['weights'][n]:.3f}" for k in kinds] + [f"{pred[k]['loss_by_source'][n]:.4f}"

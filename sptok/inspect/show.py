@@ -70,8 +70,11 @@ class SampleReader:
 
         self.build = BuildInfo.load(out)          # clear errors for missing / incomplete / foreign dirs
         self.out = out
-        counts = self.build.raw["counts"]
-        self.counts = {n: int(counts[n]["samples"]) for n in self.build.sources}
+        try:
+            self.counts = {n: int(self.build.raw["counts"][n]["samples"]) for n in self.build.sources}
+        except (KeyError, TypeError, ValueError) as e:   # an edited sptok.json
+            raise SptokError(f"{out}/sptok.json: no sample count of every source ({type(e).__name__}: {e}), as a "
+                             f"build writes it: the file was edited") from None
         self.offsets = dict(zip(self.build.sources, np.cumsum([0] + list(self.counts.values()))[:-1].tolist()))
         self.shards = {n: ShardReader(os.path.join(out, n), self.build.format) for n in self.build.sources}
         for n, r in self.shards.items():
@@ -106,6 +109,8 @@ def pick(counts: dict[str, int], n: int, seed: int, sources: list[str] | None = 
             raise SptokError(f"--source {s!r}: the build has no such source (sources: {', '.join(counts)})")
     if n < 1:
         raise SptokError(f"--n: need at least 1 sample, got {n}")
+    if seed < 0:
+        raise SptokError(f"--seed: must be 0 or more, got {seed}")
     sizes = np.array([counts[s] for s in names], np.int64)
     bounds = np.cumsum(sizes)
     chosen = np.sort(np.random.default_rng(seed).choice(int(bounds[-1]), size=min(n, int(bounds[-1])),

@@ -67,7 +67,7 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
         say(f"warning: {m}")
 
     in_fmt, out_fmt = _validate(input, out, mode, source_field, do_eval, predict, top_k, batch_size, input_format,
-                                device, precision)
+                                device, precision, seed)
     table = load_table(model)
     scorer = Scorer(table, device=device, precision=precision, max_tokens=max_tokens, load_model=predict)
     note = training_warning(table) if predict else None
@@ -110,7 +110,7 @@ def run_label(model: str, input: str, out: str, *, text_field: str = "text", pai
 
 
 def _validate(input: str, out: str, mode, source_field, do_eval: bool, predict: bool, top_k: int, batch_size: int,
-              input_format, device: str, precision: str) -> tuple[str, str]:
+              input_format, device: str, precision: str, seed: int) -> tuple[str, str]:
     """Every check of the arguments that needs no file read; returns the input's and the output's formats."""
     for flag, value, allowed in (("--mode", mode, MODES + (None,)), ("--device", device, DEVICES),
                                  ("--precision", precision, PRECISIONS)):
@@ -125,6 +125,8 @@ def _validate(input: str, out: str, mode, source_field, do_eval: bool, predict: 
                          "(and without --eval)")
     if top_k < 1 or batch_size < 1:
         raise SptokError("--top-k and --batch-size must be at least 1")
+    if not 0 <= seed < 2**64:
+        raise SptokError(f"--seed: must be an integer from 0 to 2**64 - 1 (draws mix it as a uint64), got {seed}")
     in_fmt = input_format or format_of(input)
     if in_fmt is None:
         raise SptokError(f"--input {input}: cannot tell the format from the extension; name it .jsonl, .parquet or "

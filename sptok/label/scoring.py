@@ -81,6 +81,7 @@ class Scorer:
     def _load(self, device: str, precision: str) -> None:
         import torch
         import transformers as tf
+        from safetensors import SafetensorError
 
         if device == "cuda" and not torch.cuda.is_available():
             raise SptokError("--device cuda: no GPU is visible")
@@ -91,8 +92,8 @@ class Scorer:
         d = self.table.model_dir
         try:
             model = cls.from_pretrained(d, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise SptokError(f"--model {d}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # RuntimeError: weights of another shape
+            raise SptokError(f"--model {d}: cannot load the model weights ({' '.join(str(e).split())[:300]})") from None
         vocab = model.get_output_embeddings().weight.shape[0]
         if int(self.sp_ids.max()) >= vocab or (self.kind == "seq2seq" and self.slot_id >= vocab):
             raise SptokError(f"--model {d}: the model's vocabulary ({vocab}) does not hold the SP ids of sptok.json")

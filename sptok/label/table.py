@@ -137,6 +137,8 @@ def load_table(model_dir: str) -> SPTable:
     tpath = os.path.join(model_dir, TRAIN_CONFIG)
     if os.path.exists(tpath):
         train = _read_json(tpath).get("config")
+        if not isinstance(train, (dict, type(None))):
+            raise SptokError(f"{tpath}: its config is not a mapping (what `sptok export` writes), got {train!r:.60}")
     model_type = None
     cpath = os.path.join(model_dir, "config.json")
     if os.path.exists(cpath):

@@ -46,6 +46,8 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
         raise SptokError(f"--proxies: {proxies} is too few to fit and check a regression (at least 4; tens are usual)")
     if concentration <= 0:
         raise SptokError(f"--concentration: must be positive, got {concentration}")
+    if seed < 0:
+        raise SptokError(f"--seed: must be 0 or more, got {seed}")
     cfg = load_config(config, overrides)
     if cfg.eval.every <= 0:
         cfg.eval.every = cfg.train.steps         # a proxy needs one evaluation: at its end
@@ -65,9 +67,12 @@ def plan_search(config: str, overrides: list[str], out: str, proxies: int, conce
             "config": base,
             "mixtures": sample_mixtures(shares, proxies, concentration, seed).tolist()}
     path = os.path.join(out, "plan.json")
+    other = sorted(set(os.listdir(out)) - {"proxies"}) if os.path.isdir(out) and not os.path.exists(path) else []
+    if other:   # a build, a run's log, anything else: its files and the search's would mix
+        raise SptokError(f"--out {out}: holds other files than a search ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); give a new or empty directory, or an earlier search's")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = load_plan(out)
         if _key(old) != _key(plan):
             raise SptokError(f"{out} holds another search (its plan.json differs in {', '.join(_differences(old, plan))})"
                              f"; choose another --out, or delete {out} to start over")
@@ -173,22 +178,38 @@ def proxy_dir(out: str, k: int) -> str:
     return os.path.join(out, "proxies", f"{k:03d}")
 
 
+PLAN_KEYS = ("sources", "prior_shares", "concentration", "seed", "config", "mixtures")
+
+
 def load_plan(out: str) -> dict:
+    """``OUT/plan.json``, with every key the steps read (a cut or edited plan is named, not a KeyError later)."""
     try:
         with open(os.path.join(out, "plan.json")) as f:
-            return json.load(f)
+            plan = json.load(f)
     except FileNotFoundError:
         raise SptokError(f"{out}: no plan.json; plan the search first (sptok mix CONFIG --out {out})") from None
     except ValueError as e:
         raise SptokError(f"{out}/plan.json: unreadable ({e})") from None
+    missing = [k for k in PLAN_KEYS if k not in plan] if isinstance(plan, dict) else list(PLAN_KEYS)
+    if missing or not isinstance(plan["config"], dict) or not isinstance(plan["mixtures"], list):
+        raise SptokError(f"{out}/plan.json: not the plan of a search (no {', '.join(missing) or 'config or mixtures'} "
+                         f"as `sptok mix --plan` writes them); delete {out} to start over")
+    return plan
 
 
 def _result(out: str, k: int) -> dict | None:
     path = os.path.join(proxy_dir(out, k), "result.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if isinstance(result["losses"], list) and isinstance(result["mixture"], list):
+            return result
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise SptokError(f"{path}: not the result of proxy {k} as `sptok mix --proxy` writes it; delete it and run the "
+                     f"proxy again (sptok mix CONFIG --out {out} --proxy {k})")
 
 
 def _records(path: str) -> list[dict]:

@@ -171,12 +171,34 @@ def _disk_full(e: BaseException) -> bool:
 def keep_build(root: str, build: str) -> None:
     """Copy the build's identity and tokenizer next to the checkpoints, so an export needs nothing else."""
     dst = os.path.join(root, "build")
-    if os.path.exists(os.path.join(dst, layout.MARKER)):
-        return
+    marker = os.path.join(dst, layout.MARKER)
+    if os.path.exists(marker):
+        kept, now = (layout.read_json(m).get("fingerprint") for m in (marker, os.path.join(build, layout.MARKER)))
+        if kept == now:
+            return
+        shutil.rmtree(dst)   # another build's, left by checkpoints that are gone: export would read it
     os.makedirs(dst, exist_ok=True)
     shutil.copytree(os.path.join(build, "tokenizer"), os.path.join(dst, "tokenizer"), dirs_exist_ok=True)
     for name in (layout.STATS, layout.MARKER):   # sptok.json last: the copy is complete
         shutil.copyfile(os.path.join(build, name), os.path.join(dst, name))
+
+
+def kept_build(step_dir: str, meta: dict):
+    """The BuildInfo of the copy ``keep_build`` made beside the steps, refused unless it is the build the step
+    trained on (steps of two runs in one directory, from before that was refused, pair a model with another
+    build's tokenizer and SP table)."""
+    from ..build_info import BuildInfo
+
+    root = os.path.dirname(step_dir)
+    build = os.path.join(root, "build")
+    if not os.path.exists(os.path.join(build, layout.MARKER)):
+        raise SptokError(f"{root}: the checkpoints lack the copy of their build (build/{layout.MARKER})")
+    info = BuildInfo.load(build)
+    if info.fingerprint != meta["fingerprint"]:
+        raise SptokError(f"checkpoint {step_dir} trained on build {meta['fingerprint'][:12]}, but the copy of the "
+                         f"build beside it ({build}) is build {info.fingerprint[:12]}: its tokenizer and SP table are "
+                         f"not the model's; use a checkpoint.dir of one run")
+    return info
 
 
 def load_meta(path: str) -> dict:

@@ -20,6 +20,7 @@ from ..spec import SHORT_FINGERPRINT
 from ..yamlfile import load_yaml
 
 FAMILIES = {"bert": "mlm", "t5": "span", "llama": "causal"}
+ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class ModelConfig:
         check_numbers("model", self)
         if self.family not in FAMILIES:
             raise SptokError(f"model.family: {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.attn_implementation not in ATTENTION:
+            raise SptokError(f"model.attn_implementation: {self.attn_implementation!r} is not one of "
+                             f"{', '.join(ATTENTION)}")
         if self.hidden_size % self.num_heads:
             raise SptokError(f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads "
                              f"({self.num_heads})")
@@ -356,9 +360,21 @@ def check_device(cfg: Config, device_type: str) -> None:
                          f"{cfg.train.device}): torch has no FlexAttention backward there; use sdpa, or a GPU")
 
 
+def check_output_dirs(cfg: Config) -> None:
+    """checkpoint.dir and log.dir are directories or not there yet: a file in their place would end the run at
+    its first save, after the steps before it were spent."""
+    for key, path in (("checkpoint.dir", cfg.checkpoint.dir), ("log.dir", cfg.log.dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise SptokError(f"{key}: {path} is a file, not a directory; give a directory (it is made if missing)")
+
+
 def check_against_build(cfg: Config, info) -> None:
-    """Refuse settings the build makes implausible: a global batch larger than the whole build, position
-    embeddings shorter than its samples."""
+    """Refuse settings the build makes implausible: a validation split as the training build, a global batch
+    larger than the whole build, position embeddings shorter than its samples."""
+    if info.raw.get("split"):
+        raise SptokError(f"data.build: {info.path} is the {info.raw['split']} split of a build, its held-out "
+                         f"documents: train on the build it was held out of ({os.path.dirname(info.path)}), "
+                         f"which evaluates on it")
     samples = sum(c["samples"] for c in info.raw.get("counts", {}).values())
     if samples and cfg.train.global_batch_size > samples:
         raise SptokError(f"train.global_batch_size ({cfg.train.global_batch_size:,}) is more than the {samples:,} "
@@ -464,10 +480,12 @@ def _read_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise SptokError(f"config not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = load_yaml(f.read(), f"config {path}") or {}
     except yaml.YAMLError as e:
         raise SptokError(f"config {path}: invalid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise SptokError(f"config {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(doc, dict):
         raise SptokError(f"config {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
     return doc

@@ -26,6 +26,29 @@ def validation_build(cfg) -> str | None:
     return own if os.path.exists(os.path.join(own, layout.MARKER)) else None
 
 
+def check_held_out(val, info, path: str, build: str) -> None:
+    """The validation samples are not training documents: they are the training build's own split, or a build
+    that reads none of its input files. The training build itself, another build of its inputs, or a split
+    held out of another build of them (another seed, another share) holds documents the run trains on, and
+    their loss would read as a validation loss."""
+    if val.raw.get("split") and val.raw.get("parent") == info.fingerprint:
+        return
+    if val.fingerprint == info.fingerprint:
+        raise SptokError(f"eval.build: {path} is the training build itself ({build}): its loss would be a "
+                         f"training loss; evaluate on its validation split (sptok build --holdout)")
+    shared = sorted(_input_files(val.raw) & _input_files(info.raw))
+    if shared:
+        raise SptokError(f"eval.build: {path} reads input files {build} trains on ({shared[0]}, {len(shared)} in "
+                         f"all): its samples may be training documents; evaluate on the validation split of "
+                         f"{build} itself (sptok build --holdout)")
+
+
+def _input_files(raw: dict) -> set[str]:
+    """The absolute paths of the input files a build read."""
+    root = (raw.get("manifest") or {}).get("root") or ""
+    return {os.path.normpath(os.path.join(root, row[0])) for row in raw.get("inputs") or ()}
+
+
 class Evaluator:
     """Collates the validation samples once, then scores a model on them: ``evaluator(model) -> dict``."""
 
@@ -42,6 +65,7 @@ class Evaluator:
                 val.raw["tokenizer"]["sha256"] != info.raw["tokenizer"]["sha256"]:
             raise SptokError(f"eval.build: {path} is not tokenized like {cfg.data.build} (its sources, SP table or "
                              f"tokenizer differ): evaluate on the validation split of the same build")
+        check_held_out(val, info, path, cfg.data.build)
         counts = [int(val.raw["counts"][n]["samples"]) for n in val.sources]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         n = cfg.eval.samples

@@ -21,7 +21,7 @@ from ..errors import SptokError
 from ..spec import BuildSpec
 from .model import T5_SENTINELS
 
-EXPORT_META = "sptok_train.json"
+EXPORT_META = layout.TRAIN_CONFIG
 
 
 @dataclass
@@ -58,18 +58,17 @@ def load_origin(path: str, say) -> Origin:
 
 
 def _from_checkpoint(step_dir: str) -> Origin:
-    from ..build_info import BuildInfo
     from . import checkpoint as ckpt
     from .config import ModelConfig
     from .losses import LossModel
     from .model import build_model
 
     meta = ckpt.load_meta(step_dir)
-    build = os.path.join(os.path.dirname(step_dir), "build")   # the copy `keep_build` made next to the steps
-    if not os.path.exists(os.path.join(build, layout.MARKER)):
-        raise SptokError(f"train.init_from: {os.path.dirname(step_dir)} lacks the copy of its build "
-                         f"(build/{layout.MARKER})")
-    info = BuildInfo.load(build)
+    try:
+        info = ckpt.kept_build(step_dir, meta)
+    except SptokError as e:
+        raise SptokError(f"train.init_from: {e.message}") from None
+    build = info.path
     model = build_model(ModelConfig(**meta["config"]["model"]), info)
     ckpt.load_model_only(step_dir, LossModel(model, meta["config"]["model"]["family"], info.sp_ids.tolist()))
     return Origin(step_dir, "checkpoint", ckpt.step_of(step_dir), meta["fingerprint"], meta["config"]["model"],
@@ -79,16 +78,22 @@ def _from_checkpoint(step_dir: str) -> Origin:
 
 def _from_export(path: str) -> Origin:
     import transformers as tf
+    from safetensors import SafetensorError
 
-    with open(os.path.join(path, EXPORT_META)) as f:
-        trained = json.load(f)
-    spec = BuildSpec.parse(layout.read_json(os.path.join(path, layout.MARKER)), os.path.join(path, layout.MARKER))
-    family = trained["config"]["model"]["family"]
-    cls = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}[family]
+    classes = {"bert": tf.BertForMaskedLM, "t5": tf.T5ForConditionalGeneration, "llama": tf.LlamaForCausalLM}
+    try:
+        trained = layout.read_json(os.path.join(path, EXPORT_META))
+        cls = classes[trained["config"]["model"]["family"]]
+        marker = layout.read_json(os.path.join(path, layout.MARKER))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SptokError(f"train.init_from: {path} is not a whole `sptok export` directory "
+                         f"({type(e).__name__}: {e})") from None
+    spec = BuildSpec.parse(marker, os.path.join(path, layout.MARKER))
     try:
         model = cls.from_pretrained(path, use_safetensors=True)   # safetensors: loading runs no code
-    except (OSError, ValueError) as e:
-        raise SptokError(f"train.init_from: cannot load the exported model in {path} ({e})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # RuntimeError: weights of another shape
+        raise SptokError(f"train.init_from: cannot load the exported model in {path} "
+                         f"({' '.join(str(e).split())[:300]})") from None
     step = int(str(trained.get("checkpoint", "step-0")).removeprefix("step-") or 0)
     return Origin(path, "export", step, trained["fingerprint"], trained["config"]["model"],
                   _tokens(os.path.join(path, layout.TOKENIZER_JSON)), spec.sps, spec.sp_ids.tolist(), model)

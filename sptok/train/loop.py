@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SptokError
-from .config import FAMILIES, Config, check_against_build, check_build_args, check_device
+from .config import FAMILIES, Config, check_against_build, check_build_args, check_device, check_output_dirs
 from .meters import Meter
 from .phases import enter_phase, open_phase, phase_at, phase_summary, plan_phases, sp_policy_at
 
@@ -48,6 +48,10 @@ def ensure_build(cfg: Config, rank: int, log) -> None:
     if os.path.exists(os.path.join(cfg.data.build, MARKER)) and cfg.data.manifest:
         check_build_args(cfg)   # on every rank: none waits at a barrier for a rank that failed
     elif cfg.data.manifest:
+        from ..build.manifest import read_document
+
+        given = cfg.data.build_args.get("format") or (read_document(cfg.data.manifest).get("build") or {}).get("format")
+        _check_format(cfg.data.build, given or "mds", "would be")   # refused before it is built, not after
         if rank == 0:
             from ..build import run_build
 
@@ -55,9 +59,13 @@ def ensure_build(cfg: Config, rank: int, log) -> None:
             run_build(cfg.data.manifest, cfg.data.build, dict(cfg.data.build_args, quiet=True), log=log)
         if dist.is_initialized():
             dist.barrier()
-    fmt = load_build(cfg.data.build)["format"]   # the clear error: missing / incomplete / not a build
+    # load_build gives the clear error where the build is missing, incomplete or not a build
+    _check_format(cfg.data.build, load_build(cfg.data.build)["format"], "is")
+
+
+def _check_format(build: str, fmt: str, verb: str) -> None:
     if fmt != "mds":
-        raise SptokError(f"data.build: {cfg.data.build} is a build in {fmt} format; sptok pretrain reads MDS builds "
+        raise SptokError(f"data.build: {build} {verb} a build in {fmt} format; sptok pretrain reads MDS builds "
                          f"(streaming shards them over ranks and workers and resumes mid-epoch): build it with "
                          f"--format mds, or train on this one with the Hugging Face Trainer")
 
@@ -171,8 +179,15 @@ def setup(cfg: Config, log=print) -> Run:
 
     rank, world, device = init_distributed(cfg.train.device)
     check_device(cfg, device.type)
+    check_output_dirs(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     ensure_build(cfg, rank, say)
+    earlier = ckpt.complete(cfg.checkpoint.dir) if not cfg.checkpoint.resume else []
+    if earlier:
+        raise SptokError(f"checkpoint.dir: {cfg.checkpoint.dir} holds {len(earlier)} checkpoint(s) of an earlier run "
+                         f"(the newest: {os.path.basename(earlier[-1])}), which checkpoint.resume: false would mix with "
+                         f"this run's (export and resume take the newest step of either); give another "
+                         f"checkpoint.dir, or remove them")
     resume_from = ckpt.newest_intact(cfg.checkpoint.dir, say) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
     phases = plan_phases(cfg)
     phase = phase_at(phases, ckpt.step_of(resume_from)) if resume_from else 0
@@ -393,6 +408,28 @@ def save(run: Run, step: int) -> None:
         ckpt.keep_build(run.cfg.checkpoint.dir, run.cfg.data.build)
 
 
+def _check_log_dir(cfg: Config) -> None:
+    """A run starting at step 0 refuses a log.dir holding another run's log (its run.json records another
+    config): metrics.jsonl would hold both runs' records, one after the other, and run.json describe only the
+    second. The same run started again (stopped before its first checkpoint, or without checkpoints) appends,
+    as a resumed run does."""
+    path = os.path.join(cfg.log.dir, "run.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        old = {}
+    now = json.loads(json.dumps(cfg.to_dict()))   # as run.json holds it (tuples as lists)
+    changed = [f"{sec}.{k}" for sec, values in now.items() for k, v in values.items()
+               if not isinstance(old.get(sec), dict) or old[sec].get(k) != v]
+    if changed:
+        raise SptokError(f"log.dir: {cfg.log.dir} holds the log of another run (its run.json differs in "
+                         f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); both runs' records "
+                         f"would mix in its metrics.jsonl: give another log.dir, or remove it")
+
+
 class Records:
     """Where records go (rank 0): ``metrics.jsonl``, the console, TensorBoard; every rank keeps them in
     ``.records``. Entering writes ``run.json``, what `sptok stats BUILD --run LOGDIR` compares the delivered
@@ -407,6 +444,9 @@ class Records:
         os.makedirs(cfg.log.dir, exist_ok=True)
         if run.rank == 0:
             from ..data import source_weights
+
+            if not run.resume_from:
+                _check_log_dir(cfg)
 
             requested = source_weights(run.info, cfg.data.proportion, cfg.data.repeat, cfg.data.weights)
             self.summary = {"config": cfg.to_dict(), "fingerprint": run.info.fingerprint, "sources": run.info.sources,

@@ -24,22 +24,30 @@ def hf_config(cfg: ModelConfig, info: BuildInfo):
     max_pos = cfg.max_position_embeddings or info.seq_len
     pad = info.pad_id if info.pad_id is not None else 0
     if cfg.family == "bert":
-        c = tf.BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                          num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                          max_position_embeddings=max_pos, hidden_dropout_prob=cfg.dropout,
-                          attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad, **cfg.extra)
+        cls, named = tf.BertConfig, dict(
+            vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=max_pos, hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad)
     elif cfg.family == "t5":
-        c = tf.T5Config(vocab_size=vocab, d_model=cfg.hidden_size, num_layers=cfg.num_layers,
-                        num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, d_kv=cfg.hidden_size // cfg.num_heads,
-                        d_ff=cfg.intermediate_size, dropout_rate=cfg.dropout, pad_token_id=pad,
-                        eos_token_id=info.eos_id, decoder_start_token_id=pad, feed_forward_proj="gated-gelu",
-                        tie_word_embeddings=False, use_cache=False, **cfg.extra)
+        cls, named = tf.T5Config, dict(
+            vocab_size=vocab, d_model=cfg.hidden_size, num_layers=cfg.num_layers,
+            num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, d_kv=cfg.hidden_size // cfg.num_heads,
+            d_ff=cfg.intermediate_size, dropout_rate=cfg.dropout, pad_token_id=pad,
+            eos_token_id=info.eos_id, decoder_start_token_id=pad, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, use_cache=False)
     else:
-        c = tf.LlamaConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-                           intermediate_size=cfg.intermediate_size, max_position_embeddings=max_pos,
-                           pad_token_id=pad, eos_token_id=info.eos_id, bos_token_id=info.eos_id,
-                           tie_word_embeddings=False, use_cache=False, attention_dropout=cfg.dropout, **cfg.extra)
+        cls, named = tf.LlamaConfig, dict(
+            vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+            intermediate_size=cfg.intermediate_size, max_position_embeddings=max_pos,
+            pad_token_id=pad, eos_token_id=info.eos_id, bos_token_id=info.eos_id,
+            tie_word_embeddings=False, use_cache=False, attention_dropout=cfg.dropout)
+    taken = sorted(set(cfg.extra) & set(named))
+    if taken:
+        raise SptokError(f"model.extra.{taken[0]}: sptok sets {cfg.family}'s {taken[0]} itself, from the model "
+                         f"settings or the build; give it there, not in model.extra")
+    c = cls(**named, **cfg.extra)
     c.use_cache = False   # with the cache on, torch.compile recompiles per layer and falls back to eager
     c._attn_implementation = _attention(cfg, int(tf.__version__.split(".")[0]))
     return c
