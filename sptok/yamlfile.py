@@ -4,7 +4,7 @@ Aliases (``*name``) are the one way a small YAML file becomes a huge value: 600 
 expand to billions of values, which the loader shares but every later step (the schema check, a message, a
 copy) walks in full. So the node graph is measured before anything is built from it, and a document whose
 aliases add more than ``ALIAS_BUDGET`` values (scalar characters included) to what the file itself holds is
-refused, as is an alias inside its own anchor.
+refused, as is an alias inside its own anchor. A key given twice in one mapping is refused too.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def _check_aliases(root, what: str) -> None:
             continue
         if id(node) in sizes:
             continue
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node, what)
         on_path.add(id(node))
         stack.append((node, True))
         for c in children:
@@ -69,3 +71,17 @@ def _check_aliases(root, what: str) -> None:
                                  f"(the value would be infinite)")
             if id(c) not in sizes:
                 stack.append((c, False))
+
+
+def _check_keys(node, what: str) -> None:
+    """Refuse a key given twice in one mapping: YAML keeps the last value silently (a second `weight:` or
+    `paths:` of a source would win without a word). A merge (``<<: *a``) overriding its values is not that."""
+    seen: dict = {}
+    for key, _ in node.value:
+        if getattr(key, "tag", "").endswith(":merge") or not isinstance(key.value, str):
+            continue
+        if key.value in seen:
+            raise SptokError(f"{what} line {key.start_mark.line + 1}: the key {key.value!r} is given twice in one "
+                             f"mapping (first on line {seen[key.value]}); YAML would keep the last silently: "
+                             f"remove one")
+        seen[key.value] = key.start_mark.line + 1

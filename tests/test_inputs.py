@@ -246,6 +246,20 @@ def test_a_few_aliases_still_load(tmp_path, manifest):
     assert [s.name for s in load_manifest(tmp_path / "m.yaml").sources] == ["a", "b"]
 
 
+def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path):
+    """YAML keeps the last of two equal keys silently: a source's second `weight:` won without a word."""
+    from sptok.train.config import load_config
+
+    write_jsonl(tmp_path / "a.jsonl", demo_records("fortunes", 2))
+    (tmp_path / "m.yaml").write_text("sources:\n  - name: a\n    paths: a.jsonl\n    weight: 2\n    weight: 0.5\n")
+    fails(*build_cli(tmp_path / "m.yaml", tmp_path / "o"),
+          match=f"manifest {tmp_path / 'm.yaml'} line 5: the key 'weight' is given twice in one mapping "
+                "(first on line 4)")
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 10\ntrain:\n  steps: 20\n")
+    with pytest.raises(SptokError, match=r"config .*c.yaml line 3: the key 'train' is given twice"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
 def test_training_config_aliases_are_refused(tmp_path):
     from sptok.train.config import load_config
 
