@@ -123,8 +123,9 @@ def _check_stats(path: str, stats, sources: list[str]) -> None:
     named in one line, not a KeyError in the table."""
     import jsonschema
 
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "stats.schema.json")) as f:
-        schema = json.load(f)
+    from .build.manifest import schema_path
+
+    schema = json.loads(schema_path("stats.schema.json").read_text())
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(stats))
     if error is not None:
         key = ".".join(map(str, error.absolute_path)) or "(top level)"

@@ -138,7 +138,7 @@ class MLMCollator(_Base):
         self.doc_attention = doc_attention
         if info.mask_id is None:
             raise SptokError(f"{info.path}: the build's tokenizer has no mask token ([MASK]); MLM needs one")
-        if not (_is_number(mlm_prob) and 0.0 < mlm_prob < 1.0):
+        if not (is_finite_number(mlm_prob) and 0.0 < mlm_prob < 1.0):
             raise SptokError(f"mlm_prob must be in (0, 1), got {mlm_prob!r}")
         self.mlm_prob = mlm_prob
 
@@ -259,7 +259,7 @@ class SpanCorruptionCollator(_Base):
                                       ("mean_span", mean_span, lambda x: x >= 1, ">= 1"),
                                       ("max_sentinels", max_sentinels,
                                        lambda x: isinstance(x, numbers.Integral) and x >= 1, "(an integer) >= 1")):
-            if not (_is_number(value) and ok(value)):
+            if not (is_finite_number(value) and ok(value)):
                 raise SptokError(f"{name} must be a number {want}, got {value!r}")
         self.noise_density, self.mean_span = noise_density, mean_span
         self.doc_attention = doc_attention
@@ -375,7 +375,8 @@ class SpanCorruptionCollator(_Base):
         return self._torch(batch)
 
 
-def _is_number(x) -> bool:
+def is_finite_number(x) -> bool:
+    """A real number, finite, and not a bool: what a rate, share or length given through the API must be."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 

@@ -4,8 +4,6 @@ through `datasets`. Source proportions come from the manifest weights unless ove
 from __future__ import annotations
 
 import atexit
-import math
-import numbers
 import os
 import sys
 
@@ -15,6 +13,7 @@ from .. import layout
 from ..build_info import BuildInfo
 from ..errors import SptokError
 from ..spec import SHORT_FINGERPRINT
+from .collate import is_finite_number
 
 
 def _streaming_dataset_class():
@@ -116,7 +115,7 @@ def source_weights(info: BuildInfo, proportion: dict | None, repeat: dict | None
             raise SptokError(f"{what}: no source {unknown[0]!r} in {info.path} (sources: {', '.join(info.sources)})")
     for what, given in (("proportion", proportion), ("repeat", repeat)):
         for name, v in (given or {}).items():   # streaming's own checks end in a ValueError or a TypeError
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            if not (is_finite_number(v) and v >= 0):
                 raise SptokError(f"{what}: {name}: must be a finite number >= 0, got {v!r}")
     if proportion and repeat:
         raise SptokError("give proportion or repeat, not both: streaming weighs all sources one way")
